@@ -1,0 +1,58 @@
+"""Leave the user's model exactly as we found it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+
+@contextmanager
+def preserved_state(module: nn.Module, *, eval_mode: bool = False) -> Iterator[None]:
+    """Run a block without lasting side effects on ``module``.
+
+    Inside the block, normalisation layers in training mode still normalise with
+    batch statistics but do not update their running statistics (nor
+    ``num_batches_tracked``). On exit, also when an exception escapes, every
+    submodule's ``training`` flag and every parameter's ``requires_grad`` are
+    restored exactly (flags are written directly, so a user's ``train()``
+    override is not re-run).
+
+    Args:
+        module: The model to protect.
+        eval_mode: Put the whole model in eval mode inside the block.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    toggled: list[_BatchNorm] = []
+    snapshots: list[tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = []
+    try:
+        if eval_mode:
+            module.eval()
+        for m in module.modules():
+            if not (isinstance(m, _NormBase) and m.training and m.track_running_stats):
+                continue
+            if isinstance(m, _BatchNorm):
+                # In training mode BatchNorm passes no running buffers to the
+                # kernel when tracking is off, so nothing is written: no copy needed.
+                m.track_running_stats = False
+                toggled.append(m)
+            else:
+                # InstanceNorm with tracked stats updates them regardless: snapshot.
+                snapshots.append((m, [(n, b.detach().clone()) for n, b in m.named_buffers(recurse=False)]))
+        yield
+    finally:
+        for m in toggled:
+            m.track_running_stats = True
+        with torch.no_grad():
+            for m, buffers in snapshots:
+                for name, saved in buffers:
+                    getattr(m, name).copy_(saved)
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)

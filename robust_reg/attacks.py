@@ -1,0 +1,377 @@
+"""Projected gradient ascent inside an eps-ball: the attack engine.
+
+One engine serves two purposes. The regulariser's inner maximisation pushes an
+encoder's features as far as possible from their clean value; the evaluation
+attack (PGD-k, Madry et al. 2018, "Towards Deep Learning Models Resistant to
+Adversarial Attacks") pushes a classifier's cross-entropy up. Both are
+:func:`projected_gradient_ascent` on a per-sample objective.
+
+The ball is always measured in pixel units of ``[0, 1]`` images. Data that was
+normalised with a per-channel ``mean``/``std`` before the model is handled by a
+:class:`ThreatModel`: the ascent runs in pixel space and only the model sees
+normalised inputs, so an L2 ball stays a ball (it would be an ellipsoid in
+normalised space).
+
+Every number the ascent produces is a *lower estimate* of the true maximum:
+gradient ascent finds a good perturbation, not provably the best one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ThreatModel", "projected_gradient_ascent", "pgd_attack"]
+
+_NORMS = ("linf", "l2")
+
+
+def _as_channel_tuple(value: float | Sequence[float] | Tensor | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.detach().flatten().tolist()
+    elif isinstance(value, (int, float)):
+        value = [value]
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float or a sequence of floats, got {value!r}") from None
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {values}")
+    return values
+
+
+def _check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    """Return ``epsilon`` as a float, raising if it is negative or not finite."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(epsilon).__name__}")
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {epsilon}")
+    return float(epsilon)
+
+
+def _check_norm(norm: str) -> str:
+    """Return the canonical norm name (``"linf"`` or ``"l2"``)."""
+    if not isinstance(norm, str) or norm.lower() not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    return norm.lower()
+
+
+def _check_steps(steps: int, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{name} must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"{name} must be >= 0, got {steps}")
+    return steps
+
+
+def _check_step_size(step_size: float | None) -> float | None:
+    if step_size is None:
+        return None
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        raise TypeError(f"step_size must be a real number or None, got {type(step_size).__name__}")
+    if not math.isfinite(step_size) or step_size <= 0:
+        raise ValueError(f"step_size must be finite and > 0, got {step_size}")
+    return float(step_size)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The set of allowed inputs ``B(x) = {x' : ||x' - x||_p <= eps, lo <= x' <= hi}``.
+
+    Args:
+        epsilon: Radius of the ball, in pixel units of ``[0, 1]`` images.
+        norm: ``"linf"`` or ``"l2"``.
+        bounds: ``(lo, hi)``, the valid pixel range.
+        mean: Per-channel mean already subtracted from the inputs (``None``: 0).
+        std: Per-channel std the inputs were divided by (``None``: 1).
+
+    Raises:
+        ValueError: If ``epsilon`` is negative or not finite, ``norm`` is unknown,
+            ``bounds`` is not an increasing pair of finite numbers, or ``std``
+            has a non-positive entry.
+
+    Examples:
+        >>> import torch
+        >>> threat = ThreatModel(8 / 255, norm="linf", mean=(0.5,), std=(0.25,))
+        >>> x = (torch.rand(4, 1, 8, 8) - 0.5) / 0.25  # normalised images
+        >>> threat.to_pixels(x).min() >= 0
+        tensor(True)
+    """
+
+    epsilon: float
+    norm: str = "linf"
+    bounds: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon))
+        object.__setattr__(self, "norm", _check_norm(self.norm))
+        try:
+            lo, hi = (float(b) for b in self.bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"bounds must be a pair (lo, hi) of numbers, got {self.bounds!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds must be finite with lo < hi, got {self.bounds!r}")
+        object.__setattr__(self, "bounds", (lo, hi))
+        mean = _as_channel_tuple(self.mean, "mean")
+        std = _as_channel_tuple(self.std, "std")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std must be > 0 in every channel, got {std}")
+        if mean is not None and std is not None and len(mean) != len(std) and 1 not in (len(mean), len(std)):
+            raise ValueError(f"mean and std must have the same number of channels, got {len(mean)} and {len(std)}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def normalized(self) -> bool:
+        """Whether inputs are in normalised (model) space rather than pixel space."""
+        return self.mean is not None or self.std is not None
+
+    def _channel_view(self, values: tuple[float, ...] | None, x: Tensor, name: str) -> Tensor | None:
+        if values is None:
+            return None
+        if len(values) == 1:
+            return torch.tensor(values[0], dtype=x.dtype, device=x.device)
+        if x.dim() < 2 or x.shape[1] != len(values):
+            raise ValueError(
+                f"{name} has {len(values)} channels but the inputs have shape {tuple(x.shape)} "
+                f"(channels are dimension 1)"
+            )
+        shape = (1, len(values)) + (1,) * (x.dim() - 2)
+        return torch.tensor(values, dtype=x.dtype, device=x.device).view(shape)
+
+    def check_channels(self, x: Tensor) -> None:
+        """Raise ``ValueError`` naming ``mean``/``std`` if they do not fit ``x``'s channels."""
+        self._channel_view(self.mean, x, "mean")
+        self._channel_view(self.std, x, "std")
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Undo the normalisation: model-space inputs to pixel space."""
+        std = self._channel_view(self.std, x, "std")
+        mean = self._channel_view(self.mean, x, "mean")
+        if std is not None:
+            x = x * std
+        if mean is not None:
+            x = x + mean
+        return x
+
+    def to_model(self, pixels: Tensor) -> Tensor:
+        """Apply the normalisation: pixel-space inputs to model space."""
+        mean = self._channel_view(self.mean, pixels, "mean")
+        std = self._channel_view(self.std, pixels, "std")
+        if mean is not None:
+            pixels = pixels - mean
+        if std is not None:
+            pixels = pixels / std
+        return pixels
+
+    def range_tolerance(self, dtype: torch.dtype) -> float:
+        """How far outside ``bounds`` a pixel may be and still count as round-off."""
+        lo, hi = self.bounds
+        scale = max(1.0, abs(lo), abs(hi))
+        return max(1e-4, 16 * torch.finfo(dtype).eps) * scale
+
+    def in_range(self, x: Tensor) -> Tensor:
+        """A boolean scalar tensor: are all of ``x``'s pixels inside ``bounds`` (up to round-off)?"""
+        lo, hi = self.bounds
+        tol = self.range_tolerance(x.dtype)
+        p = self.to_pixels(x.detach())
+        return (p.min() >= lo - tol) & (p.max() <= hi + tol)
+
+    def range_error(self, x: Tensor, name: str = "x") -> ValueError:
+        """The error for inputs outside ``bounds``, naming the argument."""
+        p = self.to_pixels(x.detach())
+        where = " after undoing mean/std" if self.normalized else ""
+        return ValueError(
+            f"{name} has values in [{p.min().item():.4g}, {p.max().item():.4g}]{where}, outside bounds "
+            f"{self.bounds}; pass the mean/std the inputs were normalised with, or set bounds"
+        )
+
+    def check_inputs(self, x: Tensor, name: str = "x") -> None:
+        """Raise if ``x`` is not a floating batch whose channels and range fit this threat model."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        self.check_channels(x)
+        if not bool(self.in_range(x)):
+            raise self.range_error(x, name)
+
+    def random_start(self, pixels: Tensor) -> Tensor:
+        """A perturbation drawn uniformly from the ball, clipped to the bounds."""
+        eps = self.epsilon
+        if self.norm == "linf":
+            delta = torch.empty_like(pixels).uniform_(-eps, eps)
+        else:
+            flat = torch.randn_like(pixels).flatten(1)
+            flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+            # Radius u^(1/d) makes the draw uniform in the volume of the ball.
+            radius = torch.rand(flat.shape[0], 1, dtype=flat.dtype, device=flat.device) ** (1.0 / flat.shape[1])
+            delta = (flat * radius * eps).view_as(pixels)
+        return self.project(pixels, delta)
+
+    def project(self, pixels: Tensor, delta: Tensor) -> Tensor:
+        """Project ``delta`` onto the ball, then clip ``pixels + delta`` to the bounds.
+
+        Clipping after the ball projection keeps the result inside the ball for
+        both norms (clipping only moves coordinates towards ``pixels``).
+        """
+        eps = self.epsilon
+        if self.norm == "linf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).view((-1,) + (1,) * (delta.dim() - 1))
+            shrink = eps / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+            delta = delta * torch.where(norms > eps, shrink, torch.ones_like(shrink))
+        lo, hi = self.bounds
+        return (pixels + delta).clamp(lo, hi) - pixels
+
+    def ascent_step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
+        """One steepest-ascent step for the norm: sign step (L-inf), unit-gradient step (L2)."""
+        if self.norm == "linf":
+            return delta + step_size * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).view((-1,) + (1,) * (grad.dim() - 1))
+        return delta + step_size * grad / norms.clamp_min(torch.finfo(grad.dtype).tiny)
+
+
+def projected_gradient_ascent(
+    objective: Callable[[Tensor], Tensor],
+    x: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    keep_best: bool = False,
+) -> Tensor:
+    """Maximise a per-sample ``objective`` over the threat set around ``x``.
+
+    ``steps`` iterations of projected ascent from a uniform random start (or
+    from ``x``): sign steps for L-inf, normalised-gradient steps for L2, step
+    size ``2.5 * epsilon / steps`` unless given, projected onto the ball and
+    the valid range after every step. Only the gradient with respect to the
+    input is computed, so no parameter's ``.grad`` is touched.
+
+    Args:
+        objective: Maps a batch of inputs (model space, like ``x``) to one value
+            per sample, shape ``(N,)``; larger is better for the attacker.
+        x: Clean inputs, shape ``(N, ...)``, in model space.
+        threat: The allowed perturbations.
+        steps: Number of ascent steps; 0 returns the (random) start.
+        step_size: Step length in pixel units (default ``2.5 * epsilon / steps``).
+        random_start: Start from a uniform draw in the ball instead of ``x``.
+        keep_best: Return, per sample, the iterate with the highest objective
+            instead of the last one (costs one more forward).
+
+    Returns:
+        The perturbed inputs in model space, detached, same shape and dtype as ``x``.
+
+    Raises:
+        ValueError: If ``steps`` is negative, ``step_size`` is not positive, or
+            ``objective`` does not return one value per sample.
+
+    Examples:
+        >>> import torch
+        >>> A = torch.randn(3, 5)
+        >>> x = torch.full((4, 5), 0.5)
+        >>> threat = ThreatModel(0.1, norm="linf")
+        >>> x_adv = projected_gradient_ascent(lambda v: ((v - x) @ A.T).norm(dim=1), x, threat, steps=5)
+        >>> bool(((x_adv - x).abs() <= 0.1 + 1e-6).all())
+        True
+    """
+    steps = _check_steps(steps)
+    step_size = _check_step_size(step_size)
+    x = x.detach()
+    pixels = threat.to_pixels(x).clamp(*threat.bounds)
+    delta = threat.random_start(pixels) if random_start else torch.zeros_like(pixels)
+    if steps == 0 or threat.epsilon == 0:
+        return threat.to_model(pixels + delta).detach()
+    alpha = step_size if step_size is not None else 2.5 * threat.epsilon / steps
+    best_delta = best_value = None
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            values = _per_sample(objective(threat.to_model(pixels + delta)), x.shape[0])
+            (grad,) = torch.autograd.grad(values.sum(), delta)
+        if keep_best:
+            best_delta, best_value = _keep_best(best_delta, best_value, delta.detach(), values.detach())
+        delta = threat.project(pixels, threat.ascent_step(delta.detach(), grad, alpha))
+    if keep_best:
+        with torch.no_grad():
+            values = _per_sample(objective(threat.to_model(pixels + delta)), x.shape[0])
+        delta, _ = _keep_best(best_delta, best_value, delta, values)
+    return threat.to_model(pixels + delta).detach()
+
+
+def _per_sample(values: Tensor, n: int) -> Tensor:
+    if not isinstance(values, Tensor) or values.shape != (n,):
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"objective must return one value per sample, shape ({n},), got {shape}")
+    return values
+
+
+def _keep_best(best_delta: Tensor | None, best_value: Tensor | None, delta: Tensor, values: Tensor):
+    if best_delta is None:
+        return delta.clone(), values.clone()
+    better = values >= best_value  # ties go to the later iterate, further along the ascent
+    mask = better.view((-1,) + (1,) * (delta.dim() - 1))
+    return torch.where(mask, delta, best_delta), torch.where(better, values, best_value)
+
+
+def pgd_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 20,
+    step_size: float | None = None,
+    random_start: bool = True,
+) -> Tensor:
+    """PGD-k on the cross-entropy of a classifier (the evaluation attack).
+
+    Keeps, per sample, the iterate with the highest loss. The caller chooses
+    the model's mode (``model.eval()`` for evaluation); nothing is changed here.
+
+    Args:
+        model: Maps inputs in model space to logits ``(N, K)``.
+        x: Clean inputs in model space.
+        y: Integer labels ``(N,)``.
+        threat: The allowed perturbations.
+        steps: Number of PGD steps.
+        step_size: Step length in pixel units (default ``2.5 * epsilon / steps``).
+        random_start: Start from a uniform draw in the ball.
+
+    Returns:
+        Adversarial inputs in model space, detached.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+        >>> x_adv = pgd_attack(model, x, y, ThreatModel(0.1), steps=5)
+        >>> bool((x_adv - x).abs().max() <= 0.1 + 1e-6)
+        True
+    """
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+    def objective(inputs: Tensor) -> Tensor:
+        # Double precision keeps tiny losses of confident samples distinguishable.
+        return F.cross_entropy(model(inputs).double(), y, reduction="none")
+
+    return projected_gradient_ascent(
+        objective, x, threat, steps=steps, step_size=step_size, random_start=random_start, keep_best=True
+    )

@@ -1,0 +1,266 @@
+"""The task-agnostic robustness regulariser.
+
+Reference: A. T. Nguyen, S. N. Lim, P. Torr, "Task-Agnostic Robust
+Representation Learning", 2022. If ``z -> loss(head(z), y)`` is L-Lipschitz,
+then for every downstream task the adversarial loss is at most the clean loss
+plus ``L * E_x max_{x' in B(x)} ||f(x') - f(x)||``. The second factor depends on
+the encoder and unlabelled inputs only; this module estimates it on a batch and
+returns it as a differentiable loss term, divided by the batch spread of the
+features so that shrinking the features cannot cheat it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._state import preserved_state
+from .attacks import ThreatModel, _check_step_size, _check_steps, projected_gradient_ascent
+
+__all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
+
+
+class RegularizerOutput(NamedTuple):
+    """What :class:`RobustnessRegularizer` returns with ``return_adversarial=True``.
+
+    Attributes:
+        loss: The regulariser value, a scalar carrying gradients to the encoder.
+        adversarial_inputs: ``x + delta``, the deviation-maximising inputs, in
+            the same (model) space and shape as ``x``, detached.
+        adversarial_features: ``encoder(x + delta)``, as the encoder returned it,
+            carrying gradients; feed it to the SSL loss as an extra view.
+    """
+
+    loss: Tensor
+    adversarial_inputs: Tensor
+    adversarial_features: Tensor
+
+
+@dataclass(frozen=True)
+class RegularizerStats:
+    """Detached statistics of the last call, for logging (no extra compute).
+
+    Attributes:
+        value: The returned regulariser value.
+        deviation: Mean squared feature deviation ``mean_i ||f(x_i + delta_i) - f(x_i)||^2``
+            (a lower estimate of the worst case).
+        distance: Mean feature distance ``mean_i ||f(x_i + delta_i) - f(x_i)||``, the
+            batch estimate of ``R_eps(f)`` (a lower estimate).
+        spread: Mean squared distance of the clean features to their batch mean.
+    """
+
+    value: Tensor
+    deviation: Tensor
+    distance: Tensor
+    spread: Tensor
+
+
+def _flatten(features: object, name: str) -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
+    if features.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension, got a scalar")
+    return features.reshape(features.shape[0], -1)
+
+
+class RobustnessRegularizer(nn.Module):
+    r"""Penalise the worst-case change of an encoder's features inside an eps-ball.
+
+    For a batch :math:`x_1..x_n` with clean features :math:`h_i = f(x_i)`:
+
+    .. math::
+        r = \frac{\tfrac1n \sum_i \|f(x_i + \delta_i) - h_i\|^2}{\tfrac1n \sum_i \|h_i - \bar h\|^2},
+        \qquad \delta_i \approx \arg\max_{\delta \in B} \|f(x_i + \delta) - \mathrm{sg}(h_i)\|^2
+
+    The argmax is ``steps`` iterations of projected gradient ascent, so ``r`` is
+    an *estimate* (a lower estimate of the worst case). Gradients flow through
+    numerator and denominator; the relative value is invariant to the scale of
+    ``f``, so minimising it cannot be cheated by shrinking the features.
+
+    The module has no parameters. The encoder is used as it is (train mode
+    gives batch-statistics BatchNorm, as in the SSL loss), but no running
+    statistics are updated, no parameter ``.grad`` is written, and modes and
+    ``requires_grad`` flags are restored, also when the encoder raises.
+
+    Args:
+        epsilon: Radius of the threat ball in pixel units of ``[0, 1]`` images.
+        norm: ``"linf"`` (sign steps) or ``"l2"`` (normalised-gradient steps).
+        steps: Ascent steps of the inner maximisation (0: random start only).
+        step_size: Ascent step in pixel units (default ``2.5 * epsilon / steps``).
+        random_start: Start the ascent from a uniform draw in the ball.
+        relative: Divide by the batch spread of the clean features (recommended).
+            ``False`` returns the raw mean squared deviation.
+        mean: Per-channel mean the inputs were normalised with (``None``: none).
+        std: Per-channel std the inputs were normalised with (``None``: none).
+        bounds: Valid pixel range ``(lo, hi)``.
+
+    Shape:
+        - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
+        - features: ``(N, ...)``, the encoder's output on ``x``; flattened per sample.
+        - Output: scalar.
+
+    Raises:
+        ValueError: At construction, for a negative or non-finite ``epsilon``,
+            negative ``steps``, a non-positive ``step_size``, an unknown ``norm``,
+            bad ``bounds`` or ``std``. At call time, before any work: a batch of
+            one with ``relative=True``, inputs outside ``bounds`` (after undoing
+            ``mean``/``std``), ``mean``/``std`` with the wrong number of channels,
+            ``features`` with another batch size, non-finite ``features``.
+        TypeError: For integer inputs or features, or a non-callable encoder.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        >>> reg = RobustnessRegularizer(epsilon=0.1, norm="linf", steps=3)
+        >>> x = torch.rand(16, 1, 28, 28)
+        >>> h = backbone(x)                    # the SSL loss already computed this
+        >>> ssl_loss = h.pow(2).mean()         # stand-in for NT-Xent, BYOL, ...
+        >>> loss = ssl_loss + 0.5 * reg(backbone, x, features=h)
+        >>> loss.backward()
+        >>> float(reg.last_stats.value) >= 0
+        True
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        *,
+        norm: str = "linf",
+        steps: int = 3,
+        step_size: float | None = None,
+        random_start: bool = True,
+        relative: bool = True,
+        mean: float | Sequence[float] | Tensor | None = None,
+        std: float | Sequence[float] | Tensor | None = None,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+        self.steps = _check_steps(steps)
+        self.step_size = _check_step_size(step_size)
+        self.random_start = bool(random_start)
+        self.relative = bool(relative)
+        self.last_stats: RegularizerStats | None = None
+
+    @property
+    def epsilon(self) -> float:
+        return self.threat.epsilon
+
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
+
+    def extra_repr(self) -> str:
+        t = self.threat
+        parts = [f"epsilon={t.epsilon:.6g}", f"norm={t.norm!r}", f"steps={self.steps}"]
+        if self.step_size is not None:
+            parts.append(f"step_size={self.step_size:.6g}")
+        if not self.random_start:
+            parts.append("random_start=False")
+        if not self.relative:
+            parts.append("relative=False")
+        if t.normalized:
+            parts.append(f"mean={t.mean}, std={t.std}")
+        if t.bounds != (0.0, 1.0):
+            parts.append(f"bounds={t.bounds}")
+        return ", ".join(parts)
+
+    def forward(
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        x: Tensor,
+        features: Tensor | None = None,
+        *,
+        return_adversarial: bool = False,
+    ) -> Tensor | RegularizerOutput:
+        """Estimate the regulariser on a batch.
+
+        Args:
+            encoder: The backbone ``f`` (an ``nn.Module`` or any callable
+                returning ``(N, ...)`` features). Pass the bare module, not a
+                ``DistributedDataParallel`` wrapper.
+            x: The (augmented) batch, in the space the encoder takes.
+            features: ``encoder(x)`` if already computed (reused, not recomputed).
+            return_adversarial: Also return the deviation-maximising inputs and
+                their features (already computed, so free).
+
+        Returns:
+            The regulariser value (scalar), or a :class:`RegularizerOutput` if
+            ``return_adversarial`` is true.
+        """
+        self._check_call(encoder, x, features)
+        module = encoder if isinstance(encoder, nn.Module) else nn.Module()
+        with preserved_state(module):
+            if features is None:
+                features = encoder(x)
+                if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
+                    raise ValueError("encoder(x) returned non-finite features")
+            h = _flatten(features, "features").float()
+            spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+            target = h.detach()
+            # Scaling the inner objective by the spread keeps its gradients O(1)
+            # whatever the feature scale (helps fp16 autocast); argmax unchanged.
+            spread_d = spread.detach()
+            scale = torch.where(spread_d > 0, 1.0 / spread_d.clamp_min(torch.finfo(spread_d.dtype).tiny), 1.0)
+
+            def objective(inputs: Tensor) -> Tensor:
+                z = _flatten(encoder(inputs), "encoder output").float()
+                return (z - target).pow(2).sum(dim=1) * scale
+
+            x_adv = projected_gradient_ascent(
+                objective, x, self.threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start
+            )
+            adv_features = encoder(x_adv)
+            z = _flatten(adv_features, "encoder output").float()
+            if z.shape != h.shape:
+                raise ValueError(
+                    f"encoder output on perturbed inputs has shape {tuple(z.shape)}, expected {tuple(h.shape)}"
+                )
+            per_sample = (z - h).pow(2).sum(dim=1)
+            deviation = per_sample.mean()
+            value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
+        self.last_stats = RegularizerStats(
+            value=value.detach(),
+            deviation=deviation.detach(),
+            distance=per_sample.detach().sqrt().mean(),
+            spread=spread.detach(),
+        )
+        if return_adversarial:
+            return RegularizerOutput(value, x_adv, adv_features)
+        return value
+
+    def _check_call(self, encoder: object, x: object, features: object) -> None:
+        if not callable(encoder):
+            raise TypeError(f"encoder must be callable (an nn.Module), got {type(encoder).__name__}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        if self.relative and x.shape[0] < 2:
+            raise ValueError(
+                "x must hold at least 2 samples with relative=True: the feature spread of one sample is undefined"
+            )
+        self.threat.check_channels(x)
+        checks = [self.threat.in_range(x)]
+        if features is not None:
+            h = _flatten(features, "features")
+            if h.shape[0] != x.shape[0]:
+                raise ValueError(f"features has batch size {h.shape[0]} but x has {x.shape[0]}")
+            checks.append(torch.isfinite(h).all())
+        # One host synchronisation for all data-dependent checks.
+        if bool(torch.stack(checks).all()):
+            return
+        if not bool(checks[0]):
+            raise self.threat.range_error(x, "x")
+        raise ValueError("features contains non-finite values (nan or inf)")

@@ -1,0 +1,44 @@
+"""Helpers shared by the tests: small real models and state snapshots."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_cnn(in_channels: int = 1, width: int = 8) -> nn.Module:
+    """A conv encoder with BatchNorm (train-mode statistics matter) and a (N, C, 1, 1) output."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+    )
+
+
+def snapshot(module: nn.Module) -> dict:
+    """Everything the user owns in a module: state dict, modes, flags, grads."""
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "modes": [m.training for m in module.modules()],
+        "requires_grad": [p.requires_grad for p in module.parameters()],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in module.parameters()],
+        "track": [getattr(m, "track_running_stats", None) for m in module.modules()],
+    }
+
+
+def assert_unchanged(module: nn.Module, before: dict) -> None:
+    after = snapshot(module)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), f"state_dict entry {key} changed"
+    assert before["modes"] == after["modes"], "train/eval modes changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad flags changed"
+    assert before["track"] == after["track"], "track_running_stats flags changed"
+    for i, (g0, g1) in enumerate(zip(before["grads"], after["grads"])):
+        assert (g0 is None) == (g1 is None), f"parameter {i}: .grad appeared or vanished"
+        if g0 is not None:
+            assert torch.equal(g0, g1), f"parameter {i}: .grad changed"

@@ -1,0 +1,194 @@
+"""RobustnessRegularizer: value, gradients, scale invariance, reuse, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import small_cnn
+from torch import nn
+
+from robust_reg import RegularizerOutput, RobustnessRegularizer, ThreatModel
+
+
+class Scaled(nn.Module):
+    """``c * f(x)`` with a learnable scale ``c``."""
+
+    def __init__(self, encoder: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return self.scale * self.encoder(x)
+
+
+def seeded(fn, seed=123):
+    torch.manual_seed(seed)
+    return fn()
+
+
+def test_returns_a_scalar_that_carries_gradients_to_the_encoder(encoder, images):
+    value = RobustnessRegularizer(0.1)(encoder, images)
+    assert value.shape == () and value.requires_grad
+    value.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("scale", [1e-3, 7.5, 1e3])
+def test_relative_value_is_unchanged_when_features_are_scaled(images, norm, scale):
+    base = small_cnn()
+    reg = RobustnessRegularizer(0.1, norm=norm, steps=3)
+    reference = seeded(lambda: reg(Scaled(base, 1.0), images))
+    scaled = seeded(lambda: reg(Scaled(base, scale), images))
+    assert torch.allclose(scaled, reference, rtol=1e-4)
+
+
+def test_relative_value_has_no_gradient_along_the_feature_scale(images):
+    # Scale invariance means shrinking the features cannot lower the penalty.
+    model = Scaled(small_cnn(), 3.0)
+    value = RobustnessRegularizer(0.1)(model, images)
+    value.backward()
+    # d value / d log(scale) would be -2 * value for the raw (shrinkable) form.
+    assert abs(model.scale.grad.item() * model.scale.item()) < 1e-4 * value.item()
+
+
+def test_raw_value_does_scale_with_the_features(images):
+    base = small_cnn()
+    reg = RobustnessRegularizer(0.1, relative=False)
+    reference = seeded(lambda: reg(Scaled(base, 1.0), images))
+    scaled = seeded(lambda: reg(Scaled(base, 10.0), images))
+    assert torch.allclose(scaled, 100 * reference, rtol=1e-4)
+
+
+def test_is_zero_for_a_constant_encoder(images):
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return self.bias.expand(x.shape[0], 5) + 0 * x.flatten(1)[:, :1]
+
+    value = RobustnessRegularizer(0.3)(Constant(), images)
+    assert value.item() == 0.0
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_reused_features_give_the_same_value_and_gradients(images, norm):
+    encoder = small_cnn()
+    reg = RobustnessRegularizer(0.1, norm=norm, steps=2)
+
+    def run(reuse: bool):
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        features = encoder(images) if reuse else None
+        value = reg(encoder, images, features=features)
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in encoder.parameters()]
+
+    v1, g1 = run(reuse=False)
+    v2, g2 = run(reuse=True)
+    assert torch.allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_linear_encoder_deviation_matches_eps_times_spectral_norm():
+    # For f(x) = A x and an L2 ball the worst deviation is eps * ||A||_2 exactly.
+    torch.manual_seed(0)
+    A = torch.randn(10, 30)
+    eps = 0.5
+    reg = RobustnessRegularizer(eps, norm="l2", steps=20, step_size=eps, relative=False, bounds=(-1e3, 1e3))
+    reg(lambda v: v @ A.T, torch.randn(64, 30))
+    expected = eps * torch.linalg.matrix_norm(A, ord=2)
+    assert reg.last_stats.distance.item() == pytest.approx(expected.item(), rel=0.02)
+
+
+def test_normalised_inputs_give_the_same_value_as_pixel_inputs():
+    # The ball is in pixel units whatever normalisation the data went through.
+    torch.manual_seed(0)
+    pixel_encoder = small_cnn(in_channels=3)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    threat = ThreatModel(0.05, mean=mean, std=std)
+    pixel_encoder.eval()  # deterministic BN so the two encoders are the same function
+
+    def model_space_encoder(x):
+        return pixel_encoder(threat.to_pixels(x))
+
+    pixels = torch.rand(8, 3, 8, 8)
+    plain = seeded(lambda: RobustnessRegularizer(0.05, steps=3)(pixel_encoder, pixels))
+    normalised = seeded(
+        lambda: RobustnessRegularizer(0.05, steps=3, mean=mean, std=std)(model_space_encoder, threat.to_model(pixels))
+    )
+    assert torch.allclose(plain, normalised, rtol=1e-4)
+
+
+def test_adversarial_output_holds_inputs_in_the_ball_and_their_features(encoder, images):
+    reg = RobustnessRegularizer(0.1, steps=2)
+    out = reg(encoder, images, return_adversarial=True)
+    assert isinstance(out, RegularizerOutput)
+    assert (out.adversarial_inputs - images).abs().max() <= 0.1 + 1e-6
+    assert out.adversarial_features.shape == encoder(images).shape
+    assert out.adversarial_features.requires_grad
+    assert torch.allclose(out.loss.detach(), reg.last_stats.value)
+
+
+def test_adversarial_features_are_the_encoder_output_on_the_adversarial_inputs(images):
+    encoder = small_cnn().eval()
+    out = RobustnessRegularizer(0.1, steps=2)(encoder, images, return_adversarial=True)
+    with torch.no_grad():
+        assert torch.allclose(out.adversarial_features, encoder(out.adversarial_inputs), atol=1e-6)
+
+
+def test_last_stats_report_value_deviation_distance_and_spread(images):
+    encoder = small_cnn()
+    reg = RobustnessRegularizer(0.1, steps=2)
+    out = reg(encoder, images, return_adversarial=True)
+    with torch.no_grad():
+        h = encoder(images).flatten(1)
+        z = out.adversarial_features.flatten(1)
+        spread = (h - h.mean(0)).pow(2).sum(1).mean()
+        per_sample = (z - h).pow(2).sum(1)
+    stats = reg.last_stats
+    assert not stats.value.requires_grad
+    assert torch.allclose(stats.spread, spread, rtol=1e-5)
+    assert torch.allclose(stats.deviation, per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(stats.distance, per_sample.sqrt().mean(), rtol=1e-5)
+    assert torch.allclose(stats.value, stats.deviation / stats.spread, rtol=1e-5)
+
+
+def test_four_dimensional_features_are_flattened(images):
+    encoder = small_cnn()  # returns (N, 16, 1, 1)
+    flat_encoder = nn.Sequential(encoder, nn.Flatten())
+    a = seeded(lambda: RobustnessRegularizer(0.1)(encoder, images))
+    b = seeded(lambda: RobustnessRegularizer(0.1)(flat_encoder, images))
+    assert torch.allclose(a, b)
+
+
+def test_no_steps_and_no_random_start_is_exactly_zero(encoder, images):
+    assert RobustnessRegularizer(0.1, steps=0, random_start=False)(encoder.eval(), images).item() == 0.0
+
+
+def test_more_ascent_steps_find_a_larger_deviation(images):
+    encoder = small_cnn().eval()
+    values = [seeded(lambda s=s: RobustnessRegularizer(0.1, steps=s)(encoder, images)).item() for s in (0, 5)]
+    assert values[1] > values[0]
+
+
+def test_works_under_bfloat16_autocast(encoder, images):
+    reg = RobustnessRegularizer(0.1, steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = encoder(images)
+        value = reg(encoder, images, features=h)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    value.backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters())
+
+
+def test_works_with_a_compiled_encoder(images):
+    encoder = small_cnn()
+    compiled = torch.compile(encoder, backend="eager")
+    eager = seeded(lambda: RobustnessRegularizer(0.1, steps=2)(encoder, images))
+    value = seeded(lambda: RobustnessRegularizer(0.1, steps=2)(compiled, images))
+    assert torch.allclose(eager, value, rtol=1e-4)
