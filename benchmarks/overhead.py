@@ -1,0 +1,204 @@
+"""Cost of the regulariser: one SimCLR training step, plain vs. regularised.
+
+Measures forward + backward of a whole SimCLR step (two views through the
+backbone and lightly's projection head, NT-Xent loss) with and without
+``RobustnessRegularizer`` (steps 1 and 3, features reused or recomputed), on a
+CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
+
+Time: all configurations run interleaved in one process (round-robin, in a
+shuffled order each round) after warm-up; each configuration's median over the
+repeats is divided by the plain step's median. Memory: on CUDA the peak
+allocated memory of one step; on CPU the peak resident-set increase of one
+step, each configuration in a fresh process (Linux ``VmHWM``), divided by the
+plain step's.
+
+    python benchmarks/overhead.py                 # CPU by default, GPU when present
+    python benchmarks/overhead.py --device cpu --repeats 15
+
+Writes ``benchmarks/results/overhead-<device>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from robust_reg import RobustnessRegularizer
+from robust_reg.experiments.models import build_encoder
+from robust_reg.experiments.ssl import build_model
+
+CONFIGS = {
+    "plain": None,
+    "reg steps=1, reused features": (1, True),
+    "reg steps=1, own clean forward": (1, False),
+    "reg steps=3, reused features": (3, True),
+    "reg steps=3, own clean forward": (3, False),
+}
+MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
+
+
+def make_step(model_name: str, config: str, batch_size: int, device: torch.device):
+    """Build the model and inputs; return a closure running one forward+backward step."""
+    torch.manual_seed(0)
+    arch, shape = MODELS[model_name]
+    model = build_model("simclr", build_encoder(arch, shape[0]), shape).to(device).train()
+    x0 = torch.rand(batch_size, *shape, device=device)
+    x1 = torch.rand(batch_size, *shape, device=device)
+    reg = RobustnessRegularizer(8 / 255, steps=CONFIGS[config][0]) if CONFIGS[config] else None
+    reuse = bool(CONFIGS[config] and CONFIGS[config][1])
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        h0, h1 = model.backbone(x0), model.backbone(x1)
+        loss = model.loss_from_features((x0, x1), (h0, h1))
+        if reg is not None:
+            loss = loss + reg(model.backbone, x0, features=h0 if reuse else None)
+        loss.backward()
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_configs(model_name: str, batch_size: int, device: torch.device, repeats: int, warmup: int) -> dict:
+    steps = {name: make_step(model_name, name, batch_size, device) for name in CONFIGS}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    order = list(CONFIGS)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()} | {
+        "_samples": {name: values for name, values in samples.items()}
+    }
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
+
+
+def peak_memory_one_step(model_name: str, config: str, batch_size: int, device: torch.device) -> float:
+    """Peak extra memory (bytes) of one step; on CPU call this in a fresh process."""
+    step = make_step(model_name, config, batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+    base = _status_kib("VmRSS")
+    step()
+    return float((_status_kib("VmHWM") - base) * 1024)
+
+
+def memory_configs(model_name: str, batch_size: int, device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {name: peak_memory_one_step(model_name, name, batch_size, device) for name in CONFIGS}
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    out = {}
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--_memory-child", model_name, name, str(batch_size)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = float(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | batch | configuration | median step (ms) | time ratio | peak memory ratio |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for model_name, r in results["models"].items():
+        plain_t, plain_m = r["time"]["plain"], r["memory"].get("plain")
+        for name in CONFIGS:
+            t = r["time"][name]
+            m = r["memory"].get(name)
+            mem = f"{m / plain_m:.2f}x" if m is not None and plain_m else "n/a"
+            lines.append(f"| {model_name} | {r['batch_size']} | {name} | {1e3 * t:.1f} | {t / plain_t:.2f}x | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--models", default="cnn,resnet18")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size-cnn", type=int, default=None, help="default 256 (CPU) / 512 (GPU)")
+    parser.add_argument("--batch-size-resnet18", type=int, default=None, help="default 64 (CPU) / 512 (GPU)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-<device>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    batch = {
+        "cnn": args.batch_size_cnn or (512 if gpu else 256),
+        "resnet18": args.batch_size_resnet18 or (512 if gpu else 64),
+    }
+    results = {
+        "benchmark": "overhead",
+        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "epsilon": 8 / 255,
+        "memory_measure": "peak CUDA memory allocated during one step"
+        if gpu
+        else "peak resident-set increase during one step, fresh process per configuration",
+        "models": {},
+    }
+    for model_name in args.models.split(","):
+        print(f"[overhead] {model_name}: timing {len(CONFIGS)} configurations x {args.repeats} rounds", flush=True)
+        timing = time_configs(model_name, batch[model_name], device, args.repeats, args.warmup)
+        samples = timing.pop("_samples")
+        memory = {} if args.no_memory else memory_configs(model_name, batch[model_name], device)
+        results["models"][model_name] = {
+            "batch_size": batch[model_name],
+            "time": timing,
+            "time_ratio": {k: v / timing["plain"] for k, v in timing.items()},
+            "time_samples": samples,
+            "memory": memory,
+            "memory_ratio": {k: v / memory["plain"] for k, v in memory.items()} if memory.get("plain") else {},
+        }
+    out = Path(args.out or Path(__file__).parent / "results" / f"overhead-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"[overhead] wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--_memory-child":
+        torch.manual_seed(0)
+        print(peak_memory_one_step(sys.argv[2], sys.argv[3], int(sys.argv[4]), torch.device("cpu")))
+    else:
+        main()

@@ -1,0 +1,166 @@
+"""One-line robustness for LightningModules written the lightly way.
+
+lightly ships losses, heads and transforms; its users write their own
+LightningModule (``self.backbone``, the views in ``batch[0]``, a
+``training_step`` returning the loss; see lightly's
+``examples/pytorch_lightning/simclr.py``). :func:`robustify` adds the
+:class:`~robust_reg.RobustnessRegularizer` to every training step's loss
+without touching that ``training_step``::
+
+    model = SimCLR()                                  # your module, unchanged
+    robustify(model, epsilon=8 / 255, weight=1.0)     # the one added line
+    trainer.fit(model, dataloader)
+
+A plain PyTorch loop needs no adapter: add the regulariser to the loss::
+
+    loss = criterion(z0, z1) + weight * reg(model.backbone, x0, features=h0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._wrap import find_normalize, robust_step, robustify_module
+
+__all__ = ["robustify", "is_robustified"]
+
+_LIGHTLY_DEFAULT = object()
+
+
+def _first_view(batch: Any) -> Tensor:
+    views = batch[0]
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"batch[0] should be the list of views, got {type(views).__name__}")
+    return views[0]
+
+
+def _normalization(
+    normalize: Any, transform: Any, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    given = [name for name, v in (("transform", transform), ("mean/std", mean if mean is not None else std)) if v is not None]
+    if normalize is not _LIGHTLY_DEFAULT:
+        given.append("normalize")
+    if len(given) > 1:
+        raise ValueError(f"pass only one of normalize, transform or mean/std to describe the inputs, got {given}")
+    if mean is not None or std is not None:
+        return mean, std
+    if transform is not None:
+        found = find_normalize(transform)
+        return found if found is not None else (None, None)
+    if normalize is _LIGHTLY_DEFAULT:
+        from lightly.transforms.utils import IMAGENET_NORMALIZE
+
+        normalize = IMAGENET_NORMALIZE
+    if normalize is None:
+        return None, None
+    if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
+        raise ValueError(f"normalize must be None or a dict with 'mean' and 'std' (like lightly's), got {normalize!r}")
+    return normalize["mean"], normalize["std"]
+
+
+def robustify(
+    module: nn.Module,
+    *,
+    epsilon: float = 8 / 255,
+    weight: float = 1.0,
+    encoder: str = "backbone",
+    view: Callable[[Any], Tensor] | None = None,
+    normalize: Mapping[str, Sequence[float]] | None = _LIGHTLY_DEFAULT,  # type: ignore[assignment]
+    transform: Any = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    adversarial_view: bool = False,
+    log: bool = True,
+    **regularizer_options: Any,
+) -> nn.Module:
+    """Add the robustness regulariser to every training step of a lightly-style LightningModule.
+
+    The module's ``training_step`` runs unchanged; its returned loss (a tensor,
+    or a dict's ``"loss"``) gets ``weight * RobustnessRegularizer(...)(encoder, x)``
+    added, where ``x`` is the view to perturb. The clean features the step
+    computed for ``x`` are captured with a forward hook and reused, so the clean
+    forward is not paid twice. The value, raw deviation, distance and spread are
+    logged under ``robust_reg/`` with ``self.log``.
+
+    The module is changed in place and returned. No parameter, buffer or
+    submodule is added: ``state_dict()`` keeps exactly its keys, and checkpoints
+    load into the unmodified class.
+
+    Args:
+        module: The LightningModule instance (any ``nn.Module`` with ``training_step``).
+        epsilon: Radius of the threat ball, pixel units of ``[0, 1]`` images.
+        weight: Multiplier of the regulariser in the loss.
+        encoder: Attribute (dotted path allowed) holding the encoder. Default ``"backbone"``.
+        view: ``callable(batch) -> Tensor`` returning the view to perturb.
+            Default: the first view of ``batch[0]``.
+        normalize: Normalisation applied to the views, as lightly describes it
+            (``{"mean": [...], "std": [...]}``). Default: lightly's
+            ``IMAGENET_NORMALIZE``, which every lightly transform applies unless
+            told otherwise. ``None``: raw ``[0, 1]`` inputs.
+        transform: Alternatively, the lightly/torchvision transform used; its
+            ``Normalize`` (if any) is read.
+        mean: Alternatively, the per-channel mean directly (with ``std``).
+        std: Per-channel std (with ``mean``).
+        adversarial_view: Swap the regulariser's deviation-maximising input into
+            the batch the ``training_step`` sees, in place of the view (its
+            features are reused; see :class:`~robust_reg.RegularizerOutput`).
+        log: Log the regulariser's statistics through ``self.log``.
+        **regularizer_options: ``norm``, ``steps``, ``step_size``,
+            ``random_start``, ``relative``, ``bounds``: as in
+            :class:`~robust_reg.RobustnessRegularizer`.
+
+    Returns:
+        The same module.
+
+    Raises:
+        AttributeError: If the module has no ``encoder`` attribute.
+        RuntimeError: If the module is already robustified.
+        ValueError: For bad regulariser options, or several normalisation sources.
+            At the first training step, a batch the adapter cannot read.
+
+    Examples:
+        >>> import pytorch_lightning as pl
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightly.loss import NTXentLoss
+        >>> from lightly.models.modules import SimCLRProjectionHead
+        >>> class SimCLR(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        ...         self.projection_head = SimCLRProjectionHead(8, 16, 8)
+        ...         self.criterion = NTXentLoss()
+        ...     def forward(self, x):
+        ...         return self.projection_head(self.backbone(x).flatten(start_dim=1))
+        ...     def training_step(self, batch, batch_index):
+        ...         (x0, x1), _ = batch
+        ...         return self.criterion(self.forward(x0), self.forward(x1))
+        >>> model = robustify(SimCLR(), epsilon=8 / 255, weight=1.0, normalize=None)
+        >>> views = [torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
+        >>> loss = model.training_step((views, torch.zeros(4)), 0)
+        >>> loss.backward()
+        >>> is_robustified(model)
+        True
+    """
+    mean, std = _normalization(normalize, transform, mean, std)
+    return robustify_module(
+        module,
+        framework="lightly",
+        encoder=encoder,
+        view=view if view is not None else _first_view,
+        view_description="batch[0][0]" if view is None else getattr(view, "__name__", "view(batch)"),
+        mean=mean,
+        std=std,
+        weight=weight,
+        adversarial_view=adversarial_view,
+        log=log,
+        regularizer_options={"epsilon": epsilon, **regularizer_options},
+    )
+
+
+def is_robustified(module: nn.Module) -> bool:
+    """Whether :func:`robustify` has been applied to ``module``."""
+    return robust_step(module) is not None

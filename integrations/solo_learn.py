@@ -1,0 +1,204 @@
+"""One-line robustness for solo-learn methods (SimCLR, BYOL, MoCo v3, VICReg, DINO, ...).
+
+solo-learn's methods subclass ``solo.methods.base.BaseMethod``: the encoder is
+``self.backbone``, batches are ``[indexes, [views...], targets]`` with the large
+crops first, and ``training_step`` returns the loss. Add a block to the hydra
+config and one line to ``main_pretrain.py``::
+
+    # config.yaml
+    robust_reg:
+      epsilon: 0.0314   # 8/255, pixel units
+      weight: 1.0
+      steps: 3
+
+    # main_pretrain.py, after `model = METHODS[cfg.method](cfg)`
+    from robust_reg.integrations.solo_learn import robustify
+    robustify(model, cfg=cfg)
+
+The views arrive normalised with the mean/std solo-learn uses for
+``cfg.data.dataset`` (or the augmentation config's own ``mean``/``std``); the
+adapter reads them from solo-learn's own transform pipeline, so ``epsilon``
+stays in pixel units. solo-learn is imported only when a method is robustified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._wrap import find_normalize, robust_step, robustify_module
+
+__all__ = ["robustify", "is_robustified", "solo_normalization"]
+
+_OPTION_KEYS = (
+    "epsilon",
+    "weight",
+    "norm",
+    "steps",
+    "step_size",
+    "random_start",
+    "relative",
+    "bounds",
+    "encoder",
+    "adversarial_view",
+    "log",
+    "mean",
+    "std",
+    "normalize",
+    "enabled",
+)
+_UNSET = object()
+
+
+def _first_large_crop(batch: Any) -> Tensor:
+    views = batch[1]
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"batch[1] should be the list of crops, got {type(views).__name__}")
+    return views[0]
+
+
+def _config_block(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    block = cfg.get("robust_reg", None) if hasattr(cfg, "get") else None
+    if block is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        block = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+    except ImportError:  # a plain mapping
+        block = dict(block)
+    unknown = set(block) - set(_OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) in the robust_reg config block: {', '.join(sorted(unknown))}")
+    return block
+
+
+def solo_normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) solo-learn's transform pipeline applies for this config (``None``: no normalisation).
+
+    Built with solo-learn's own ``build_transform_pipeline`` for ``cfg.data.dataset``
+    and the first augmentation config, so it follows whatever solo-learn does.
+    """
+    try:
+        dataset = cfg.data.dataset
+        augmentation = cfg.augmentations[0]
+    except (AttributeError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(
+            "cannot tell the input normalisation: cfg needs data.dataset and augmentations (a solo-learn "
+            f"pretrain config), or pass mean=/std= or normalize=None to robustify ({err})"
+        ) from err
+    from solo.data.pretrain_dataloader import build_transform_pipeline
+
+    return find_normalize(build_transform_pipeline(dataset, augmentation))
+
+
+def robustify(
+    method: nn.Module,
+    *,
+    cfg: Any = None,
+    view: Callable[[Any], Tensor] | None = None,
+    epsilon: float | object = _UNSET,
+    weight: float | object = _UNSET,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    normalize: Mapping[str, Sequence[float]] | None | object = _UNSET,
+    **options: Any,
+) -> nn.Module:
+    """Add the robustness regulariser to every training step of a solo-learn method.
+
+    Settings come from the ``robust_reg`` block of ``cfg`` (default: the
+    method's own ``cfg``), overridden by keyword arguments. The keys are those
+    of :func:`robust_reg.integrations.lightly.robustify`: ``epsilon``,
+    ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
+    ``relative``, ``bounds``, ``encoder``, ``adversarial_view``, ``log``, and
+    ``mean``/``std``/``normalize`` to override the normalisation; plus
+    ``enabled: false`` to leave the method as it is.
+
+    The encoder is ``method.backbone``; the perturbed view is the first large
+    crop, ``batch[1][0]``; the clean features solo-learn computed for it are
+    reused. No parameter, buffer or submodule is added, so checkpoints load with
+    ``solo.methods.<Method>.load_from_checkpoint``.
+
+    Args:
+        method: A solo-learn method instance (a ``BaseMethod`` subclass).
+        cfg: The hydra config (default ``method.cfg``).
+        view: ``callable(batch) -> Tensor`` for another view than ``batch[1][0]``.
+        epsilon: Radius of the threat ball, pixel units (default 8/255).
+        weight: Multiplier of the regulariser (default 1.0).
+        mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
+        std: Per-channel std of the inputs.
+        normalize: ``None`` for raw ``[0, 1]`` inputs, or ``{"mean": ..., "std": ...}``.
+        **options: Further keys as listed above.
+
+    Returns:
+        The same method instance.
+
+    Raises:
+        ValueError: For unknown keys in the config block, bad options, or a
+            config from which the normalisation cannot be read.
+        RuntimeError: If the method is already robustified.
+    """
+    if cfg is None:
+        cfg = getattr(method, "cfg", None)
+    settings = _config_block(cfg)
+    explicit = {"epsilon": epsilon, "weight": weight, "normalize": normalize}
+    settings.update({k: v for k, v in explicit.items() if v is not _UNSET})
+    if mean is not None or std is not None:
+        settings.update(mean=mean, std=std)
+    unknown = set(options) - set(_OPTION_KEYS)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    settings.update(options)
+    if not settings.pop("enabled", True):
+        return method
+    _check_solo_method(method)
+
+    mean, std = settings.pop("mean", None), settings.pop("std", None)
+    normalize = settings.pop("normalize", _UNSET)
+    if mean is not None or std is not None:
+        if normalize is not _UNSET:
+            raise ValueError("pass either mean/std or normalize, not both")
+    elif normalize is None:
+        mean = std = None
+    elif normalize is not _UNSET:
+        if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
+            raise ValueError(f"normalize must be None or a dict with 'mean' and 'std', got {normalize!r}")
+        mean, std = normalize["mean"], normalize["std"]
+    else:
+        found = solo_normalization(cfg)
+        mean, std = found if found is not None else (None, None)
+
+    return robustify_module(
+        method,
+        framework="solo-learn",
+        encoder=settings.pop("encoder", "backbone"),
+        view=view if view is not None else _first_large_crop,
+        view_description="batch[1][0]" if view is None else getattr(view, "__name__", "view(batch)"),
+        mean=mean,
+        std=std,
+        weight=settings.pop("weight", 1.0),
+        adversarial_view=settings.pop("adversarial_view", False),
+        log=settings.pop("log", True),
+        regularizer_options={"epsilon": settings.pop("epsilon", 8 / 255), **settings},
+    )
+
+
+def _check_solo_method(method: Any) -> None:
+    try:
+        from solo.methods.base import BaseMethod
+    except ImportError as err:
+        raise ImportError(
+            "robust_reg.integrations.solo_learn needs solo-learn (>= 1.0.6), installed from its repository "
+            "(PyPI's solo-learn is a 2021 release that does not import on current torch)"
+        ) from err
+    if not isinstance(method, BaseMethod):
+        raise TypeError(f"method must be a solo-learn method (a solo.methods.base.BaseMethod), got {type(method).__name__}")
+
+
+def is_robustified(method: nn.Module) -> bool:
+    """Whether :func:`robustify` has been applied to ``method``."""
+    return robust_step(method) is not None

@@ -1,0 +1,54 @@
+"""Encoders for the reference experiments; inputs are ``[0, 1]`` pixels."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def conv_encoder(in_channels: int = 1, width: int = 32) -> nn.Sequential:
+    """A small conv net for 28x28 (or 8x8) digits; output ``(N, 4 * width, 1, 1)``."""
+
+    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(in_channels, width, 1),
+        *block(width, 2 * width, 2),
+        *block(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1),
+    )
+
+
+def resnet18_cifar(in_channels: int = 3) -> nn.Sequential:
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), output ``(N, 512, 1, 1)``."""
+    import torchvision
+
+    resnet = torchvision.models.resnet18()
+    resnet.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    resnet.maxpool = nn.Identity()
+    # The lightly way: everything but the classifier, so the output is (N, 512, 1, 1).
+    return nn.Sequential(*list(resnet.children())[:-1])
+
+
+ARCHITECTURES = {"cnn": conv_encoder, "resnet18": resnet18_cifar}
+
+
+def build_encoder(arch: str, in_channels: int) -> nn.Sequential:
+    """An encoder by name (``cnn`` or ``resnet18``)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+    return ARCHITECTURES[arch](in_channels=in_channels)
+
+
+def feature_dim(encoder: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Flattened output size of ``encoder`` on one image of ``image_shape``."""
+    import torch
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            p = next(encoder.parameters())
+            return encoder(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype)).flatten(1).shape[1]
+    finally:
+        encoder.train(was_training)

@@ -1,0 +1,259 @@
+"""SimCLR and BYOL from lightly's building blocks, and the pretraining loop.
+
+The loop is a plain PyTorch loop, written the way a lightly user writes one.
+The regulariser is the one added line in :func:`_step`. Variants:
+
+- ``plain``: the SSL loss alone.
+- ``reg``: SSL loss + ``weight * RobustnessRegularizer(...)`` on view 0, reusing its features.
+- ``advview``: as ``reg``, and the regulariser's deviation-maximising input
+  replaces view 0 in the SSL loss (its features come for free).
+- ``acl``: the adversarial-contrastive baseline in the style of ACL (Jiang et
+  al. 2020) / RoCL (Kim et al. 2020): view 0 is attacked with PGD on the SSL
+  loss itself and the model trains on the attacked view.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .._state import preserved_state
+from ..attacks import ThreatModel, projected_gradient_ascent
+from ..regularizer import RobustnessRegularizer
+from .augment import BatchAugment, default_augment
+from .data import ImageData, batches
+from .models import build_encoder, feature_dim
+
+METHODS = ("simclr", "byol")
+VARIANTS = ("plain", "reg", "advview", "acl")
+
+
+class SimCLR(nn.Module):
+    """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""
+
+    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(dim, hidden_dim, out_dim)
+        self.criterion = NTXentLoss(temperature=0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
+        z0, z1 = (self.projection_head(h.flatten(start_dim=1)) for h in features)
+        return self.criterion(z0, z1)
+
+    def after_step(self, progress: float) -> None:
+        pass
+
+
+class BYOL(nn.Module):
+    """BYOL (Grill et al. 2020): predict a momentum encoder's projection of the other view."""
+
+    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(dim, hidden_dim, out_dim)
+        self.prediction_head = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+        self.momentum = 0.99
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+    def _target(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1))
+
+    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
+        p0, p1 = (self.prediction_head(self.projection_head(h.flatten(start_dim=1))) for h in features)
+        t0, t1 = (self._target(x) for x in views)
+        return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+
+    def after_step(self, progress: float) -> None:
+        from lightly.models.utils import update_momentum
+
+        # Cosine schedule of the momentum from 0.99 to 1, as in BYOL.
+        m = 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        update_momentum(self.backbone, self.backbone_momentum, m=m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of one pretraining run.
+
+    Attributes:
+        method: ``simclr`` or ``byol``.
+        variant: ``plain``, ``reg``, ``advview`` or ``acl`` (see module docstring).
+        arch: Encoder architecture (``cnn`` or ``resnet18``).
+        epochs: Passes over the training images.
+        batch_size: Images per step (two views each).
+        lr: Adam learning rate.
+        weight_decay: AdamW weight decay.
+        robust_weight: Weight of the regulariser (``reg``/``advview``); 0 turns it off.
+        epsilon: Radius of the threat ball (pixel units).
+        norm: ``linf`` or ``l2``.
+        steps: Ascent steps of the regulariser's inner maximisation.
+        acl_steps: PGD steps of the ``acl`` baseline's attack.
+        seed: Seed of initialisation, shuffling and augmentation.
+        amp: Use bfloat16 autocast (on CUDA).
+        time_budget: Stop after this many seconds of training (None: no limit).
+    """
+
+    method: str = "simclr"
+    variant: str = "plain"
+    arch: str = "cnn"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    robust_weight: float = 1.0
+    epsilon: float = 0.1
+    norm: str = "linf"
+    steps: int = 3
+    acl_steps: int = 5
+    seed: int = 0
+    amp: bool = False
+    time_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant in ("reg", "advview") and not self.robust_weight > 0:
+            raise ValueError(f"robust_weight must be > 0 for variant {self.variant!r}")
+
+
+@dataclass
+class PretrainResult:
+    """The trained encoder and what happened while training it."""
+
+    encoder: nn.Module
+    model: nn.Module
+    config: PretrainConfig
+    seconds: float
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
+
+
+def build_model(method: str, backbone: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
+    dim = feature_dim(backbone, image_shape)
+    return (SimCLR if method == "simclr" else BYOL)(backbone, dim)
+
+
+def pretrain(
+    data: ImageData,
+    config: PretrainConfig,
+    *,
+    device: str | torch.device = "cpu",
+    augment: BatchAugment | None = None,
+    progress_bar: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> PretrainResult:
+    """Pretrain an encoder on ``data.x_train`` (labels unused) with the configured method and variant."""
+    torch.manual_seed(config.seed)
+    device = torch.device(device)
+    backbone = build_encoder(config.arch, data.image_shape[0])
+    model = build_model(config.method, backbone, data.image_shape).to(device)
+    augment = augment or default_augment(data.name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, data.x_train.shape[0] // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+    acl_threat = ThreatModel(config.epsilon, norm=config.norm)
+    generator = torch.Generator().manual_seed(config.seed)
+    result = PretrainResult(backbone, model, config, 0.0, 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+    from .._utils import progress
+
+    start = time.perf_counter()
+    step = 0
+    model.train()
+    for epoch in progress(range(config.epochs), enabled=progress_bar, desc=f"{config.method}/{config.variant}"):
+        sums = {"loss": 0.0, "reg": 0.0, "n": 0}
+        for x, _ in batches(data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator):
+            x = x.to(device, non_blocking=True)
+            with autocast:
+                loss, reg_value = _step(model, reg, acl_threat, augment(x), augment(x), config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            model.after_step(step / total)
+            sums["loss"] += loss.item()
+            sums["reg"] += reg_value
+            sums["n"] += 1
+            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+                break
+        record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "reg": sums["reg"] / max(sums["n"], 1)}
+        result.history.append(record)
+        if log is not None:
+            log(f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}")
+        if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = time.perf_counter() - start
+    result.steps = step
+    model.eval()
+    return result
+
+
+def _step(
+    model: nn.Module, reg: RobustnessRegularizer, threat: ThreatModel, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """One training step's loss; returns ``(loss, regulariser value or 0)``."""
+    backbone = model.backbone
+    if config.variant == "acl":
+        x0 = _contrastive_attack(model, x0, x1, threat, config.acl_steps)
+    h0 = backbone(x0)
+    h1 = backbone(x1)
+    if config.variant == "reg":
+        # The one added line: the regulariser reuses the features the SSL loss uses.
+        reg_term = reg(backbone, x0, features=h0)
+        return model.loss_from_features((x0, x1), (h0, h1)) + config.robust_weight * reg_term, reg_term.item()
+    if config.variant == "advview":
+        out = reg(backbone, x0, features=h0, return_adversarial=True)
+        ssl = model.loss_from_features((out.adversarial_inputs, x1), (out.adversarial_features, h1))
+        return ssl + config.robust_weight * out.loss, out.loss.item()
+    return model.loss_from_features((x0, x1), (h0, h1)), 0.0
+
+
+def _contrastive_attack(model: nn.Module, x0: Tensor, x1: Tensor, threat: ThreatModel, steps: int) -> Tensor:
+    """PGD on the SSL loss w.r.t. view 0 (the ACL/RoCL-style label-free attack)."""
+    with preserved_state(model), torch.no_grad():
+        h1 = model.backbone(x1).detach()
+
+    def objective(v: Tensor) -> Tensor:
+        loss = model.loss_from_features((v, x1), (model.backbone(v), h1))
+        return loss.expand(v.shape[0])  # a batch loss: every sample ascends the same objective
+
+    with preserved_state(model):
+        return projected_gradient_ascent(objective, x0, threat, steps=steps)

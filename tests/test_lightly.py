@@ -1,0 +1,227 @@
+"""The lightly adapter, with real lightly heads, losses, transforms and Lightning training."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lightly")
+pl = pytest.importorskip("pytorch_lightning")
+
+from lightly.transforms import SimCLRTransform  # noqa: E402
+from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
+from lightly_modules import BYOL, SimCLR, loader, trainer  # noqa: E402
+
+from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
+
+
+class Capture(pl.Callback):
+    """Records, for the first step, the loss, the logged metrics and the backbone's gradients."""
+
+    def __init__(self):
+        self.losses, self.metrics, self.grads = [], [], None
+
+    def on_after_backward(self, trainer, module):
+        if self.grads is None:
+            self.grads = [p.grad.detach().clone() for p in module.backbone.parameters()]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+        self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+
+def as_loader(batches):
+    """A DataLoader yielding these batches unchanged."""
+    return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def fit(module, tmp_path, steps=2):
+    capture = Capture()
+    torch.manual_seed(0)
+    trainer(tmp_path, max_steps=steps, callbacks=[capture]).fit(module, loader())
+    return capture
+
+
+def twins(cls):
+    torch.manual_seed(0)
+    plain = cls()
+    return plain, copy.deepcopy(plain)
+
+
+@pytest.mark.parametrize("cls", [SimCLR, BYOL])
+def test_regulariser_term_is_added_to_the_loss_and_logged(cls, tmp_path):
+    plain, robust = twins(cls)
+    robustify(robust, epsilon=8 / 255, weight=2.0)
+    plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
+    logged = robust_run.metrics[0]
+    for key in ("robust_reg/value", "robust_reg/deviation", "robust_reg/distance", "robust_reg/spread"):
+        assert math.isfinite(logged[key])
+    assert logged["robust_reg/value"] > 0
+    # Same weights, batch and seed on the first step: the difference is exactly the added term.
+    assert robust_run.losses[0] - plain_run.losses[0] == pytest.approx(2.0 * logged["robust_reg/value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("cls", [SimCLR, BYOL])
+def test_encoder_gradient_differs_from_the_unrobustified_run(cls, tmp_path):
+    plain, robust = twins(cls)
+    robustify(robust)
+    g_plain, g_robust = fit(plain, tmp_path, steps=1).grads, fit(robust, tmp_path, steps=1).grads
+    assert any(not torch.allclose(a, b) for a, b in zip(g_plain, g_robust))
+
+
+@pytest.mark.parametrize("cls", [SimCLR, BYOL])
+def test_checkpoint_loads_into_the_unmodified_class(cls, tmp_path):
+    original_keys = set(cls().state_dict())
+    module = robustify(cls())
+    assert set(module.state_dict()) == original_keys
+    run = trainer(tmp_path, max_steps=2)
+    run.fit(module, loader())
+    path = tmp_path / "robust.ckpt"
+    run.save_checkpoint(path)
+    loaded = cls.load_from_checkpoint(path)
+    assert not is_robustified(loaded)
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_clean_features_of_the_step_are_reused(tmp_path):
+    calls = []
+    module = robustify(SimCLR(), steps=3)
+    module.backbone.register_forward_hook(lambda *_: calls.append(1))
+    trainer(tmp_path, max_steps=1).fit(module, loader())
+    # Two views of the step, three ascent steps, one adversarial forward: no second clean forward.
+    assert len(calls) == 2 + 3 + 1
+
+
+def test_adversarial_view_replaces_the_first_view_the_training_step_sees(tmp_path):
+    seen = []
+
+    class Recording(SimCLR):
+        def training_step(self, batch, batch_index):
+            seen.append(batch[0][0].detach().clone())
+            return super().training_step(batch, batch_index)
+
+    module = robustify(Recording(), epsilon=0.05, adversarial_view=True)
+    batch = next(iter(loader()))
+    trainer(tmp_path, max_steps=1).fit(module, as_loader([batch]))
+    mean = torch.tensor(IMAGENET_NORMALIZE["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1)
+    delta = (seen[0] - batch[0][0]) * std  # pixel units
+    assert delta.abs().max() <= 0.05 + 1e-5
+    assert delta.abs().max() > 0.01  # it really is a different view
+
+
+def test_adversarial_view_adds_the_regulariser_and_needs_no_extra_backward(tmp_path):
+    capture = Capture()
+    module = robustify(SimCLR(), adversarial_view=True)
+    trainer(tmp_path, max_steps=1, callbacks=[capture]).fit(module, loader())
+    assert capture.metrics[0]["robust_reg/value"] > 0
+    assert all(torch.isfinite(g).all() for g in capture.grads)
+
+
+def test_default_normalisation_is_lightlys_imagenet_normalize():
+    step = robustify(SimCLR()).training_step
+    assert step.regularizer.threat.mean == tuple(IMAGENET_NORMALIZE["mean"])
+    assert step.regularizer.threat.std == tuple(IMAGENET_NORMALIZE["std"])
+
+
+def test_normalisation_is_read_from_the_transform_used():
+    transform = SimCLRTransform(input_size=28, normalize={"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
+    step = robustify(SimCLR(), transform=transform).training_step
+    assert step.regularizer.threat.mean == (0.1, 0.2, 0.3)
+    assert step.regularizer.threat.std == (0.4, 0.5, 0.6)
+
+
+def test_a_transform_without_normalize_means_raw_pixels():
+    step = robustify(SimCLR(), transform=SimCLRTransform(input_size=28, normalize=None)).training_step
+    assert not step.regularizer.threat.normalized
+
+
+def test_normalize_none_means_raw_pixels():
+    assert not robustify(SimCLR(), normalize=None).training_step.regularizer.threat.normalized
+
+
+def test_regulariser_options_are_passed_through():
+    reg = robustify(SimCLR(), epsilon=0.1, norm="l2", steps=5, relative=False).training_step.regularizer
+    assert (reg.epsilon, reg.norm, reg.steps, reg.relative) == (0.1, "l2", 5, False)
+
+
+def test_a_custom_view_getter_and_encoder_attribute(tmp_path):
+    class Renamed(SimCLR):
+        def __init__(self):
+            super().__init__()
+            self.encoder = self.backbone
+
+    capture = Capture()
+    module = robustify(Renamed(), encoder="encoder", view=lambda batch: batch[0][1])
+    trainer(tmp_path, max_steps=1, callbacks=[capture]).fit(module, loader())
+    assert capture.metrics[0]["robust_reg/value"] > 0
+
+
+def test_robustifying_twice_is_an_error():
+    module = robustify(SimCLR())
+    with pytest.raises(RuntimeError, match="already robustified"):
+        robustify(module)
+
+
+def test_a_module_without_the_encoder_attribute_is_named():
+    with pytest.raises(AttributeError, match="no attribute 'encoder_net' to use as the encoder"):
+        robustify(SimCLR(), encoder="encoder_net")
+
+
+def test_an_unreadable_batch_layout_is_reported_at_the_first_step(tmp_path):
+    class FlatBatches(SimCLR):
+        def training_step(self, batch, batch_index):
+            return self.criterion(self.forward(batch), self.forward(batch))
+
+    module = robustify(FlatBatches())
+    images = torch.rand(16, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"could not read the view to perturb \(batch\[0\]\[0\]\)|expected the view"):
+        trainer(tmp_path, max_steps=1).fit(module, as_loader([images]))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="epsilon"):
+        robustify(SimCLR(), epsilon=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        robustify(SimCLR(), weight=math.nan)
+    with pytest.raises(TypeError, match="unknown regulariser option"):
+        robustify(SimCLR(), wieght=1.0)
+    with pytest.raises(ValueError, match="only one of normalize, transform or mean/std"):
+        robustify(SimCLR(), normalize=None, mean=[0.5] * 3, std=[0.2] * 3)
+
+
+def test_a_failed_robustify_leaves_the_module_untouched():
+    module = SimCLR()
+    with pytest.raises(ValueError):
+        robustify(module, epsilon=-1.0)
+    assert not is_robustified(module)
+    robustify(module)  # and it can still be robustified
+
+
+def test_manual_optimization_is_refused_with_a_clear_message(tmp_path):
+    class Manual(SimCLR):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_index):
+            loss = super().training_step(batch, batch_index)
+            self.manual_backward(loss)
+            return loss
+
+    module = robustify(Manual())
+    with pytest.raises(RuntimeError, match="manual optimization"):
+        trainer(tmp_path, max_steps=1).fit(module, loader())
+
+
+def test_the_robustified_module_still_pickles():
+    import pickle
+
+    module = robustify(SimCLR(), steps=2)
+    clone = pickle.loads(pickle.dumps(module))
+    assert is_robustified(clone)
+    assert clone.training_step.module is clone

@@ -1,0 +1,150 @@
+"""The solo-learn adapter against real solo-learn methods (skipped when solo-learn is absent).
+
+PyPI has no current solo-learn; to run these, put solo-learn 1.0.6's ``solo/``
+folder and its pinned dependencies on ``PYTHONPATH`` (see README, "Use with
+solo-learn").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from solo_setup import loader, small_cfg, solo_available
+
+available, reason = solo_available()
+pytestmark = pytest.mark.skipif(not available, reason=reason)
+
+if available:
+    import lightning as L
+    from solo.methods import BYOL, SimCLR
+
+    from robust_reg.integrations.solo_learn import is_robustified, robustify, solo_normalization
+
+    class Capture(L.Callback):
+        def __init__(self):
+            self.losses, self.metrics, self.grads = [], [], None
+
+        def on_after_backward(self, trainer, module):
+            if self.grads is None:
+                self.grads = [p.grad.detach().clone() for p in module.backbone.parameters()]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(loss.item())
+            self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+
+def trainer(tmp_path, steps=2, callbacks=()):
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=list(callbacks),
+    )
+
+
+def fit(method, tmp_path, steps=2):
+    capture = Capture()
+    torch.manual_seed(0)
+    trainer(tmp_path, steps, [capture]).fit(method, loader())
+    return capture
+
+
+CLASSES = {"simclr": lambda: SimCLR, "byol": lambda: BYOL}
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_regulariser_term_is_added_to_the_loss_and_logged(name, tmp_path):
+    cfg = small_cfg(name)
+    torch.manual_seed(0)
+    plain = CLASSES[name]()(cfg)
+    robust = robustify(copy.deepcopy(plain), cfg=cfg)
+    plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
+    value = robust_run.metrics[0]["robust_reg/value"]
+    assert math.isfinite(value) and value > 0
+    assert robust_run.losses[0] - plain_run.losses[0] == pytest.approx(cfg.robust_reg.weight * value, rel=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(plain_run.grads, robust_run.grads))
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_checkpoint_loads_into_the_unmodified_solo_class(name, tmp_path):
+    cfg = small_cfg(name)
+    cls = CLASSES[name]()
+    keys = set(cls(cfg).state_dict())
+    method = robustify(cls(cfg), cfg=cfg)
+    assert set(method.state_dict()) == keys
+    run = trainer(tmp_path)
+    run.fit(method, loader())
+    run.save_checkpoint(tmp_path / "robust.ckpt")
+    loaded = cls.load_from_checkpoint(tmp_path / "robust.ckpt", cfg=cfg)
+    assert not is_robustified(loaded)
+    for key, value in method.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_settings_come_from_the_config_block_and_keywords_override_them():
+    cfg = small_cfg("simclr", **{"robust_reg.steps": 5, "robust_reg.norm": "l2", "robust_reg.weight": 0.5})
+    step = robustify(SimCLR(cfg), cfg=cfg, weight=2.0).training_step
+    assert (step.regularizer.steps, step.regularizer.norm, step.weight) == (5, "l2", 2.0)
+
+
+def test_normalisation_is_solo_learns_for_the_configured_dataset():
+    cfg = small_cfg("simclr")
+    step = robustify(SimCLR(cfg), cfg=cfg).training_step
+    assert step.regularizer.threat.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+    assert step.regularizer.threat.std == pytest.approx((0.2470, 0.2435, 0.2616))
+    cfg100 = small_cfg("simclr", **{"data.dataset": "cifar100"})
+    assert solo_normalization(cfg100)[0] == pytest.approx((0.5071, 0.4865, 0.4409))
+
+
+def test_the_method_cfg_is_used_when_none_is_given():
+    cfg = small_cfg("simclr", **{"robust_reg.steps": 4})
+    assert robustify(SimCLR(cfg)).training_step.regularizer.steps == 4
+
+
+def test_enabled_false_leaves_the_method_unchanged():
+    cfg = small_cfg("simclr", **{"robust_reg.enabled": False})
+    assert not is_robustified(robustify(SimCLR(cfg), cfg=cfg))
+
+
+def test_the_clean_features_solo_computed_are_reused(tmp_path):
+    cfg = small_cfg("simclr", **{"robust_reg.steps": 2})
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    calls = []
+    method.backbone.register_forward_hook(lambda *_: calls.append(1))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, steps=1).fit(method, loader())
+    assert not [w for w in record if "cannot be reused" in str(w.message)]
+    assert len(calls) == 2 + 2 + 1  # two crops, two ascent steps, one adversarial forward
+
+
+def test_adversarial_view_trains(tmp_path):
+    cfg = small_cfg("byol", **{"robust_reg.adversarial_view": True})
+    run = fit(robustify(BYOL(cfg), cfg=cfg), tmp_path)
+    assert math.isfinite(run.losses[-1]) and run.metrics[0]["robust_reg/value"] > 0
+
+
+def test_robustifying_twice_and_unknown_keys_are_errors():
+    cfg = small_cfg("simclr")
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    with pytest.raises(RuntimeError, match="already robustified"):
+        robustify(method, cfg=cfg)
+    bad = small_cfg("simclr", **{"robust_reg.epsilom": 0.1})
+    with pytest.raises(ValueError, match="unknown key.*epsilom"):
+        robustify(SimCLR(bad), cfg=bad)
+
+
+def test_a_non_solo_module_is_refused():
+    with pytest.raises(TypeError, match="solo-learn method"):
+        robustify(torch.nn.Linear(2, 2), normalize=None)
