@@ -40,7 +40,9 @@ def resolve_attribute(module: nn.Module, path: str, what: str) -> nn.Module:
             )
         obj = getattr(obj, part)
     if not isinstance(obj, nn.Module):
-        raise TypeError(f"{type(module).__name__}.{path} must be an nn.Module to use as the {what}, got {type(obj).__name__}")
+        raise TypeError(
+            f"{type(module).__name__}.{path} must be an nn.Module to use as the {what}, got {type(obj).__name__}"
+        )
     return obj
 
 

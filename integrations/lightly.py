@@ -40,7 +40,8 @@ def _first_view(batch: Any) -> Tensor:
 def _normalization(
     normalize: Any, transform: Any, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    given = [name for name, v in (("transform", transform), ("mean/std", mean if mean is not None else std)) if v is not None]
+    sources = (("transform", transform), ("mean/std", mean if mean is not None else std))
+    given = [name for name, value in sources if value is not None]
     if normalize is not _LIGHTLY_DEFAULT:
         given.append("normalize")
     if len(given) > 1:

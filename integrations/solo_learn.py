@@ -196,7 +196,9 @@ def _check_solo_method(method: Any) -> None:
             "(PyPI's solo-learn is a 2021 release that does not import on current torch)"
         ) from err
     if not isinstance(method, BaseMethod):
-        raise TypeError(f"method must be a solo-learn method (a solo.methods.base.BaseMethod), got {type(method).__name__}")
+        raise TypeError(
+            f"method must be a solo-learn method (a solo.methods.base.BaseMethod), got {type(method).__name__}"
+        )
 
 
 def is_robustified(method: nn.Module) -> bool:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["ThreatModel", "projected_gradient_ascent", "pgd_attack"]
@@ -330,6 +329,20 @@ def _keep_best(best_delta: Tensor | None, best_value: Tensor | None, delta: Tens
     return torch.where(mask, delta, best_delta), torch.where(better, values, best_value)
 
 
+def _cross_entropy_logit(logits: Tensor, y: Tensor) -> Tensor:
+    """``logsumexp_{k != y} z_k - z_y``: cross-entropy is ``softplus`` of it, and its gradient is
+    the cross-entropy's divided by ``1 - p_y`` (a positive per-sample factor).
+
+    Sign steps and per-sample normalised steps are therefore exactly those of PGD on the
+    cross-entropy, and the best iterate is the same, but nothing saturates: on a confident
+    sample the cross-entropy's gradient underflows to zero (``1 - p_y`` rounds to 0), which
+    would stall the attack and fake robustness.
+    """
+    own = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return torch.logsumexp(others, dim=1) - own
+
+
 def pgd_attack(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -342,8 +355,11 @@ def pgd_attack(
 ) -> Tensor:
     """PGD-k on the cross-entropy of a classifier (the evaluation attack).
 
-    Keeps, per sample, the iterate with the highest loss. The caller chooses
-    the model's mode (``model.eval()`` for evaluation); nothing is changed here.
+    Keeps, per sample, the iterate with the highest loss. The ascent follows the
+    cross-entropy's gradient direction computed in a form that does not underflow
+    on confident samples (see ``_cross_entropy_logit``), so large-logit heads
+    cannot mask gradients. The caller chooses the model's mode (``model.eval()``
+    for evaluation); nothing is changed here.
 
     Args:
         model: Maps inputs in model space to logits ``(N, K)``.
@@ -369,8 +385,7 @@ def pgd_attack(
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
 
     def objective(inputs: Tensor) -> Tensor:
-        # Double precision keeps tiny losses of confident samples distinguishable.
-        return F.cross_entropy(model(inputs).double(), y, reduction="none")
+        return _cross_entropy_logit(model(inputs).double(), y)
 
     return projected_gradient_ascent(
         objective, x, threat, steps=steps, step_size=step_size, random_start=random_start, keep_best=True

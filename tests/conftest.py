@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import small_cnn
 from torch import nn
+
+from helpers import small_cnn
 
 
 @pytest.fixture

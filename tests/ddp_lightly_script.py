@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightly_modules import BYOL, SimCLR, loader
 
 from robust_reg.integrations.lightly import robustify
+
+from lightly_modules import BYOL, SimCLR, loader
 
 
 class Record(pl.Callback):

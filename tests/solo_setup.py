@@ -16,7 +16,8 @@ def solo_available() -> tuple[bool, str]:
         import solo.methods  # noqa: F401
         from solo.args.pretrain import parse_cfg  # noqa: F401
     except Exception as err:  # PyPI's solo-learn 1.0.2 fails with errors other than ImportError
-        return False, f"solo-learn >= 1.0.6 is not importable ({type(err).__name__}: {err}); install it from its repository"
+        reason = f"solo-learn >= 1.0.6 is not importable ({type(err).__name__}: {err}); install it from its repository"
+        return False, reason
     return True, ""
 
 

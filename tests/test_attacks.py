@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import small_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from robust_reg import ThreatModel, pgd_attack, projected_gradient_ascent
+
+from helpers import small_cnn
 
 
 @settings(max_examples=60, deadline=None)
@@ -131,3 +132,30 @@ def test_normalised_threat_round_trips_between_pixel_and_model_space():
     threat = ThreatModel(0.1, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
     pixels = torch.rand(2, 3, 4, 4)
     assert torch.allclose(threat.to_pixels(threat.to_model(pixels)), pixels, atol=1e-6)
+
+
+def test_pgd_is_not_stalled_by_saturated_logits():
+    # Logits of +-1000: the cross-entropy's gradient underflows to exactly 0, which would fake robustness.
+    torch.manual_seed(0)
+    w = torch.randn(20)
+    model = lambda v: 1000 * torch.stack([v @ w, -(v @ w)], dim=1)  # noqa: E731
+    x = torch.rand(16, 20) * 2
+    y = (x @ w < 0).long()  # every sample correctly classified, with a huge margin
+    x_req = x.clone().requires_grad_(True)
+    F.cross_entropy(model(x_req).double(), y, reduction="sum").backward()
+    assert (x_req.grad == 0).all()  # the plain cross-entropy gradient is dead
+    x_adv = pgd_attack(model, x, y, ThreatModel(0.3, bounds=(-100.0, 100.0)), steps=5, step_size=0.3)
+    moved = ((x_adv - x) @ w) * torch.where(y == 0, -1.0, 1.0)
+    assert torch.allclose(moved, 0.3 * w.abs().sum().expand(16), rtol=1e-3)
+
+
+def test_pgd_steps_follow_the_cross_entropy_gradient_direction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    x, y = torch.rand(8, 1, 4, 4, requires_grad=True), torch.randint(0, 5, (8,))
+    (ce_grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    from robust_reg.attacks import _cross_entropy_logit
+
+    (our_grad,) = torch.autograd.grad(_cross_entropy_logit(model(x), y).sum(), x)
+    cosine = F.cosine_similarity(ce_grad.flatten(1), our_grad.flatten(1))
+    assert torch.allclose(cosine, torch.ones(8), atol=1e-5)

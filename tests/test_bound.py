@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import small_cnn
 from torch import nn
 
 from robust_reg import BoundReport, estimate_bound, fit_linear_probe, linear_head_lipschitz, robustness_curve
+
+from helpers import small_cnn
 
 
 @pytest.fixture(scope="module")

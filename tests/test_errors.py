@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import assert_unchanged, small_cnn, snapshot
 from torch import nn
 
 from robust_reg import RobustnessRegularizer, ThreatModel, estimate_bound, fit_linear_probe, robustness_curve
+
+from helpers import assert_unchanged, small_cnn, snapshot
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,10 @@ pl = pytest.importorskip("pytorch_lightning")
 
 from lightly.transforms import SimCLRTransform  # noqa: E402
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
-from lightly_modules import BYOL, SimCLR, loader, trainer  # noqa: E402
 
 from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
+
+from lightly_modules import BYOL, SimCLR, loader, trainer  # noqa: E402
 
 
 class Capture(pl.Callback):
@@ -107,7 +108,6 @@ def test_adversarial_view_replaces_the_first_view_the_training_step_sees(tmp_pat
     module = robustify(Recording(), epsilon=0.05, adversarial_view=True)
     batch = next(iter(loader()))
     trainer(tmp_path, max_steps=1).fit(module, as_loader([batch]))
-    mean = torch.tensor(IMAGENET_NORMALIZE["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1)
     delta = (seen[0] - batch[0][0]) * std  # pixel units
     assert delta.abs().max() <= 0.05 + 1e-5

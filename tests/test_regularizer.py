@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import small_cnn
 from torch import nn
 
 from robust_reg import RegularizerOutput, RobustnessRegularizer, ThreatModel
+
+from helpers import small_cnn
 
 
 class Scaled(nn.Module):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_unchanged, small_cnn, snapshot
 from torch import nn
 
 from robust_reg import RobustnessRegularizer, estimate_bound, fit_linear_probe, robustness_curve
+
+from helpers import assert_unchanged, small_cnn, snapshot
 
 
 def with_user_state(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+
 from solo_setup import loader, small_cfg, solo_available
 
 available, reason = solo_available()

