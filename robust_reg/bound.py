@@ -130,7 +130,10 @@ class RobustnessCurve:
                 f"{r.epsilon:>8.4g} {100 * r.clean_accuracy:>10.2f} {100 * r.adversarial_accuracy:>9.2f} "
                 f"{pred:>10} {r.adversarial_loss:>10.4f} {r.bound:>9.4f} {r.regularizer:>9.4f}"
             )
-        lines.append("* estimates from gradient ascent (lower estimates of the worst case)")
+        lines.append(
+            "* estimates from gradient ascent: accuracies under attack are upper estimates of robust accuracy; "
+            "the adversarial loss, R and the bound build on lower estimates of the worst case"
+        )
         return "\n".join(lines)
 
 

@@ -149,3 +149,47 @@ def test_robustifying_twice_and_unknown_keys_are_errors():
 def test_a_non_solo_module_is_refused():
     with pytest.raises(TypeError, match="solo-learn method"):
         robustify(torch.nn.Linear(2, 2), normalize=None)
+
+
+def test_the_example_launcher_trains_with_a_yaml_robust_reg_block(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from solo_setup import EXAMPLES
+
+    digits = load_digits()
+    for i in range(32):
+        folder = tmp_path / "train" / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * 16).clip(0, 255).astype("uint8")
+        Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(folder / f"{i}.png")
+    overrides = [
+        "data.dataset=custom",
+        f"data.train_path={tmp_path / 'train'}",
+        "data.num_workers=0",
+        "optimizer.batch_size=8",
+        "accelerator=cpu",
+        "devices=[0]",
+        "strategy=auto",
+        "precision=32",
+        "sync_batchnorm=False",
+        "max_epochs=1",
+        "+limit_train_batches=2",
+        "checkpoint.enabled=False",
+        "method_kwargs.proj_hidden_dim=64",
+        "robust_reg.steps=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "pretrain.py"), "--config-name", "simclr_cifar10_robust", *overrides],
+        cwd=tmp_path,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_epochs=1` reached" in result.stdout + result.stderr

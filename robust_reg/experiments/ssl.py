@@ -33,6 +33,14 @@ from .models import build_encoder, feature_dim
 METHODS = ("simclr", "byol")
 VARIANTS = ("plain", "reg", "advview", "acl")
 
+# Per-dataset training defaults of the examples and benchmarks.
+DATASET_DEFAULTS = {
+    "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "digits": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "fake": dict(arch="cnn", epochs=2, batch_size=64, lr=1e-3, epsilon=0.1),
+    "cifar10": dict(arch="resnet18", epochs=200, batch_size=512, lr=2e-3, epsilon=8 / 255),
+}
+
 
 class SimCLR(nn.Module):
     """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""

@@ -1,0 +1,123 @@
+"""End to end: the demo, the evaluate command and the comparison benchmark, on tiny offline data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightly")
+pytest.importorskip("mlxtend")
+pytest.importorskip("matplotlib")
+
+from robust_reg.cli import main as cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_a_report_plots_and_checkpoints(demo_dir):
+    summary = json.loads((demo_dir / "demo.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["SimCLR", "SimCLR + robust-reg"]
+    for evaluation in summary["evaluations"].values():
+        assert {"robustness", "curve", "bound", "main_epsilon"} <= evaluation.keys()
+        assert evaluation["robustness"]["results"] and evaluation["robustness"]["checks"]
+        assert evaluation["bound"]["adversarial_loss"] <= evaluation["bound"]["bound"] + 1e-6
+    assert is_png(demo_dir / "accuracy_vs_eps.png") and is_png(demo_dir / "bound_vs_loss.png")
+    for name in ("plain_encoder.pt", "reg_encoder.pt"):
+        record = torch.load(demo_dir / name, weights_only=True)
+        assert record["arch"] == "cnn" and record["dataset"] == "mnist5k"
+
+
+def test_demo_robust_encoder_deviates_less_than_the_plain_one(demo_dir):
+    evaluations = json.loads((demo_dir / "demo.json").read_text())["evaluations"]
+    plain = evaluations["SimCLR"]["bound"]["relative_regularizer"]
+    robust = evaluations["SimCLR + robust-reg"]["bound"]["relative_regularizer"]
+    assert robust < plain
+
+
+def test_evaluate_command_reads_a_demo_checkpoint(demo_dir, tmp_path):
+    code = cli(
+        [
+            "evaluate",
+            str(demo_dir / "reg_encoder.pt"),
+            "--no-autoattack",
+            "--pgd-steps",
+            "3",
+            "--test-samples",
+            "100",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code in (0, 3)  # 3 flags a failed sanity check; the report is written either way
+    record = json.loads((tmp_path / "reg_encoder_evaluation.json").read_text())
+    assert record["dataset"] == "mnist5k" and record["meta"]["arch"] == "cnn"
+    assert record["robustness"]["num_samples"] == 100
+    assert [r["epsilon"] for r in record["curve"]["reports"]][0] == 0.0
+    assert is_png(tmp_path / "accuracy_vs_eps.png")
+
+
+def test_evaluate_rebuilds_a_bare_state_dict_given_its_architecture(demo_dir, tmp_path):
+    state = torch.load(demo_dir / "plain_encoder.pt", weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "bare.pt")
+    args = ["evaluate", str(tmp_path / "bare.pt"), "--arch", "cnn", "--in-channels", "1", "--dataset", "mnist5k"]
+    args += ["--no-autoattack", "--pgd-steps", "2", "--test-samples", "50", "--no-progress", "--out", str(tmp_path)]
+    assert cli(args) in (0, 3)
+    with pytest.raises(ValueError, match="bare state_dict"):
+        cli(["evaluate", str(tmp_path / "bare.pt"), "--dataset", "mnist5k", "--out", str(tmp_path)])
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_quick_runs_every_method_and_writes_tables_and_plots(tmp_path):
+    compare = load_compare()
+    report = compare.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    assert [r["method"] for r in report["runs"]] == list(compare.METHODS)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in saved["summary"]] == list(compare.METHODS)
+    for run in saved["runs"]:
+        assert run["train_seconds"] > 0 and run["bound"]["num_samples"] > 0
+        assert {c["name"] for c in run["robustness"]["checks"]} >= {"accuracy falls to ~0 at a very large eps"}
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| simclr") == 4 and "AutoAttack" in table
+    assert is_png(tmp_path / "accuracy_vs_eps.png") and is_png(tmp_path / "bound_vs_loss.png")
+    by_method = {row["method"]: row for row in saved["summary"]}
+    assert by_method["simclr+reg"]["relative_regularizer"][0] < by_method["simclr"]["relative_regularizer"][0]
+
+
+@pytest.mark.slow
+def test_full_mnist_benchmark_meets_the_targets(tmp_path):
+    """The full default benchmark (tens of minutes on 2 cores): the targets of the README."""
+    compare = load_compare()
+    report = compare.main(["--no-progress", "--out", str(tmp_path)])
+    rows = {row["method"]: row for row in report["summary"]}
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    plain, reg, adv = rows["simclr"], rows["simclr+reg"], rows["simclr+reg+advview"]
+    assert mean(reg["pgd@0.1"]) >= 0.35 and mean(reg["aa@0.1"]) >= 0.30
+    assert mean(reg["clean"]) >= mean(plain["clean"]) - 0.015
+    assert mean(adv["pgd@0.1"]) >= 0.70 and mean(adv["clean"]) >= mean(plain["clean"]) - 0.015
+    assert all(row["checks_passed"] == row["seeds"] for row in rows.values())
