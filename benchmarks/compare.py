@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from robust_reg.experiments.data import load_dataset
-from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder, save_checkpoint
+from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder, save_checkpoint
 from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 from robust_reg.experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
@@ -81,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--save-encoders", action="store_true", help="save every encoder to OUT/encoders/")
+    p.add_argument("--render", metavar="RESULTS_JSON", help="only re-draw tables and plots from a results.json")
     return p.parse_args(argv)
 
 
@@ -155,7 +155,7 @@ def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
         row = {
             "method": name,
             "seeds": len(rs),
-            "epochs": rs[0]["epochs"],
+            "epochs": "–".join(str(e) for e in sorted({min(r["epochs"] for r in rs), max(r["epochs"] for r in rs)})),
             "clean": [r["robustness"]["clean_accuracy"] for r in rs],
             "train_seconds": [r["train_seconds"] for r in rs],
             "bound": [r["bound"]["bound"] for r in rs],
@@ -170,16 +170,19 @@ def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], epsilons: list[float], title: str, pgd: str, budget_note: str = "") -> str:
+def markdown(
+    rows: list[dict], epsilons: list[float], title: str, pgd: str, budget_note: str = "", samples_note: str = ""
+) -> str:
+    autoattack = not budget_note  # the budget table re-trains without AutoAttack: no mixed columns
     head = ["method", "epochs", "clean acc (%)"]
     for eps in epsilons:
-        head += [f"{pgd} @{eps:.3g} (%)", f"AutoAttack @{eps:.3g} (%)"]
+        head += [f"{pgd} @{eps:.3g} (%)"] + ([f"AutoAttack @{eps:.3g} (%)"] if autoattack else [])
     head += ["train time (s)", "bound* @main eps", "adv. loss* @main eps", "R/σ*", "sanity checks"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], str(row["epochs"]), _fmt(row["clean"])]
         for eps in epsilons:
-            cells += [_fmt(row[f"pgd@{eps:g}"]), _fmt(row[f"aa@{eps:g}"])]
+            cells += [_fmt(row[f"pgd@{eps:g}"])] + ([_fmt(row[f"aa@{eps:g}"])] if autoattack else [])
         cells += [
             _fmt(row["train_seconds"], 1.0, 0),
             _fmt(row["bound"], 1.0, 2),
@@ -192,13 +195,61 @@ def markdown(rows: list[dict], epsilons: list[float], title: str, pgd: str, budg
         "",
         "mean ± std over seeds. * estimates from gradient ascent: attack accuracies are upper estimates of robust "
         "accuracy; the bound and R (estimated max feature deviation over the feature spread σ) are built from "
-        "lower estimates of the worst case. " + budget_note,
+        "lower estimates of the worst case. " + samples_note + budget_note,
     ]
     return "\n".join(lines)
 
 
+def _budget_note(reference: float, epochs: int) -> str:
+    return (
+        f"Equal budget: each method trained for the epochs that fit in {reference:.0f} s, the median training "
+        f"time of {BUDGET_REFERENCE} at {epochs} epochs; runs already within {BUDGET_TOLERANCE:.0%} of it are "
+        "reused from the table above. Scored with PGD only (AutoAttack is not run on re-trained encoders)."
+    )
+
+
+def write_outputs(report: dict, out: Path) -> str:
+    """Tables (results.md) and plots from a report; returns the markdown."""
+    epsilons = list(report["eval"]["epsilons"])
+    pgd = f"PGD-{report['eval']['pgd_steps']}"
+    rows = summarise(report["runs"], epsilons, pgd)
+    report["summary"] = rows
+    title = (
+        f"{report['dataset']}: {report['epochs']} epochs, seeds {report['seeds']}, "
+        f"eps {', '.join(f'{e:.3g}' for e in epsilons)} (linf)"
+    )
+    run = report["runs"][0]["robustness"]
+    aa = [r["num_samples"] for r in run["results"] if r["attack"] == "AutoAttack"]
+    samples = f"{pgd} on {run['num_samples']} test images" + (f", AutoAttack on the first {aa[0]}. " if aa else ". ")
+    md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
+    if report["budget_runs"]:
+        report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
+        note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"])
+        budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
+        md.append(budget)
+    md.append(
+        f"Command: `{report['command']}` — {report['elapsed_seconds']:.0f} s in all on {report['device']}, "
+        f"torch {report['torch']}."
+    )
+    text = "\n\n".join(md) + "\n"
+    (out / "results.md").write_text(text)
+    curves = {
+        name: [r["curve"]["reports"] for r in report["runs"] if r["method"] == name]
+        for name in dict.fromkeys(r["method"] for r in report["runs"])
+    }
+    plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=f"Linear-probe accuracy under {pgd} — {title}")
+    plot_bound_vs_loss(curves, out / "bound_vs_loss.png", title=f"Estimated bound vs. adversarial loss — {title}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        report = json.loads(path.read_text())
+        print(write_outputs(report, path.parent))
+        (path.parent / "results.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     names = args.methods.split(",")
     unknown = [n for n in names if n not in METHODS]
@@ -228,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "compare",
         "command": " ".join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
         "dataset": args.dataset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "seeds": seeds,
@@ -259,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
             save()
 
     budget_note = ""
+    report["epochs"] = epochs
     if not args.no_budget and BUDGET_REFERENCE in names and not args.quick:
         reference = statistics.median(r["train_seconds"] for r in report["runs"] if r["method"] == BUDGET_REFERENCE)
         report["budget_seconds"] = reference
@@ -278,29 +330,13 @@ def main(argv: list[str] | None = None) -> dict:
                 run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
                 report["budget_runs"].append(run)
                 save()
-        budget_note = (
-            f"Equal budget: each method trained for the epochs that fit in {reference:.0f} s, the median training "
-            f"time of {BUDGET_REFERENCE} at {epochs} epochs; runs already within {BUDGET_TOLERANCE:.0%} of it are "
-            "reused from the table above. AutoAttack is not run on the re-trained ones (n/a)."
-        )
+        budget_note = _budget_note(reference, epochs)
 
-    rows = summarise(report["runs"], epsilons, pgd)
-    report["summary"] = rows
-    title = f"{args.dataset}: {epochs} epochs, seeds {seeds}, eps {', '.join(f'{e:.3g}' for e in epsilons)} (linf)"
-    md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd)]
-    if report["budget_runs"]:
-        report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
-        md.append(markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, budget_note))
-    md.append(f"\nCommand: `{report['command']}` — {time.perf_counter() - started:.0f} s in all on {report['device']}.")
-    (out / "results.md").write_text("\n\n".join(md) + "\n")
-    curves = {
-        name: [r["curve"]["reports"] for r in report["runs"] if r["method"] == name]
-        for name in dict.fromkeys(r["method"] for r in report["runs"])
-    }
-    plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=f"Linear-probe accuracy under {pgd} — {title}")
-    plot_bound_vs_loss(curves, out / "bound_vs_loss.png", title=f"Estimated bound vs. adversarial loss — {title}")
+    report["elapsed_seconds"] = time.perf_counter() - started
+    report["budget_note"] = budget_note
+    md = write_outputs(report, out)
     save()
-    print("\n\n".join(md))
+    print(md)
     print(f"[compare] wrote {out}")
     return report
 

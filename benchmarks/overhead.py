@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import re
 import statistics
@@ -35,6 +34,7 @@ import torch
 
 from robust_reg import RobustnessRegularizer
 from robust_reg.experiments.models import build_encoder
+from robust_reg.experiments.pipeline import device_name
 from robust_reg.experiments.ssl import build_model
 
 CONFIGS = {
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = {
         "benchmark": "overhead",
-        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -74,7 +74,7 @@ def demo(args: argparse.Namespace) -> int:
     _need_examples_extra()
     from .experiments.data import load_dataset
     from .experiments.pipeline import EvalConfig, evaluate_encoder, save_checkpoint
-    from .experiments.ssl import PretrainConfig, pretrain
+    from .experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
     device = _device(args.device)
     out = Path(args.out)
@@ -95,9 +95,13 @@ def demo(args: argparse.Namespace) -> int:
     )
     rows, curves, evaluations, started = [], {}, {}, time.perf_counter()
     for name, variant in (("SimCLR", "plain"), ("SimCLR + robust-reg", "reg")):
+        defaults = DATASET_DEFAULTS[args.dataset]
         config = PretrainConfig(
             method="simclr",
             variant=variant,
+            arch=defaults["arch"],
+            batch_size=defaults["batch_size"],
+            lr=defaults["lr"],
             epochs=epochs,
             robust_weight=args.weight,
             epsilon=args.epsilon,
@@ -183,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline CPU demo: pretrain plain vs. robust SimCLR, probe, attack, report")
     d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
-    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--weight", type=float, default=1.0, help="weight of the regulariser")
     d.add_argument("--epsilon", type=float, default=0.1, help="training eps (L-inf, pixel units)")
     d.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")

@@ -42,3 +42,34 @@ def assert_unchanged(module: nn.Module, before: dict) -> None:
         assert (g0 is None) == (g1 is None), f"parameter {i}: .grad appeared or vanished"
         if g0 is not None:
             assert torch.equal(g0, g1), f"parameter {i}: .grad changed"
+
+
+# Lightning Trainer options for quiet CPU test runs (pytorch_lightning and lightning alike).
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
+def capture_callback(base: type) -> type:
+    """A callback class on ``base`` (``pytorch_lightning.Callback`` or ``lightning.Callback``) that
+    records every step's loss and logged metrics and the backbone's gradients of the first step."""
+
+    class Capture(base):
+        def __init__(self):
+            self.losses, self.metrics, self.grads = [], [], None
+
+        def on_after_backward(self, trainer, module):
+            if self.grads is None:
+                self.grads = [p.grad.detach().clone() for p in module.backbone.parameters()]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(loss.item())
+            self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+    return Capture

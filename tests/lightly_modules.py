@@ -18,6 +18,8 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import SimCLRTransform
 from torch import nn
 
+from helpers import QUIET_TRAINER
+
 
 def small_backbone() -> nn.Sequential:
     return nn.Sequential(
@@ -111,15 +113,6 @@ def loader(n: int = 64, batch_size: int = 16, **kwargs) -> torch.utils.data.Data
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    options = dict(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    options = dict(max_steps=2, default_root_dir=str(tmp_path), **QUIET_TRAINER)
     options.update(kwargs)
     return pl.Trainer(**options)

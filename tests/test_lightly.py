@@ -16,22 +16,10 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 
 from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
 
+from helpers import capture_callback  # noqa: E402
 from lightly_modules import BYOL, SimCLR, loader, trainer  # noqa: E402
 
-
-class Capture(pl.Callback):
-    """Records, for the first step, the loss, the logged metrics and the backbone's gradients."""
-
-    def __init__(self):
-        self.losses, self.metrics, self.grads = [], [], None
-
-    def on_after_backward(self, trainer, module):
-        if self.grads is None:
-            self.grads = [p.grad.detach().clone() for p in module.backbone.parameters()]
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
-        self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+Capture = capture_callback(pl.Callback)
 
 
 def as_loader(batches):

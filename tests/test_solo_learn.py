@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from helpers import QUIET_TRAINER, capture_callback
 from solo_setup import loader, small_cfg, solo_available
 
 available, reason = solo_available()
@@ -25,32 +26,16 @@ if available:
 
     from robust_reg.integrations.solo_learn import is_robustified, robustify, solo_normalization
 
-    class Capture(L.Callback):
-        def __init__(self):
-            self.losses, self.metrics, self.grads = [], [], None
-
-        def on_after_backward(self, trainer, module):
-            if self.grads is None:
-                self.grads = [p.grad.detach().clone() for p in module.backbone.parameters()]
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.losses.append(loss.item())
-            self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+    Capture = capture_callback(L.Callback)
 
 
 def trainer(tmp_path, steps=2, callbacks=()):
     return L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(tmp_path),
         callbacks=list(callbacks),
+        **QUIET_TRAINER,
     )
 
 

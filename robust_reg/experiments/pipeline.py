@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,21 @@ def load_checkpoint(
     encoder = build_encoder(arch, in_channels)
     encoder.load_state_dict(state)
     return encoder.eval(), meta
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the machine a benchmark ran on (GPU model, or CPU model and thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def _plain(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def plot_accuracy_vs_eps(
 ) -> Path:
     """Downstream PGD accuracy against eps, one line per method (mean +- std over seeds)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(8.4, 4.6))
     for name, runs in curves.items():
         eps, mean, std = _series(runs, "adversarial_accuracy")
         ax.errorbar(eps, 100 * mean, yerr=100 * std, marker="o", ms=3, capsize=2, label=name)
@@ -37,8 +38,8 @@ def plot_accuracy_vs_eps(
     ax.set_ylabel("accuracy under PGD (%)  [estimate]")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -51,7 +52,7 @@ def plot_bound_vs_loss(
 ) -> Path:
     """Estimated bound (dashed) and measured adversarial loss (solid) against eps, per method."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(9.6, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
@@ -63,8 +64,8 @@ def plot_bound_vs_loss(
     ax.set_ylabel("cross-entropy  [estimates]")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=1)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -131,8 +131,8 @@ class PretrainConfig:
     variant: str = "plain"
     arch: str = "cnn"
     epochs: int = 30
-    batch_size: int = 256
-    lr: float = 2e-3
+    batch_size: int = 64
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     robust_weight: float = 1.0
     epsilon: float = 0.1
