@@ -201,6 +201,7 @@ def _blackbox_correct(
     batch_size: int,
     seed: int,
     square_queries: int,
+    bar: bool = False,
 ) -> Tensor:
     ta = _torchattacks()
     pixel_model = _PixelModel(model, threat).eval()
@@ -214,7 +215,8 @@ def _blackbox_correct(
             pixel_model, norm=ta_norm, eps=threat.epsilon, n_queries=square_queries, n_restarts=1, seed=seed
         )
     correct = []
-    for i in range(0, x.shape[0], batch_size):
+    chunks = range(0, x.shape[0], batch_size)
+    for i in progress(chunks, enabled=bar, desc=f"{kind} eps={threat.epsilon:.3g}", total=len(chunks)):
         pixels = threat.to_pixels(x[i : i + batch_size]).clamp(*threat.bounds)
         adv = attack(pixels, y[i : i + batch_size])
         with torch.no_grad():
@@ -347,7 +349,7 @@ def evaluate_robustness(
                 m = min(n, limit or n)
                 for threat in threats:
                     correct = _blackbox_correct(
-                        kind, model, x[:m], y[:m], threat, num_classes, batch_size, seed, square_queries
+                        kind, model, x[:m], y[:m], threat, num_classes, batch_size, seed, square_queries, progress_bar
                     )
                     results.append(AttackAccuracy(kind, threat.epsilon, correct.float().mean().item(), m))
     finally:

@@ -121,3 +121,18 @@ def test_full_mnist_benchmark_meets_the_targets(tmp_path):
     assert mean(reg["clean"]) >= mean(plain["clean"]) - 0.015
     assert mean(adv["pgd@0.1"]) >= 0.70 and mean(adv["clean"]) >= mean(plain["clean"]) - 0.015
     assert all(row["checks_passed"] == row["seeds"] for row in rows.values())
+
+
+def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    out = tmp_path / "overhead.json"
+    args = ["--models", "cnn", "--repeats", "2", "--warmup", "1", "--batch-size-cnn", "8", "--device", "cpu"]
+    results = overhead.main([*args, "--out", str(out)])
+    cnn = json.loads(out.read_text())["models"]["cnn"]
+    assert set(cnn["time"]) == set(overhead.CONFIGS) == set(cnn["memory"])
+    assert cnn["time_ratio"]["plain"] == 1.0 and all(len(v) == 2 for v in cnn["time_samples"].values())
+    # A regularised step does strictly more work than a plain one.
+    assert cnn["time"]["reg steps=3, own clean forward"] > cnn["time"]["plain"]
+    assert results["models"]["cnn"]["memory_ratio"]["plain"] == 1.0

@@ -177,9 +177,10 @@ def test_more_ascent_steps_find_a_larger_deviation(images):
     assert values[1] > values[0]
 
 
-def test_works_under_bfloat16_autocast(encoder, images):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_works_under_autocast(encoder, images, dtype):
     reg = RobustnessRegularizer(0.1, steps=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         h = encoder(images)
         value = reg(encoder, images, features=h)
     assert value.dtype == torch.float32 and torch.isfinite(value)

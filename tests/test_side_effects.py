@@ -92,3 +92,18 @@ def test_bound_estimation_probe_and_curve_leave_the_models_untouched(digits):
     robustness_curve(encoder, head, data, [0.0, 0.1], steps=1)
     assert_unchanged(encoder, before)
     assert_unchanged(head, head_before)
+
+
+def test_inductor_compiled_encoder_gives_the_eager_value_and_keeps_bn_statistics(images):
+    # torch.compile with the default (inductor) backend: the statistics switch must hold in compiled code too.
+    torch.manual_seed(0)
+    model = small_cnn()
+    compiled = torch.compile(model)
+    features = compiled(images)  # the user's own forward, which does update the statistics
+    before = snapshot(model)
+    torch.manual_seed(1)
+    value = RobustnessRegularizer(0.1, steps=2)(compiled, images, features=features)
+    assert_unchanged(model, before)
+    torch.manual_seed(1)
+    eager = RobustnessRegularizer(0.1, steps=2)(model, images)
+    assert torch.allclose(value, eager, rtol=2e-3)

@@ -25,6 +25,18 @@ def _series(curves: Sequence[Sequence[dict]], key: str) -> tuple[np.ndarray, np.
     return eps, values.mean(axis=0), values.std(axis=0)
 
 
+def _finish(plt, fig, ax, path: str | Path, *, title: str, norm: str, legend_size: int) -> Path:
+    """Axis label, wrapped title, legend outside the axes; save and close."""
+    ax.set_xlabel(f"eps ({norm}, pixel units)")
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_eps(
     curves: Mapping[str, Sequence[Sequence[dict]]], path: str | Path, *, title: str, norm: str = "linf"
 ) -> Path:
@@ -34,17 +46,10 @@ def plot_accuracy_vs_eps(
     for name, runs in curves.items():
         eps, mean, std = _series(runs, "adversarial_accuracy")
         ax.errorbar(eps, 100 * mean, yerr=100 * std, marker="o", ms=3, capsize=2, label=name)
-    ax.set_xlabel(f"eps ({norm}, pixel units)")
     ax.set_ylabel("accuracy under PGD (%)  [estimate]")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title=title, norm=norm, legend_size=8)
 
 
 def plot_bound_vs_loss(
@@ -60,14 +65,7 @@ def plot_bound_vs_loss(
         _, bound, _ = _series(runs, "bound")
         ax.plot(eps, loss, "-o", ms=3, color=color, label=f"{name}: adversarial loss (PGD)")
         ax.plot(eps, bound, "--", color=color, label=f"{name}: bound clean + L*R")
-    ax.set_xlabel(f"eps ({norm}, pixel units)")
     ax.set_ylabel("cross-entropy  [estimates]")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title=title, norm=norm, legend_size=7)
