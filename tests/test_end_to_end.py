@@ -136,3 +136,17 @@ def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
     # A regularised step does strictly more work than a plain one.
     assert cnn["time"]["reg steps=3, own clean forward"] > cnn["time"]["plain"]
     assert results["models"]["cnn"]["memory_ratio"]["plain"] == 1.0
+
+
+@pytest.mark.parametrize("dataset, extra", [("fake", []), ("digits", ["--method", "byol", "--adversarial-view"])])
+def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_path, dataset, extra):
+    spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
+    pretrain_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_example)
+    checkpoint = tmp_path / "encoder.pt"
+    pretrain_example.main(["--dataset", dataset, "--epochs", "1", "--steps", "1", "--out", str(checkpoint), *extra])
+    record = torch.load(checkpoint, weights_only=True)
+    assert record["dataset"] == dataset and record["config"]["variant"] in ("reg", "advview")
+    args = ["evaluate", str(checkpoint), "--no-autoattack", "--pgd-steps", "2", "--test-samples", "64"]
+    assert cli([*args, "--no-progress", "--out", str(tmp_path)]) in (0, 3)
+    assert (tmp_path / "encoder_evaluation.json").is_file()
