@@ -23,11 +23,6 @@ ViewGetter = Callable[[Any], Tensor]
 _REGULARIZER_KEYS = ("epsilon", "norm", "steps", "step_size", "random_start", "relative", "bounds")
 
 
-def regularizer_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options that are the regulariser's own keyword arguments."""
-    return {k: options[k] for k in _REGULARIZER_KEYS if k in options}
-
-
 def resolve_attribute(module: nn.Module, path: str, what: str) -> nn.Module:
     """``module.<path>`` (dotted), with a clear error if it is missing or not a module."""
     obj: Any = module
@@ -133,7 +128,8 @@ class RobustTrainingStep:
         self.__signature__ = inspect.signature(self.function.__get__(module))
 
     def __repr__(self) -> str:
-        return f"<robust training_step of {type(self.module).__name__}: {self.regularizer!r}, weight={self.weight}>"
+        owner = type(self.module).__name__
+        return f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, weight={self.weight}>"
 
     def __call__(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         module = self.module
