@@ -95,7 +95,9 @@ class RobustnessRegularizer(nn.Module):
         step_size: Ascent step in pixel units (default ``2.5 * epsilon / steps``).
         random_start: Start the ascent from a uniform draw in the ball.
         relative: Divide by the batch spread of the clean features (recommended).
-            ``False`` returns the raw mean squared deviation.
+            ``False`` returns the raw mean squared deviation. A batch whose clean
+            features are all identical has spread 0; the value is then 0 if the
+            deviation is 0 too (a constant encoder) and very large otherwise.
         mean: Per-channel mean the inputs were normalised with (``None``: none).
         std: Per-channel std the inputs were normalised with (``None``: none).
         bounds: Valid pixel range ``(lo, hi)``.
