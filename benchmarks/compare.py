@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from robust_reg.experiments.data import load_dataset
-from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder, save_checkpoint
+from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder
 from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 from robust_reg.experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
@@ -117,13 +117,7 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
     )
     result = pretrain(data, config, device=device, progress_bar=progress_bar)
     if save_to is not None:
-        save_checkpoint(
-            save_to / f"{name}_seed{seed}_e{epochs}.pt",
-            result.encoder,
-            arch=config.arch,
-            dataset=args.dataset,
-            config=result.summary()["config"],
-        )
+        result.save(save_to / f"{name}_seed{seed}_e{epochs}.pt")
     start = time.perf_counter()
     evaluation = evaluate_encoder(
         result.encoder, data, eval_config, device=device, seed=seed, progress_bar=progress_bar

@@ -23,7 +23,6 @@ import json
 import torch
 
 from robust_reg.experiments.data import DATASETS, load_dataset
-from robust_reg.experiments.pipeline import save_checkpoint
 from robust_reg.experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pretraining {config.method}/{variant} on {args.dataset} ({data.x_train.shape[0]} images) on {device}")
     result = pretrain(data, config, device=device, log=print)
     out = args.out or f"runs/{args.dataset}_{args.method}_{variant}.pt"
-    save_checkpoint(out, result.encoder, arch=config.arch, dataset=args.dataset, config=result.summary()["config"])
+    result.save(out)
     print(json.dumps({"checkpoint": out, "seconds": round(result.seconds, 1), "steps": result.steps}))
 
 

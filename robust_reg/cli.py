@@ -73,7 +73,7 @@ def demo(args: argparse.Namespace) -> int:
     """Pretrain SimCLR twice (plain, + regulariser) on real MNIST digits, probe, attack, report."""
     _need_examples_extra()
     from .experiments.data import load_dataset
-    from .experiments.pipeline import EvalConfig, evaluate_encoder, save_checkpoint
+    from .experiments.pipeline import EvalConfig, evaluate_encoder
     from .experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
     device = _device(args.device)
@@ -114,13 +114,7 @@ def demo(args: argparse.Namespace) -> int:
         evaluation = evaluate_encoder(
             result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress
         )
-        save_checkpoint(
-            out / f"{variant}_encoder.pt",
-            result.encoder,
-            arch=config.arch,
-            dataset=args.dataset,
-            config=result.summary()["config"],
-        )
+        result.save(out / f"{variant}_encoder.pt")
         rows.append(_summary_row(name, evaluation, eval_config.epsilons, result.seconds))
         curves[name] = [[r.to_dict() for r in evaluation.curve]]
         evaluations[name] = evaluation

@@ -50,11 +50,8 @@ def feature_dim(encoder: nn.Module, image_shape: tuple[int, int, int]) -> int:
     """Flattened output size of ``encoder`` on one image of ``image_shape``."""
     import torch
 
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            p = next(encoder.parameters())
-            return encoder(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype)).flatten(1).shape[1]
-    finally:
-        encoder.train(was_training)
+    from .._state import preserved_state
+
+    p = next(encoder.parameters())
+    with preserved_state(encoder, eval_mode=True), torch.no_grad():
+        return encoder(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype)).flatten(1).shape[1]

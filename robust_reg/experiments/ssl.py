@@ -19,11 +19,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .._state import preserved_state
+from .._utils import progress
 from ..attacks import ThreatModel, projected_gradient_ascent
 from ..regularizer import RobustnessRegularizer
 from .augment import BatchAugment, default_augment
@@ -124,7 +126,6 @@ class PretrainConfig:
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
-        time_budget: Stop after this many seconds of training (None: no limit).
     """
 
     method: str = "simclr"
@@ -141,7 +142,6 @@ class PretrainConfig:
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
-    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -159,12 +159,21 @@ class PretrainResult:
     encoder: nn.Module
     model: nn.Module
     config: PretrainConfig
+    dataset: str
     seconds: float
     steps: int
     history: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
+
+    def save(self, path: str | Path) -> Path:
+        """Save the encoder with its architecture, dataset and config (see ``pipeline.load_checkpoint``)."""
+        from .pipeline import save_checkpoint
+
+        return save_checkpoint(
+            path, self.encoder, arch=self.config.arch, dataset=self.dataset, config=self.summary()["config"]
+        )
 
 
 def build_model(method: str, backbone: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
@@ -196,11 +205,8 @@ def pretrain(
     reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
     acl_threat = ThreatModel(config.epsilon, norm=config.norm)
     generator = torch.Generator().manual_seed(config.seed)
-    result = PretrainResult(backbone, model, config, 0.0, 0)
+    result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
-
-    from .._utils import progress
-
     start = time.perf_counter()
     step = 0
     model.train()
@@ -219,14 +225,10 @@ def pretrain(
             sums["loss"] += loss.item()
             sums["reg"] += reg_value
             sums["n"] += 1
-            if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
-                break
         record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "reg": sums["reg"] / max(sums["n"], 1)}
         result.history.append(record)
         if log is not None:
             log(f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}")
-        if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
-            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - start
@@ -241,9 +243,12 @@ def _step(
     """One training step's loss; returns ``(loss, regulariser value or 0)``."""
     backbone = model.backbone
     if config.variant == "acl":
-        x0 = _contrastive_attack(model, x0, x1, threat, config.acl_steps)
-    h0 = backbone(x0)
-    h1 = backbone(x1)
+        h1 = backbone(x1)
+        x0 = _contrastive_attack(model, x0, x1, h1.detach(), threat, config.acl_steps)
+        h0 = backbone(x0)
+    else:
+        h0 = backbone(x0)
+        h1 = backbone(x1)
     if config.variant == "reg":
         # The one added line: the regulariser reuses the features the SSL loss uses.
         reg_term = reg(backbone, x0, features=h0)
@@ -255,10 +260,11 @@ def _step(
     return model.loss_from_features((x0, x1), (h0, h1)), 0.0
 
 
-def _contrastive_attack(model: nn.Module, x0: Tensor, x1: Tensor, threat: ThreatModel, steps: int) -> Tensor:
-    """PGD on the SSL loss w.r.t. view 0 (the ACL/RoCL-style label-free attack)."""
-    with preserved_state(model), torch.no_grad():
-        h1 = model.backbone(x1).detach()
+def _contrastive_attack(
+    model: nn.Module, x0: Tensor, x1: Tensor, h1: Tensor, threat: ThreatModel, steps: int
+) -> Tensor:
+    """PGD on the SSL loss w.r.t. view 0 (the ACL/RoCL-style label-free attack); ``h1`` is view 1's
+    features from the step, detached."""
 
     def objective(v: Tensor) -> Tensor:
         loss = model.loss_from_features((v, x1), (model.backbone(v), h1))
