@@ -11,8 +11,12 @@
 Then evaluate: ``python examples/evaluate.py runs/simclr_reg.pt`` (or ``robust-reg evaluate``).
 
 The training loop is :func:`robust_reg.experiments.ssl.pretrain`: SimCLR/BYOL built
-from lightly's heads and losses, batched augmentations, and the one added line
-``loss = loss + weight * reg(backbone, x0, features=h0)``.
+from lightly's heads and losses and batched augmentations. By default the regulariser
+works on the embedding the SSL loss compares (``--target embedding``, the package
+default: ``out = reg(model, x0, features=z0, return_adversarial=True)`` and
+``out.adversarial_features`` replace view 0's embedding in the loss); ``--target
+backbone`` regularises the backbone features instead (the paper's form, optionally with
+``--adversarial-view``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="datasets")
     p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
     p.add_argument("--robust-weight", type=float, default=1.0, help="weight of the regulariser; 0: plain baseline")
-    p.add_argument("--adversarial-view", action="store_true", help="feed the deviation-maximising view to the SSL loss")
+    p.add_argument(
+        "--target",
+        default="embedding",
+        choices=["embedding", "backbone"],
+        help="what the regulariser measures: the embedding the SSL loss compares (default) or the backbone",
+    )
+    p.add_argument(
+        "--adversarial-view",
+        action="store_true",
+        help="--target backbone: feed the deviation-maximising view to the SSL loss (always on for embedding)",
+    )
     p.add_argument("--epsilon", type=float, default=None, help="L-inf/L2 radius in pixel units")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
@@ -49,9 +63,14 @@ def main(argv: list[str] | None = None) -> None:
 
     d = DATASET_DEFAULTS[args.dataset]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.robust_weight < 0:
+        p.error(f"--robust-weight must be >= 0, got {args.robust_weight}")
     if args.robust_weight == 0 and args.adversarial_view:
         p.error("--adversarial-view needs --robust-weight > 0")
-    variant = "plain" if args.robust_weight == 0 else ("advview" if args.adversarial_view else "reg")
+    if args.target == "embedding":
+        variant = "plain" if args.robust_weight == 0 else "robust"
+    else:
+        variant = "plain" if args.robust_weight == 0 else ("advview" if args.adversarial_view else "reg")
     config = PretrainConfig(
         method=args.method,
         variant=variant,

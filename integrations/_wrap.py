@@ -7,6 +7,7 @@ and a checkpoint loads into the unmodified class.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -20,7 +21,10 @@ from robust_reg import RobustnessRegularizer
 
 ViewGetter = Callable[[Any], Tensor]
 
-_REGULARIZER_KEYS = ("epsilon", "norm", "steps", "step_size", "random_start", "relative", "bounds")
+# The regulariser's own keywords, read from its signature (mean/std come from the adapters' normalisation).
+REGULARIZER_KEYS = tuple(
+    name for name in inspect.signature(RobustnessRegularizer.__init__).parameters if name not in ("self", "mean", "std")
+)
 
 
 def resolve_attribute(module: nn.Module, path: str, what: str) -> nn.Module:
@@ -68,33 +72,21 @@ def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def replace_tensor(batch: Any, old: Tensor, new: Tensor) -> tuple[Any, bool]:
-    """A copy of ``batch`` with the tensor ``old`` (by identity) replaced by ``new``."""
-    if batch is old:
-        return new, True
-    if isinstance(batch, (list, tuple)):
-        items, found = [], False
-        for item in batch:
-            if not found:
-                item, found = replace_tensor(item, old, new)
-            items.append(item)
-        if not found:
-            return batch, False
-        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*items), True
-        return type(batch)(items), True
-    if isinstance(batch, dict):
-        out, found = {}, False
-        for key, item in batch.items():
-            if not found:
-                item, found = replace_tensor(item, old, new)
-            out[key] = item
-        return (type(batch)(out) if found else batch), found
-    return batch, False
+_FORWARD = "forward"
 
 
 class RobustTrainingStep:
     """Replaces a module's ``training_step``: runs the original, adds the regulariser.
+
+    For the duration of the step, the forward of the *target* (the module itself
+    for ``encoder="forward"``, else the submodule at the dotted path) is
+    overridden on the instance. Its first call on the perturbed view returns the
+    clean output as usual (capture: the step's own features are reused) and runs
+    the regulariser from it; with the adversarial view it returns the
+    regulariser's adversarial output in place of the clean one (substitute: no
+    extra forward). Everything else the step computes is untouched: other views,
+    momentum branches, BatchNorm running statistics (updated by the clean
+    forwards only).
 
     Stored as an instance attribute named ``training_step``; picklable (it holds
     the original *function*, looked up on the class, not a bound method).
@@ -105,6 +97,7 @@ class RobustTrainingStep:
         module: nn.Module,
         *,
         encoder: str,
+        key: str | int | None,
         view: ViewGetter,
         view_description: str,
         regularizer: RobustnessRegularizer,
@@ -116,6 +109,7 @@ class RobustTrainingStep:
         self.module = module
         self.function = type(module).training_step
         self.encoder = encoder
+        self.key = key
         self.view = view
         self.view_description = view_description
         self.regularizer = regularizer
@@ -129,7 +123,11 @@ class RobustTrainingStep:
 
     def __repr__(self) -> str:
         owner = type(self.module).__name__
-        return f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, weight={self.weight}>"
+        where = f"encoder={self.encoder!r}" + (f", key={self.key!r}" if self.key is not None else "")
+        return (
+            f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, {where}, "
+            f"weight={self.weight}, adversarial_view={self.adversarial_view}>"
+        )
 
     def __call__(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -138,52 +136,49 @@ class RobustTrainingStep:
                 f"{type(module).__name__} uses manual optimization, so the loss its training_step returns is not "
                 "what gets optimised; call the RobustnessRegularizer inside your training_step instead"
             )
-        encoder = getattr(module, self.encoder)
+        target = resolve_target(module, self.encoder)
         x = self._get_view(batch)
-        if self.adversarial_view:
-            return self._adversarial_step(module, encoder, batch, x, args, kwargs)
-        calls: list[tuple[Tensor, Tensor]] = []
-        handle = encoder.register_forward_hook(_recorder(calls, x))
-        try:
+        capture = _Capture(self, target, x)
+        with capture.installed():
             output = self.function(module, batch, *args, **kwargs)
-        finally:
-            handle.remove()
         if output is None:  # the user skipped this batch
             return None
-        features = _match(calls, x)
-        if features is None and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"robust_reg: the training_step never passed the view ({self.view_description}) through "
-                f"{self.encoder!r} unchanged, so its features cannot be reused and the regulariser runs its own "
-                "clean forward (one extra forward per step)",
-                stacklevel=2,
-            )
-        value = self.regularizer(encoder, x, features=features)
+        value = capture.value
+        if value is None:
+            value = self._own_forward(target, x)
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
 
-    def _adversarial_step(
-        self, module: nn.Module, encoder: nn.Module, batch: Any, x: Tensor, args: tuple, kwargs: dict
-    ) -> Any:
-        out = self.regularizer(encoder, x, return_adversarial=True)
-        new_batch, found = replace_tensor(batch, x, out.adversarial_inputs)
-        if not found:
-            raise ValueError(
-                f"adversarial_view=True needs the view ({self.view_description}) to be an element of the batch, "
-                "so it can be swapped for the perturbed view; the view getter returned a derived tensor"
+    def _own_forward(self, target: nn.Module, x: Tensor) -> Tensor:
+        if not self._warned:
+            self._warned = True
+            lost = " and the adversarial view cannot be fed to the loss" if self.adversarial_view else ""
+            warnings.warn(
+                f"robust_reg: the training_step never passed the view ({self.view_description}) through "
+                f"{_describe(self.encoder)} unchanged, so its features cannot be reused{lost}; the regulariser "
+                "runs its own clean forward (one extra forward per step)",
+                stacklevel=3,
             )
-        # The SSL loss's forward of the perturbed view returns the features the
-        # regulariser already computed (same graph, no second backward).
-        handle = encoder.register_forward_hook(_substitute(out.adversarial_inputs, out.adversarial_features))
+        return self.regularizer(_Target(target, self.key), x)
+
+    def pick(self, output: Any) -> Tensor:
+        """The embedding inside ``output`` (the output itself, or its ``key`` entry)."""
+        if self.key is None:
+            if isinstance(output, Tensor):
+                return output
+            raise TypeError(
+                f"robust_reg: {_describe(self.encoder)} returned a {type(output).__name__}, not a tensor; pass "
+                "key=<the entry holding the embedding the SSL loss compares> to robustify()"
+            )
         try:
-            output = self.function(module, new_batch, *args, **kwargs)
-        finally:
-            handle.remove()
-        if output is None:
-            return None
-        self._log(module, x.shape[0])
-        return _add_to_loss(output, self.weight * out.loss)
+            picked = output[self.key]
+        except (KeyError, IndexError, TypeError) as err:
+            raise KeyError(
+                f"robust_reg: {_describe(self.encoder)} output has no entry {self.key!r} (key= of robustify)"
+            ) from err
+        if not isinstance(picked, Tensor):
+            raise TypeError(f"robust_reg: entry {self.key!r} of the output is a {type(picked).__name__}, not a tensor")
+        return picked
 
     def _get_view(self, batch: Any) -> Tensor:
         try:
@@ -211,6 +206,88 @@ class RobustTrainingStep:
         module.log("robust_reg/spread", stats.spread, batch_size=n)
 
 
+class _Target(nn.Module):
+    """``x -> embedding``: the target called as usual (its hooks run), and the entry the loss compares.
+
+    An ``nn.Module`` holding the target, so the regulariser's no-side-effect guard
+    covers the target's BatchNorm layers and flags.
+    """
+
+    def __init__(self, target: nn.Module, key: str | int | None, *rest: Any) -> None:
+        super().__init__()
+        self.target = target
+        self._key, self._rest = key, rest
+
+    def forward(self, x: Tensor) -> Tensor:
+        output = self.target(x, *self._rest)
+        return output if self._key is None else output[self._key]
+
+
+class _Capture:
+    """The temporary ``forward`` of the target during one training step (see :class:`RobustTrainingStep`)."""
+
+    def __init__(self, step: RobustTrainingStep, target: nn.Module, x: Tensor) -> None:
+        self.step, self.target, self.x = step, target, x
+        self.original = target.forward
+        self.value: Tensor | None = None
+        self.busy = False  # the regulariser's own calls go straight to the original forward
+
+    @contextlib.contextmanager
+    def installed(self):
+        had_own = _FORWARD in self.target.__dict__
+        previous = self.target.__dict__.get(_FORWARD)
+        object.__setattr__(self.target, _FORWARD, self)
+        try:
+            yield self
+        finally:
+            if had_own:
+                object.__setattr__(self.target, _FORWARD, previous)
+            else:
+                del self.target.__dict__[_FORWARD]
+
+    def __call__(self, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
+        if self.busy or self.value is not None or kwargs or not isinstance(inputs, Tensor):
+            return self.original(inputs, *rest, **kwargs)
+        if not _same(inputs, self.x):
+            return self.original(inputs, *rest)
+        step = self.step
+        output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
+        encoder = _Target(self.target, step.key, *rest)
+        self.busy = True
+        try:
+            if not step.adversarial_view:
+                self.value = step.regularizer(encoder, inputs, features=step.pick(output))
+                return output
+            result = step.regularizer(encoder, inputs, features=step.pick(output), return_adversarial=True)
+        finally:
+            self.busy = False
+        self.value = result.loss
+        # The clean output with the embedding swapped for the adversarial one (same graph: the SSL loss
+        # backpropagates through it once); other entries (solo-learn's feats and logits) stay clean.
+        return _replace(output, step.key, result.adversarial_features)
+
+
+def _replace(output: Any, key: str | int | None, value: Tensor) -> Any:
+    if key is None:
+        return value
+    if isinstance(output, Mapping):
+        updated = dict(output)
+        updated[key] = value
+        return updated if isinstance(output, dict) else type(output)(updated)
+    items = list(output)
+    items[key] = value
+    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+
+
+def resolve_target(module: nn.Module, path: str) -> nn.Module:
+    """The module whose forward is captured: ``module`` itself for ``"forward"``, else the submodule at ``path``."""
+    return module if path == _FORWARD else resolve_attribute(module, path, "encoder")
+
+
+def _describe(encoder: str) -> str:
+    return "the module's forward" if encoder == _FORWARD else repr(encoder)
+
+
 def _has_trainer(module: nn.Module) -> bool:
     try:
         return getattr(module, "trainer", None) is not None
@@ -218,36 +295,9 @@ def _has_trainer(module: nn.Module) -> bool:
         return False
 
 
-def _recorder(calls: list, x: Tensor):
-    def hook(_module: nn.Module, inputs: tuple, output: Any) -> None:
-        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor) and inputs[0].shape == x.shape:
-            calls.append((inputs[0], output))
-
-    return hook
-
-
-def _match(calls: Sequence[tuple[Tensor, Tensor]], x: Tensor) -> Tensor | None:
-    """The encoder output of the call whose input was the view (same tensor, or equal values)."""
-    for inp, out in calls:
-        if inp is x:
-            return out
-    for inp, out in calls:  # e.g. solo-learn converts the view to channels_last first
-        if _same_values(inp, x):
-            return out
-    return None
-
-
-def _substitute(x_adv: Tensor, features: Tensor):
-    def hook(_module: nn.Module, inputs: tuple, output: Any) -> Any:
-        if inputs and isinstance(inputs[0], Tensor) and (inputs[0] is x_adv or _same_values(inputs[0], x_adv)):
-            return features
-        return None
-
-    return hook
-
-
-def _same_values(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The view itself, or a copy with equal values (solo-learn converts views to channels_last)."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
 
 
 def _add_to_loss(output: Any, term: Tensor) -> Any:
@@ -268,16 +318,22 @@ def robustify_module(
     *,
     framework: str,
     encoder: str,
+    key: str | int | None,
     view: ViewGetter,
     view_description: str,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     weight: float,
-    adversarial_view: bool,
+    adversarial_view: bool | None,
     log: bool,
     regularizer_options: Mapping[str, Any],
 ) -> nn.Module:
-    """Validate, build the regulariser, and install the wrapped ``training_step``."""
+    """Validate, build the regulariser, and install the wrapped ``training_step``.
+
+    ``encoder="forward"`` (the embedding the SSL loss compares) defaults to the
+    recommended configuration: features L2-normalised, adversarial view on. A
+    submodule path (the backbone form) defaults to raw features, no adversarial view.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
     if isinstance(module.__dict__.get("training_step"), RobustTrainingStep):
@@ -287,18 +343,27 @@ def robustify_module(
         )
     if not callable(getattr(type(module), "training_step", None)):
         raise TypeError(f"{type(module).__name__} has no training_step to add the regulariser to")
-    resolve_attribute(module, encoder, "encoder")
+    if not isinstance(encoder, str) or not encoder:
+        raise TypeError(f"encoder must be 'forward' or the dotted path of a submodule, got {encoder!r}")
+    resolve_target(module, encoder)
+    if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
+        raise TypeError(f"key must be None, a str or an int, got {type(key).__name__}")
     if not callable(view):
         raise TypeError(f"view must be a callable(batch) -> Tensor, got {type(view).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    unknown = set(regularizer_options) - set(_REGULARIZER_KEYS)
+    unknown = set(regularizer_options) - set(REGULARIZER_KEYS)
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
-    regularizer = RobustnessRegularizer(**{"epsilon": 8 / 255, **regularizer_options}, mean=mean, std=std)
+    embedding = encoder == _FORWARD
+    options = {"epsilon": 8 / 255, "normalize_features": embedding, **regularizer_options}
+    regularizer = RobustnessRegularizer(**options, mean=mean, std=std)
+    if adversarial_view is None:
+        adversarial_view = embedding
     step = RobustTrainingStep(
         module,
         encoder=encoder,
+        key=key,
         view=view,
         view_description=view_description,
         regularizer=regularizer,

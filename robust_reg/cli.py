@@ -1,20 +1,77 @@
-"""The ``robust-reg`` command: ``demo`` (pretrain, probe, attack, offline) and ``evaluate`` (a saved encoder)."""
+"""The ``robust-reg`` command: ``demo`` (pretrain, probe, attack, offline) and ``evaluate`` (a saved encoder).
+
+Every bad argument or file is reported as one line on stderr naming the
+argument, with exit status 2, before any training or loading work and before
+anything is written; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+# ``robust-reg evaluate`` without --full: what finishes in a few minutes on 2 CPU cores for the demo's encoder.
+EVALUATE_AA_SAMPLES = 200
+EVALUATE_CURVE_SAMPLES = 500
+
+
+class UsageError(Exception):
+    """A bad argument or input file: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: the message names the argument
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, test: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed  # argparse names the type in some messages
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_count = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+_any_int = _number(int, lambda v: True, "an integer")
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder")
+    return out
 
 
 def _need_examples_extra() -> None:
@@ -25,7 +82,11 @@ def _need_examples_extra() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise SystemExit(f"robust-reg: this command needs {', '.join(missing)}: pip install 'robust-reg[examples]'")
+        raise UsageError(f"this command needs {', '.join(missing)}: pip install 'robust-reg[examples]'")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _summary_row(name: str, evaluation, epsilons, seconds: float | None) -> dict:
@@ -60,6 +121,18 @@ def _cell(key: str, value) -> str:
     return f"{100 * value:.1f} %"
 
 
+def _samples_note(evaluation, what: str) -> str:
+    """Which test samples each figure uses (the table, the curve and the bound use different ones)."""
+    rob = evaluation.robustness
+    sizes = {r.attack: r.num_samples for r in rob.results}
+    parts = [f"clean and PGD on all {rob.num_samples} test {what}"]
+    for attack in ("AutoAttack", "Square"):
+        if attack in sizes:
+            parts.append(f"{attack} on the first {sizes[attack]}")
+    parts.append(f"R/sigma, the bound and the plots on the first {evaluation.curve.reports[0].num_samples}")
+    return "; ".join(parts)
+
+
 def _plots(curves: dict, out: Path, title: str) -> list[Path]:
     from .experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 
@@ -72,29 +145,31 @@ def _plots(curves: dict, out: Path, title: str) -> list[Path]:
 def demo(args: argparse.Namespace) -> int:
     """Pretrain SimCLR twice (plain, + regulariser) on real MNIST digits, probe, attack, report."""
     _need_examples_extra()
+    device = _device(args.device)
+    out = _output_folder(args.out)
     from .experiments.data import load_dataset
     from .experiments.pipeline import EvalConfig, evaluate_encoder
     from .experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
 
-    device = _device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.dataset)
-    eval_config = EvalConfig.for_dataset(args.dataset, autoattack_samples=200, square_samples=200, curve_samples=500)
+    eval_config = EvalConfig.for_dataset(
+        args.dataset, autoattack_samples=EVALUATE_AA_SAMPLES, square_samples=EVALUATE_AA_SAMPLES, curve_samples=500
+    )
     epochs = args.epochs
     if args.quick:
         data = data.subset(train=512, test=200)
         epochs = min(epochs, 1)
         eval_config.pgd_steps, eval_config.check_steps, eval_config.autoattack = 5, 10, False
         eval_config.curve_epsilons, eval_config.curve_samples = (0.0, 0.1), 100
-    print(
+    _say(
         f"robust-reg demo: SimCLR on {data.x_train.shape[0]} real {args.dataset} digits, {epochs} epochs, plain vs. "
-        f"+ RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}) x {args.weight}; then a linear probe "
-        f"on frozen features, attacked on {data.x_test.shape[0]} test digits ({device}).",
-        flush=True,
+        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}) on the "
+        f"embedding the loss compares, weight {args.weight}, adversarial view); then a linear probe on frozen "
+        f"features, attacked on {data.x_test.shape[0]} test digits ({device})."
     )
     rows, curves, evaluations, started = [], {}, {}, time.perf_counter()
-    for name, variant in (("SimCLR", "plain"), ("SimCLR + robust-reg", "reg")):
+    out.mkdir(parents=True, exist_ok=True)
+    for name, variant in (("SimCLR", "plain"), ("SimCLR + robust-reg", "robust")):
         defaults = DATASET_DEFAULTS[args.dataset]
         config = PretrainConfig(
             method="simclr",
@@ -110,45 +185,62 @@ def demo(args: argparse.Namespace) -> int:
             amp=device.type == "cuda",
         )
         result = pretrain(data, config, device=device, progress_bar=not args.no_progress)
-        print(f"[{name}] pretrained in {result.seconds:.0f} s; evaluating ...", flush=True)
+        _say(f"[{name}] pretrained in {result.seconds:.0f} s; evaluating ...")
         evaluation = evaluate_encoder(
-            result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress
+            result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress, log=_say
         )
         result.save(out / f"{variant}_encoder.pt")
         rows.append(_summary_row(name, evaluation, eval_config.epsilons, result.seconds))
         curves[name] = [[r.to_dict() for r in evaluation.curve]]
         evaluations[name] = evaluation
-    print("\nDownstream linear probe, attacked (accuracies under attack are estimates):\n")
-    print(_table(rows))
     robust = evaluations["SimCLR + robust-reg"]
-    print(f"\nBound for the robust encoder's probe at eps {robust.main_epsilon:g}:\n")
-    print(robust.bound)
-    print(f"\nPlain SimCLR, same probe protocol, for comparison:\n\n{evaluations['SimCLR'].bound}\n")
-    print(robust.robustness)
-    plots = _plots(curves, out, f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg")
+    samples = _samples_note(robust, "digits")
+    _say("\nDownstream linear probe, attacked (accuracies under attack are estimates):\n")
+    _say(_table(rows))
+    _say(f"Samples: {samples}.")
+    _say(f"\nBound for the robust encoder's probe at eps {robust.main_epsilon:g}:\n")
+    _say(str(robust.bound))
+    _say(f"\nPlain SimCLR, same probe protocol, for comparison:\n\n{evaluations['SimCLR'].bound}\n")
+    _say(str(robust.robustness))
+    plot_samples = robust.curve.reports[0].num_samples
+    title = f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg (first {plot_samples} test digits)"
+    plots = _plots(curves, out, title)
     summary = {
         "command": "robust-reg " + " ".join(args.argv),
         "rows": rows,
+        "samples": samples,
         "evaluations": {k: v.to_dict() for k, v in evaluations.items()},
         "seconds": time.perf_counter() - started,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"\nWrote {out / 'demo.json'}, {', '.join(str(p) for p in plots)} and the two encoders' checkpoints.")
-    print(f"Evaluate a checkpoint again with: robust-reg evaluate {out / 'reg_encoder.pt'}")
+    _say(f"\nWrote {out / 'demo.json'}, {', '.join(str(p) for p in plots)} and the two encoders' checkpoints.")
+    _say(
+        f"Evaluate a checkpoint again with: robust-reg evaluate {out / 'robust_encoder.pt'}\n"
+        f"(default budget: AutoAttack and Square on the first {EVALUATE_AA_SAMPLES} test digits, a few minutes on "
+        "2 CPU cores; --full attacks every test digit with every attack, several times longer)"
+    )
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """Robust downstream evaluation of a saved encoder: probe, PGD, AutoAttack, checks, bound, curve."""
     _need_examples_extra()
-    from .experiments.data import load_dataset
-    from .experiments.pipeline import EvalConfig, evaluate_encoder, load_checkpoint
-
     device = _device(args.device)
-    encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
+    out = _output_folder(args.out)
+    if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
+        raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
+    from .experiments.data import dataset_available, load_dataset
+    from .experiments.pipeline import CheckpointError, EvalConfig, evaluate_encoder, load_checkpoint
+
+    try:
+        encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
-        raise SystemExit("robust-reg evaluate: the checkpoint does not name its dataset; pass --dataset")
+        raise UsageError("--dataset is needed: the checkpoint does not name its dataset")
+    if not args.download and not dataset_available(dataset, args.data_root):
+        raise UsageError(f"--dataset {dataset} is not under --data-root {args.data_root}; pass --download to fetch it")
     data = load_dataset(dataset, root=args.data_root, download=args.download)
     overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
     if args.epsilons:
@@ -156,58 +248,86 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.no_autoattack:
         overrides["autoattack"] = False
     config = EvalConfig.for_dataset(dataset, **overrides)
-    config.autoattack_samples = config.square_samples = args.aa_samples
+    n_test = data.x_test.shape[0] if args.test_samples is None else min(args.test_samples, data.x_test.shape[0])
+    expensive = n_test if args.full else min(args.aa_samples or EVALUATE_AA_SAMPLES, n_test)
+    config.autoattack_samples = config.square_samples = expensive
+    config.curve_samples = n_test if args.full else min(EVALUATE_CURVE_SAMPLES, n_test)
     config.test_samples = args.test_samples
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress)
-    print(evaluation.robustness)
-    print()
-    print(evaluation.bound)
-    print()
-    print(evaluation.curve)
+    _say(
+        f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): PGD-{config.pgd_steps} on {n_test} test "
+        f"samples, AutoAttack and Square on the first {expensive}, curve and bound on the first "
+        f"{config.curve_samples}{' (--full)' if args.full else ''}"
+    )
+    evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)
+    _say(str(evaluation.robustness))
+    _say("")
+    _say(str(evaluation.bound))
+    _say("")
+    _say(str(evaluation.curve))
     name = Path(args.checkpoint).stem
     record = {"checkpoint": str(args.checkpoint), "meta": meta, "dataset": dataset, **evaluation.to_dict()}
+    record["samples"] = _samples_note(evaluation, "samples")
     (out / f"{name}_evaluation.json").write_text(json.dumps(record, indent=1, default=str))
     curves = {name: [[r.to_dict() for r in evaluation.curve]]}
-    plots = _plots(curves, out, f"{name} on {dataset}")
-    print(f"\nWrote {out / f'{name}_evaluation.json'}, {', '.join(str(p) for p in plots)}")
+    plots = _plots(curves, out, f"{name} on {dataset} (first {config.curve_samples} test samples)")
+    _say(f"Samples: {record['samples']}.")
+    _say(f"\nWrote {out / f'{name}_evaluation.json'}, {', '.join(str(p) for p in plots)}")
     return 0 if evaluation.robustness.passed else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robust-reg", description=__doc__)
+    parser = _Parser(prog="robust-reg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline CPU demo: pretrain plain vs. robust SimCLR, probe, attack, report")
     d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
-    d.add_argument("--epochs", type=int, default=30)
-    d.add_argument("--weight", type=float, default=1.0, help="weight of the regulariser")
-    d.add_argument("--epsilon", type=float, default=0.1, help="training eps (L-inf, pixel units)")
-    d.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
+    d.add_argument("--epochs", type=_positive_int, default=30)
+    d.add_argument("--weight", type=_positive_float, default=1.0, help="weight of the regulariser (> 0)")
+    d.add_argument("--epsilon", type=_positive_float, default=0.1, help="training eps (L-inf, pixel units, > 0)")
+    d.add_argument("--steps", type=_count, default=3, help="ascent steps of the regulariser (>= 0)")
+    d.add_argument("--seed", type=_any_int, default=0)
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     d.add_argument("--out", default="robust-reg-demo")
     d.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (milestone lines still print)")
+    d.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments")
     d.set_defaults(func=demo)
 
-    e = sub.add_parser("evaluate", help="robust downstream evaluation of a saved encoder")
+    e = sub.add_parser(
+        "evaluate",
+        help="robust downstream evaluation of a saved encoder",
+        description=(
+            "Fit a linear probe on frozen clean features and attack it. Default budget: PGD-20 and the PGD-100 "
+            f"check on every test sample, AutoAttack and Square on the first {EVALUATE_AA_SAMPLES}, the bound curve "
+            f"on the first {EVALUATE_CURVE_SAMPLES}: a few minutes on 2 CPU cores for the demo's encoder. --full "
+            "attacks every test sample with every attack (the paper-style protocol), several times longer."
+        ),
+    )
     e.add_argument("checkpoint", help="a checkpoint from robust-reg demo / examples/pretrain.py, or a state_dict")
     e.add_argument("--arch", choices=["cnn", "resnet18"], help="needed for a bare state_dict")
-    e.add_argument("--in-channels", type=int, help="needed for a bare state_dict")
+    e.add_argument("--in-channels", type=_positive_int, help="needed for a bare state_dict")
     e.add_argument("--dataset", choices=["mnist5k", "digits", "fake", "cifar10"], help="default: the checkpoint's")
     e.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     e.add_argument("--data-root", default="datasets")
-    e.add_argument("--epsilons", type=float, nargs="+", help="default: 0.05 0.1 (digits), 4/255 8/255 (CIFAR-10)")
+    e.add_argument(
+        "--epsilons", type=_positive_float, nargs="+", help="default: 0.05 0.1 (digits), 4/255 8/255 (CIFAR-10)"
+    )
     e.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    e.add_argument("--pgd-steps", type=int, default=20)
-    e.add_argument("--aa-samples", type=int, default=500, help="test samples attacked by AutoAttack and Square")
+    e.add_argument("--pgd-steps", type=_positive_int, default=20)
+    e.add_argument(
+        "--aa-samples",
+        type=_positive_int,
+        default=None,
+        help=f"test samples attacked by AutoAttack and Square (default {EVALUATE_AA_SAMPLES}; --full: all)",
+    )
+    e.add_argument("--full", action="store_true", help="every attack on every test sample (paper-style, slow)")
     e.add_argument("--no-autoattack", action="store_true")
-    e.add_argument("--test-samples", type=int, default=None)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--test-samples", type=_positive_int, default=None, help="use only the first N test samples")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--out", default="robust-reg-eval")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")
+    e.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
     e.set_defaults(func=evaluate)
     return parser
 
@@ -216,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.func(args)
+    if getattr(args, "full", False) and args.aa_samples is not None:
+        build_parser().exit(2, "robust-reg evaluate: error: pass --full or --aa-samples, not both (see --help)\n")
+    try:
+        return args.func(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"robust-reg {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ does not prove none exist, so they are upper estimates of true robust accuracy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -252,6 +253,7 @@ def evaluate_robustness(
     batch_size: int = 500,
     seed: int = 0,
     progress_bar: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> RobustnessEvaluation:
     """Clean, PGD, AutoAttack and Square accuracy of a classifier, with sanity checks.
 
@@ -280,6 +282,8 @@ def evaluate_robustness(
         batch_size: Samples per attack batch.
         seed: Seed of the attacks' randomness.
         progress_bar: Show progress bars.
+        log: Called with one line per finished attack (accuracy, samples,
+            seconds), e.g. ``print``; independent of ``progress_bar``.
 
     Returns:
         A :class:`RobustnessEvaluation`; ``print`` it for a table that flags failed checks.
@@ -319,6 +323,19 @@ def evaluate_robustness(
     torch.manual_seed(seed)
     results: list[AttackAccuracy] = []
     skipped: list[str] = []
+    clock = [time.perf_counter()]
+
+    def record(attack: str, epsilon: float, correct: Tensor) -> None:
+        result = AttackAccuracy(attack, epsilon, correct.float().mean().item(), correct.numel())
+        results.append(result)
+        if log is not None:
+            now = time.perf_counter()
+            log(
+                f"  {attack} @{epsilon:.4g}: {100 * result.accuracy:.1f} % on {result.num_samples} samples "
+                f"({now - clock[0]:.0f} s)"
+            )
+            clock[0] = now
+
     try:
         with preserved_state(model, eval_mode=True):
             clean = _accuracy(model, x, y, batch_size).float().mean().item()
@@ -328,19 +345,19 @@ def evaluate_robustness(
                 desc = f"{pgd_name} eps={threat.epsilon:.3g}"
                 acc = _pgd_correct(model, x, y, threat, pgd_steps, batch_size, progress_bar, desc)
                 pgd_correct[threat.epsilon] = acc
-                results.append(AttackAccuracy(pgd_name, threat.epsilon, acc.float().mean().item(), n))
+                record(pgd_name, threat.epsilon, acc)
             strongest = max(threats, key=lambda t: t.epsilon)
             acc = _pgd_correct(
                 model, x, y, strongest, check_steps, batch_size, progress_bar, f"PGD-{check_steps} check"
             )
-            results.append(AttackAccuracy(f"PGD-{check_steps}", strongest.epsilon, acc.float().mean().item(), n))
+            record(f"PGD-{check_steps}", strongest.epsilon, acc)
             if large_epsilon is None:
                 d = x[0].numel()
                 span = threats[0].bounds[1] - threats[0].bounds[0]
                 large_epsilon = span if norm == "linf" else span * math.sqrt(d)
             big = ThreatModel(large_epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
             acc = _pgd_correct(model, x, y, big, pgd_steps, batch_size, progress_bar, "large-eps check")
-            results.append(AttackAccuracy(pgd_name, big.epsilon, acc.float().mean().item(), n))
+            record(pgd_name, big.epsilon, acc)
             blackbox = (("AutoAttack", autoattack, autoattack_samples), ("Square", square, square_samples))
             for kind, enabled, limit in blackbox:
                 if not enabled:
@@ -351,7 +368,7 @@ def evaluate_robustness(
                     correct = _blackbox_correct(
                         kind, model, x[:m], y[:m], threat, num_classes, batch_size, seed, square_queries, progress_bar
                     )
-                    results.append(AttackAccuracy(kind, threat.epsilon, correct.float().mean().item(), m))
+                    record(kind, threat.epsilon, correct)
     finally:
         torch.random.set_rng_state(generator_state)
     checks = _sanity_checks(

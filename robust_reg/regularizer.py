@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._state import preserved_state
@@ -101,6 +102,12 @@ class RobustnessRegularizer(nn.Module):
         mean: Per-channel mean the inputs were normalised with (``None``: none).
         std: Per-channel std the inputs were normalised with (``None``: none).
         bounds: Valid pixel range ``(lo, hi)``.
+        normalize_features: L2-normalise each sample's flattened features before
+            measuring deviation and spread, the way a cosine-based SSL loss
+            (NT-Xent, BYOL, MoCo, DINO) compares its embeddings. Use it when the
+            encoder is the embedding the SSL loss sees; leave it off for the
+            backbone, whose raw features are the quantity of the bound.
+            ``adversarial_features`` are returned as the encoder returned them.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -144,6 +151,7 @@ class RobustnessRegularizer(nn.Module):
         mean: float | Sequence[float] | Tensor | None = None,
         std: float | Sequence[float] | Tensor | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
@@ -151,6 +159,7 @@ class RobustnessRegularizer(nn.Module):
         self.step_size = _check_step_size(step_size)
         self.random_start = bool(random_start)
         self.relative = bool(relative)
+        self.normalize_features = bool(normalize_features)
         self.last_stats: RegularizerStats | None = None
 
     @property
@@ -174,6 +183,8 @@ class RobustnessRegularizer(nn.Module):
             parts.append(f"mean={t.mean}, std={t.std}")
         if t.bounds != (0.0, 1.0):
             parts.append(f"bounds={t.bounds}")
+        if self.normalize_features:
+            parts.append("normalize_features=True")
         return ", ".join(parts)
 
     def forward(
@@ -206,7 +217,7 @@ class RobustnessRegularizer(nn.Module):
                 features = encoder(x)
                 if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
                     raise ValueError("encoder(x) returned non-finite features")
-            h = _flatten(features, "features").float()
+            h = self._measure(_flatten(features, "features"))
             spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
             target = h.detach()
             # Scaling the inner objective by the spread keeps its gradients O(1)
@@ -215,14 +226,14 @@ class RobustnessRegularizer(nn.Module):
             scale = torch.where(spread_d > 0, 1.0 / spread_d.clamp_min(torch.finfo(spread_d.dtype).tiny), 1.0)
 
             def objective(inputs: Tensor) -> Tensor:
-                z = _flatten(encoder(inputs), "encoder output").float()
+                z = self._measure(_flatten(encoder(inputs), "encoder output"))
                 return (z - target).pow(2).sum(dim=1) * scale
 
             x_adv = projected_gradient_ascent(
                 objective, x, self.threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start
             )
             adv_features = encoder(x_adv)
-            z = _flatten(adv_features, "encoder output").float()
+            z = self._measure(_flatten(adv_features, "encoder output"))
             if z.shape != h.shape:
                 raise ValueError(
                     f"encoder output on perturbed inputs has shape {tuple(z.shape)}, expected {tuple(h.shape)}"
@@ -239,6 +250,11 @@ class RobustnessRegularizer(nn.Module):
         if return_adversarial:
             return RegularizerOutput(value, x_adv, adv_features)
         return value
+
+    def _measure(self, flat: Tensor) -> Tensor:
+        """Features as the deviation is measured: float32, unit length per sample if asked."""
+        flat = flat.float()
+        return F.normalize(flat, dim=1) if self.normalize_features else flat
 
     def _check_call(self, encoder: object, x: object, features: object) -> None:
         if not callable(encoder):

@@ -41,9 +41,9 @@ def twins(cls):
 
 
 @pytest.mark.parametrize("cls", [SimCLR, BYOL])
-def test_regulariser_term_is_added_to_the_loss_and_logged(cls, tmp_path):
+def test_backbone_form_adds_exactly_the_weighted_term_and_logs_it(cls, tmp_path):
     plain, robust = twins(cls)
-    robustify(robust, epsilon=8 / 255, weight=2.0)
+    robustify(robust, epsilon=8 / 255, weight=2.0, encoder="backbone")
     plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
     logged = robust_run.metrics[0]
     for key in ("robust_reg/value", "robust_reg/deviation", "robust_reg/distance", "robust_reg/spread"):
@@ -76,30 +76,96 @@ def test_checkpoint_loads_into_the_unmodified_class(cls, tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_clean_features_of_the_step_are_reused(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"encoder": "backbone"}, {"encoder": "backbone", "adversarial_view": True}],
+    ids=["default", "backbone", "backbone+adversarial-view"],
+)
+def test_the_step_pays_no_second_clean_forward_and_no_extra_adversarial_forward(options, tmp_path):
     calls = []
-    module = robustify(SimCLR(), steps=3)
+    module = robustify(SimCLR(), steps=3, **options)
     module.backbone.register_forward_hook(lambda *_: calls.append(1))
     trainer(tmp_path, max_steps=1).fit(module, loader())
-    # Two views of the step, three ascent steps, one adversarial forward: no second clean forward.
+    # The step's two views, three ascent steps, one adversarial forward whose output (with the
+    # adversarial view) is what the loss sees: nothing computed twice.
     assert len(calls) == 2 + 3 + 1
 
 
-def test_adversarial_view_replaces_the_first_view_the_training_step_sees(tmp_path):
-    seen = []
+class Recording(SimCLR):
+    """Records what its (unchanged) SSL loss is given."""
 
-    class Recording(SimCLR):
-        def training_step(self, batch, batch_index):
-            seen.append(batch[0][0].detach().clone())
-            return super().training_step(batch, batch_index)
+    def training_step(self, batch, batch_index):
+        (x0, x1) = batch[0]
+        z0, z1 = self.forward(x0), self.forward(x1)
+        self.seen = (x0, z0.detach().clone(), z1.detach().clone())
+        return self.criterion(z0, z1)
 
-    module = robustify(Recording(), epsilon=0.05, adversarial_view=True)
-    batch = next(iter(loader()))
-    trainer(tmp_path, max_steps=1).fit(module, as_loader([batch]))
-    std = torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1)
-    delta = (seen[0] - batch[0][0]) * std  # pixel units
-    assert delta.abs().max() <= 0.05 + 1e-5
-    assert delta.abs().max() > 0.01  # it really is a different view
+
+def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss():
+    torch.manual_seed(0)
+    module = robustify(Recording(), epsilon=0.05, weight=2.0, normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    loss = module.training_step((views, torch.zeros(8)), 0)
+    x0, z0_seen, z1 = module.seen
+    assert x0 is views[0]  # the batch itself is not changed
+    stats = module.training_step.regularizer.last_stats
+    with torch.no_grad():
+        clean = module.forward(views[0])  # train-mode BN: the same batch statistics as in the step
+    moved = (torch.nn.functional.normalize(z0_seen, dim=1) - torch.nn.functional.normalize(clean, dim=1))
+    assert moved.pow(2).sum(1).mean().item() == pytest.approx(stats.deviation.item(), rel=1e-4)
+    assert stats.deviation.item() > 0
+    ssl = module.criterion(z0_seen, z1)
+    assert loss.item() == pytest.approx(ssl.item() + 2.0 * stats.value.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"encoder": "backbone", "adversarial_view": True}], ids=["default", "backbone"])
+def test_batchnorm_running_statistics_come_from_the_clean_views_only(options):
+    torch.manual_seed(0)
+    plain = Recording()
+    robust = robustify(copy.deepcopy(plain), normalize=None, log=False, **options)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    plain.training_step((views, None), 0)
+    robust.training_step((views, None), 0)
+    for (name, a), b in zip(plain.backbone.named_buffers(), robust.backbone.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_a_dotted_encoder_path_trains(tmp_path):
+    class Nested(SimCLR):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.backbone = self.backbone
+
+    capture = Capture()
+    module = robustify(Nested(), encoder="model.backbone")
+    trainer(tmp_path, max_steps=2, callbacks=[capture]).fit(module, loader())
+    assert all(m["robust_reg/value"] > 0 for m in capture.metrics)
+
+
+class DictOutput(SimCLR):
+    def forward(self, x):
+        h = self.backbone(x).flatten(start_dim=1)
+        return {"feats": h, "z": self.projection_head(h)}
+
+    def training_step(self, batch, batch_index):
+        (x0, x1) = batch[0]
+        return self.criterion(self.forward(x0)["z"], self.forward(x1)["z"])
+
+
+def test_key_names_the_embedding_inside_a_dict_output(tmp_path):
+    capture = Capture()
+    module = robustify(DictOutput(), key="z")
+    trainer(tmp_path, max_steps=1, callbacks=[capture]).fit(module, loader())
+    assert capture.metrics[0]["robust_reg/value"] > 0
+
+
+def test_a_dict_output_without_key_is_named_at_the_first_step():
+    module = robustify(DictOutput(), normalize=None, log=False)
+    views = [torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
+    with pytest.raises(TypeError, match="pass key="):
+        module.training_step((views, None), 0)
+    assert "forward" not in module.__dict__  # the temporary override is gone after the error
 
 
 def test_adversarial_view_adds_the_regulariser_and_needs_no_extra_backward(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 
 import pytest
@@ -46,12 +47,45 @@ def fit(method, tmp_path, steps=2):
     return capture
 
 
+def _env_with_absolute_pythonpath() -> dict:
+    """The environment for a subprocess in another folder: relative PYTHONPATH entries made absolute."""
+    env = os.environ.copy()
+    entries = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(e) for e in entries)
+    return env
+
+
 CLASSES = {"simclr": lambda: SimCLR, "byol": lambda: BYOL}
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol"])
-def test_regulariser_term_is_added_to_the_loss_and_logged(name, tmp_path):
+@pytest.mark.parametrize("name, key", [("simclr", "z"), ("byol", "p")])
+def test_default_regularises_the_embedding_the_loss_compares_with_the_adversarial_view(name, key, tmp_path):
     cfg = small_cfg(name)
+    torch.manual_seed(0)
+    plain = CLASSES[name]()(cfg)
+    robust = robustify(copy.deepcopy(plain), cfg=cfg)
+    step = robust.training_step
+    assert (step.encoder, step.key, step.adversarial_view) == ("forward", key, True)
+    assert step.regularizer.normalize_features
+    plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
+    value = robust_run.metrics[0]["robust_reg/value"]
+    assert math.isfinite(value) and value > 0
+    assert math.isfinite(robust_run.losses[-1])
+    assert any(not torch.allclose(a, b) for a, b in zip(plain_run.grads, robust_run.grads))
+
+
+def test_a_method_without_a_known_embedding_asks_for_key():
+    from solo.methods.base import BaseMethod
+
+    cfg = small_cfg("simclr")
+    with pytest.raises(ValueError, match="key='<entry>'.*encoder='backbone'"):
+        robustify(BaseMethod(cfg), cfg=cfg)
+    assert robustify(BaseMethod(cfg), cfg=cfg, key="feats").training_step.key == "feats"
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_backbone_form_adds_exactly_the_weighted_term_and_logs_it(name, tmp_path):
+    cfg = small_cfg(name, **{"robust_reg.encoder": "backbone"})
     torch.manual_seed(0)
     plain = CLASSES[name]()(cfg)
     robust = robustify(copy.deepcopy(plain), cfg=cfg)
@@ -137,7 +171,6 @@ def test_a_non_solo_module_is_refused():
 
 
 def test_the_example_launcher_trains_with_a_yaml_robust_reg_block(tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -171,7 +204,7 @@ def test_the_example_launcher_trains_with_a_yaml_robust_reg_block(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "pretrain.py"), "--config-name", "simclr_cifar10_robust", *overrides],
         cwd=tmp_path,
-        env=os.environ.copy(),
+        env=_env_with_absolute_pythonpath(),
         capture_output=True,
         text=True,
         timeout=600,

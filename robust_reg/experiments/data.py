@@ -122,6 +122,15 @@ def load_dataset(
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 
+def dataset_available(name: str, root: str = "datasets") -> bool:
+    """Whether ``load_dataset(name, root=root)`` works without a download."""
+    if name == "cifar10":
+        from pathlib import Path
+
+        return (Path(root) / "cifar-10-batches-py").is_dir()
+    return name in DATASETS
+
+
 def batches(x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None):
     """Yield ``(x, y)`` mini-batches (the last, smaller one included when not shuffling)."""
     n = x.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from ..bound import BoundReport, RobustnessCurve, robustness_curve
 from ..evaluation import LinearProbeClassifier, RobustnessEvaluation, evaluate_robustness
 from ..probe import fit_linear_probe
 from .data import ImageData, batches
-from .models import build_encoder
+from .models import ARCHITECTURES, build_encoder
 
 
 @dataclass
@@ -106,8 +107,12 @@ def evaluate_encoder(
     device: str | torch.device | None = None,
     progress_bar: bool = False,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> EncoderEvaluation:
-    """Fit a linear probe on clean training features, then attack ``probe(encoder(x))`` on the test set."""
+    """Fit a linear probe on clean training features, then attack ``probe(encoder(x))`` on the test set.
+
+    ``log`` receives one line per finished stage (probe, each attack, the curve), whatever ``progress_bar``.
+    """
     config = config or EvalConfig.for_dataset(data.name)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder = encoder.to(device).eval()
@@ -119,6 +124,8 @@ def evaluate_encoder(
         device=device,
         progress_bar=progress_bar,
     )
+    if log is not None:
+        log(f"  linear probe fitted on {data.x_train.shape[0]} clean training samples")
     model = LinearProbeClassifier(encoder, head).eval()
     x_test, y_test = data.x_test[: config.test_samples], data.y_test[: config.test_samples]
     robustness = evaluate_robustness(
@@ -137,6 +144,7 @@ def evaluate_encoder(
         num_classes=data.num_classes,
         seed=seed,
         progress_bar=progress_bar,
+        log=log,
     )
     m = config.curve_samples
     main_epsilon = max(config.epsilons)
@@ -150,6 +158,9 @@ def evaluate_encoder(
         steps=config.pgd_steps,
         progress_bar=progress_bar,
     )
+    if log is not None:
+        n = curve.reports[0].num_samples
+        log(f"  bound curve at eps {', '.join(f'{e:g}' for e in curve_epsilons)} on the first {n} test samples")
     return EncoderEvaluation(robustness, curve, main_epsilon, head)
 
 
@@ -172,6 +183,10 @@ def save_checkpoint(
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be turned into an encoder; the message says why and what would fit."""
+
+
 def load_checkpoint(
     path: str | Path, *, arch: str | None = None, in_channels: int | None = None
 ) -> tuple[nn.Module, dict]:
@@ -182,22 +197,68 @@ def load_checkpoint(
 
     Returns:
         ``(encoder in eval mode, metadata dict)``.
+
+    Raises:
+        CheckpointError: For a missing file, a file that is no checkpoint, or
+            weights that do not fit the architecture (naming the first
+            mismatching keys and the layout the architecture expects).
     """
-    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is not what we can read
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict ({reason})") from err
     if isinstance(record, dict) and "state_dict" in record and "arch" in record:
         state = record["state_dict"]
         arch = arch or record["arch"]
-        in_channels = in_channels or record["in_channels"]
+        in_channels = in_channels or record.get("in_channels")
         meta = {k: v for k, v in record.items() if k != "state_dict"}
-    elif isinstance(record, dict) and all(isinstance(v, torch.Tensor) for v in record.values()):
+    elif isinstance(record, dict) and record and all(isinstance(v, torch.Tensor) for v in record.values()):
         if arch is None or in_channels is None:
-            raise ValueError(f"{path} holds a bare state_dict: pass arch= and in_channels= to rebuild the encoder")
+            raise CheckpointError(
+                f"checkpoint {path} holds a bare state_dict: pass --arch ({', '.join(ARCHITECTURES)}) and "
+                "--in-channels N to rebuild the encoder"
+            )
         state, meta = record, {"arch": arch, "in_channels": in_channels}
     else:
-        raise ValueError(f"{path} is neither a robust-reg encoder checkpoint nor a state_dict")
-    encoder = build_encoder(arch, in_channels)
+        raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"checkpoint {path}: unknown architecture {arch!r}; one of {tuple(ARCHITECTURES)}")
+    encoder = build_encoder(arch, int(in_channels))
+    _check_layout(path, state, encoder, arch, int(in_channels))
     encoder.load_state_dict(state)
     return encoder.eval(), meta
+
+
+def _check_layout(path: Path, state: dict, encoder: nn.Module, arch: str, in_channels: int) -> None:
+    """Raise :class:`CheckpointError` naming the first keys or shapes that do not fit ``arch``."""
+    expected = encoder.state_dict()
+    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (unexpected or missing or wrong):
+        return
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}")
+    if missing:
+        problems.append(f"missing keys {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    if wrong:
+        problems.append(f"shapes {', '.join(wrong[:2])}")
+    layout = ", ".join(list(expected)[:3])
+    raise CheckpointError(
+        f"checkpoint {path} does not fit --arch {arch} --in-channels {in_channels}: {'; '.join(problems)}; "
+        f"--arch {arch} expects keys {layout}, ... ({len(expected)} in all)"
+    )
 
 
 def device_name(device: torch.device) -> str:

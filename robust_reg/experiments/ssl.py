@@ -7,9 +7,16 @@ The regulariser is the one added line in :func:`_step`. Variants:
 - ``reg``: SSL loss + ``weight * RobustnessRegularizer(...)`` on view 0, reusing its features.
 - ``advview``: as ``reg``, and the regulariser's deviation-maximising input
   replaces view 0 in the SSL loss (its features come for free).
+- ``robust``: the recommended configuration (the package default): the
+  regulariser on the embedding the SSL loss compares (``model(x)``: SimCLR's
+  projection, BYOL's prediction), L2-normalised as the loss normalises it, and
+  its deviation-maximising embedding replaces view 0's in the SSL loss (no
+  extra forward; BYOL's momentum targets stay on the clean views).
+  ``adversarial_views=2`` does the same for view 1 too.
 - ``acl``: the adversarial-contrastive baseline in the style of ACL (Jiang et
   al. 2020) / RoCL (Kim et al. 2020): view 0 is attacked with PGD on the SSL
-  loss itself and the model trains on the attacked view.
+  loss itself and the model trains on the attacked view (BYOL's momentum
+  targets stay on the clean views).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from .data import ImageData, batches
 from .models import build_encoder, feature_dim
 
 METHODS = ("simclr", "byol")
-VARIANTS = ("plain", "reg", "advview", "acl")
+VARIANTS = ("plain", "reg", "advview", "robust", "acl")
 
 # Per-dataset training defaults of the examples and benchmarks.
 DATASET_DEFAULTS = {
@@ -57,11 +64,17 @@ class SimCLR(nn.Module):
         self.criterion = NTXentLoss(temperature=0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+        return self.embed(self.backbone(x))
+
+    def embed(self, h: Tensor) -> Tensor:
+        """The embedding the loss compares, from backbone features."""
+        return self.projection_head(h.flatten(start_dim=1))
+
+    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        return self.criterion(*embeddings)
 
     def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
-        z0, z1 = (self.projection_head(h.flatten(start_dim=1)) for h in features)
-        return self.criterion(z0, z1)
+        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
 
     def after_step(self, progress: float) -> None:
         pass
@@ -87,16 +100,24 @@ class BYOL(nn.Module):
         self.momentum = 0.99
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+        return self.embed(self.backbone(x))
+
+    def embed(self, h: Tensor) -> Tensor:
+        """The embedding the loss compares (the prediction), from backbone features."""
+        return self.prediction_head(self.projection_head(h.flatten(start_dim=1)))
 
     def _target(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1))
 
-    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
-        p0, p1 = (self.prediction_head(self.projection_head(h.flatten(start_dim=1))) for h in features)
+    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """``views`` feed the momentum branch (the targets), ``embeddings`` are the online predictions."""
+        p0, p1 = embeddings
         t0, t1 = (self._target(x) for x in views)
         return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+
+    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
+        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
 
     def after_step(self, progress: float) -> None:
         from lightly.models.utils import update_momentum
@@ -119,10 +140,11 @@ class PretrainConfig:
         batch_size: Images per step (two views each).
         lr: Adam learning rate.
         weight_decay: AdamW weight decay.
-        robust_weight: Weight of the regulariser (``reg``/``advview``); 0 turns it off.
+        robust_weight: Weight of the regulariser (``reg``/``advview``/``robust``).
         epsilon: Radius of the threat ball (pixel units).
         norm: ``linf`` or ``l2``.
         steps: Ascent steps of the regulariser's inner maximisation.
+        adversarial_views: ``robust`` only: perturb view 0 (1) or both views (2).
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -139,6 +161,7 @@ class PretrainConfig:
     epsilon: float = 0.1
     norm: str = "linf"
     steps: int = 3
+    adversarial_views: int = 1
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -150,6 +173,10 @@ class PretrainConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant in ("reg", "advview") and not self.robust_weight > 0:
             raise ValueError(f"robust_weight must be > 0 for variant {self.variant!r}")
+        if self.variant == "robust" and not self.robust_weight >= 0:
+            raise ValueError(f"robust_weight must be >= 0 for variant {self.variant!r}")
+        if self.adversarial_views not in (1, 2):
+            raise ValueError(f"adversarial_views must be 1 or 2, got {self.adversarial_views}")
 
 
 @dataclass
@@ -202,7 +229,9 @@ def pretrain(
     total = config.epochs * steps_per_epoch
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+    reg = RobustnessRegularizer(
+        config.epsilon, norm=config.norm, steps=config.steps, normalize_features=config.variant == "robust"
+    )
     acl_threat = ThreatModel(config.epsilon, norm=config.norm)
     generator = torch.Generator().manual_seed(config.seed)
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
@@ -244,11 +273,12 @@ def _step(
     backbone = model.backbone
     if config.variant == "acl":
         h1 = backbone(x1)
-        x0 = _contrastive_attack(model, x0, x1, h1.detach(), threat, config.acl_steps)
-        h0 = backbone(x0)
-    else:
-        h0 = backbone(x0)
-        h1 = backbone(x1)
+        x0_adv = _contrastive_attack(model, x0, x1, h1.detach(), threat, config.acl_steps)
+        return model.loss_from_features((x0, x1), (backbone(x0_adv), h1)), 0.0
+    if config.variant == "robust":
+        return _robust_step(model, reg, x0, x1, config)
+    h0 = backbone(x0)
+    h1 = backbone(x1)
     if config.variant == "reg":
         # The one added line: the regulariser reuses the features the SSL loss uses.
         reg_term = reg(backbone, x0, features=h0)
@@ -260,6 +290,21 @@ def _step(
     return model.loss_from_features((x0, x1), (h0, h1)), 0.0
 
 
+def _robust_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
+    z = [model(x0), model(x1)]
+    terms = []
+    for i in range(config.adversarial_views):
+        out = reg(model, (x0, x1)[i], features=z[i], return_adversarial=True)
+        z[i] = out.adversarial_features
+        terms.append(out.loss)
+    term = sum(terms) / len(terms)
+    # Views feed BYOL's momentum targets: they stay clean.
+    return model.loss_from_embeddings((x0, x1), (z[0], z[1])) + config.robust_weight * term, term.item()
+
+
 def _contrastive_attack(
     model: nn.Module, x0: Tensor, x1: Tensor, h1: Tensor, threat: ThreatModel, steps: int
 ) -> Tensor:
@@ -267,7 +312,7 @@ def _contrastive_attack(
     features from the step, detached."""
 
     def objective(v: Tensor) -> Tensor:
-        loss = model.loss_from_features((v, x1), (model.backbone(v), h1))
+        loss = model.loss_from_features((x0, x1), (model.backbone(v), h1))
         return loss.expand(v.shape[0])  # a batch loss: every sample ascends the same objective
 
     with preserved_state(model):

@@ -1,0 +1,168 @@
+"""The command line as users meet it: a bad argument or file is one line on stderr, exit status 2, nothing done."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("lightly")
+
+import robust_reg.experiments.data as data_module  # noqa: E402
+import robust_reg.experiments.ssl as ssl_module  # noqa: E402
+from robust_reg.cli import UsageError  # noqa: E402
+from robust_reg.cli import main as cli  # noqa: E402
+from robust_reg.experiments.models import build_encoder  # noqa: E402
+from robust_reg.experiments.pipeline import save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_work(monkeypatch):
+    """Loading data or training during a rejected command fails the test: errors come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the command did work before rejecting its arguments")
+
+    monkeypatch.setattr(data_module, "load_dataset", forbidden)
+    monkeypatch.setattr(ssl_module, "pretrain", forbidden)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "cnn.pt", build_encoder("cnn", 1), arch="cnn", dataset="mnist5k")
+
+
+def rejected(argv: list[str], capsys) -> str:
+    """Run the command; check exit status 2 and a single-line error without traceback; return the line."""
+    try:
+        code = cli(argv)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "ten"], "--epochs"),
+        (["--weight", "-1"], "--weight"),
+        (["--weight", "inf"], "--weight"),
+        (["--epsilon", "nan"], "--epsilon"),
+        (["--steps", "-1"], "--steps"),
+        (["--device", "tpu"], "--device"),
+        (["--dataset", "imagenet"], "--dataset"),
+    ],
+)
+def test_demo_rejects_a_bad_argument_by_name_before_training(args, named, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = rejected(["demo", "--out", str(out), *args], capsys)
+    assert named in line
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["demo", "evaluate"])
+def test_device_cuda_without_a_gpu_is_rejected(command, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [command, *([str(checkpoint)] if command == "evaluate" else []), "--device", "cuda", "--out", str(out)]
+    line = rejected(argv, capsys)
+    assert "--device cuda" in line and "no CUDA GPU" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--aa-samples", "-5"], "--aa-samples"),
+        (["--aa-samples", "0"], "--aa-samples"),
+        (["--test-samples", "0"], "--test-samples"),
+        (["--pgd-steps", "0"], "--pgd-steps"),
+        (["--epsilons", "0.1", "-0.1"], "--epsilons"),
+        (["--in-channels", "0"], "--in-channels"),
+        (["--full", "--aa-samples", "10"], "--full"),
+    ],
+)
+def test_evaluate_rejects_a_bad_argument_by_name_before_loading(args, named, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = rejected(["evaluate", str(checkpoint), "--out", str(out), *args], capsys)
+    assert named in line
+    assert not out.exists()
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
+    line = rejected(["evaluate", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")], capsys)
+    assert "nope.pt" in line and "no such file" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [os.urandom(2048), b"hello, this is a text file\n"], ids=["random", "text"])
+def test_evaluate_rejects_a_file_that_is_no_checkpoint(content, tmp_path, capsys):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    line = rejected(["evaluate", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert "not a robust-reg checkpoint or state_dict" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_names_the_keys_that_do_not_fit_the_architecture(checkpoint, tmp_path, capsys):
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+    argv = ["evaluate", str(bare), "--arch", "resnet18", "--in-channels", "1", "--dataset", "mnist5k"]
+    line = rejected([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert "does not fit --arch resnet18" in line
+    assert "unexpected keys 3.weight" in line and "missing keys 4.0.conv1.weight" in line
+    assert "--arch resnet18 expects keys 0.weight, 1.weight, 1.bias" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_names_a_channel_mismatch_by_shape(checkpoint, tmp_path, capsys):
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+    argv = ["evaluate", str(bare), "--arch", "cnn", "--in-channels", "3", "--dataset", "mnist5k"]
+    line = rejected([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert "0.weight (32, 1, 5, 5) (expected (32, 3, 5, 5))" in line
+
+
+def test_evaluate_asks_for_the_architecture_of_a_bare_state_dict(checkpoint, tmp_path, capsys):
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+    line = rejected(["evaluate", str(bare), "--dataset", "mnist5k", "--out", str(tmp_path / "out")], capsys)
+    assert "bare state_dict" in line and "--arch" in line and "--in-channels" in line
+
+
+def test_evaluate_names_a_dataset_that_needs_a_download(checkpoint, tmp_path, capsys):
+    argv = ["evaluate", str(checkpoint), "--dataset", "cifar10", "--data-root", str(tmp_path / "none")]
+    line = rejected([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert "--dataset cifar10" in line and "--download" in line
+
+
+def test_debug_raises_instead_of_printing_one_line(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        cli(["evaluate", str(tmp_path / "nope.pt"), "--debug"])
+
+
+def test_installed_command_prints_one_line_and_exits_2(tmp_path):
+    """The real console entry point, as a user runs it (a subprocess; stdout stays empty)."""
+    code = "from robust_reg.cli import main; raise SystemExit(main())"
+    argv = [sys.executable, "-c", code, "evaluate", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_evaluate_help_states_the_default_budget(capsys):
+    with pytest.raises(SystemExit):
+        cli(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default budget" in text and "--full" in text
