@@ -111,14 +111,16 @@ def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss():
     stats = module.training_step.regularizer.last_stats
     with torch.no_grad():
         clean = module.forward(views[0])  # train-mode BN: the same batch statistics as in the step
-    moved = (torch.nn.functional.normalize(z0_seen, dim=1) - torch.nn.functional.normalize(clean, dim=1))
+    moved = torch.nn.functional.normalize(z0_seen, dim=1) - torch.nn.functional.normalize(clean, dim=1)
     assert moved.pow(2).sum(1).mean().item() == pytest.approx(stats.deviation.item(), rel=1e-4)
     assert stats.deviation.item() > 0
     ssl = module.criterion(z0_seen, z1)
     assert loss.item() == pytest.approx(ssl.item() + 2.0 * stats.value.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"encoder": "backbone", "adversarial_view": True}], ids=["default", "backbone"])
+@pytest.mark.parametrize(
+    "options", [{}, {"encoder": "backbone", "adversarial_view": True}], ids=["default", "backbone"]
+)
 def test_batchnorm_running_statistics_come_from_the_clean_views_only(options):
     torch.manual_seed(0)
     plain = Recording()
