@@ -1,8 +1,13 @@
-"""Cost of the regulariser: one SimCLR training step, plain vs. regularised.
+"""Cost of the regulariser: one SimCLR training step, plain vs. regularised vs. adversarial contrastive.
 
 Measures forward + backward of a whole SimCLR step (two views through the
 backbone and lightly's projection head, NT-Xent loss) with and without
-``RobustnessRegularizer`` (steps 1 and 3, features reused or recomputed), on a
+``RobustnessRegularizer`` on the backbone (steps 1 and 3, features reused or
+recomputed); the package default (the regulariser on the embedding NT-Xent
+compares, its adversarial embedding fed to the loss, steps 3) written as a
+plain loop and through the lightly adapter (``robustify`` on a lightly-style
+LightningModule); and the ACL-style baseline (PGD-5 on the SSL loss). The
+default and ACL rows run the training step of ``benchmarks/compare.py``. On a
 CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
 
 Time: all configurations run interleaved in one process (round-robin, in a
@@ -32,19 +37,45 @@ from pathlib import Path
 
 import torch
 
-from robust_reg import RobustnessRegularizer
+from robust_reg import RobustnessRegularizer, ThreatModel
 from robust_reg.experiments.models import build_encoder
 from robust_reg.experiments.pipeline import device_name
-from robust_reg.experiments.ssl import build_model
+from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
 
+EPSILON = 8 / 255
+# name -> (kind, options): "backbone" = reg on model.backbone; "recipe" = compare.py's step for a variant.
 CONFIGS = {
-    "plain": None,
-    "reg steps=1, reused features": (1, True),
-    "reg steps=1, own clean forward": (1, False),
-    "reg steps=3, reused features": (3, True),
-    "reg steps=3, own clean forward": (3, False),
+    "plain": ("recipe", {"variant": "plain"}),
+    "reg steps=1, reused features": ("backbone", {"steps": 1, "reuse": True}),
+    "reg steps=1, own clean forward": ("backbone", {"steps": 1, "reuse": False}),
+    "reg steps=3, reused features": ("backbone", {"steps": 3, "reuse": True}),
+    "reg steps=3, own clean forward": ("backbone", {"steps": 3, "reuse": False}),
+    "robust-reg default (embedding + adversarial view, steps=3)": ("recipe", {"variant": "robust"}),
+    "robust-reg default through the lightly adapter": ("lightly", {}),
+    "ACL-style (PGD-5 on the SSL loss)": ("recipe", {"variant": "acl"}),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
+
+
+def _lightly_module(model: torch.nn.Module):
+    """The same SimCLR written as a lightly user writes it (a LightningModule), robustified in one line."""
+    import pytorch_lightning as pl
+
+    from robust_reg.integrations.lightly import robustify
+
+    class SimCLR(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.projection_head, self.criterion = model.backbone, model.projection_head, model.criterion
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+        def training_step(self, batch, batch_index):
+            (x0, x1) = batch[0]
+            return self.criterion(self.forward(x0), self.forward(x1))
+
+    return robustify(SimCLR(), epsilon=EPSILON, normalize=None, log=False)
 
 
 def make_step(model_name: str, config: str, batch_size: int, device: torch.device):
@@ -54,16 +85,31 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
     model = build_model("simclr", build_encoder(arch, shape[0]), shape).to(device).train()
     x0 = torch.rand(batch_size, *shape, device=device)
     x1 = torch.rand(batch_size, *shape, device=device)
-    reg = RobustnessRegularizer(8 / 255, steps=CONFIGS[config][0]) if CONFIGS[config] else None
-    reuse = bool(CONFIGS[config] and CONFIGS[config][1])
+    kind, options = CONFIGS[config]
+    if kind == "recipe":
+        recipe = PretrainConfig(method="simclr", epsilon=EPSILON, **options)
+        reg, threat = regularizer_for(recipe), ThreatModel(EPSILON)
+
+        def loss() -> torch.Tensor:
+            return step_loss(model, reg, threat, x0, x1, recipe)[0]
+
+    elif kind == "lightly":
+        module = _lightly_module(model)
+
+        def loss() -> torch.Tensor:
+            return module.training_step(([x0, x1], None), 0)
+
+    else:
+        reg = RobustnessRegularizer(EPSILON, steps=options["steps"])
+
+        def loss() -> torch.Tensor:
+            h0, h1 = model.backbone(x0), model.backbone(x1)
+            ssl = model.loss_from_features((x0, x1), (h0, h1))
+            return ssl + reg(model.backbone, x0, features=h0 if options["reuse"] else None)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        h0, h1 = model.backbone(x0), model.backbone(x1)
-        loss = model.loss_from_features((x0, x1), (h0, h1))
-        if reg is not None:
-            loss = loss + reg(model.backbone, x0, features=h0 if reuse else None)
-        loss.backward()
+        loss().backward()
 
     return step
 
@@ -169,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": args.repeats,
-        "epsilon": 8 / 255,
+        "epsilon": EPSILON,
         "memory_measure": "peak CUDA memory allocated during one step"
         if gpu
         else "peak resident-set increase during one step, fresh process per configuration",

@@ -8,6 +8,29 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.dropout import _DropoutNd
+
+# Stochastic layers of common libraries, matched by class name so that neither needs importing:
+# torchvision.ops.StochasticDepth, timm's DropPath and DropBlock2d.
+_STOCHASTIC_NAMES = ("StochasticDepth", "DropPath", "DropBlock2d")
+
+
+def active_stochastic_layers(module: nn.Module, extra: tuple[type, ...] = ()) -> list[nn.Module]:
+    """Submodules in training mode whose output is random: dropout of any kind, attention dropout,
+    stochastic depth, drop-path, and instances of ``extra``. Layers with a drop probability of 0
+    are not random."""
+    found = []
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.MultiheadAttention):  # its attention dropout is a float, on in train mode
+            if m.dropout > 0:
+                found.append(m)
+        elif isinstance(m, _DropoutNd) or type(m).__name__ in _STOCHASTIC_NAMES or isinstance(m, extra):
+            p = getattr(m, "p", getattr(m, "drop_prob", getattr(m, "drop_rate", None)))
+            if p is None or p > 0:
+                found.append(m)
+    return found
 
 
 @contextmanager

@@ -11,6 +11,7 @@ features so that shrinking the features cannot cheat it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._state import preserved_state
+from ._state import active_stochastic_layers, preserved_state
 from .attacks import ThreatModel, _check_step_size, _check_steps, projected_gradient_ascent
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
@@ -84,10 +85,23 @@ class RobustnessRegularizer(nn.Module):
     numerator and denominator; the relative value is invariant to the scale of
     ``f``, so minimising it cannot be cheated by shrinking the features.
 
-    The module has no parameters. The encoder is used as it is (train mode
-    gives batch-statistics BatchNorm, as in the SSL loss), but no running
-    statistics are updated, no parameter ``.grad`` is written, and modes and
-    ``requires_grad`` flags are restored, also when the encoder raises.
+    Execution policy (what the encoder does during the regulariser's passes):
+
+    - **Stochastic layers are deterministic.** Every dropout layer, torchvision's
+      ``StochasticDepth``, timm's ``DropPath``/``DropBlock2d`` and instances of
+      ``stochastic_modules`` run in eval mode during the clean anchor, the ascent
+      and the adversarial pass, so the deviation is the perturbation's effect and
+      nothing else (with dropout on, two passes differ at eps 0) -- and it is the
+      eval-mode network that downstream heads use. If ``features`` came from a
+      pass with such layers active, they are recomputed once with the layers off
+      (one extra forward; a warning says so once per regulariser).
+    - **BatchNorm uses batch statistics** in train mode, as in the SSL loss, but
+      its running statistics are never updated by these passes.
+    - No parameter ``.grad`` is written by the ascent; every submodule's mode and
+      every ``requires_grad`` flag is restored bit for bit, also when the
+      encoder raises.
+
+    The module has no parameters.
 
     Args:
         epsilon: Radius of the threat ball in pixel units of ``[0, 1]`` images.
@@ -108,6 +122,8 @@ class RobustnessRegularizer(nn.Module):
             encoder is the embedding the SSL loss sees; leave it off for the
             backbone, whose raw features are the quantity of the bound.
             ``adversarial_features`` are returned as the encoder returned them.
+        stochastic_modules: Further module types whose output is random (e.g. a
+            custom noise layer), made deterministic like dropout.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -152,6 +168,7 @@ class RobustnessRegularizer(nn.Module):
         std: float | Sequence[float] | Tensor | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
         normalize_features: bool = False,
+        stochastic_modules: Sequence[type] = (),
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
@@ -160,6 +177,11 @@ class RobustnessRegularizer(nn.Module):
         self.random_start = bool(random_start)
         self.relative = bool(relative)
         self.normalize_features = bool(normalize_features)
+        types = tuple(stochastic_modules)
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+            raise TypeError(f"stochastic_modules must be nn.Module subclasses, got {types!r}")
+        self.stochastic_modules = types
+        self._warned_stochastic = False
         self.last_stats: RegularizerStats | None = None
 
     @property
@@ -213,6 +235,12 @@ class RobustnessRegularizer(nn.Module):
         self._check_call(encoder, x, features)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
+            stochastic = active_stochastic_layers(module, self.stochastic_modules)
+            for layer in stochastic:
+                layer.training = False  # restored by preserved_state
+            if features is not None and stochastic:
+                self._warn_recompute(stochastic)
+                features = None
             if features is None:
                 features = encoder(x)
                 if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
@@ -250,6 +278,18 @@ class RobustnessRegularizer(nn.Module):
         if return_adversarial:
             return RegularizerOutput(value, x_adv, adv_features)
         return value
+
+    def _warn_recompute(self, stochastic: list[nn.Module]) -> None:
+        if self._warned_stochastic:
+            return
+        self._warned_stochastic = True
+        kinds = ", ".join(sorted({type(m).__name__ for m in stochastic}))
+        warnings.warn(
+            f"RobustnessRegularizer: the encoder has active stochastic layers ({kinds}), so the features= passed "
+            "in carry their noise; the clean features are recomputed with those layers off (one extra forward "
+            "per call) so that the deviation measures the perturbation only",
+            stacklevel=3,
+        )
 
     def _measure(self, flat: Tensor) -> Tensor:
         """Features as the deviation is measured: float32, unit length per sample if asked."""

@@ -1,7 +1,7 @@
 """SimCLR and BYOL from lightly's building blocks, and the pretraining loop.
 
 The loop is a plain PyTorch loop, written the way a lightly user writes one.
-The regulariser is the one added line in :func:`_step`. Variants:
+The regulariser is the one added line in :func:`step_loss`. Variants:
 
 - ``plain``: the SSL loss alone.
 - ``reg``: SSL loss + ``weight * RobustnessRegularizer(...)`` on view 0, reusing its features.
@@ -233,9 +233,7 @@ def pretrain(
     total = config.epochs * steps_per_epoch
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    reg = RobustnessRegularizer(
-        config.epsilon, norm=config.norm, steps=config.steps, normalize_features=config.variant == "robust"
-    )
+    reg = regularizer_for(config)
     acl_threat = ThreatModel(config.epsilon, norm=config.norm)
     generator = torch.Generator().manual_seed(config.seed)
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
@@ -248,7 +246,7 @@ def pretrain(
         for x, _ in batches(data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator):
             x = x.to(device, non_blocking=True)
             with autocast:
-                loss, reg_value = _step(model, reg, acl_threat, augment(x), augment(x), config)
+                loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -270,10 +268,20 @@ def pretrain(
     return result
 
 
-def _step(
+def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
+    """The regulariser of a variant: on the normalised embedding for ``robust``, on the backbone otherwise."""
+    return RobustnessRegularizer(
+        config.epsilon, norm=config.norm, steps=config.steps, normalize_features=config.variant == "robust"
+    )
+
+
+def step_loss(
     model: nn.Module, reg: RobustnessRegularizer, threat: ThreatModel, x0: Tensor, x1: Tensor, config: PretrainConfig
 ) -> tuple[Tensor, float]:
-    """One training step's loss; returns ``(loss, regulariser value or 0)``."""
+    """One training step's loss for ``config.variant``; returns ``(loss, regulariser value or 0)``.
+
+    ``reg`` is the variant's regulariser and ``threat`` the ACL baseline's ball (see :func:`pretrain`).
+    """
     backbone = model.backbone
     if config.variant == "acl":
         h1 = backbone(x1)
