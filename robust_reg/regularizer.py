@@ -61,6 +61,17 @@ class RegularizerStats:
     spread: Tensor
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_gather(t: Tensor) -> Tensor:
+    """Concatenate ``t`` over all processes; the backward sums every process's gradient for the local part."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
+
+
 def _flatten(features: object, name: str) -> Tensor:
     if not isinstance(features, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(features).__name__}")
@@ -124,6 +135,13 @@ class RobustnessRegularizer(nn.Module):
             ``adversarial_features`` are returned as the encoder returned them.
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
+        gather_distributed: Under ``torch.distributed`` (DDP), average the
+            deviation and compute the spread over the global batch of all
+            processes (a differentiable all-gather, as lightly's losses do), so
+            the value equals the single-process value on the concatenated batch
+            and DDP's gradient averaging gives the single-process gradient.
+            Without it each process divides by its local spread; no collective
+            call is made. Every process must pass the same batch size.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -169,6 +187,7 @@ class RobustnessRegularizer(nn.Module):
         bounds: tuple[float, float] = (0.0, 1.0),
         normalize_features: bool = False,
         stochastic_modules: Sequence[type] = (),
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
@@ -181,6 +200,7 @@ class RobustnessRegularizer(nn.Module):
         if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
             raise TypeError(f"stochastic_modules must be nn.Module subclasses, got {types!r}")
         self.stochastic_modules = types
+        self.gather_distributed = bool(gather_distributed)
         self._warned_stochastic = False
         self.last_stats: RegularizerStats | None = None
 
@@ -246,7 +266,9 @@ class RobustnessRegularizer(nn.Module):
                 if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
                     raise ValueError("encoder(x) returned non-finite features")
             h = self._measure(_flatten(features, "features"))
-            spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+            gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
+            h_all = gather(h)
+            spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
             target = h.detach()
             # Scaling the inner objective by the spread keeps its gradients O(1)
             # whatever the feature scale (helps fp16 autocast); argmax unchanged.
@@ -267,7 +289,7 @@ class RobustnessRegularizer(nn.Module):
                     f"encoder output on perturbed inputs has shape {tuple(z.shape)}, expected {tuple(h.shape)}"
                 )
             per_sample = (z - h).pow(2).sum(dim=1)
-            deviation = per_sample.mean()
+            deviation = gather(per_sample).mean()
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
         self.last_stats = RegularizerStats(
             value=value.detach(),

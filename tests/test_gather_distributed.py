@@ -1,0 +1,92 @@
+"""``gather_distributed=True``: under torch.distributed the value and the DDP-averaged gradient are those
+of one process on the concatenated batch (two CPU processes on gloo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from robust_reg import RobustnessRegularizer
+
+WORLD = 2
+
+
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, 8))
+
+
+def batch() -> torch.Tensor:
+    return torch.rand(12, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def value_and_grad(
+    model: nn.Module, x: torch.Tensor, gather: bool, skip: int = 0
+) -> tuple[float, list[torch.Tensor]]:
+    """The regulariser's value and gradient; the random start of sample i is the i-th draw after a seed,
+    whichever process runs it (a process holding the second half skips the first half's draws)."""
+    torch.manual_seed(2)
+    torch.empty(skip, *x.shape[1:]).uniform_(-0.1, 0.1)
+    value = RobustnessRegularizer(epsilon=0.1, steps=2, gather_distributed=gather)(model, x)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    return value.item(), list(grads)
+
+
+def _worker(rank: int, port: int, out: str, gather: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        shard = batch().chunk(WORLD)[rank]
+        value, grads = value_and_grad(encoder(), shard, gather, skip=rank * shard.shape[0])
+        for g in grads:  # what DDP does to parameter gradients
+            dist.all_reduce(g)
+            g /= WORLD
+        torch.save({"value": value, "grads": grads}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(tmp_path, gather: bool) -> list[dict]:
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), gather), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    value, grads = value_and_grad(encoder(), batch(), gather=False)
+    assert value > 0.01  # a real deviation, so the comparisons below can fail
+    return value, grads
+
+
+def test_gathered_value_equals_the_single_process_value_on_the_whole_batch(tmp_path, single):
+    ranks = run_two_processes(tmp_path, gather=True)
+    for rank in ranks:
+        assert rank["value"] == pytest.approx(single[0], rel=1e-5)
+
+
+def test_gathered_gradient_after_ddp_averaging_equals_the_single_process_gradient(tmp_path, single):
+    ranks = run_two_processes(tmp_path, gather=True)
+    for got, want in zip(ranks[0]["grads"], single[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_without_gathering_each_process_divides_by_its_local_spread(tmp_path, single):
+    ranks = run_two_processes(tmp_path, gather=False)
+    assert ranks[0]["value"] != pytest.approx(single[0], rel=1e-3)
+
+
+def test_outside_torch_distributed_gathering_is_a_no_op(single):
+    assert value_and_grad(encoder(), batch(), gather=True)[0] == pytest.approx(single[0], rel=1e-6)
