@@ -5,9 +5,11 @@
 
 The LightningModule below is an ordinary lightly-style module (``self.backbone``,
 the views in ``batch[0]``, ``training_step`` returning the NT-Xent loss). The
-only robust-reg line is ``robustify(model, ...)``: it adds the regulariser to
-every training step's loss, reusing the features the step already computed,
-and reads the input normalisation from the lightly transform. Afterwards the
+only robust-reg line is ``robustify(model, ...)``: by default it regularises the
+projection NT-Xent compares (reusing the step's own forward) and hands the loss
+the adversarial projection of the first view in its place, adds the weighted
+term to every training step's loss, and reads the input normalisation from the
+lightly transform. Afterwards the
 script fits a linear probe on the frozen backbone and prints a BoundReport
 (clean and PGD accuracy, the estimated bound).
 """

@@ -64,6 +64,46 @@ def find_normalize(transform: Any, depth: int = 0) -> tuple[tuple[float, ...], t
     return None
 
 
+#: "Not given" for adapter options whose ``None`` means something (``normalize=None``: raw pixels).
+UNSET: Any = object()
+
+
+def resolve_normalization(
+    *,
+    normalize: Any = UNSET,
+    transform: Any = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    default: Callable[[], tuple[Sequence[float], Sequence[float]] | None],
+) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    """The (mean, std) the views were normalised with: the one source given, else ``default()``.
+
+    Sources: ``mean``/``std``; ``transform`` (its ``Normalize``, none: raw pixels); ``normalize``
+    (``None``: raw pixels, or ``{"mean": ..., "std": ...}`` as lightly writes it). Both adapters
+    use this, with their framework's default.
+    """
+    given = [
+        name
+        for name, value in (("transform", transform), ("mean/std", mean if mean is not None else std))
+        if value is not None
+    ] + (["normalize"] if normalize is not UNSET else [])
+    if len(given) > 1:
+        raise ValueError(f"pass only one of normalize, transform or mean/std to describe the inputs, got {given}")
+    if mean is not None or std is not None:
+        return mean, std
+    if transform is not None:
+        found = find_normalize(transform)
+        return found if found is not None else (None, None)
+    if normalize is UNSET:
+        found = default()
+        return found if found is not None else (None, None)
+    if normalize is None:
+        return None, None
+    if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
+        raise ValueError(f"normalize must be None or a dict with 'mean' and 'std', got {normalize!r}")
+    return normalize["mean"], normalize["std"]
+
+
 def _floats(values: Any) -> tuple[float, ...]:
     if isinstance(values, Tensor):
         values = values.flatten().tolist()

@@ -32,11 +32,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._wrap import find_normalize, robust_step, robustify_module
+from ._wrap import UNSET, resolve_normalization, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified"]
-
-_LIGHTLY_DEFAULT = object()
 
 
 def _first_view(batch: Any) -> Tensor:
@@ -46,29 +44,10 @@ def _first_view(batch: Any) -> Tensor:
     return views[0]
 
 
-def _normalization(
-    normalize: Any, transform: Any, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    sources = (("transform", transform), ("mean/std", mean if mean is not None else std))
-    given = [name for name, value in sources if value is not None]
-    if normalize is not _LIGHTLY_DEFAULT:
-        given.append("normalize")
-    if len(given) > 1:
-        raise ValueError(f"pass only one of normalize, transform or mean/std to describe the inputs, got {given}")
-    if mean is not None or std is not None:
-        return mean, std
-    if transform is not None:
-        found = find_normalize(transform)
-        return found if found is not None else (None, None)
-    if normalize is _LIGHTLY_DEFAULT:
-        from lightly.transforms.utils import IMAGENET_NORMALIZE
+def _lightly_default() -> tuple[Sequence[float], Sequence[float]]:
+    from lightly.transforms.utils import IMAGENET_NORMALIZE
 
-        normalize = IMAGENET_NORMALIZE
-    if normalize is None:
-        return None, None
-    if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
-        raise ValueError(f"normalize must be None or a dict with 'mean' and 'std' (like lightly's), got {normalize!r}")
-    return normalize["mean"], normalize["std"]
+    return IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]
 
 
 def robustify(
@@ -79,7 +58,7 @@ def robustify(
     encoder: str = "forward",
     key: str | int | None = None,
     view: Callable[[Any], Tensor] | None = None,
-    normalize: Mapping[str, Sequence[float]] | None = _LIGHTLY_DEFAULT,  # type: ignore[assignment]
+    normalize: Mapping[str, Sequence[float]] | None = UNSET,
     transform: Any = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -173,7 +152,9 @@ def robustify(
         >>> is_robustified(model)
         True
     """
-    mean, std = _normalization(normalize, transform, mean, std)
+    mean, std = resolve_normalization(
+        normalize=normalize, transform=transform, mean=mean, std=std, default=_lightly_default
+    )
     return robustify_module(
         module,
         framework="lightly",

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._wrap import REGULARIZER_KEYS, find_normalize, robust_step, robustify_module
+from ._wrap import REGULARIZER_KEYS, UNSET, find_normalize, resolve_normalization, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified", "solo_normalization", "EMBEDDING_KEYS"]
 
@@ -58,7 +58,6 @@ EMBEDDING_KEYS = {
 
 _ADAPTER_KEYS = ("weight", "encoder", "key", "adversarial_view", "log", "mean", "std", "normalize", "enabled")
 _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
-_UNSET = object()
 
 
 def _first_large_crop(batch: Any) -> Tensor:
@@ -110,11 +109,11 @@ def robustify(
     *,
     cfg: Any = None,
     view: Callable[[Any], Tensor] | None = None,
-    epsilon: float | object = _UNSET,
-    weight: float | object = _UNSET,
+    epsilon: float | object = UNSET,
+    weight: float | object = UNSET,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    normalize: Mapping[str, Sequence[float]] | None | object = _UNSET,
+    normalize: Mapping[str, Sequence[float]] | None | object = UNSET,
     **options: Any,
 ) -> nn.Module:
     """Add the robustness regulariser to every training step of a solo-learn method.
@@ -160,7 +159,7 @@ def robustify(
         cfg = getattr(method, "cfg", None)
     settings = _config_block(cfg)
     explicit = {"epsilon": epsilon, "weight": weight, "normalize": normalize}
-    settings.update({k: v for k, v in explicit.items() if v is not _UNSET})
+    settings.update({k: v for k, v in explicit.items() if v is not UNSET})
     if mean is not None or std is not None:
         settings.update(mean=mean, std=std)
     unknown = set(options) - set(_OPTION_KEYS)
@@ -171,21 +170,12 @@ def robustify(
         return method
     _check_solo_method(method)
 
-    mean, std = settings.pop("mean", None), settings.pop("std", None)
-    normalize = settings.pop("normalize", _UNSET)
-    if mean is not None or std is not None:
-        if normalize is not _UNSET:
-            raise ValueError("pass either mean/std or normalize, not both")
-    elif normalize is None:
-        mean = std = None
-    elif normalize is not _UNSET:
-        if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
-            raise ValueError(f"normalize must be None or a dict with 'mean' and 'std', got {normalize!r}")
-        mean, std = normalize["mean"], normalize["std"]
-    else:
-        found = solo_normalization(cfg)
-        mean, std = found if found is not None else (None, None)
-
+    mean, std = resolve_normalization(
+        normalize=settings.pop("normalize", UNSET),
+        mean=settings.pop("mean", None),
+        std=settings.pop("std", None),
+        default=lambda: solo_normalization(cfg),
+    )
     encoder = settings.pop("encoder", "forward")
     key = settings.pop("key", None)
     if encoder == "forward" and key is None:
