@@ -26,9 +26,7 @@ def batch() -> torch.Tensor:
     return torch.rand(12, 1, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
-def value_and_grad(
-    model: nn.Module, x: torch.Tensor, gather: bool, skip: int = 0
-) -> tuple[float, list[torch.Tensor]]:
+def value_and_grad(model: nn.Module, x: torch.Tensor, gather: bool, skip: int = 0) -> tuple[float, list[torch.Tensor]]:
     """The regulariser's value and gradient; the random start of sample i is the i-th draw after a seed,
     whichever process runs it (a process holding the second half skips the first half's draws)."""
     torch.manual_seed(2)

@@ -281,3 +281,39 @@ def test_the_robustified_module_still_pickles():
     clone = pickle.loads(pickle.dumps(module))
     assert is_robustified(clone)
     assert clone.training_step.module is clone
+
+
+class ViTSimCLR(SimCLR):
+    """The lightly-style SimCLR on a small torchvision VisionTransformer with dropout and attention dropout."""
+
+    def __init__(self):
+        super().__init__()
+        from lightly.models.modules import SimCLRProjectionHead
+        from torchvision.models import VisionTransformer
+
+        vit = VisionTransformer(
+            image_size=28,
+            patch_size=7,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            dropout=0.2,
+            attention_dropout=0.2,
+        )
+        vit.heads = torch.nn.Identity()
+        self.backbone = vit
+        self.projection_head = SimCLRProjectionHead(32, 32, 16)
+
+
+def test_a_vision_transformer_with_dropout_trains_through_the_adapter(tmp_path):
+    pytest.importorskip("torchvision")
+    capture = Capture()
+    torch.manual_seed(0)
+    module = robustify(ViTSimCLR())
+    with pytest.warns(UserWarning, match="recomputed with those layers off"):
+        trainer(tmp_path, max_steps=2, callbacks=[capture]).fit(module, loader())
+    assert len(capture.metrics) == 2
+    assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in capture.metrics)
+    dropouts = [m for m in module.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.training for m in dropouts)  # back on for the SSL loss's own passes

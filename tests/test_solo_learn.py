@@ -211,3 +211,14 @@ def test_the_example_launcher_trains_with_a_yaml_robust_reg_block(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_epochs=1` reached" in result.stdout + result.stderr
+
+
+def test_a_vision_transformer_method_trains_through_the_adapter(tmp_path):
+    """solo-learn's own vit_tiny (timm) with dropout, attention dropout and drop-path, on 32x32 crops."""
+    vit = {"img_size": 32, "patch_size": 8, "drop_rate": 0.1, "attn_drop_rate": 0.1, "drop_path_rate": 0.1}
+    cfg = small_cfg("simclr", **{"backbone.name": "vit_tiny", "backbone.kwargs": vit, "robust_reg.steps": 1})
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    with pytest.warns(UserWarning, match="recomputed with those layers off"):
+        run = fit(method, tmp_path)
+    assert len(run.metrics) == 2
+    assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in run.metrics)
