@@ -84,11 +84,15 @@ class AttackAccuracy:
 
 @dataclass(frozen=True)
 class SanityCheck:
-    """One gradient-masking check; ``passed=False`` means the robustness numbers are suspect."""
+    """One gradient-masking check; ``passed=False`` means the robustness numbers are suspect.
+
+    A check that could not run has ``ran=False``, counts as passed, and says why in ``detail``.
+    """
 
     name: str
     passed: bool
     detail: str
+    ran: bool = True
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class RobustnessEvaluation:
         for s in self.skipped:
             lines.append(f"skipped: {s}")
         for c in self.checks:
-            mark = "ok  " if c.passed else "!!! SANITY CHECK FAILED:"
+            mark = ("ok  " if c.ran else "n/a ") if c.passed else "!!! SANITY CHECK FAILED:"
             lines.append(f"{mark} {c.name}: {c.detail}")
         if not self.passed:
             lines.append(
@@ -319,8 +323,8 @@ def evaluate_robustness(
     x, y = x.to(device), y.to(device).long()
     n = x.shape[0]
     num_classes = int(num_classes or int(y.max().item()) + 1)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    # torch.manual_seed reseeds every CUDA device too: fork all of them, so the caller's state survives.
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     results: list[AttackAccuracy] = []
     skipped: list[str] = []
     clock = [time.perf_counter()]
@@ -336,7 +340,8 @@ def evaluate_robustness(
             )
             clock[0] = now
 
-    try:
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
         with preserved_state(model, eval_mode=True):
             clean = _accuracy(model, x, y, batch_size).float().mean().item()
             pgd_name = f"PGD-{pgd_steps}"
@@ -347,10 +352,11 @@ def evaluate_robustness(
                 pgd_correct[threat.epsilon] = acc
                 record(pgd_name, threat.epsilon, acc)
             strongest = max(threats, key=lambda t: t.epsilon)
-            acc = _pgd_correct(
-                model, x, y, strongest, check_steps, batch_size, progress_bar, f"PGD-{check_steps} check"
-            )
-            record(f"PGD-{check_steps}", strongest.epsilon, acc)
+            if check_steps != pgd_steps:  # the same attack again would only repeat a row
+                acc = _pgd_correct(
+                    model, x, y, strongest, check_steps, batch_size, progress_bar, f"PGD-{check_steps} check"
+                )
+                record(f"PGD-{check_steps}", strongest.epsilon, acc)
             if large_epsilon is None:
                 d = x[0].numel()
                 span = threats[0].bounds[1] - threats[0].bounds[0]
@@ -369,8 +375,6 @@ def evaluate_robustness(
                         kind, model, x[:m], y[:m], threat, num_classes, batch_size, seed, square_queries, progress_bar
                     )
                     record(kind, threat.epsilon, correct)
-    finally:
-        torch.random.set_rng_state(generator_state)
     checks = _sanity_checks(
         results, pgd_correct, pgd_name, check_steps, strongest.epsilon, big.epsilon, large_epsilon_max_accuracy, clean
     )
@@ -414,7 +418,16 @@ def _sanity_checks(
         )
     )
     few, many = find(pgd_name, strongest), find(f"PGD-{check_steps}", strongest)
-    if many.attack != few.attack:
+    if f"PGD-{check_steps}" == pgd_name:
+        checks.append(
+            SanityCheck(
+                "more PGD steps never raise accuracy",
+                True,
+                f"not run: check_steps equals pgd_steps ({check_steps}); pass check_steps > pgd_steps to run it",
+                ran=False,
+            )
+        )
+    else:
         checks.append(
             SanityCheck(
                 "more PGD steps never raise accuracy",

@@ -117,3 +117,23 @@ def test_bad_arguments_are_named(digit_models):
         evaluate_robustness(honest, x, y[:5], epsilons=[0.1])
     with pytest.raises(ValueError, match="x has values"):
         evaluate_robustness(honest, x * 4, y, epsilons=[0.1])
+
+
+def test_equal_check_steps_run_no_duplicate_attack_and_say_the_check_did_not_run(digit_models):
+    honest, _, x, y = digit_models
+    report = evaluate_robustness(
+        honest, x, y, epsilons=[0.1], pgd_steps=5, check_steps=5, autoattack=False, square=False
+    )
+    rows = [(r.attack, r.epsilon) for r in report.results]
+    assert len(rows) == len(set(rows)) == 2  # PGD-5 at 0.1 and at the large eps, nothing twice
+    (steps_check,) = [c for c in report.checks if c.name == "more PGD steps never raise accuracy"]
+    assert not steps_check.ran and steps_check.passed and "check_steps equals pgd_steps" in steps_check.detail
+    assert "n/a  more PGD steps" in str(report)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_leaves_the_cuda_rng_as_it_was(digit_models):
+    honest, _, x, y = digit_models
+    state = torch.cuda.get_rng_state()
+    evaluate_robustness(honest, x, y, epsilons=[0.1], pgd_steps=2, check_steps=3, autoattack=False, square=False)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
