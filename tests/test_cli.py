@@ -37,6 +37,14 @@ def checkpoint(tmp_path):
     return save_checkpoint(tmp_path / "cnn.pt", build_encoder("cnn", 1), arch="cnn", dataset="mnist5k")
 
 
+@pytest.fixture
+def bare(checkpoint, tmp_path):
+    """The same weights as a bare state_dict (no architecture recorded)."""
+    path = tmp_path / "bare.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], path)
+    return path
+
+
 def rejected(argv: list[str], capsys) -> str:
     """Run the command; check exit status 2 and a single-line error without traceback; return the line."""
     try:
@@ -115,9 +123,7 @@ def test_evaluate_rejects_a_file_that_is_no_checkpoint(content, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_names_the_keys_that_do_not_fit_the_architecture(checkpoint, tmp_path, capsys):
-    bare = tmp_path / "bare.pt"
-    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+def test_evaluate_names_the_keys_that_do_not_fit_the_architecture(bare, tmp_path, capsys):
     argv = ["evaluate", str(bare), "--arch", "resnet18", "--in-channels", "1", "--dataset", "mnist5k"]
     line = rejected([*argv, "--out", str(tmp_path / "out")], capsys)
     assert "does not fit --arch resnet18" in line
@@ -126,17 +132,13 @@ def test_evaluate_names_the_keys_that_do_not_fit_the_architecture(checkpoint, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_names_a_channel_mismatch_by_shape(checkpoint, tmp_path, capsys):
-    bare = tmp_path / "bare.pt"
-    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+def test_evaluate_names_a_channel_mismatch_by_shape(bare, tmp_path, capsys):
     argv = ["evaluate", str(bare), "--arch", "cnn", "--in-channels", "3", "--dataset", "mnist5k"]
     line = rejected([*argv, "--out", str(tmp_path / "out")], capsys)
     assert "0.weight (32, 1, 5, 5) (expected (32, 3, 5, 5))" in line
 
 
-def test_evaluate_asks_for_the_architecture_of_a_bare_state_dict(checkpoint, tmp_path, capsys):
-    bare = tmp_path / "bare.pt"
-    torch.save(torch.load(checkpoint, weights_only=True)["state_dict"], bare)
+def test_evaluate_asks_for_the_architecture_of_a_bare_state_dict(bare, tmp_path, capsys):
     line = rejected(["evaluate", str(bare), "--dataset", "mnist5k", "--out", str(tmp_path / "out")], capsys)
     assert "bare state_dict" in line and "--arch" in line and "--in-channels" in line
 
