@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--save-encoders", action="store_true", help="save every encoder to OUT/encoders/")
     p.add_argument("--render", metavar="RESULTS_JSON", help="only re-draw tables and plots from a results.json")
+    p.add_argument(
+        "--resume",
+        metavar="RESULTS_JSON",
+        help="continue an interrupted run from its results.json (same other arguments): runs already there are kept",
+    )
     return p.parse_args(argv)
 
 
@@ -301,9 +306,18 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
         "budget_runs": [],
     }
+    previous_seconds = 0.0
+    if args.resume:
+        done = json.loads(Path(args.resume).read_text())
+        report.update(runs=done["runs"], budget_runs=done.get("budget_runs", []))
+        report["command"] = done["command"] + " (resumed: " + report["command"] + ")"
+        previous_seconds = done.get("elapsed_seconds", 0.0)
     progress_bar = not args.no_progress
     encoders = out / "encoders" if args.save_encoders else None
-    started = time.perf_counter()
+    started = time.perf_counter() - previous_seconds
+
+    def finished(key: str, name: str, seed: int) -> bool:
+        return any(r["method"] == name and r["seed"] == seed for r in report[key])
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
@@ -311,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for seed in seeds:
         for name in names:
+            if finished("runs", name, seed):
+                continue
             print(f"[compare] seed {seed}: {name}, {epochs} epochs", flush=True)
             run = run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, encoders)
             report["runs"].append(run)
@@ -337,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["budget_seconds"][reference] = seconds
             for seed in seeds:
                 for name in [reference, *(n for n in BUDGETS[reference] if n in names)]:
+                    if finished("budget_runs", name, seed):
+                        continue
                     same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
                     if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
                         report["budget_runs"].append({**same, "reused": True})
