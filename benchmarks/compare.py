@@ -216,13 +216,17 @@ def markdown(
     return "\n".join(lines)
 
 
-def _budget_note(references: dict[str, float], epochs: int) -> str:
-    times = ", ".join(f"{seconds:.0f} s ({name})" for name, seconds in references.items())
+def _budget_note(references: dict[str, dict[str, float]], epochs: int) -> str:
+    times = "; ".join(
+        f"{name}: " + ", ".join(f"{s:.0f} s (seed {seed})" for seed, s in per_seed.items())
+        for name, per_seed in references.items()
+    )
     return (
-        f"Equal budget: each baseline trained for the epochs that fit in the median training time of the "
-        f"recommended configuration of its SSL method at {epochs} epochs: {times}; the references' own runs "
-        f"are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its budget. "
-        "Scored with PGD only (AutoAttack is not run on re-trained encoders)."
+        f"Equal budget: on each seed, each baseline trained for the epochs that fit in the training time of its "
+        f"SSL method's recommended configuration at {epochs} epochs on the same seed ({times}), its epoch time "
+        f"taken from its own {epochs}-epoch run of that seed (same process, same threads); the references' own "
+        f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
+        "budget. Scored with PGD only (AutoAttack is not run on re-trained encoders)."
     )
 
 
@@ -349,9 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
         budget_eval.curve_samples = eval_config.curve_samples
         report["budget_seconds"] = {}
         for reference in references:
-            seconds = statistics.median(r["train_seconds"] for r in report["runs"] if r["method"] == reference)
-            report["budget_seconds"][reference] = seconds
             for seed in seeds:
+                # The reference time of the same seed: its runs share the process and thread settings.
+                ref = [r for r in report["runs"] if r["method"] == reference and r["seed"] == seed][0]
+                seconds = ref["train_seconds"]
+                report["budget_seconds"].setdefault(reference, {})[str(seed)] = seconds
                 for name in [reference, *(n for n in BUDGETS[reference] if n in names)]:
                     if finished("budget_runs", name, seed):
                         continue
