@@ -115,7 +115,7 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if math.isnan(mean):
         return "n/a"
     measured = [v for v in values if v is not None and not math.isnan(v)]
-    if len(measured) == 1 and len(values) > 1:  # e.g. AutoAttack run on one seed only: no spread to show
+    if len(measured) == 1:  # one seed (e.g. AutoAttack run on seed 0 only): no spread to show
         return f"{scale * mean:.{digits}f} (1 seed)"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
