@@ -3,9 +3,6 @@ of one process on the concatenated batch (two CPU processes on gloo)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -36,10 +33,10 @@ def value_and_grad(model: nn.Module, x: torch.Tensor, gather: bool, skip: int = 
     return value.item(), list(grads)
 
 
-def _worker(rank: int, port: int, out: str, gather: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, out: str, gather: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no TCP port to race for on a busy machine.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
     try:
         shard = batch().chunk(WORLD)[rank]
         value, grads = value_and_grad(encoder(), shard, gather, skip=rank * shard.shape[0])
@@ -51,15 +48,19 @@ def _worker(rank: int, port: int, out: str, gather: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_two_processes(out, gather: bool) -> list[dict]:
+    mp.spawn(_worker, args=(str(out), gather), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def run_two_processes(tmp_path, gather: bool) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), gather), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory):
+    return run_two_processes(tmp_path_factory.mktemp("gathered"), gather=True)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    return run_two_processes(tmp_path_factory.mktemp("local"), gather=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +70,18 @@ def single():
     return value, grads
 
 
-def test_gathered_value_equals_the_single_process_value_on_the_whole_batch(tmp_path, single):
-    ranks = run_two_processes(tmp_path, gather=True)
-    for rank in ranks:
+def test_gathered_value_equals_the_single_process_value_on_the_whole_batch(gathered, single):
+    for rank in gathered:
         assert rank["value"] == pytest.approx(single[0], rel=1e-5)
 
 
-def test_gathered_gradient_after_ddp_averaging_equals_the_single_process_gradient(tmp_path, single):
-    ranks = run_two_processes(tmp_path, gather=True)
-    for got, want in zip(ranks[0]["grads"], single[1]):
+def test_gathered_gradient_after_ddp_averaging_equals_the_single_process_gradient(gathered, single):
+    for got, want in zip(gathered[0]["grads"], single[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_without_gathering_each_process_divides_by_its_local_spread(tmp_path, single):
-    ranks = run_two_processes(tmp_path, gather=False)
-    assert ranks[0]["value"] != pytest.approx(single[0], rel=1e-3)
+def test_without_gathering_each_process_divides_by_its_local_spread(local, single):
+    assert local[0]["value"] != pytest.approx(single[0], rel=1e-3)
 
 
 def test_outside_torch_distributed_gathering_is_a_no_op(single):
