@@ -286,10 +286,8 @@ class _Capture:
                 del self.target.__dict__[_FORWARD]
 
     def __call__(self, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
-        if self.busy or self.value is not None or kwargs or not isinstance(inputs, Tensor):
+        if self.busy or self.value is not None or kwargs or not isinstance(inputs, Tensor) or not _same(inputs, self.x):
             return self.original(inputs, *rest, **kwargs)
-        if not _same(inputs, self.x):
-            return self.original(inputs, *rest)
         step = self.step
         output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
         encoder = _Target(self.target, step.key, *rest)

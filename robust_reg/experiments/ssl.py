@@ -55,7 +55,19 @@ DATASET_DEFAULTS = {
 }
 
 
-class SimCLR(nn.Module):
+class _SSLModel(nn.Module):
+    """``forward`` is the embedding the loss compares: ``embed(backbone(x))``."""
+
+    backbone: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.backbone(x))
+
+    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
+        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
+
+
+class SimCLR(_SSLModel):
     """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""
 
     def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
@@ -67,9 +79,6 @@ class SimCLR(nn.Module):
         self.projection_head = SimCLRProjectionHead(dim, hidden_dim, out_dim)
         self.criterion = NTXentLoss(temperature=0.5)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.embed(self.backbone(x))
-
     def embed(self, h: Tensor) -> Tensor:
         """The embedding the loss compares, from backbone features."""
         return self.projection_head(h.flatten(start_dim=1))
@@ -77,14 +86,11 @@ class SimCLR(nn.Module):
     def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
         return self.criterion(*embeddings)
 
-    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
-        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
-
     def after_step(self, progress: float) -> None:
         pass
 
 
-class BYOL(nn.Module):
+class BYOL(_SSLModel):
     """BYOL (Grill et al. 2020): predict a momentum encoder's projection of the other view."""
 
     def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
@@ -103,9 +109,6 @@ class BYOL(nn.Module):
         self.criterion = NegativeCosineSimilarity()
         self.momentum = 0.99
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.embed(self.backbone(x))
-
     def embed(self, h: Tensor) -> Tensor:
         """The embedding the loss compares (the prediction), from backbone features."""
         return self.prediction_head(self.projection_head(h.flatten(start_dim=1)))
@@ -119,9 +122,6 @@ class BYOL(nn.Module):
         p0, p1 = embeddings
         t0, t1 = (self._target(x) for x in views)
         return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
-
-    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
-        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
 
     def after_step(self, progress: float) -> None:
         from lightly.models.utils import update_momentum
