@@ -29,6 +29,7 @@ Writes results.json, results.md, accuracy_vs_eps.png and bound_vs_loss.png to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -54,6 +55,11 @@ METHODS = {
     "byol-acl": ("byol", "acl"),
     "byol+reg": ("byol", "reg"),
     "byol+reg+advview": ("byol", "advview"),
+    # Candidates for the default, measured beside it (README, "Results"; negative-results.md):
+    "simclr+robust-reg[bn=running]": ("simclr", "robust", {"batch_norm": "running"}),
+    "simclr+robust-reg[views=2]": ("simclr", "robust", {"adversarial_views": 2}),
+    "simclr+robust-reg[eps=0.15]": ("simclr", "robust", {"epsilon": 0.15}),
+    "simclr+robust-reg[step=0.05]": ("simclr", "robust", {"step_size": 0.05}),
 }
 # The default run: the package default against the baseline per method, plus the paper's backbone form.
 DEFAULT_METHODS = ("simclr", "simclr+robust-reg", "simclr+reg", "simclr-acl", "byol", "byol+robust-reg", "byol-acl")
@@ -121,7 +127,8 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
-    method, variant = METHODS[name]
+    method, variant, *rest = METHODS[name]
+    overrides = rest[0] if rest else {}
     d = DATASET_DEFAULTS[args.dataset]
     weight = args.robust_weight
     if weight is None:
@@ -140,6 +147,7 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
         seed=seed,
         amp=device.type == "cuda",
     )
+    config = dataclasses.replace(config, **overrides)
     result = pretrain(data, config, device=device, progress_bar=progress_bar)
     if save_to is not None:
         result.save(save_to / f"{name}_seed{seed}_e{epochs}.pt")

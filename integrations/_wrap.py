@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robust_reg import RobustnessRegularizer
+from robust_reg import RobustnessRegularizer, ThreatModel
 
 ViewGetter = Callable[[Any], Tensor]
 
-# The regulariser's own keywords, read from its signature (mean/std come from the adapters' normalisation).
+# The regulariser's own keywords, read from its signature (mean/std come from the adapters' normalisation;
+# epsilon, norm and bounds go to the ThreatModel).
 REGULARIZER_KEYS = tuple(
     name for name in inspect.signature(RobustnessRegularizer.__init__).parameters if name not in ("self", "mean", "std")
 )
@@ -45,40 +46,23 @@ def resolve_attribute(module: nn.Module, path: str, what: str) -> nn.Module:
     return obj
 
 
-def find_normalize(transform: Any, depth: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The (mean, std) of the first ``Normalize`` inside a (lightly or torchvision) transform, if any."""
-    if transform is None or depth > 6:
-        return None
-    if type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std"):
-        return _floats(transform.mean), _floats(transform.std)
-    children: list[Any] = []
-    for name in ("transforms", "transform", "view_transforms"):
-        child = getattr(transform, name, None)
-        if child is None:
-            continue
-        children.extend(child if isinstance(child, (list, tuple)) else [child])
-    for child in children:
-        found = find_normalize(child, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
 #: "Not given" for adapter options whose ``None`` means something (``normalize=None``: raw pixels).
 UNSET: Any = object()
 
 
-def resolve_normalization(
+def resolve_threat(
+    options: dict[str, Any],
     *,
     normalize: Any = UNSET,
     transform: Any = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    default: Callable[[], tuple[Sequence[float], Sequence[float]] | None],
-) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    """The (mean, std) the views were normalised with: the one source given, else ``default()``.
+    default: Callable[[float, str, tuple[float, float]], ThreatModel],
+) -> ThreatModel:
+    """The threat model of the views: ``epsilon``/``norm``/``bounds`` popped from ``options``, the
+    normalisation from the one source given, else ``default(epsilon, norm, bounds)``.
 
-    Sources: ``mean``/``std``; ``transform`` (its ``Normalize``, none: raw pixels); ``normalize``
+    Sources: ``mean``/``std``; ``transform`` (:meth:`ThreatModel.from_transform`); ``normalize``
     (``None``: raw pixels, or ``{"mean": ..., "std": ...}`` as lightly writes it). Both adapters
     use this, with their framework's default.
     """
@@ -89,27 +73,18 @@ def resolve_normalization(
     ] + (["normalize"] if normalize is not UNSET else [])
     if len(given) > 1:
         raise ValueError(f"pass only one of normalize, transform or mean/std to describe the inputs, got {given}")
-    if mean is not None or std is not None:
-        return mean, std
+    epsilon = options.pop("epsilon", 8 / 255)
+    norm = options.pop("norm", "linf")
+    bounds = options.pop("bounds", (0.0, 1.0))
     if transform is not None:
-        found = find_normalize(transform)
-        return found if found is not None else (None, None)
-    if normalize is UNSET:
-        found = default()
-        return found if found is not None else (None, None)
-    if normalize is None:
-        return None, None
-    if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
-        raise ValueError(f"normalize must be None or a dict with 'mean' and 'std', got {normalize!r}")
-    return normalize["mean"], normalize["std"]
-
-
-def _floats(values: Any) -> tuple[float, ...]:
-    if isinstance(values, Tensor):
-        values = values.flatten().tolist()
-    if isinstance(values, (int, float)):
-        values = [values]
-    return tuple(float(v) for v in values)
+        return ThreatModel.from_transform(transform, epsilon, norm=norm, bounds=bounds)
+    if normalize is UNSET and mean is None and std is None:
+        return default(epsilon, norm, bounds)
+    if normalize is not UNSET and normalize is not None:
+        if not isinstance(normalize, Mapping) or not {"mean", "std"} <= set(normalize):
+            raise ValueError(f"normalize must be None or a dict with 'mean' and 'std', got {normalize!r}")
+        mean, std = normalize["mean"], normalize["std"]
+    return ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
 
 
 _FORWARD = "forward"
@@ -359,8 +334,7 @@ def robustify_module(
     key: str | int | None,
     view: ViewGetter,
     view_description: str,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
+    threat: ThreatModel,
     weight: float,
     adversarial_view: bool | None,
     log: bool,
@@ -394,8 +368,8 @@ def robustify_module(
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
     embedding = encoder == _FORWARD
-    options = {"epsilon": 8 / 255, "normalize_features": embedding, **regularizer_options}
-    regularizer = RobustnessRegularizer(**options, mean=mean, std=std)
+    options = {"normalize_features": embedding, **regularizer_options}
+    regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
     if adversarial_view is None:
         adversarial_view = embedding
     step = RobustTrainingStep(

@@ -32,7 +32,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._wrap import UNSET, resolve_normalization, robust_step, robustify_module
+from robust_reg import ThreatModel
+
+from ._wrap import UNSET, resolve_threat, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified"]
 
@@ -44,10 +46,11 @@ def _first_view(batch: Any) -> Tensor:
     return views[0]
 
 
-def _lightly_default() -> tuple[Sequence[float], Sequence[float]]:
+def _lightly_default(epsilon: float, norm: str, bounds: tuple[float, float]) -> ThreatModel:
+    """Inputs normalised with lightly's ``IMAGENET_NORMALIZE``, which its transforms apply by default."""
     from lightly.transforms.utils import IMAGENET_NORMALIZE
 
-    return IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]
+    return ThreatModel(epsilon, norm=norm, bounds=bounds, **IMAGENET_NORMALIZE)
 
 
 def robustify(
@@ -152,8 +155,9 @@ def robustify(
         >>> is_robustified(model)
         True
     """
-    mean, std = resolve_normalization(
-        normalize=normalize, transform=transform, mean=mean, std=std, default=_lightly_default
+    options = {"epsilon": epsilon, **regularizer_options}
+    threat = resolve_threat(
+        options, normalize=normalize, transform=transform, mean=mean, std=std, default=_lightly_default
     )
     return robustify_module(
         module,
@@ -162,12 +166,11 @@ def robustify(
         key=key,
         view=view if view is not None else _first_view,
         view_description="batch[0][0]" if view is None else getattr(view, "__name__", "view(batch)"),
-        mean=mean,
-        std=std,
+        threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,
         log=log,
-        regularizer_options={"epsilon": epsilon, **regularizer_options},
+        regularizer_options=options,
     )
 
 

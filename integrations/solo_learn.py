@@ -34,7 +34,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._wrap import REGULARIZER_KEYS, UNSET, find_normalize, resolve_normalization, robust_step, robustify_module
+from robust_reg import ThreatModel
+
+from ._wrap import REGULARIZER_KEYS, UNSET, resolve_threat, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified", "solo_normalization", "EMBEDDING_KEYS"]
 
@@ -88,20 +90,10 @@ def _config_block(cfg: Any) -> dict[str, Any]:
 def solo_normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The (mean, std) solo-learn's transform pipeline applies for this config (``None``: no normalisation).
 
-    Built with solo-learn's own ``build_transform_pipeline`` for ``cfg.data.dataset``
-    and the first augmentation config, so it follows whatever solo-learn does.
+    Read through :meth:`robust_reg.ThreatModel.from_solo_config`, so it follows whatever solo-learn does.
     """
-    try:
-        dataset = cfg.data.dataset
-        augmentation = cfg.augmentations[0]
-    except (AttributeError, KeyError, IndexError, TypeError) as err:
-        raise ValueError(
-            "cannot tell the input normalisation: cfg needs data.dataset and augmentations (a solo-learn "
-            f"pretrain config), or pass mean=/std= or normalize=None to robustify ({err})"
-        ) from err
-    from solo.data.pretrain_dataloader import build_transform_pipeline
-
-    return find_normalize(build_transform_pipeline(dataset, augmentation))
+    threat = ThreatModel.from_solo_config(cfg, epsilon=0.0)
+    return (threat.mean, threat.std) if threat.normalized else None
 
 
 def robustify(
@@ -170,14 +162,19 @@ def robustify(
         return method
     _check_solo_method(method)
 
-    mean, std = resolve_normalization(
-        normalize=settings.pop("normalize", UNSET),
-        mean=settings.pop("mean", None),
-        std=settings.pop("std", None),
-        default=lambda: solo_normalization(cfg),
-    )
+    normalize, mean, std = settings.pop("normalize", UNSET), settings.pop("mean", None), settings.pop("std", None)
+    weight, log = settings.pop("weight", 1.0), settings.pop("log", True)
+    adversarial_view = settings.pop("adversarial_view", None)
     encoder = settings.pop("encoder", "forward")
     key = settings.pop("key", None)
+    # What is left are the regulariser's keys; epsilon, norm and bounds go to the threat model.
+    threat = resolve_threat(
+        settings,
+        normalize=normalize,
+        mean=mean,
+        std=std,
+        default=lambda eps, norm, bounds: ThreatModel.from_solo_config(cfg, epsilon=eps, norm=norm, bounds=bounds),
+    )
     if encoder == "forward" and key is None:
         key = _embedding_key(method)
     return robustify_module(
@@ -187,12 +184,11 @@ def robustify(
         key=key,
         view=view if view is not None else _first_large_crop,
         view_description="batch[1][0]" if view is None else getattr(view, "__name__", "view(batch)"),
-        mean=mean,
-        std=std,
-        weight=settings.pop("weight", 1.0),
-        adversarial_view=settings.pop("adversarial_view", None),
-        log=settings.pop("log", True),
-        regularizer_options={"epsilon": settings.pop("epsilon", 8 / 255), **settings},
+        threat=threat,
+        weight=weight,
+        adversarial_view=adversarial_view,
+        log=log,
+        regularizer_options=settings,
     )
 
 

@@ -82,6 +82,24 @@ def _check_step_size(step_size: float | None) -> float | None:
     return float(step_size)
 
 
+def _find_normalize(transform: object, depth: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) of the first ``Normalize`` inside a (lightly or torchvision) transform, if any."""
+    if transform is None or depth > 6:
+        return None
+    if type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std"):
+        return _as_channel_tuple(transform.mean, "mean"), _as_channel_tuple(transform.std, "std")
+    children: list = []
+    for name in ("transforms", "transform", "view_transforms"):
+        child = getattr(transform, name, None)
+        if child is not None:
+            children.extend(child if isinstance(child, (list, tuple)) else [child])
+    for child in children:
+        found = _find_normalize(child, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """The set of allowed inputs ``B(x) = {x' : ||x' - x||_p <= eps, lo <= x' <= hi}``.
@@ -130,6 +148,68 @@ class ThreatModel:
             raise ValueError(f"mean and std must have the same number of channels, got {len(mean)} and {len(std)}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+
+    @classmethod
+    def from_transform(
+        cls, transform: object, epsilon: float, *, norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0)
+    ) -> ThreatModel:
+        """The ball for inputs that ``transform`` produced, normalised as its ``Normalize`` does.
+
+        Searches the transform (torchvision ``Compose``, lightly's multi-view
+        transforms, anything with ``transforms``/``transform``/``view_transforms``)
+        for the first object named ``Normalize`` with ``mean``/``std``; without
+        one, the inputs are raw pixels.
+
+        Examples:
+            >>> from torchvision import transforms as T
+            >>> t = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.25,))])
+            >>> ThreatModel.from_transform(t, 0.1).std
+            (0.25,)
+            >>> ThreatModel.from_transform(T.ToTensor(), 0.1).normalized
+            False
+        """
+        found = _find_normalize(transform)
+        mean, std = found if found is not None else (None, None)
+        return cls(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+
+    @classmethod
+    def from_solo_config(
+        cls,
+        cfg: object,
+        *,
+        epsilon: float | None = None,
+        norm: str | None = None,
+        bounds: tuple[float, float] | None = None,
+    ) -> ThreatModel:
+        """The ball of a solo-learn pretraining config.
+
+        ``epsilon``, ``norm`` and ``bounds`` come from the arguments, else from the
+        config's ``robust_reg`` block, else 8/255, ``"linf"``, ``(0, 1)``. The
+        normalisation is what solo-learn's own ``build_transform_pipeline`` applies
+        for ``cfg.data.dataset`` and ``cfg.augmentations[0]`` (solo-learn must be
+        importable).
+
+        Raises:
+            ValueError: If ``cfg`` has no ``data.dataset`` or ``augmentations``.
+        """
+        block = getattr(cfg, "robust_reg", None) or {}
+        get = block.get if hasattr(block, "get") else (lambda k, d=None: getattr(block, k, d))
+        try:
+            dataset = cfg.data.dataset
+            augmentation = cfg.augmentations[0]
+        except (AttributeError, KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                "cfg must be a solo-learn pretrain config with data.dataset and augmentations to tell the input "
+                f"normalisation ({err}); or build ThreatModel(epsilon, mean=..., std=...) directly"
+            ) from err
+        from solo.data.pretrain_dataloader import build_transform_pipeline
+
+        return cls.from_transform(
+            build_transform_pipeline(dataset, augmentation),
+            epsilon if epsilon is not None else get("epsilon", 8 / 255),
+            norm=norm if norm is not None else get("norm", "linf"),
+            bounds=tuple(bounds if bounds is not None else get("bounds", (0.0, 1.0))),
+        )
 
     @property
     def normalized(self) -> bool:

@@ -19,11 +19,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
 from .attacks import ThreatModel, _check_step_size, _check_steps, projected_gradient_ascent
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
+
+_BATCH_NORM_MODES = ("batch", "running")
 
 
 class RegularizerOutput(NamedTuple):
@@ -106,8 +109,14 @@ class RobustnessRegularizer(nn.Module):
       eval-mode network that downstream heads use. If ``features`` came from a
       pass with such layers active, they are recomputed once with the layers off
       (one extra forward; a warning says so once per regulariser).
-    - **BatchNorm uses batch statistics** in train mode, as in the SSL loss, but
-      its running statistics are never updated by these passes.
+    - **BatchNorm uses batch statistics** in train mode (``batch_norm="batch"``,
+      the default), as in the SSL loss, but its running statistics are never
+      updated by these passes. ``batch_norm="running"`` runs BatchNorm layers in
+      eval mode instead (their running statistics, the network a downstream head
+      sees); the clean anchor is then computed the same way, so ``features``
+      from a train-mode pass are recomputed (one extra forward, said once by a
+      warning). Measured side by side in ``benchmarks/compare.py`` (README,
+      "Results"): the default stays.
     - No parameter ``.grad`` is written by the ascent; every submodule's mode and
       every ``requires_grad`` flag is restored bit for bit, also when the
       encoder raises.
@@ -135,6 +144,9 @@ class RobustnessRegularizer(nn.Module):
             ``adversarial_features`` are returned as the encoder returned them.
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
+        batch_norm: ``"batch"`` (batch statistics, running statistics untouched)
+            or ``"running"`` (BatchNorm in eval mode during the regulariser's
+            passes); see the execution policy above.
         gather_distributed: Under ``torch.distributed`` (DDP), average the
             deviation and compute the spread over the global batch of all
             processes (a differentiable all-gather, as lightly's losses do), so
@@ -187,6 +199,7 @@ class RobustnessRegularizer(nn.Module):
         bounds: tuple[float, float] = (0.0, 1.0),
         normalize_features: bool = False,
         stochastic_modules: Sequence[type] = (),
+        batch_norm: str = "batch",
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
@@ -200,9 +213,29 @@ class RobustnessRegularizer(nn.Module):
         if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
             raise TypeError(f"stochastic_modules must be nn.Module subclasses, got {types!r}")
         self.stochastic_modules = types
+        if batch_norm not in _BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {_BATCH_NORM_MODES}, got {batch_norm!r}")
+        self.batch_norm = batch_norm
         self.gather_distributed = bool(gather_distributed)
         self._warned_stochastic = False
         self.last_stats: RegularizerStats | None = None
+
+    @classmethod
+    def from_threat_model(cls, threat: ThreatModel, **options: object) -> RobustnessRegularizer:
+        """A regulariser over ``threat``'s ball (eps, norm, bounds, normalisation); ``options`` as in ``__init__``.
+
+        Examples:
+            >>> from robust_reg import ThreatModel
+            >>> threat = ThreatModel(8 / 255, mean=(0.5,), std=(0.25,))
+            >>> RobustnessRegularizer.from_threat_model(threat, steps=2).threat == threat
+            True
+        """
+        if not isinstance(threat, ThreatModel):
+            raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+        clash = {"epsilon", "norm", "bounds", "mean", "std"} & set(options)
+        if clash:
+            raise TypeError(f"{', '.join(sorted(clash))} come from the threat model; do not pass them too")
+        return cls(threat.epsilon, norm=threat.norm, bounds=threat.bounds, mean=threat.mean, std=threat.std, **options)
 
     @property
     def epsilon(self) -> float:
@@ -227,6 +260,8 @@ class RobustnessRegularizer(nn.Module):
             parts.append(f"bounds={t.bounds}")
         if self.normalize_features:
             parts.append("normalize_features=True")
+        if self.batch_norm != "batch":
+            parts.append(f"batch_norm={self.batch_norm!r}")
         return ", ".join(parts)
 
     def forward(
@@ -255,11 +290,13 @@ class RobustnessRegularizer(nn.Module):
         self._check_call(encoder, x, features)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
-            stochastic = active_stochastic_layers(module, self.stochastic_modules)
-            for layer in stochastic:
+            switched = active_stochastic_layers(module, self.stochastic_modules)
+            if self.batch_norm == "running":
+                switched += [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training]
+            for layer in switched:
                 layer.training = False  # restored by preserved_state
-            if features is not None and stochastic:
-                self._warn_recompute(stochastic)
+            if features is not None and switched:
+                self._warn_recompute(switched)
                 features = None
             if features is None:
                 features = encoder(x)
@@ -301,15 +338,16 @@ class RobustnessRegularizer(nn.Module):
             return RegularizerOutput(value, x_adv, adv_features)
         return value
 
-    def _warn_recompute(self, stochastic: list[nn.Module]) -> None:
+    def _warn_recompute(self, switched: list[nn.Module]) -> None:
         if self._warned_stochastic:
             return
         self._warned_stochastic = True
-        kinds = ", ".join(sorted({type(m).__name__ for m in stochastic}))
+        kinds = ", ".join(sorted({type(m).__name__ for m in switched}))
         warnings.warn(
-            f"RobustnessRegularizer: the encoder has active stochastic layers ({kinds}), so the features= passed "
-            "in carry their noise; the clean features are recomputed with those layers off (one extra forward "
-            "per call) so that the deviation measures the perturbation only",
+            f"RobustnessRegularizer: the encoder has layers in training mode that the regulariser runs in eval "
+            f"mode ({kinds}), so the features= passed in were computed differently; the clean features are "
+            "recomputed with those layers in eval mode (one extra forward per call) so that the deviation "
+            "measures the perturbation only",
             stacklevel=3,
         )
 

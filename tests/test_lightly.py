@@ -311,7 +311,7 @@ def test_a_vision_transformer_with_dropout_trains_through_the_adapter(tmp_path):
     capture = Capture()
     torch.manual_seed(0)
     module = robustify(ViTSimCLR())
-    with pytest.warns(UserWarning, match="recomputed with those layers off"):
+    with pytest.warns(UserWarning, match="recomputed with those layers in eval mode"):
         trainer(tmp_path, max_steps=2, callbacks=[capture]).fit(module, loader())
     assert len(capture.metrics) == 2
     assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in capture.metrics)

@@ -127,6 +127,23 @@ def test_normalisation_is_solo_learns_for_the_configured_dataset():
     assert solo_normalization(cfg100)[0] == pytest.approx((0.5071, 0.4865, 0.4409))
 
 
+def test_threat_model_from_a_solo_config_reads_the_block_and_solo_learns_normalisation():
+    from robust_reg import ThreatModel
+
+    cfg = small_cfg("simclr", **{"robust_reg.epsilon": 0.02, "robust_reg.norm": "l2"})
+    threat = ThreatModel.from_solo_config(cfg)
+    assert (threat.epsilon, threat.norm) == (0.02, "l2")
+    assert threat.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+    assert ThreatModel.from_solo_config(cfg, epsilon=0.1).epsilon == 0.1  # arguments win over the block
+
+
+def test_the_adapter_builds_its_ball_with_threat_model_from_solo_config():
+    from robust_reg import ThreatModel
+
+    cfg = small_cfg("simclr", **{"robust_reg.epsilon": 0.02})
+    assert robustify(SimCLR(cfg), cfg=cfg).training_step.regularizer.threat == ThreatModel.from_solo_config(cfg)
+
+
 def test_the_method_cfg_is_used_when_none_is_given():
     cfg = small_cfg("simclr", **{"robust_reg.steps": 4})
     assert robustify(SimCLR(cfg)).training_step.regularizer.steps == 4
@@ -218,7 +235,7 @@ def test_a_vision_transformer_method_trains_through_the_adapter(tmp_path):
     vit = {"img_size": 32, "patch_size": 8, "drop_rate": 0.1, "attn_drop_rate": 0.1, "drop_path_rate": 0.1}
     cfg = small_cfg("simclr", **{"backbone.name": "vit_tiny", "backbone.kwargs": vit, "robust_reg.steps": 1})
     method = robustify(SimCLR(cfg), cfg=cfg)
-    with pytest.warns(UserWarning, match="recomputed with those layers off"):
+    with pytest.warns(UserWarning, match="recomputed with those layers in eval mode"):
         run = fit(method, tmp_path)
     assert len(run.metrics) == 2
     assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in run.metrics)

@@ -148,6 +148,8 @@ class PretrainConfig:
         epsilon: Radius of the threat ball (pixel units).
         norm: ``linf`` or ``l2``.
         steps: Ascent steps of the regulariser's inner maximisation.
+        step_size: Ascent step of the regulariser (``None``: ``2.5 * epsilon / steps``).
+        batch_norm: The regulariser's BatchNorm mode, ``batch`` or ``running``.
         adversarial_views: ``robust`` only: perturb view 0 (1) or both views (2).
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
@@ -165,6 +167,8 @@ class PretrainConfig:
     epsilon: float = 0.1
     norm: str = "linf"
     steps: int = 3
+    step_size: float | None = None
+    batch_norm: str = "batch"
     adversarial_views: int = 1
     acl_steps: int = 5
     seed: int = 0
@@ -271,7 +275,12 @@ def pretrain(
 def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     """The regulariser of a variant: on the normalised embedding for ``robust``, on the backbone otherwise."""
     return RobustnessRegularizer(
-        config.epsilon, norm=config.norm, steps=config.steps, normalize_features=config.variant == "robust"
+        config.epsilon,
+        norm=config.norm,
+        steps=config.steps,
+        step_size=config.step_size,
+        batch_norm=config.batch_norm,
+        normalize_features=config.variant == "robust",
     )
 
 
