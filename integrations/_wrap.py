@@ -216,9 +216,9 @@ class RobustTrainingStep:
             return
         stats = self.regularizer.last_stats
         module.log("robust_reg/value", stats.value, batch_size=n)
-        module.log("robust_reg/deviation", stats.deviation, batch_size=n)
-        module.log("robust_reg/distance", stats.distance, batch_size=n)
-        module.log("robust_reg/spread", stats.spread, batch_size=n)
+        module.log("robust_reg/mean_squared_deviation", stats.mean_squared_deviation, batch_size=n)
+        module.log("robust_reg/mean_deviation", stats.mean_deviation, batch_size=n)
+        module.log("robust_reg/variance", stats.variance, batch_size=n)
 
 
 class _Target(nn.Module):

@@ -13,7 +13,8 @@ bound, like every number built from the ascent, is an *estimate*.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,6 +26,10 @@ from ._utils import flat, module_device, progress, unpack_batch
 from .attacks import ThreatModel, _check_step_size, _check_steps, pgd_attack, projected_gradient_ascent
 
 __all__ = ["BoundReport", "RobustnessCurve", "estimate_bound", "robustness_curve", "linear_head_lipschitz"]
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated since 0.2.0; use {new} (same value)", DeprecationWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,11 @@ class BoundReport:
         num_samples: Number of evaluated samples.
         clean_loss: Mean cross-entropy of ``head(encoder(x))``.
         adversarial_loss: Mean cross-entropy under the PGD attack (estimate).
-        regularizer: ``R_eps``: mean estimated max feature deviation ``D(x)`` (estimate).
-        relative_regularizer: ``R_eps / sigma`` (estimate).
-        spread: ``sigma``, root mean squared distance of the clean features to their mean.
+        mean_deviation: ``R_eps``: mean estimated max feature deviation ``D(x)`` (estimate).
+        relative_deviation: ``R_eps / sigma`` (estimate).
+        sigma: Root mean squared distance of the clean features to their mean (the spread).
         lipschitz: Lipschitz constant of ``z -> CE(head(z), y)``, ``sqrt(2) * ||W||_2`` (exact).
-        bound: ``clean_loss + lipschitz * regularizer`` (estimate).
+        bound: ``clean_loss + lipschitz * mean_deviation`` (estimate).
         clean_accuracy: Accuracy on clean inputs.
         adversarial_accuracy: Accuracy under the PGD attack (estimate, an upper estimate of robust accuracy).
         predicted_robust_accuracy: Fraction whose logit margins survive a feature
@@ -59,15 +64,33 @@ class BoundReport:
     num_samples: int
     clean_loss: float
     adversarial_loss: float
-    regularizer: float
-    relative_regularizer: float
-    spread: float
+    mean_deviation: float
+    relative_deviation: float
+    sigma: float
     lipschitz: float
     bound: float
     clean_accuracy: float
     adversarial_accuracy: float
     predicted_robust_accuracy: float | None
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def regularizer(self) -> float:
+        """Deprecated alias of :attr:`mean_deviation` (0.1.0 name)."""
+        _renamed("BoundReport.regularizer", "mean_deviation")
+        return self.mean_deviation
+
+    @property
+    def relative_regularizer(self) -> float:
+        """Deprecated alias of :attr:`relative_deviation` (0.1.0 name)."""
+        _renamed("BoundReport.relative_regularizer", "relative_deviation")
+        return self.relative_deviation
+
+    @property
+    def spread(self) -> float:
+        """Deprecated alias of :attr:`sigma` (0.1.0 name)."""
+        _renamed("BoundReport.spread", "sigma")
+        return self.sigma
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of all fields."""
@@ -85,9 +108,9 @@ class BoundReport:
             ("adversarial loss", f"{self.adversarial_loss:.4f}", f"estimate: PGD-{self.steps}"),
             ("bound  clean + L * R", f"{self.bound:.4f}", "estimate (R is estimated)"),
             ("Lipschitz L", f"{self.lipschitz:.4f}", "exact: sqrt(2) ||W||_2"),
-            ("regularizer R_eps", f"{self.regularizer:.4f}", "estimate: mean max ||f(x')-f(x)||"),
-            ("relative R_eps / sigma", f"{self.relative_regularizer:.4f}", "estimate"),
-            ("feature spread sigma", f"{self.spread:.4f}", ""),
+            ("mean deviation R_eps", f"{self.mean_deviation:.4f}", "estimate: mean max ||f(x')-f(x)||"),
+            ("relative deviation R/sigma", f"{self.relative_deviation:.4f}", "estimate"),
+            ("feature spread sigma", f"{self.sigma:.4f}", ""),
         ]
         width = max(len(r[0]) for r in rows)
         head = f"BoundReport: eps={self.epsilon:.4g} ({self.norm}), {self.num_samples} samples"
@@ -128,7 +151,7 @@ class RobustnessCurve:
             pred = "n/a" if r.predicted_robust_accuracy is None else f"{100 * r.predicted_robust_accuracy:.2f}"
             lines.append(
                 f"{r.epsilon:>8.4g} {100 * r.clean_accuracy:>10.2f} {100 * r.adversarial_accuracy:>9.2f} "
-                f"{pred:>10} {r.adversarial_loss:>10.4f} {r.bound:>9.4f} {r.regularizer:>9.4f}"
+                f"{pred:>10} {r.adversarial_loss:>10.4f} {r.bound:>9.4f} {r.mean_deviation:>9.4f}"
             )
         lines.append(
             "* estimates from gradient ascent: accuracies under attack are upper estimates of robust accuracy; "
@@ -172,6 +195,7 @@ def estimate_bound(
     device: str | torch.device | None = None,
     max_batches: int | None = None,
     progress_bar: bool = False,
+    adversarial_inputs: Tensor | None = None,
 ) -> BoundReport:
     """Estimate the downstream bound of DESIGN §1 for ``head`` on ``encoder``.
 
@@ -205,6 +229,10 @@ def estimate_bound(
         device: Where to run (default: the encoder's device).
         max_batches: Evaluate only this many batches.
         progress_bar: Show a progress bar.
+        adversarial_inputs: PGD examples already found for the loader's samples, in
+            order (e.g. ``RobustnessEvaluation.adversarial_inputs("PGD-20", eps)`` from
+            :func:`~robust_reg.evaluation.evaluate_robustness` with the same steps): used
+            instead of running the attack again.
 
     Returns:
         A :class:`BoundReport`.
@@ -227,90 +255,114 @@ def estimate_bound(
         True
     """
     threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-    steps = _check_steps(steps)
-    step_size = _check_step_size(step_size)
+    steps, step_size = _check_steps(steps), _check_step_size(step_size)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    notes: list[str] = []
-    weight = None
+    lipschitz, notes = _lipschitz_of(head, lipschitz)
+    if adversarial_inputs is not None:
+        notes.append("PGD examples reused from the evaluation's attack (same settings)")
+    device = torch.device(device) if device is not None else module_device(encoder)
+    ascent = dict(threat=threat, steps=steps, step_size=step_size, random_start=random_start)
+    totals = _Totals(weight=head.weight.detach().float() if isinstance(head, nn.Linear) else None)
+    with preserved_state(encoder, eval_mode=True), preserved_state(head, eval_mode=True):
+        for i, batch in enumerate(progress(loader, enabled=progress_bar, desc=f"bound eps={epsilon:.3g}")):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = (t.to(device) for t in unpack_batch(batch))
+            threat.check_inputs(x, "loader inputs")
+            reused = None
+            if adversarial_inputs is not None:
+                reused = adversarial_inputs[totals.n : totals.n + x.shape[0]].to(device)
+                if reused.shape != x.shape:
+                    raise ValueError(
+                        f"adversarial_inputs must hold one input per loader sample in order; it has "
+                        f"{adversarial_inputs.shape[0]} for at least {totals.n + x.shape[0]} samples"
+                    )
+            totals.add(encoder, head, x, y, ascent, reused)
+    if totals.n == 0:
+        raise ValueError("loader yielded no samples")
+    return totals.report(threat, steps, lipschitz, notes)
+
+
+def _lipschitz_of(head: nn.Module, lipschitz: float | None) -> tuple[float, list[str]]:
+    """The loss's Lipschitz constant in the features, computed for a linear head or given by the caller."""
     if lipschitz is None:
         if not isinstance(head, nn.Linear):
             raise TypeError(
                 f"head must be an nn.Linear for the Lipschitz constant to be computed, got "
                 f"{type(head).__name__}; pass lipschitz= for other heads"
             )
-        lipschitz = linear_head_lipschitz(head)
-    else:
-        if not (isinstance(lipschitz, (int, float)) and math.isfinite(lipschitz) and lipschitz >= 0):
-            raise ValueError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
-        lipschitz = float(lipschitz)
-        notes.append("Lipschitz constant given by the caller")
-    if isinstance(head, nn.Linear):
-        weight = head.weight.detach().float()
-    device = torch.device(device) if device is not None else module_device(encoder)
+        return linear_head_lipschitz(head), []
+    if not (isinstance(lipschitz, (int, float)) and math.isfinite(lipschitz) and lipschitz >= 0):
+        raise ValueError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
+    return float(lipschitz), ["Lipschitz constant given by the caller"]
 
-    def model(v: Tensor) -> Tensor:
-        return head(flat(encoder(v)))
 
-    totals = dict(n=0, clean_loss=0.0, adv_loss=0.0, dev=0.0, clean_correct=0, adv_correct=0, predicted=0)
-    feat_sum: Tensor | None = None
-    feat_sq = 0.0
-    with preserved_state(encoder, eval_mode=True), preserved_state(head, eval_mode=True):
-        for i, batch in enumerate(progress(loader, enabled=progress_bar, desc=f"bound eps={epsilon:.3g}")):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = unpack_batch(batch)
-            x, y = x.to(device), y.to(device)
-            threat.check_inputs(x, "loader inputs")
-            with torch.no_grad():
-                h = flat(encoder(x)).float()
-                logits = head(h).float()
-            x_ce = pgd_attack(model, x, y, threat, steps=steps, step_size=step_size, random_start=random_start)
+@dataclass
+class _Totals:
+    """Running sums over the batches of :func:`estimate_bound`."""
 
-            def deviation(v: Tensor, h: Tensor = h) -> Tensor:
-                return (flat(encoder(v)).float() - h).pow(2).sum(dim=1)
+    weight: Tensor | None
+    n: int = 0
+    clean_loss: float = 0.0
+    adversarial_loss: float = 0.0
+    deviation: float = 0.0
+    clean_correct: int = 0
+    adversarial_correct: int = 0
+    predicted: int = 0
+    feature_sum: Tensor | None = None
+    feature_sq: float = 0.0
 
-            x_dev = projected_gradient_ascent(
-                deviation, x, threat, steps=steps, step_size=step_size, random_start=random_start, keep_best=True
-            )
-            with torch.no_grad():
-                h_ce = flat(encoder(x_ce)).float()
-                adv_logits = head(h_ce).float()
-                dist = torch.maximum((flat(encoder(x_dev)).float() - h).norm(dim=1), (h_ce - h).norm(dim=1))
-            totals["n"] += x.shape[0]
-            totals["clean_loss"] += F.cross_entropy(logits, y, reduction="sum").item()
-            totals["adv_loss"] += F.cross_entropy(adv_logits, y, reduction="sum").item()
-            totals["dev"] += dist.sum().item()
-            totals["clean_correct"] += (logits.argmax(1) == y).sum().item()
-            totals["adv_correct"] += (adv_logits.argmax(1) == y).sum().item()
-            if weight is not None:
-                totals["predicted"] += _margin_survives(logits, y, weight, dist).sum().item()
-            hd = h.double()
-            feat_sum = hd.sum(0) if feat_sum is None else feat_sum + hd.sum(0)
-            feat_sq += hd.pow(2).sum().item()
-    n = totals["n"]
-    if n == 0:
-        raise ValueError("loader yielded no samples")
-    spread = math.sqrt(max(feat_sq / n - (feat_sum / n).pow(2).sum().item(), 0.0))
-    regularizer = totals["dev"] / n
-    clean_loss = totals["clean_loss"] / n
-    return BoundReport(
-        epsilon=threat.epsilon,
-        norm=threat.norm,
-        steps=steps,
-        num_samples=n,
-        clean_loss=clean_loss,
-        adversarial_loss=totals["adv_loss"] / n,
-        regularizer=regularizer,
-        relative_regularizer=regularizer / spread if spread > 0 else math.inf,
-        spread=spread,
-        lipschitz=lipschitz,
-        bound=clean_loss + lipschitz * regularizer,
-        clean_accuracy=totals["clean_correct"] / n,
-        adversarial_accuracy=totals["adv_correct"] / n,
-        predicted_robust_accuracy=totals["predicted"] / n if weight is not None else None,
-        notes=tuple(notes),
-    )
+    def add(self, encoder: nn.Module, head: nn.Module, x: Tensor, y: Tensor, ascent: dict, x_ce: Tensor | None):
+        """One batch: clean numbers, the PGD attack (or its reused result) and the deviation ascent."""
+        with torch.no_grad():
+            h = flat(encoder(x)).float()
+            logits = head(h).float()
+        if x_ce is None:
+            x_ce = pgd_attack(lambda v: head(flat(encoder(v))), x, y, **ascent)
+
+        def deviation(v: Tensor) -> Tensor:
+            return (flat(encoder(v)).float() - h).pow(2).sum(dim=1)
+
+        x_dev = projected_gradient_ascent(deviation, x, keep_best=True, **ascent)
+        with torch.no_grad():
+            h_ce = flat(encoder(x_ce)).float()
+            adv_logits = head(h_ce).float()
+            # Both are points of the ball: the larger displacement is the better lower estimate of D(x).
+            dist = torch.maximum((flat(encoder(x_dev)).float() - h).norm(dim=1), (h_ce - h).norm(dim=1))
+        self.n += x.shape[0]
+        self.clean_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        self.adversarial_loss += F.cross_entropy(adv_logits, y, reduction="sum").item()
+        self.deviation += dist.sum().item()
+        self.clean_correct += (logits.argmax(1) == y).sum().item()
+        self.adversarial_correct += (adv_logits.argmax(1) == y).sum().item()
+        if self.weight is not None:
+            self.predicted += _margin_survives(logits, y, self.weight, dist).sum().item()
+        hd = h.double()
+        self.feature_sum = hd.sum(0) if self.feature_sum is None else self.feature_sum + hd.sum(0)
+        self.feature_sq += hd.pow(2).sum().item()
+
+    def report(self, threat: ThreatModel, steps: int, lipschitz: float, notes: list[str]) -> BoundReport:
+        n = self.n
+        sigma = math.sqrt(max(self.feature_sq / n - (self.feature_sum / n).pow(2).sum().item(), 0.0))
+        mean_deviation, clean_loss = self.deviation / n, self.clean_loss / n
+        return BoundReport(
+            epsilon=threat.epsilon,
+            norm=threat.norm,
+            steps=steps,
+            num_samples=n,
+            clean_loss=clean_loss,
+            adversarial_loss=self.adversarial_loss / n,
+            mean_deviation=mean_deviation,
+            relative_deviation=mean_deviation / sigma if sigma > 0 else math.inf,
+            sigma=sigma,
+            lipschitz=lipschitz,
+            bound=clean_loss + lipschitz * mean_deviation,
+            clean_accuracy=self.clean_correct / n,
+            adversarial_accuracy=self.adversarial_correct / n,
+            predicted_robust_accuracy=self.predicted / n if self.weight is not None else None,
+            notes=tuple(notes),
+        )
 
 
 def _margin_survives(logits: Tensor, y: Tensor, weight: Tensor, dist: Tensor) -> Tensor:
@@ -334,9 +386,14 @@ def robustness_curve(
     head: nn.Module,
     loader: Iterable,
     epsilons: Sequence[float],
+    *,
+    adversarial_inputs: Mapping[float, Tensor] | None = None,
     **kwargs,
 ) -> RobustnessCurve:
     """:func:`estimate_bound` at each eps in ``epsilons`` (same keyword arguments).
+
+    ``adversarial_inputs`` maps an eps to PGD examples already found for the
+    loader's samples (see :func:`estimate_bound`); the other eps run the attack.
 
     Examples:
         >>> import torch
@@ -351,5 +408,9 @@ def robustness_curve(
         raise TypeError("robustness_curve takes epsilons, not epsilon")
     if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
-    reports = tuple(estimate_bound(encoder, head, loader, epsilon=eps, **kwargs) for eps in epsilons)
+    found = dict(adversarial_inputs or {})
+    reused = lambda eps: next((v for e, v in found.items() if math.isclose(e, eps)), None)  # noqa: E731
+    reports = tuple(
+        estimate_bound(encoder, head, loader, epsilon=eps, adversarial_inputs=reused(eps), **kwargs) for eps in epsilons
+    )
     return RobustnessCurve(reports)

@@ -91,11 +91,15 @@ def _say(message: str) -> None:
 
 def _summary_row(name: str, evaluation, epsilons, seconds: float | None) -> dict:
     rob = evaluation.robustness
+    main = max(epsilons)
     row = {"method": name, "clean": rob.clean_accuracy}
+    for eps in epsilons:
+        row[f"robust @{eps:g}"] = rob.robust_accuracy(eps)
     for attack in (f"PGD-{evaluation.curve[0].steps}", "AutoAttack"):
-        for eps in epsilons:
-            row[f"{attack} @{eps:g}"] = rob.accuracy(attack, eps)
-    row["R/sigma @main eps"] = evaluation.bound.relative_regularizer
+        row[f"{attack} @{main:g}"] = rob.accuracy(attack, main)
+    worst = evaluation.worst_task(main)
+    row[f"worst task @{main:g}"] = None if worst is None else f"{100 * worst[1]:.1f} % ({worst[0]})"
+    row["R/sigma @main eps"] = evaluation.bound.relative_deviation
     row["train_seconds"] = seconds
     row["sanity checks"] = "passed" if rob.passed else "FAILED"
     return row
@@ -129,6 +133,14 @@ def _samples_note(evaluation, what: str) -> str:
     for attack in ("AutoAttack", "Square"):
         if attack in sizes:
             parts.append(f"{attack} on the first {sizes[attack]}")
+    worst = rob.worst_case(max(rob.epsilons))
+    if worst is not None:
+        parts.append(f"robust = per-sample {worst.attack} (and clean), on the {worst.num_samples} samples all attacked")
+    if len(evaluation.tasks) > 1:
+        parts.append(
+            f"worst task = the least robust of the label sets {', '.join(evaluation.tasks)} (each its own probe; "
+            f"clean and PGD on all {rob.num_samples})"
+        )
     parts.append(f"R/sigma, the bound and the plots on the first {evaluation.curve.reports[0].num_samples}")
     return "; ".join(parts)
 

@@ -1,19 +1,20 @@
-"""Rigorous downstream robustness evaluation, with gradient-masking sanity checks.
+"""Rigorous downstream robustness evaluation: attacks as specs, a per-sample worst case, sanity checks.
 
 The protocol of the robust-SSL literature: freeze the encoder, fit a linear
-probe on clean features, attack ``head(encoder(x))``. Accuracy is reported on
-clean inputs, under PGD-k (this package's attack engine), under AutoAttack
-(Croce & Hein 2020, through torchattacks' maintained implementation, the
-optional ``autoattack`` extra) and under the black-box Square attack.
+probe on clean features, attack ``head(encoder(x))``. Attacks are small spec
+objects composed in a list: :class:`PGD` (this package's attack engine),
+:class:`AutoAttack` (Croce & Hein 2020, through torchattacks' maintained
+implementation, the optional ``autoattack`` extra) and the black-box
+:class:`Square`. Each produces a per-sample record of which samples it failed
+to break.
 
-Smoothness regularisers can mask gradients, which makes white-box attacks look
-weak. Every evaluation therefore runs the sanity checks of Athalye et al. 2018
-/ Carlini et al. 2019 and flags a failure loudly:
+The headline number is :meth:`RobustnessEvaluation.robust_accuracy`: as in
+AutoAttack's standard protocol, a sample counts as robust at an eps only if it
+is classified correctly clean *and* under every attack run at that eps (on the
+samples all of them attacked). Per-attack accuracies stay available as detail.
 
-- accuracy falls to about 0 at a very large eps;
-- accuracy does not rise with eps (beyond noise);
-- more PGD steps never raise accuracy (beyond noise);
-- the black-box Square attack is not stronger than white-box PGD (beyond noise).
+Every evaluation runs the gradient-masking checks of
+:mod:`robust_reg.sanity_checks` and flags a failure loudly.
 
 All attack accuracies are estimates: an attack finds adversarial examples, it
 does not prove none exist, so they are upper estimates of true robust accuracy.
@@ -23,17 +24,179 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, progress
-from .attacks import ThreatModel, _check_steps, pgd_attack
+from .attacks import ThreatModel, _check_step_size, _check_steps, pgd_attack
+from .sanity_checks import (
+    SanityCheck,
+    gradients_are_nonzero,
+    outputs_are_deterministic,
+    outputs_are_logits,
+    standard_checks,
+)
 
-__all__ = ["AttackAccuracy", "SanityCheck", "RobustnessEvaluation", "evaluate_robustness", "LinearProbeClassifier"]
+__all__ = [
+    "PGD",
+    "AutoAttack",
+    "Square",
+    "AttackAccuracy",
+    "SanityCheck",
+    "RobustnessEvaluation",
+    "evaluate_robustness",
+    "LinearProbeClassifier",
+]
+
+
+def _check_samples(samples: int | None) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples must be None or an int >= 1, got {samples!r}")
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every attack run shares."""
+
+    num_classes: int
+    batch_size: int
+    seed: int
+    progress_bar: bool
+
+
+@dataclass(frozen=True)
+class PGD:
+    """Projected gradient descent with a random start (Madry et al. 2018), this package's engine.
+
+    Args:
+        steps: Ascent steps (``PGD(20)`` is "PGD-20").
+        step_size: Step length in pixel units (default ``2.5 * eps / steps``).
+        samples: Attack only the first samples (``None``: all).
+    """
+
+    steps: int = 20
+    step_size: float | None = None
+    samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_steps(self.steps)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 for an attack, got {self.steps}")
+        _check_step_size(self.step_size)
+        _check_samples(self.samples)
+
+    @property
+    def name(self) -> str:
+        return f"PGD-{self.steps}"
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, ctx: _Context) -> Tensor:
+        """Adversarial inputs (model space) for ``x``."""
+        chunks = range(0, x.shape[0], ctx.batch_size)
+        out = []
+        for i in progress(chunks, enabled=ctx.progress_bar, desc=f"{self.name} eps={threat.epsilon:.3g}"):
+            xb, yb = x[i : i + ctx.batch_size], y[i : i + ctx.batch_size]
+            out.append(pgd_attack(model, xb, yb, threat, steps=self.steps, step_size=self.step_size))
+        return torch.cat(out)
+
+
+class _PixelModel(nn.Module):
+    """Takes ``[0, 1]`` pixels and normalises them for the model (torchattacks needs pixel inputs)."""
+
+    def __init__(self, model: nn.Module, threat: ThreatModel) -> None:
+        super().__init__()
+        self.model = model
+        self.threat = threat
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model(self.threat.to_model(pixels))
+
+
+def _torchattacks():
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    return torchattacks
+
+
+class _TorchattacksSpec:
+    """Shared run loop of the torchattacks-backed specs: pixels in, model-space adversarial inputs out."""
+
+    samples: int | None
+    required: bool
+
+    def _build(self, ta, pixel_model: nn.Module, threat: ThreatModel, ctx: _Context):
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, ctx: _Context) -> Tensor:
+        pixel_model = _PixelModel(model, threat).eval()
+        attack = self._build(_torchattacks(), pixel_model, threat, ctx)
+        chunks = range(0, x.shape[0], ctx.batch_size)
+        out = []
+        for i in progress(chunks, enabled=ctx.progress_bar, desc=f"{self.name} eps={threat.epsilon:.3g}"):
+            pixels = threat.to_pixels(x[i : i + ctx.batch_size]).clamp(*threat.bounds)
+            out.append(threat.to_model(attack(pixels, y[i : i + ctx.batch_size])))
+        return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class AutoAttack(_TorchattacksSpec):
+    """AutoAttack (APGD-CE, APGD-T, FAB-T, Square), torchattacks' implementation.
+
+    Args:
+        version: AutoAttack version (``"standard"``).
+        samples: Attack only the first samples (``None``: all); it is the costly one.
+        required: Without torchattacks, raise (``True``) or report it skipped (``False``).
+    """
+
+    version: str = "standard"
+    samples: int | None = None
+    required: bool = True
+    name = "AutoAttack"
+
+    def __post_init__(self) -> None:
+        _check_samples(self.samples)
+
+    def _build(self, ta, pixel_model, threat, ctx):
+        norm = "Linf" if threat.norm == "linf" else "L2"
+        return ta.AutoAttack(
+            pixel_model, norm=norm, eps=threat.epsilon, version=self.version, n_classes=ctx.num_classes, seed=ctx.seed
+        )
+
+
+@dataclass(frozen=True)
+class Square(_TorchattacksSpec):
+    """The black-box Square attack (Andriushchenko et al. 2020): no gradients, so masking cannot fool it.
+
+    Args:
+        queries: Query budget per sample.
+        samples: Attack only the first samples (``None``: all).
+        required: Without torchattacks, raise (``True``) or report it skipped (``False``).
+    """
+
+    queries: int = 1000
+    samples: int | None = None
+    required: bool = True
+    name = "Square"
+
+    def __post_init__(self) -> None:
+        _check_samples(self.samples)
+        if isinstance(self.queries, bool) or not isinstance(self.queries, int) or self.queries < 1:
+            raise ValueError(f"queries must be an int >= 1, got {self.queries!r}")
+
+    def _build(self, ta, pixel_model, threat, ctx):
+        norm = "Linf" if threat.norm == "linf" else "L2"
+        return ta.Square(
+            pixel_model, norm=norm, eps=threat.epsilon, n_queries=self.queries, n_restarts=1, seed=ctx.seed
+        )
+
+
+Attack = PGD | AutoAttack | Square
 
 
 class LinearProbeClassifier(nn.Module):
@@ -55,18 +218,6 @@ class LinearProbeClassifier(nn.Module):
         return self.head(self.encoder(x).flatten(start_dim=1))
 
 
-class _PixelModel(nn.Module):
-    """Takes ``[0, 1]`` pixels and normalises them for the model (for attacks that need pixel inputs)."""
-
-    def __init__(self, model: nn.Module, threat: ThreatModel) -> None:
-        super().__init__()
-        self.model = model
-        self.threat = threat
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        return self.model(self.threat.to_model(pixels))
-
-
 @dataclass(frozen=True)
 class AttackAccuracy:
     """Accuracy under one attack at one eps (an upper estimate of robust accuracy)."""
@@ -82,28 +233,21 @@ class AttackAccuracy:
         return math.sqrt(max(p * (1 - p), 0.0) / max(self.num_samples, 1))
 
 
-@dataclass(frozen=True)
-class SanityCheck:
-    """One gradient-masking check; ``passed=False`` means the robustness numbers are suspect.
-
-    A check that could not run has ``ran=False``, counts as passed, and says why in ``detail``.
-    """
-
-    name: str
-    passed: bool
-    detail: str
-    ran: bool = True
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)
 class RobustnessEvaluation:
-    """Clean and attacked accuracy at several eps, and the sanity checks.
+    """Clean and attacked accuracy at several eps, the per-sample record, and the sanity checks.
 
     Attributes:
         norm: ``"linf"`` or ``"l2"``.
-        num_samples: Test samples attacked with PGD.
+        num_samples: Test samples evaluated clean and with the main PGD.
         clean_accuracy: Accuracy on clean inputs.
-        results: Every attack's accuracy (estimates).
+        epsilons: The reported eps (the sanity checks' large eps is not among them).
+        num_classes: Number of classes of the task.
+        results: Every attack's accuracy (estimates), one per attack and eps.
         checks: The gradient-masking sanity checks.
         skipped: Attacks that did not run, with the reason.
     """
@@ -114,6 +258,10 @@ class RobustnessEvaluation:
     results: tuple[AttackAccuracy, ...]
     checks: tuple[SanityCheck, ...]
     skipped: tuple[str, ...] = field(default=())
+    epsilons: tuple[float, ...] = field(default=())
+    num_classes: int = 0
+    _correct: dict = field(default_factory=dict, repr=False, compare=False)
+    _adversarial: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -122,16 +270,48 @@ class RobustnessEvaluation:
 
     def accuracy(self, attack: str, epsilon: float) -> float | None:
         """Accuracy of ``attack`` (e.g. ``"PGD-20"``, ``"AutoAttack"``, ``"Square"``) at ``epsilon``."""
-        for r in self.results:
-            if r.attack == attack and math.isclose(r.epsilon, epsilon, rel_tol=1e-9, abs_tol=1e-12):
-                return r.accuracy
-        return None
+        return next((r.accuracy for r in self.results if r.attack == attack and _close(r.epsilon, epsilon)), None)
+
+    def correct(self, attack: str, epsilon: float) -> Tensor | None:
+        """Per-sample correctness under ``attack`` at ``epsilon`` (``"clean"``: on clean inputs), CPU bools."""
+        if attack == "clean":
+            return self._correct.get(("clean", None))
+        return next(
+            (v for (a, e), v in self._correct.items() if a == attack and e is not None and _close(e, epsilon)), None
+        )
+
+    def adversarial_inputs(self, attack: str, epsilon: float) -> Tensor | None:
+        """The adversarial inputs an attack found (kept with ``keep_adversarial=True``), model space, CPU."""
+        return next((v for (a, e), v in self._adversarial.items() if a == attack and _close(e, epsilon)), None)
+
+    def worst_case(self, epsilon: float, attacks: Sequence[str] | None = None) -> AttackAccuracy | None:
+        """Per-sample worst case at ``epsilon``: correct clean and under every attack (or those named).
+
+        Taken on the samples every one of those attacks attacked (the first ones).
+        ``None`` if no such attack ran at ``epsilon``.
+        """
+        rows = [r for r in self.results if _close(r.epsilon, epsilon) and (attacks is None or r.attack in attacks)]
+        if not rows:
+            return None
+        m = min(r.num_samples for r in rows)
+        robust = self.correct("clean", epsilon)[:m].clone()
+        for r in rows:
+            robust &= self.correct(r.attack, r.epsilon)[:m]
+        name = "worst of " + ", ".join(r.attack for r in rows)
+        return AttackAccuracy(name, epsilon, robust.float().mean().item(), m)
+
+    def robust_accuracy(self, epsilon: float, attacks: Sequence[str] | None = None) -> float | None:
+        """The headline number: the fraction of samples no attack broke at ``epsilon`` (see :meth:`worst_case`)."""
+        worst = self.worst_case(epsilon, attacks)
+        return None if worst is None else worst.accuracy
 
     def to_dict(self) -> dict:
         return {
             "norm": self.norm,
             "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
             "clean_accuracy": self.clean_accuracy,
+            "robust_accuracy": [asdict(w) for w in (self.worst_case(e) for e in self.epsilons) if w is not None],
             "results": [asdict(r) for r in self.results],
             "checks": [asdict(c) for c in self.checks],
             "skipped": list(self.skipped),
@@ -140,23 +320,25 @@ class RobustnessEvaluation:
 
     def __str__(self) -> str:
         attacks = list(dict.fromkeys(r.attack for r in self.results))
-        epsilons = sorted({r.epsilon for r in self.results})
-        head = f"{'eps':>8} " + " ".join(f"{a:>14}" for a in attacks)
+        head = f"{'eps':>8} {'robust (n)':>16} " + " ".join(f"{a:>12}" for a in attacks)
         lines = [
             f"Robustness evaluation ({self.norm}, {self.num_samples} samples): clean accuracy "
             f"{100 * self.clean_accuracy:.2f} %",
             head,
             "-" * len(head),
         ]
-        for eps in epsilons:
-            cells = []
-            for a in attacks:
-                acc = self.accuracy(a, eps)
-                cells.append(f"{'':>14}" if acc is None else f"{100 * acc:>13.2f}%")
-            lines.append(f"{eps:>8.4g} " + " ".join(cells))
-        lines.append("attack accuracies are estimates (upper estimates of robust accuracy)")
-        for s in self.skipped:
-            lines.append(f"skipped: {s}")
+        for eps in sorted({r.epsilon for r in self.results}):
+            worst = self.worst_case(eps) if any(_close(eps, e) for e in self.epsilons) else None
+            robust = "" if worst is None else f"{100 * worst.accuracy:.2f}% ({worst.num_samples})"
+            cells = [
+                f"{'':>12}" if (a := self.accuracy(name, eps)) is None else f"{100 * a:>11.2f}%" for name in attacks
+            ]
+            lines.append(f"{eps:>8.4g} {robust:>16} " + " ".join(cells))
+        lines.append(
+            "robust: per-sample worst case over clean and every attack at that eps, on the samples all of them "
+            "attacked; attack accuracies are estimates (upper estimates of robust accuracy)"
+        )
+        lines += [f"skipped: {s}" for s in self.skipped]
         for c in self.checks:
             mark = ("ok  " if c.ran else "n/a ") if c.passed else "!!! SANITY CHECK FAILED:"
             lines.append(f"{mark} {c.name}: {c.detail}")
@@ -167,71 +349,91 @@ class RobustnessEvaluation:
         return "\n".join(lines)
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    correct = []
+def _predict_correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            correct.append(model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size])
-    return torch.cat(correct)
-
-
-def _pgd_correct(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int, batch_size: int, bar: bool, desc: str
-) -> Tensor:
-    correct = []
-    chunks = range(0, x.shape[0], batch_size)
-    for i in progress(chunks, enabled=bar, desc=desc, total=len(chunks)):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        x_adv = pgd_attack(model, xb, yb, threat, steps=steps)
-        with torch.no_grad():
-            correct.append(model(x_adv).argmax(1) == yb)
-    return torch.cat(correct)
-
-
-def _torchattacks():
-    try:
-        import torchattacks
-    except ImportError:
-        return None
-    return torchattacks
-
-
-def _blackbox_correct(
-    kind: str,
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    square_queries: int,
-    bar: bool = False,
-) -> Tensor:
-    ta = _torchattacks()
-    pixel_model = _PixelModel(model, threat).eval()
-    ta_norm = "Linf" if threat.norm == "linf" else "L2"
-    if kind == "AutoAttack":
-        attack = ta.AutoAttack(
-            pixel_model, norm=ta_norm, eps=threat.epsilon, version="standard", n_classes=num_classes, seed=seed
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
         )
-    else:
-        attack = ta.Square(
-            pixel_model, norm=ta_norm, eps=threat.epsilon, n_queries=square_queries, n_restarts=1, seed=seed
-        )
-    correct = []
-    chunks = range(0, x.shape[0], batch_size)
-    for i in progress(chunks, enabled=bar, desc=f"{kind} eps={threat.epsilon:.3g}", total=len(chunks)):
-        pixels = threat.to_pixels(x[i : i + batch_size]).clamp(*threat.bounds)
-        adv = attack(pixels, y[i : i + batch_size])
-        with torch.no_grad():
-            correct.append(pixel_model(adv).argmax(1) == y[i : i + batch_size])
-    return torch.cat(correct)
 
 
-def _noise(p: float, n: int) -> float:
-    """Two standard errors of an accuracy estimate, plus one sample."""
-    return 2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)) + 1 / max(n, 1)
+_LEGACY = ("pgd_steps", "autoattack", "autoattack_samples", "square", "square_queries", "square_samples")
+
+
+def _attacks_from_flags(legacy: dict) -> list:
+    """The attack list the 0.1.0 flags described (deprecated: pass ``attacks=``)."""
+    unknown = set(legacy) - set(_LEGACY)
+    if unknown:
+        raise TypeError(f"evaluate_robustness() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    warnings.warn(
+        f"evaluate_robustness({', '.join(sorted(legacy))}=...) is deprecated since 0.2.0; pass attacks=[PGD(steps=20), "
+        "AutoAttack(samples=...), Square(queries=..., samples=...)]",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    steps = legacy.get("pgd_steps", 20)
+    _check_steps(steps, "pgd_steps")
+    attacks: list = [PGD(steps)]
+    for flag, spec in (
+        ("autoattack", lambda req: AutoAttack(samples=legacy.get("autoattack_samples"), required=req)),
+        ("square", lambda req: Square(legacy.get("square_queries", 1000), legacy.get("square_samples"), req)),
+    ):
+        enabled = legacy.get(flag)
+        if enabled is not False:
+            attacks.append(spec(enabled is True))  # None: "if torchattacks is installed"
+    return attacks
+
+
+def default_attacks() -> list:
+    """PGD-20, then AutoAttack and Square when torchattacks is installed (else reported skipped)."""
+    return [PGD(20), AutoAttack(required=False), Square(required=False)]
+
+
+def _available(attacks: Sequence) -> tuple[list, list[str]]:
+    """The attacks that can run, and a reason for each that cannot; raises for a required one that cannot."""
+    if not attacks or not all(isinstance(a, (PGD, AutoAttack, Square)) for a in attacks):
+        raise TypeError(f"attacks must be a non-empty list of PGD, AutoAttack or Square specs, got {attacks!r}")
+    names = [a.name for a in attacks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"attacks must not repeat an attack, got {names}")
+    if _torchattacks() is not None:
+        return list(attacks), []
+    needed = [a.name for a in attacks if isinstance(a, _TorchattacksSpec) and a.required]
+    if needed:
+        raise ImportError(f"{' and '.join(needed)} need torchattacks: pip install 'robust-reg[autoattack]'")
+    runnable = [a for a in attacks if isinstance(a, PGD)]
+    return runnable, [f"{a.name} (torchattacks not installed)" for a in attacks if not isinstance(a, PGD)]
+
+
+class _Recorder:
+    """Runs attacks on the test set once each and keeps the per-sample record."""
+
+    def __init__(self, model, x, y, ctx: _Context, keep_adversarial: bool, log) -> None:
+        self.model, self.x, self.y, self.ctx = model, x, y, ctx
+        self.keep, self.log = keep_adversarial, log
+        self.results: list[AttackAccuracy] = []
+        self.correct: dict = {("clean", None): _predict_correct(model, x, y, ctx.batch_size).cpu()}
+        self.adversarial: dict = {}
+        self.clock = time.perf_counter()
+
+    def run(self, attack, threat: ThreatModel) -> None:
+        if any(r.attack == attack.name and _close(r.epsilon, threat.epsilon) for r in self.results):
+            return  # the same attack at the same eps: never twice
+        m = min(len(self.x), attack.samples or len(self.x))
+        x_adv = attack.run(self.model, self.x[:m], self.y[:m], threat, self.ctx)
+        correct = _predict_correct(self.model, x_adv, self.y[:m], self.ctx.batch_size).cpu()
+        key = (attack.name, threat.epsilon)
+        self.correct[key] = correct
+        if self.keep:
+            self.adversarial[key] = x_adv.detach().cpu()
+        result = AttackAccuracy(attack.name, threat.epsilon, correct.float().mean().item(), m)
+        self.results.append(result)
+        if self.log is not None:
+            now = time.perf_counter()
+            self.log(
+                f"  {attack.name} @{threat.epsilon:.4g}: {100 * result.accuracy:.1f} % on {m} samples "
+                f"({now - self.clock:.0f} s)"
+            )
+            self.clock = now
 
 
 def evaluate_robustness(
@@ -240,14 +442,9 @@ def evaluate_robustness(
     y: Tensor,
     *,
     epsilons: Sequence[float],
+    attacks: Sequence[Attack] | None = None,
     norm: str = "linf",
-    pgd_steps: int = 20,
     check_steps: int = 100,
-    autoattack: bool | None = None,
-    autoattack_samples: int | None = None,
-    square: bool | None = None,
-    square_queries: int = 1000,
-    square_samples: int | None = None,
     large_epsilon: float | None = None,
     large_epsilon_max_accuracy: float = 0.02,
     mean: Sequence[float] | None = None,
@@ -258,24 +455,25 @@ def evaluate_robustness(
     seed: int = 0,
     progress_bar: bool = False,
     log: Callable[[str], None] | None = None,
+    keep_adversarial: bool = False,
+    **deprecated: object,
 ) -> RobustnessEvaluation:
-    """Clean, PGD, AutoAttack and Square accuracy of a classifier, with sanity checks.
+    """Attack a classifier with a list of attacks at each eps; the per-sample worst case; sanity checks.
+
+    Each attack runs once per eps. For the checks, the first :class:`PGD` of the
+    list (the main one; PGD-20 if the list has none) also runs at a very large
+    eps, and ``PGD(check_steps)`` at the largest eps unless the list already has
+    it. All of them count towards :meth:`RobustnessEvaluation.robust_accuracy`.
 
     Args:
         model: Maps inputs (model space) to logits; e.g. :class:`LinearProbeClassifier`.
         x: Test inputs in model space (normalised with ``mean``/``std`` if given).
         y: Test labels.
         epsilons: Radii to evaluate (pixel units).
+        attacks: Attack specs, e.g. ``[PGD(20), AutoAttack(samples=200), Square(queries=1000)]``.
+            Default: :func:`default_attacks` (AutoAttack and Square only if torchattacks is installed).
         norm: ``"linf"`` or ``"l2"``.
-        pgd_steps: Steps of the main PGD attack (PGD-20 by default).
-        check_steps: Steps of the stronger PGD used by the "more steps" check
-            (at the largest eps of ``epsilons``).
-        autoattack: Run AutoAttack (standard version). ``None``: if torchattacks
-            is installed. ``True`` without torchattacks raises ``ImportError``.
-        autoattack_samples: Attack only the first samples with AutoAttack (cost).
-        square: Run the Square attack. ``None``: if torchattacks is installed.
-        square_queries: Query budget of the Square attack.
-        square_samples: Attack only the first samples with Square.
+        check_steps: Steps of the stronger PGD of the "more steps" check.
         large_epsilon: The eps at which accuracy must fall to about 0 (default:
             the whole valid range, 1.0 for L-inf, ``sqrt(d)`` for L2).
         large_epsilon_max_accuracy: The largest accuracy that counts as "about 0".
@@ -284,17 +482,21 @@ def evaluate_robustness(
         bounds: Valid pixel range.
         num_classes: Number of classes (default: ``y.max() + 1``).
         batch_size: Samples per attack batch.
-        seed: Seed of the attacks' randomness.
+        seed: Seed of the attacks' randomness (the caller's RNG state, CPU and CUDA, is left as it was).
         progress_bar: Show progress bars.
-        log: Called with one line per finished attack (accuracy, samples,
-            seconds), e.g. ``print``; independent of ``progress_bar``.
+        log: Called with one line per finished attack (accuracy, samples, seconds), e.g. ``print``.
+        keep_adversarial: Keep every attack's adversarial inputs (``adversarial_inputs``), e.g. for
+            :func:`~robust_reg.estimate_bound` to reuse.
+        **deprecated: The 0.1.0 flags ``pgd_steps``, ``autoattack``, ``autoattack_samples``, ``square``,
+            ``square_queries``, ``square_samples`` (a ``DeprecationWarning``; use ``attacks``).
 
     Returns:
         A :class:`RobustnessEvaluation`; ``print`` it for a table that flags failed checks.
 
     Raises:
-        ImportError: If ``autoattack=True`` or ``square=True`` and torchattacks is missing.
+        ImportError: If a required AutoAttack or Square spec is given without torchattacks.
         ValueError: For bad ``epsilons``, ``norm``, steps, or inputs outside ``bounds``.
+        TypeError: For an ``attacks`` entry that is not an attack spec.
 
     Examples:
         >>> import torch
@@ -302,149 +504,63 @@ def evaluate_robustness(
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
         >>> x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 2, (64,))
-        >>> ev = evaluate_robustness(model, x, y, epsilons=[0.1], pgd_steps=5, check_steps=10,
-        ...                          autoattack=False, square=False)
-        >>> ev.accuracy("PGD-5", 0.1) <= ev.clean_accuracy
+        >>> ev = evaluate_robustness(model, x, y, epsilons=[0.1], attacks=[PGD(5)], check_steps=10)
+        >>> ev.robust_accuracy(0.1) <= ev.accuracy("PGD-5", 0.1) <= ev.clean_accuracy
         True
     """
     if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
     threats = [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
-    pgd_steps, check_steps = _check_steps(pgd_steps, "pgd_steps"), _check_steps(check_steps, "check_steps")
+    attacks = _attacks_from_flags(deprecated) if deprecated else (default_attacks() if attacks is None else attacks)
+    runnable, skipped = _available(attacks)
+    strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
+    main = next((a for a in runnable if isinstance(a, PGD)), PGD(20))
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     threats[0].check_inputs(x, "x")
-    ta = _torchattacks()
-    if (autoattack or square) and ta is None:
-        raise ImportError("AutoAttack and Square need torchattacks: pip install 'robust-reg[autoattack]'")
-    autoattack = ta is not None if autoattack is None else autoattack
-    square = ta is not None if square is None else square
-    device = module_device(model)
-    x, y = x.to(device), y.to(device).long()
-    n = x.shape[0]
-    num_classes = int(num_classes or int(y.max().item()) + 1)
+    x, y = x.to(module_device(model)), y.to(module_device(model)).long()
+    ctx = _Context(int(num_classes or int(y.max().item()) + 1), batch_size, seed, progress_bar)
+    if large_epsilon is None:
+        span = threats[0].bounds[1] - threats[0].bounds[0]
+        large_epsilon = span if threats[0].norm == "linf" else span * math.sqrt(x[0].numel())
+    big = ThreatModel(large_epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+    strongest = max(threats, key=lambda t: t.epsilon)
     # torch.manual_seed reseeds every CUDA device too: fork all of them, so the caller's state survives.
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    results: list[AttackAccuracy] = []
-    skipped: list[str] = []
-    clock = [time.perf_counter()]
-
-    def record(attack: str, epsilon: float, correct: Tensor) -> None:
-        result = AttackAccuracy(attack, epsilon, correct.float().mean().item(), correct.numel())
-        results.append(result)
-        if log is not None:
-            now = time.perf_counter()
-            log(
-                f"  {attack} @{epsilon:.4g}: {100 * result.accuracy:.1f} % on {result.num_samples} samples "
-                f"({now - clock[0]:.0f} s)"
-            )
-            clock[0] = now
-
-    with torch.random.fork_rng(devices=cuda_devices):
+    with torch.random.fork_rng(devices=cuda_devices), preserved_state(model, eval_mode=True):
         torch.manual_seed(seed)
-        with preserved_state(model, eval_mode=True):
-            clean = _accuracy(model, x, y, batch_size).float().mean().item()
-            pgd_name = f"PGD-{pgd_steps}"
-            pgd_correct: dict[float, Tensor] = {}
+        record = _Recorder(model, x, y, ctx, keep_adversarial, log)
+        for attack in runnable:
             for threat in threats:
-                desc = f"{pgd_name} eps={threat.epsilon:.3g}"
-                acc = _pgd_correct(model, x, y, threat, pgd_steps, batch_size, progress_bar, desc)
-                pgd_correct[threat.epsilon] = acc
-                record(pgd_name, threat.epsilon, acc)
-            strongest = max(threats, key=lambda t: t.epsilon)
-            if check_steps != pgd_steps:  # the same attack again would only repeat a row
-                acc = _pgd_correct(
-                    model, x, y, strongest, check_steps, batch_size, progress_bar, f"PGD-{check_steps} check"
-                )
-                record(f"PGD-{check_steps}", strongest.epsilon, acc)
-            if large_epsilon is None:
-                d = x[0].numel()
-                span = threats[0].bounds[1] - threats[0].bounds[0]
-                large_epsilon = span if norm == "linf" else span * math.sqrt(d)
-            big = ThreatModel(large_epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-            acc = _pgd_correct(model, x, y, big, pgd_steps, batch_size, progress_bar, "large-eps check")
-            record(pgd_name, big.epsilon, acc)
-            blackbox = (("AutoAttack", autoattack, autoattack_samples), ("Square", square, square_samples))
-            for kind, enabled, limit in blackbox:
-                if not enabled:
-                    skipped.append(f"{kind} (disabled)" if ta is not None else f"{kind} (torchattacks not installed)")
-                    continue
-                m = min(n, limit or n)
-                for threat in threats:
-                    correct = _blackbox_correct(
-                        kind, model, x[:m], y[:m], threat, num_classes, batch_size, seed, square_queries, progress_bar
-                    )
-                    record(kind, threat.epsilon, correct)
-    checks = _sanity_checks(
-        results, pgd_correct, pgd_name, check_steps, strongest.epsilon, big.epsilon, large_epsilon_max_accuracy, clean
+                record.run(attack, threat)
+        for attack, threat in ((strong, strongest), (main, big)):
+            if attack is not None:
+                record.run(attack, threat)
+        probe_x, probe_y = x[:batch_size], y[:batch_size]
+        model_checks = [
+            outputs_are_deterministic(model, probe_x),
+            outputs_are_logits(model, probe_x),
+            gradients_are_nonzero(model, probe_x, probe_y),
+        ]
+    ev = RobustnessEvaluation(
+        threats[0].norm,
+        len(x),
+        record.correct["clean", None].float().mean().item(),
+        tuple(record.results),
+        (),
+        tuple(skipped),
+        tuple(t.epsilon for t in threats),
+        ctx.num_classes,
+        record.correct,
+        record.adversarial,
     )
-    return RobustnessEvaluation(norm, n, clean, tuple(results), tuple(checks), tuple(skipped))
-
-
-def _sanity_checks(
-    results: list[AttackAccuracy],
-    pgd_correct: dict[float, Tensor],
-    pgd_name: str,
-    check_steps: int,
-    strongest: float,
-    large: float,
-    large_max: float,
-    clean: float,
-) -> list[SanityCheck]:
-    n = len(next(iter(pgd_correct.values())))
-
-    def find(attack: str, eps: float) -> AttackAccuracy | None:
-        return next((r for r in results if r.attack == attack and math.isclose(r.epsilon, eps)), None)
-
-    checks = []
-    big = find(pgd_name, large)
-    checks.append(
-        SanityCheck(
-            "accuracy falls to ~0 at a very large eps",
-            big.accuracy <= large_max,
-            f"{pgd_name} accuracy {100 * big.accuracy:.2f} % at eps {large:.4g} (must be <= {100 * large_max:.1f} %)",
-        )
+    checks = standard_checks(
+        ev,
+        main=main.name,
+        strong=strong.name if strong is not None else main.name,
+        strongest_epsilon=strongest.epsilon,
+        large_epsilon=big.epsilon,
+        large_epsilon_max_accuracy=large_epsilon_max_accuracy,
+        blackbox=["Square"],
     )
-    curve = sorted((r for r in results if r.attack == pgd_name), key=lambda r: r.epsilon)
-    accs = [clean] + [r.accuracy for r in curve]
-    rises = [(a, b) for a, b in zip(accs, accs[1:]) if b > a + _noise(a, n)]
-    checks.append(
-        SanityCheck(
-            "accuracy does not rise with eps",
-            not rises,
-            "clean, then "
-            + ", ".join(f"{100 * r.accuracy:.2f} % at {r.epsilon:.4g}" for r in curve)
-            + ("" if not rises else f"; rises: {rises}"),
-        )
-    )
-    few, many = find(pgd_name, strongest), find(f"PGD-{check_steps}", strongest)
-    if f"PGD-{check_steps}" == pgd_name:
-        checks.append(
-            SanityCheck(
-                "more PGD steps never raise accuracy",
-                True,
-                f"not run: check_steps equals pgd_steps ({check_steps}); pass check_steps > pgd_steps to run it",
-                ran=False,
-            )
-        )
-    else:
-        checks.append(
-            SanityCheck(
-                "more PGD steps never raise accuracy",
-                many.accuracy <= few.accuracy + _noise(few.accuracy, n),
-                f"{pgd_name} {100 * few.accuracy:.2f} % vs PGD-{check_steps} {100 * many.accuracy:.2f} % "
-                f"at eps {strongest:.4g}",
-            )
-        )
-    for sq in (r for r in results if r.attack == "Square"):
-        # Compare on the same samples: Square may have attacked only the first ones.
-        white = pgd_correct[sq.epsilon][: sq.num_samples].float().mean().item()
-        checks.append(
-            SanityCheck(
-                f"black-box Square is not stronger than white-box PGD (eps {sq.epsilon:.4g})",
-                sq.accuracy >= white - _noise(white, sq.num_samples),
-                f"Square {100 * sq.accuracy:.2f} % vs {pgd_name} {100 * white:.2f} % on the same "
-                f"{sq.num_samples} samples",
-            )
-        )
-    return checks
+    return replace(ev, checks=tuple(checks + model_checks))

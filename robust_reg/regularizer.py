@@ -49,19 +49,51 @@ class RegularizerOutput(NamedTuple):
 class RegularizerStats:
     """Detached statistics of the last call, for logging (no extra compute).
 
+    The names are those of :class:`~robust_reg.BoundReport`: ``mean_deviation`` is
+    ``R_eps``, ``variance`` is ``sigma ** 2``; the value with ``relative=True`` is
+    ``mean_squared_deviation / variance``.
+
     Attributes:
         value: The returned regulariser value.
-        deviation: Mean squared feature deviation ``mean_i ||f(x_i + delta_i) - f(x_i)||^2``
-            (a lower estimate of the worst case).
-        distance: Mean feature distance ``mean_i ||f(x_i + delta_i) - f(x_i)||``, the
-            batch estimate of ``R_eps(f)`` (a lower estimate).
-        spread: Mean squared distance of the clean features to their batch mean.
+        mean_squared_deviation: ``mean_i ||f(x_i + delta_i) - f(x_i)||^2`` (a lower
+            estimate of the worst case).
+        mean_deviation: ``mean_i ||f(x_i + delta_i) - f(x_i)||``, the batch estimate of
+            ``R_eps(f)`` (a lower estimate).
+        variance: ``sigma ** 2``, the mean squared distance of the clean features to
+            their batch mean.
     """
 
     value: Tensor
-    deviation: Tensor
-    distance: Tensor
-    spread: Tensor
+    mean_squared_deviation: Tensor
+    mean_deviation: Tensor
+    variance: Tensor
+
+    @property
+    def relative_deviation(self) -> Tensor:
+        """``mean_deviation / sigma``, as :attr:`BoundReport.relative_deviation <robust_reg.BoundReport>`."""
+        return self.mean_deviation / self.variance.sqrt()
+
+    @property
+    def deviation(self) -> Tensor:
+        """Deprecated 0.1.0 name of :attr:`mean_squared_deviation`."""
+        _renamed("RegularizerStats.deviation", "mean_squared_deviation")
+        return self.mean_squared_deviation
+
+    @property
+    def distance(self) -> Tensor:
+        """Deprecated 0.1.0 name of :attr:`mean_deviation`."""
+        _renamed("RegularizerStats.distance", "mean_deviation")
+        return self.mean_deviation
+
+    @property
+    def spread(self) -> Tensor:
+        """Deprecated 0.1.0 name of :attr:`variance` (``sigma ** 2``; ``BoundReport.sigma`` is its root)."""
+        _renamed("RegularizerStats.spread", "variance")
+        return self.variance
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated since 0.2.0; use {new} (same value)", DeprecationWarning, stacklevel=3)
 
 
 def _distributed() -> bool:
@@ -330,9 +362,9 @@ class RobustnessRegularizer(nn.Module):
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
         self.last_stats = RegularizerStats(
             value=value.detach(),
-            deviation=deviation.detach(),
-            distance=per_sample.detach().sqrt().mean(),
-            spread=spread.detach(),
+            mean_squared_deviation=deviation.detach(),
+            mean_deviation=per_sample.detach().sqrt().mean(),
+            variance=spread.detach(),
         )
         if return_adversarial:
             return RegularizerOutput(value, x_adv, adv_features)

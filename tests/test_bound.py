@@ -78,7 +78,7 @@ def test_at_zero_eps_the_bound_is_the_clean_loss_and_all_accuracies_agree(traine
     assert report.bound == pytest.approx(report.clean_loss)
     assert report.adversarial_loss == pytest.approx(report.clean_loss, rel=1e-5)
     assert report.adversarial_accuracy == report.clean_accuracy == report.predicted_robust_accuracy
-    assert report.regularizer == 0.0
+    assert report.mean_deviation == 0.0
 
 
 def test_predicted_robust_accuracy_falls_with_eps(trained):
@@ -86,24 +86,24 @@ def test_predicted_robust_accuracy_falls_with_eps(trained):
     curve = robustness_curve(encoder, head, test, [0.0, 0.05, 0.3], steps=5)
     predicted = [r.predicted_robust_accuracy for r in curve]
     assert predicted[0] >= predicted[1] >= predicted[2]
-    assert [r.regularizer for r in curve] == sorted(r.regularizer for r in curve)
+    assert [r.mean_deviation for r in curve] == sorted(r.mean_deviation for r in curve)
 
 
-def test_report_counts_samples_and_relative_form_is_regularizer_over_spread(trained):
+def test_report_counts_samples_and_relative_deviation_is_mean_deviation_over_sigma(trained):
     encoder, head, test = trained
     report = estimate_bound(encoder, head, test, epsilon=0.1, steps=3)
     assert report.num_samples == 297
-    assert report.relative_regularizer == pytest.approx(report.regularizer / report.spread)
+    assert report.relative_deviation == pytest.approx(report.mean_deviation / report.sigma)
     with torch.no_grad():
         h = torch.cat([encoder(x).flatten(1) for x, _ in test])
-    assert report.spread == pytest.approx((h - h.mean(0)).pow(2).sum(1).mean().sqrt().item(), rel=1e-4)
+    assert report.sigma == pytest.approx((h - h.mean(0)).pow(2).sum(1).mean().sqrt().item(), rel=1e-4)
 
 
 def test_printed_report_names_the_estimates(trained):
     encoder, head, test = trained
     text = str(estimate_bound(encoder, head, test[:1], epsilon=0.1, steps=2))
     assert "BoundReport" in text
-    for line in ("adversarial accuracy", "adversarial loss", "bound", "regularizer R_eps"):
+    for line in ("adversarial accuracy", "adversarial loss", "bound", "mean deviation R_eps", "relative deviation"):
         row = next(r for r in text.splitlines() if r.strip().startswith(line))
         assert "estimate" in row, row
 
@@ -131,3 +131,36 @@ def test_a_custom_head_can_give_its_own_lipschitz_constant(trained):
     report = estimate_bound(encoder, wrapped, test[:1], epsilon=0.1, steps=2, lipschitz=linear_head_lipschitz(head))
     assert report.predicted_robust_accuracy is None
     assert report.adversarial_loss <= report.bound + 1e-6
+
+
+def test_the_0_1_0_names_are_deprecated_aliases_of_the_same_values(trained):
+    encoder, head, test = trained
+    report = estimate_bound(encoder, head, test, epsilon=0.1, steps=2)
+    for old, new in (
+        ("regularizer", "mean_deviation"),
+        ("relative_regularizer", "relative_deviation"),
+        ("spread", "sigma"),
+    ):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(report, old) == getattr(report, new)
+
+
+def test_reused_adversarial_inputs_give_the_same_report_as_the_attack_that_found_them(trained):
+    from robust_reg import ThreatModel, pgd_attack
+
+    encoder, head, test = trained
+    x, y = test[0]
+    torch.manual_seed(0)
+    x_adv = pgd_attack(lambda v: head(encoder(v).flatten(1)), x, y, ThreatModel(0.1), steps=3)
+    reused = estimate_bound(encoder, head, [(x, y)], epsilon=0.1, steps=3, adversarial_inputs=x_adv)
+    with torch.no_grad():
+        adv_loss = F.cross_entropy(head(encoder(x_adv).flatten(1)), y).item()
+    assert reused.adversarial_loss == pytest.approx(adv_loss, rel=1e-5)
+    assert any("reused" in n for n in reused.notes)
+
+
+def test_adversarial_inputs_of_the_wrong_length_are_named(trained):
+    encoder, head, test = trained
+    x, y = test[0]
+    with pytest.raises(ValueError, match="adversarial_inputs"):
+        estimate_bound(encoder, head, [(x, y)], epsilon=0.1, steps=2, adversarial_inputs=x[:3])

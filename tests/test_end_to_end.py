@@ -45,8 +45,8 @@ def test_demo_writes_a_report_plots_and_checkpoints(demo_dir):
 
 def test_demo_robust_encoder_deviates_less_than_the_plain_one(demo_dir):
     evaluations = json.loads((demo_dir / "demo.json").read_text())["evaluations"]
-    plain = evaluations["SimCLR"]["bound"]["relative_regularizer"]
-    robust = evaluations["SimCLR + robust-reg"]["bound"]["relative_regularizer"]
+    plain = evaluations["SimCLR"]["bound"]["relative_deviation"]
+    robust = evaluations["SimCLR + robust-reg"]["bound"]["relative_deviation"]
     assert robust < plain
 
 
@@ -103,7 +103,12 @@ def test_compare_quick_runs_every_method_and_writes_tables_and_plots(tmp_path):
     assert table.count("| simclr") == 4 and "AutoAttack" in table
     assert is_png(tmp_path / "accuracy_vs_eps.png") and is_png(tmp_path / "bound_vs_loss.png")
     by_method = {row["method"]: row for row in saved["summary"]}
-    assert by_method["simclr+reg"]["relative_regularizer"][0] < by_method["simclr"]["relative_regularizer"][0]
+    assert by_method["simclr+reg"]["relative_deviation"][0] < by_method["simclr"]["relative_deviation"][0]
+    for run in saved["runs"]:  # the headline worst case and the three label sets, per run
+        assert set(run["tasks"]) == {"digit", "parity", "digit>=5"}
+        (worst,) = [r for r in run["robustness"]["robust_accuracy"] if r["epsilon"] == 0.1]
+        assert worst["accuracy"] <= min(r["accuracy"] for r in run["robustness"]["results"] if r["epsilon"] == 0.1)
+    assert "**robust** @0.1" in table and "worst task robust @0.1" in table
 
 
 @pytest.mark.slow
@@ -159,3 +164,32 @@ def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_pat
     code = cli([*args, "--no-progress", "--out", str(tmp_path)])
     evaluation = json.loads((tmp_path / "encoder_evaluation.json").read_text())
     assert code == (0 if evaluation["robustness"]["passed"] else 3)
+
+
+def test_demo_evaluates_three_label_sets_each_with_its_own_probe(demo_dir):
+    evaluations = json.loads((demo_dir / "demo.json").read_text())["evaluations"]
+    for evaluation in evaluations.values():
+        tasks = evaluation["tasks"]
+        assert {k: t["num_classes"] for k, t in tasks.items()} == {"digit": 10, "parity": 2, "digit>=5": 2}
+        for task in tasks.values():
+            assert all(0.0 <= v <= task["clean_accuracy"] for v in task["robust_accuracy"].values())
+
+
+def test_compare_merges_runs_of_other_seeds_into_one_table(tmp_path):
+    compare = load_compare()
+    for seed in (0, 1):
+        args = [
+            "--quick",
+            "--no-progress",
+            "--methods",
+            "simclr",
+            "--seeds",
+            str(seed),
+            "--out",
+            str(tmp_path / f"s{seed}"),
+        ]
+        compare.main(args)
+    merged = compare.main(["--render", str(tmp_path / "s0" / "results.json"), str(tmp_path / "s1" / "results.json")])
+    assert merged["seeds"] == [0, 1] and [r["seed"] for r in merged["runs"]] == [0, 1]
+    assert merged["summary"][0]["seeds"] == 2
+    assert "seeds [0, 1]" in (tmp_path / "s0" / "results.md").read_text()

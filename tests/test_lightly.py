@@ -46,7 +46,12 @@ def test_backbone_form_adds_exactly_the_weighted_term_and_logs_it(cls, tmp_path)
     robustify(robust, epsilon=8 / 255, weight=2.0, encoder="backbone")
     plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
     logged = robust_run.metrics[0]
-    for key in ("robust_reg/value", "robust_reg/deviation", "robust_reg/distance", "robust_reg/spread"):
+    for key in (
+        "robust_reg/value",
+        "robust_reg/mean_squared_deviation",
+        "robust_reg/mean_deviation",
+        "robust_reg/variance",
+    ):
         assert math.isfinite(logged[key])
     assert logged["robust_reg/value"] > 0
     # Same weights, batch and seed on the first step: the difference is exactly the added term.
@@ -112,8 +117,8 @@ def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss():
     with torch.no_grad():
         clean = module.forward(views[0])  # train-mode BN: the same batch statistics as in the step
     moved = torch.nn.functional.normalize(z0_seen, dim=1) - torch.nn.functional.normalize(clean, dim=1)
-    assert moved.pow(2).sum(1).mean().item() == pytest.approx(stats.deviation.item(), rel=1e-4)
-    assert stats.deviation.item() > 0
+    assert moved.pow(2).sum(1).mean().item() == pytest.approx(stats.mean_squared_deviation.item(), rel=1e-4)
+    assert stats.mean_squared_deviation.item() > 0
     ssl = module.criterion(z0_seen, z1)
     assert loss.item() == pytest.approx(ssl.item() + 2.0 * stats.value.item(), rel=1e-5)
 

@@ -103,7 +103,7 @@ def test_linear_encoder_deviation_matches_eps_times_spectral_norm():
     reg = RobustnessRegularizer(eps, norm="l2", steps=20, step_size=eps, relative=False, bounds=(-1e3, 1e3))
     reg(lambda v: v @ A.T, torch.randn(64, 30))
     expected = eps * torch.linalg.matrix_norm(A, ord=2)
-    assert reg.last_stats.distance.item() == pytest.approx(expected.item(), rel=0.02)
+    assert reg.last_stats.mean_deviation.item() == pytest.approx(expected.item(), rel=0.02)
 
 
 def test_normalised_inputs_give_the_same_value_as_pixel_inputs():
@@ -153,10 +153,10 @@ def test_last_stats_report_value_deviation_distance_and_spread(images):
         per_sample = (z - h).pow(2).sum(1)
     stats = reg.last_stats
     assert not stats.value.requires_grad
-    assert torch.allclose(stats.spread, spread, rtol=1e-5)
-    assert torch.allclose(stats.deviation, per_sample.mean(), rtol=1e-5)
-    assert torch.allclose(stats.distance, per_sample.sqrt().mean(), rtol=1e-5)
-    assert torch.allclose(stats.value, stats.deviation / stats.spread, rtol=1e-5)
+    assert torch.allclose(stats.variance, spread, rtol=1e-5)
+    assert torch.allclose(stats.mean_squared_deviation, per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(stats.mean_deviation, per_sample.sqrt().mean(), rtol=1e-5)
+    assert torch.allclose(stats.value, stats.mean_squared_deviation / stats.variance, rtol=1e-5)
 
 
 def test_four_dimensional_features_are_flattened(images):
@@ -194,3 +194,15 @@ def test_works_with_a_compiled_encoder(images):
     eager = seeded(lambda: RobustnessRegularizer(0.1, steps=2)(encoder, images))
     value = seeded(lambda: RobustnessRegularizer(0.1, steps=2)(compiled, images))
     assert torch.allclose(eager, value, rtol=1e-4)
+
+
+def test_the_0_1_0_stats_names_are_deprecated_aliases():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    reg = RobustnessRegularizer(epsilon=0.1, steps=1)
+    reg(encoder, torch.rand(8, 1, 4, 4))
+    stats = reg.last_stats
+    for old, new in (("deviation", "mean_squared_deviation"), ("distance", "mean_deviation"), ("spread", "variance")):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert torch.equal(getattr(stats, old), getattr(stats, new))
+    assert torch.allclose(stats.relative_deviation, stats.mean_deviation / stats.variance.sqrt())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..bound import BoundReport, RobustnessCurve, robustness_curve
-from ..evaluation import LinearProbeClassifier, RobustnessEvaluation, evaluate_robustness
+from ..evaluation import PGD, AutoAttack, LinearProbeClassifier, RobustnessEvaluation, Square, evaluate_robustness
 from ..probe import fit_linear_probe
 from .data import ImageData, batches
 from .models import ARCHITECTURES, build_encoder
@@ -35,6 +35,9 @@ class EvalConfig:
         test_samples: Test samples used (``None``: all).
         curve_samples: Test samples of the robustness curve (``None``: all).
         probe_weight_decay: L2 penalty of the linear probe (the same for every method).
+        label_sets: Downstream tasks on the same test images, each with its own probe
+            (see :func:`label_sets`); the first is the dataset's own labels and gets
+            the full evaluation, the others clean and PGD accuracy.
     """
 
     epsilons: tuple[float, ...] = (0.05, 0.1)
@@ -49,6 +52,18 @@ class EvalConfig:
     test_samples: int | None = None
     curve_samples: int | None = 500
     probe_weight_decay: float = 1e-4
+    label_sets: tuple[str, ...] = ("class", "parity", "class>=5")
+
+    def attacks(self) -> list:
+        """The attack specs: PGD, then AutoAttack and Square (``autoattack=None``: if torchattacks is installed)."""
+        required = self.autoattack is True
+        specs: list = [PGD(self.pgd_steps)]
+        if self.autoattack is not False:
+            specs += [
+                AutoAttack(samples=self.autoattack_samples, required=required),
+                Square(self.square_queries, self.square_samples, required=required),
+            ]
+        return specs
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> EvalConfig:
@@ -62,6 +77,8 @@ class EvalConfig:
             base = dict(epsilons=(0.05, 0.1), curve_epsilons=(0.0, 0.05, 0.1, 0.15, 0.2))
         else:
             base = {}
+        if dataset in ("mnist5k", "digits", "fake"):
+            base["label_sets"] = ("digit", "parity", "digit>=5")
         return cls(**{**base, **overrides})
 
 
@@ -74,12 +91,27 @@ class EncoderEvaluation:
         curve: Bound reports over ``curve_epsilons`` (PGD accuracy, adversarial loss, bound).
         main_epsilon: The largest of the reported eps; :attr:`bound` is taken there.
         head: The fitted linear probe.
+        tasks: Per label set, the robustness of its own probe (the first is ``robustness``).
     """
 
     robustness: RobustnessEvaluation
     curve: RobustnessCurve
     main_epsilon: float
     head: nn.Linear = field(repr=False)
+    tasks: dict[str, RobustnessEvaluation] = field(default_factory=dict, repr=False)
+
+    def task_robust_accuracy(self, epsilon: float) -> dict[str, float | None]:
+        """Per label set, the per-sample worst case over clean and the main PGD at ``epsilon`` (all test samples).
+
+        One protocol for every task, so the tasks compare; the first task's full
+        worst case (with AutoAttack and Square) is ``robustness.robust_accuracy``.
+        """
+        return {name: ev.robust_accuracy(epsilon, attacks=[_main_pgd(ev)]) for name, ev in self.tasks.items()}
+
+    def worst_task(self, epsilon: float) -> tuple[str, float] | None:
+        """The label set whose probe is least robust at ``epsilon``, and its robust accuracy."""
+        scores = {k: v for k, v in self.task_robust_accuracy(epsilon).items() if v is not None}
+        return min(scores.items(), key=lambda kv: kv[1]) if scores else None
 
     @property
     def bound(self) -> BoundReport:
@@ -87,12 +119,45 @@ class EncoderEvaluation:
         return min(self.curve.reports, key=lambda r: abs(r.epsilon - self.main_epsilon))
 
     def to_dict(self) -> dict:
+        epsilons = self.robustness.epsilons
         return {
             "robustness": self.robustness.to_dict(),
             "curve": self.curve.to_dict(),
             "main_epsilon": self.main_epsilon,
             "bound": self.bound.to_dict(),
+            "tasks": {
+                name: {
+                    "num_classes": ev.num_classes,
+                    "clean_accuracy": ev.clean_accuracy,
+                    "robust_accuracy": {f"{e:g}": ev.robust_accuracy(e, attacks=[_main_pgd(ev)]) for e in epsilons},
+                    "passed": ev.passed,
+                }
+                for name, ev in self.tasks.items()
+            },
         }
+
+
+def _main_pgd(ev: RobustnessEvaluation) -> str:
+    return next(r.attack for r in ev.results if r.attack.startswith("PGD-"))
+
+
+def label_sets(data: ImageData, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Label sets of the same images, as ``(y_train, y_test, num_classes)``: ``class`` (the dataset's
+    labels; ``digit`` on digit datasets), ``parity`` (label mod 2) and ``class>=5`` (``digit>=5``)."""
+    makers = {
+        "class": lambda y: (y, data.num_classes),
+        "parity": lambda y: (y % 2, 2),
+        "class>=5": lambda y: ((y >= 5).long(), 2),
+    }
+    makers.update(digit=makers["class"], **{"digit>=5": makers["class>=5"]})  # the same sets, named for digits
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"label_sets must be among {tuple(makers)}, got {unknown}")
+    sets = {}
+    for name in names:
+        (train, k), (test, _) = makers[name](data.y_train), makers[name](data.y_test)
+        sets[name] = (train, test, k)
+    return sets
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 500):
@@ -116,52 +181,58 @@ def evaluate_encoder(
     config = config or EvalConfig.for_dataset(data.name)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder = encoder.to(device).eval()
-    head = fit_linear_probe(
-        encoder,
-        _loader(data.x_train, data.y_train),
-        data.num_classes,
-        weight_decay=config.probe_weight_decay,
-        device=device,
-        progress_bar=progress_bar,
-    )
-    if log is not None:
-        log(f"  linear probe fitted on {data.x_train.shape[0]} clean training samples")
-    model = LinearProbeClassifier(encoder, head).eval()
-    x_test, y_test = data.x_test[: config.test_samples], data.y_test[: config.test_samples]
-    robustness = evaluate_robustness(
-        model,
-        x_test,
-        y_test,
-        epsilons=config.epsilons,
-        norm=config.norm,
-        pgd_steps=config.pgd_steps,
-        check_steps=config.check_steps,
-        autoattack=config.autoattack,
-        autoattack_samples=config.autoattack_samples,
-        square=config.autoattack,
-        square_samples=config.square_samples,
-        square_queries=config.square_queries,
-        num_classes=data.num_classes,
-        seed=seed,
-        progress_bar=progress_bar,
-        log=log,
-    )
+    x_test = data.x_test[: config.test_samples]
+    tasks: dict[str, RobustnessEvaluation] = {}
+    heads: dict[str, nn.Linear] = {}
+    for i, (name, (y_train, y_test, k)) in enumerate(label_sets(data, config.label_sets or ("class",)).items()):
+        heads[name] = fit_linear_probe(
+            encoder,
+            _loader(data.x_train, y_train),
+            k,
+            weight_decay=config.probe_weight_decay,
+            device=device,
+            progress_bar=progress_bar,
+        )
+        if log is not None:
+            log(f"  linear probe for '{name}' ({k} classes) fitted on {data.x_train.shape[0]} clean training samples")
+        # The first label set gets the full attack list; the others the main PGD (their own probes' checks run).
+        tasks[name] = evaluate_robustness(
+            LinearProbeClassifier(encoder, heads[name]).eval(),
+            x_test,
+            y_test[: config.test_samples],
+            epsilons=config.epsilons,
+            attacks=config.attacks() if i == 0 else [PGD(config.pgd_steps)],
+            norm=config.norm,
+            check_steps=config.check_steps if i == 0 else config.pgd_steps,
+            num_classes=k,
+            seed=seed,
+            progress_bar=progress_bar,
+            log=log,
+            keep_adversarial=i == 0,
+        )
+    first = next(iter(tasks))
+    robustness, head = tasks[first], heads[first]
     m = config.curve_samples
     main_epsilon = max(config.epsilons)
     curve_epsilons = sorted(set(config.curve_epsilons) | {main_epsilon})
+    y_curve = data.y_test[: config.test_samples][:m]
+    # The bound's PGD at a reported eps is the evaluation's own attack (same steps): reused, not re-run.
+    pgd = f"PGD-{config.pgd_steps}"
+    reused = {e: a[:m] for e in curve_epsilons if (a := robustness.adversarial_inputs(pgd, e)) is not None}
     curve = robustness_curve(
         encoder,
         head,
-        _loader(x_test[:m].to(device), y_test[:m].to(device)),
+        _loader(x_test[:m].to(device), y_curve.to(device)),
         curve_epsilons,
         norm=config.norm,
         steps=config.pgd_steps,
         progress_bar=progress_bar,
+        adversarial_inputs=reused,
     )
     if log is not None:
         n = curve.reports[0].num_samples
         log(f"  bound curve at eps {', '.join(f'{e:g}' for e in curve_epsilons)} on the first {n} test samples")
-    return EncoderEvaluation(robustness, curve, main_epsilon, head)
+    return EncoderEvaluation(robustness, curve, main_epsilon, head, tasks)
 
 
 def save_checkpoint(
