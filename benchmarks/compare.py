@@ -293,7 +293,7 @@ def write_outputs(report: dict, out: Path) -> str:
     rows = summarise(report["runs"], epsilons, pgd)
     report["summary"] = rows
     title = (
-        f"{report['dataset']}: {report['epochs']} epochs, seeds {report['seeds']}, "
+        f"{report['dataset']}: {report['epochs']} epochs, seeds {sorted({r['seed'] for r in report['runs']})}, "
         f"eps {', '.join(f'{e:.3g}' for e in epsilons)} (linf)"
     )
     run = report["runs"][0]["robustness"]
@@ -315,7 +315,18 @@ def write_outputs(report: dict, out: Path) -> str:
         name: [r["curve"]["reports"] for r in report["runs"] if r["method"] == name]
         for name in dict.fromkeys(r["method"] for r in report["runs"])
     }
-    plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=f"Linear-probe accuracy under {pgd} — {title}")
+    curve_samples = report["runs"][0]["curve"]["reports"][0]["num_samples"]
+    robust = {
+        name: [r["robustness"].get("robust_accuracy", []) for r in report["runs"] if r["method"] == name]
+        for name in curves
+    }
+    plot_accuracy_vs_eps(
+        curves,
+        out / "accuracy_vs_eps.png",
+        title=f"Linear-probe accuracy under {pgd} (curve: first {curve_samples} test images) and the robust worst "
+        f"case — {title}",
+        robust=robust,
+    )
     plot_bound_vs_loss(curves, out / "bound_vs_loss.png", title=f"Estimated bound vs. adversarial loss — {title}")
     return text
 
@@ -330,7 +341,7 @@ def merge_reports(reports: list[dict]) -> dict:
         merged["budget_runs"] += report.get("budget_runs", [])
         for name, per_seed in report.get("budget_seconds", {}).items():
             merged["budget_seconds"].setdefault(name, {}).update(per_seed)
-    merged["seeds"] = sorted({seed for report in reports for seed in report["seeds"]})
+    merged["seeds"] = sorted({run["seed"] for report in reports for run in report["runs"]})
     merged["command"] = " ; ".join(report["command"] for report in reports) + " (one process each, merged)"
     merged["elapsed_seconds"] = max(report["elapsed_seconds"] for report in reports)
     merged["budget_note"] = ""  # re-derived from the merged budget times

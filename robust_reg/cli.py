@@ -145,11 +145,11 @@ def _samples_note(evaluation, what: str) -> str:
     return "; ".join(parts)
 
 
-def _plots(curves: dict, out: Path, title: str) -> list[Path]:
+def _plots(curves: dict, out: Path, title: str, robust: dict | None = None) -> list[Path]:
     from .experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 
     return [
-        plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=title),
+        plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=title, robust=robust),
         plot_bound_vs_loss(curves, out / "bound_vs_loss.png", title=title),
     ]
 
@@ -179,7 +179,7 @@ def demo(args: argparse.Namespace) -> int:
         f"embedding the loss compares, weight {args.weight}, adversarial view); then a linear probe on frozen "
         f"features, attacked on {data.x_test.shape[0]} test digits ({device})."
     )
-    rows, curves, evaluations, started = [], {}, {}, time.perf_counter()
+    rows, curves, robust_points, evaluations, started = [], {}, {}, {}, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for name, variant in (("SimCLR", "plain"), ("SimCLR + robust-reg", "robust")):
         defaults = DATASET_DEFAULTS[args.dataset]
@@ -204,6 +204,7 @@ def demo(args: argparse.Namespace) -> int:
         result.save(out / f"{variant}_encoder.pt")
         rows.append(_summary_row(name, evaluation, eval_config.epsilons, result.seconds))
         curves[name] = [[r.to_dict() for r in evaluation.curve]]
+        robust_points[name] = [evaluation.robustness.to_dict()["robust_accuracy"]]
         evaluations[name] = evaluation
     robust = evaluations["SimCLR + robust-reg"]
     samples = _samples_note(robust, "digits")
@@ -214,9 +215,13 @@ def demo(args: argparse.Namespace) -> int:
     _say(str(robust.bound))
     _say(f"\nPlain SimCLR, same probe protocol, for comparison:\n\n{evaluations['SimCLR'].bound}\n")
     _say(str(robust.robustness))
+    _say(robust.tasks_summary())
     plot_samples = robust.curve.reports[0].num_samples
-    title = f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg (first {plot_samples} test digits)"
-    plots = _plots(curves, out, title)
+    title = (
+        f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg (curves: first {plot_samples} test digits; "
+        "stars: robust worst case, samples as in the table)"
+    )
+    plots = _plots(curves, out, title, robust_points)
     summary = {
         "command": "robust-reg " + " ".join(args.argv),
         "rows": rows,
@@ -273,6 +278,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)
     _say(str(evaluation.robustness))
+    _say(evaluation.tasks_summary())
     _say("")
     _say(str(evaluation.bound))
     _say("")
@@ -282,7 +288,9 @@ def evaluate(args: argparse.Namespace) -> int:
     record["samples"] = _samples_note(evaluation, "samples")
     (out / f"{name}_evaluation.json").write_text(json.dumps(record, indent=1, default=str))
     curves = {name: [[r.to_dict() for r in evaluation.curve]]}
-    plots = _plots(curves, out, f"{name} on {dataset} (first {config.curve_samples} test samples)")
+    robust = {name: [record["robustness"]["robust_accuracy"]]}
+    title = f"{name} on {dataset} (curves: first {config.curve_samples} test samples; stars: robust worst case)"
+    plots = _plots(curves, out, title, robust)
     _say(f"Samples: {record['samples']}.")
     _say(f"\nWrote {out / f'{name}_evaluation.json'}, {', '.join(str(p) for p in plots)}")
     return 0 if evaluation.robustness.passed else 3

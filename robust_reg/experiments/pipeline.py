@@ -108,6 +108,19 @@ class EncoderEvaluation:
         """
         return {name: ev.robust_accuracy(epsilon, attacks=[_main_pgd(ev)]) for name, ev in self.tasks.items()}
 
+    def tasks_summary(self) -> str:
+        """One line per reported eps: each label set's robust accuracy (clean + main PGD) and the worst."""
+        lines = []
+        for eps in self.robustness.epsilons:
+            scores = self.task_robust_accuracy(eps)
+            worst = self.worst_task(eps)
+            cells = ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f} %'}" for k, v in scores.items())
+            lines.append(
+                f"label sets @{eps:g} (each its own probe; worst case of clean and PGD): {cells}"
+                + (f" -> worst: {worst[0]}" if worst else "")
+            )
+        return "\n".join(lines)
+
     def worst_task(self, epsilon: float) -> tuple[str, float] | None:
         """The label set whose probe is least robust at ``epsilon``, and its robust accuracy."""
         scores = {k: v for k, v in self.task_robust_accuracy(epsilon).items() if v is not None}

@@ -38,15 +38,30 @@ def _finish(plt, fig, ax, path: str | Path, *, title: str, norm: str, legend_siz
 
 
 def plot_accuracy_vs_eps(
-    curves: Mapping[str, Sequence[Sequence[dict]]], path: str | Path, *, title: str, norm: str = "linf"
+    curves: Mapping[str, Sequence[Sequence[dict]]],
+    path: str | Path,
+    *,
+    title: str,
+    norm: str = "linf",
+    robust: Mapping[str, Sequence[Sequence[dict]]] | None = None,
 ) -> Path:
-    """Downstream PGD accuracy against eps, one line per method (mean +- std over seeds)."""
+    """Downstream PGD accuracy against eps, one line per method (mean +- std over seeds).
+
+    ``robust`` (per method, per seed, the ``robust_accuracy`` dicts of
+    ``RobustnessEvaluation.to_dict()``) adds the per-sample worst case over every
+    attack at the reported eps as star markers in the method's colour.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.4, 4.6))
-    for name, runs in curves.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
         eps, mean, std = _series(runs, "adversarial_accuracy")
-        ax.errorbar(eps, 100 * mean, yerr=100 * std, marker="o", ms=3, capsize=2, label=name)
-    ax.set_ylabel("accuracy under PGD (%)  [estimate]")
+        ax.errorbar(eps, 100 * mean, yerr=100 * std, marker="o", ms=3, capsize=2, color=color, label=f"{name}: PGD")
+        if robust and robust.get(name) and robust[name][0]:
+            r_eps, r_mean, _ = _series(robust[name], "accuracy")
+            ax.plot(r_eps, 100 * r_mean, "*", ms=10, color=color, label=f"{name}: robust (worst case)")
+    ax.set_ylabel("accuracy (%)  [estimates]")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     return _finish(plt, fig, ax, path, title=title, norm=norm, legend_size=8)
