@@ -13,7 +13,6 @@ bound, like every number built from the ascent, is an *estimate*.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -22,14 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._state import preserved_state
-from ._utils import flat, module_device, progress, unpack_batch
+from ._utils import flat, module_device, progress, renamed, unpack_batch
 from .attacks import ThreatModel, _check_step_size, _check_steps, pgd_attack, projected_gradient_ascent
 
 __all__ = ["BoundReport", "RobustnessCurve", "estimate_bound", "robustness_curve", "linear_head_lipschitz"]
-
-
-def _renamed(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated since 0.2.0; use {new} (same value)", DeprecationWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -74,23 +69,9 @@ class BoundReport:
     predicted_robust_accuracy: float | None
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def regularizer(self) -> float:
-        """Deprecated alias of :attr:`mean_deviation` (0.1.0 name)."""
-        _renamed("BoundReport.regularizer", "mean_deviation")
-        return self.mean_deviation
-
-    @property
-    def relative_regularizer(self) -> float:
-        """Deprecated alias of :attr:`relative_deviation` (0.1.0 name)."""
-        _renamed("BoundReport.relative_regularizer", "relative_deviation")
-        return self.relative_deviation
-
-    @property
-    def spread(self) -> float:
-        """Deprecated alias of :attr:`sigma` (0.1.0 name)."""
-        _renamed("BoundReport.spread", "sigma")
-        return self.sigma
+    regularizer = renamed("mean_deviation")
+    relative_regularizer = renamed("relative_deviation")
+    spread = renamed("sigma")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of all fields."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
+from ._utils import renamed
 from .attacks import ThreatModel, _check_step_size, _check_steps, projected_gradient_ascent
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
@@ -73,27 +74,9 @@ class RegularizerStats:
         """``mean_deviation / sigma``, as :attr:`BoundReport.relative_deviation <robust_reg.BoundReport>`."""
         return self.mean_deviation / self.variance.sqrt()
 
-    @property
-    def deviation(self) -> Tensor:
-        """Deprecated 0.1.0 name of :attr:`mean_squared_deviation`."""
-        _renamed("RegularizerStats.deviation", "mean_squared_deviation")
-        return self.mean_squared_deviation
-
-    @property
-    def distance(self) -> Tensor:
-        """Deprecated 0.1.0 name of :attr:`mean_deviation`."""
-        _renamed("RegularizerStats.distance", "mean_deviation")
-        return self.mean_deviation
-
-    @property
-    def spread(self) -> Tensor:
-        """Deprecated 0.1.0 name of :attr:`variance` (``sigma ** 2``; ``BoundReport.sigma`` is its root)."""
-        _renamed("RegularizerStats.spread", "variance")
-        return self.variance
-
-
-def _renamed(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated since 0.2.0; use {new} (same value)", DeprecationWarning, stacklevel=3)
+    deviation = renamed("mean_squared_deviation")
+    distance = renamed("mean_deviation")
+    spread = renamed("variance")  # was sigma squared; BoundReport.sigma is its root
 
 
 def _distributed() -> bool:
