@@ -234,7 +234,8 @@ def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
 def markdown(
     rows: list[dict], epsilons: list[float], title: str, pgd: str, budget_note: str = "", samples_note: str = ""
 ) -> str:
-    autoattack = not budget_note  # the budget table re-trains without AutoAttack: no mixed columns
+    # The budget table re-trains without AutoAttack, and a --no-autoattack run has none: no empty columns.
+    autoattack = not budget_note and any(v is not None for row in rows for e in epsilons for v in row[f"aa@{e:g}"])
     main = max(epsilons)
     head = ["method", "epochs", "clean acc (%)"] + [f"**robust** @{eps:.3g} (%)" for eps in epsilons]
     for eps in epsilons:
