@@ -252,3 +252,23 @@ def test_kept_adversarial_inputs_are_the_attacks_own(digit_models):
     with torch.no_grad():
         correct = honest(x_adv).argmax(1) == y
     assert torch.equal(correct, report.correct("PGD-5", 0.1))
+
+
+def test_an_encoders_label_sets_each_get_their_own_probe_and_the_first_feeds_the_bound():
+    from robust_reg.experiments.data import load_dataset
+    from robust_reg.experiments.models import build_encoder
+    from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder
+
+    data = load_dataset("digits").subset(train=300, test=60)
+    torch.manual_seed(0)
+    config = EvalConfig.for_dataset(
+        "digits", label_sets=("parity", "digit"), pgd_steps=2, check_steps=2, autoattack=False, curve_samples=40
+    )
+    config.curve_epsilons = (0.0,)
+    evaluation = evaluate_encoder(build_encoder("cnn", 1), data, config)
+    assert {k: ev.num_classes for k, ev in evaluation.tasks.items()} == {"parity": 2, "digit": 10}
+    assert evaluation.head.out_features == 2  # the first label set is the main one
+    clean_first_40 = evaluation.robustness.correct("clean", 0.0)[:40].float().mean().item()
+    assert evaluation.curve[0].clean_accuracy == pytest.approx(clean_first_40)
+    worst = evaluation.worst_task(0.1)
+    assert worst[1] == min(v for v in evaluation.task_robust_accuracy(0.1).values())

@@ -197,7 +197,8 @@ def evaluate_encoder(
     x_test = data.x_test[: config.test_samples]
     tasks: dict[str, RobustnessEvaluation] = {}
     heads: dict[str, nn.Linear] = {}
-    for i, (name, (y_train, y_test, k)) in enumerate(label_sets(data, config.label_sets or ("class",)).items()):
+    sets = label_sets(data, config.label_sets or ("class",))
+    for i, (name, (y_train, y_test, k)) in enumerate(sets.items()):
         heads[name] = fit_linear_probe(
             encoder,
             _loader(data.x_train, y_train),
@@ -228,7 +229,7 @@ def evaluate_encoder(
     m = config.curve_samples
     main_epsilon = max(config.epsilons)
     curve_epsilons = sorted(set(config.curve_epsilons) | {main_epsilon})
-    y_curve = data.y_test[: config.test_samples][:m]
+    y_curve = sets[first][1][: config.test_samples][:m]  # the first label set's, as its probe
     # The bound's PGD at a reported eps is the evaluation's own attack (same steps): reused, not re-run.
     pgd = f"PGD-{config.pgd_steps}"
     reused = {e: a[:m] for e in curve_epsilons if (a := robustness.adversarial_inputs(pgd, e)) is not None}
