@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -55,12 +56,15 @@ METHODS = {
     "byol-acl": ("byol", "acl"),
     "byol+reg": ("byol", "reg"),
     "byol+reg+advview": ("byol", "advview"),
-    # Candidates for the default, measured beside it (README, "Results"; negative-results.md):
-    "simclr+robust-reg[bn=running]": ("simclr", "robust", {"batch_norm": "running"}),
-    "simclr+robust-reg[views=2]": ("simclr", "robust", {"adversarial_views": 2}),
-    "simclr+robust-reg[eps=0.15]": ("simclr", "robust", {"epsilon": 0.15}),
-    "simclr+robust-reg[step=0.05]": ("simclr", "robust", {"step_size": 0.05}),
-    "simclr-acl[eps=0.15]": ("simclr", "acl", {"epsilon": 0.15}),  # the baseline with the same training eps
+}
+# Candidates for a default are any method with PretrainConfig fields changed, named
+# ``method[field=value,...]``, e.g. ``simclr+robust-reg[step=0.05,weight=2]``; short names:
+ALIASES = {
+    "eps": "epsilon",
+    "step": "step_size",
+    "bn": "batch_norm",
+    "views": "adversarial_views",
+    "weight": "robust_weight",
 }
 # The default run: the package default against the baseline per method, plus the paper's backbone form.
 DEFAULT_METHODS = ("simclr", "simclr+robust-reg", "simclr+reg", "simclr-acl", "byol", "byol+robust-reg", "byol-acl")
@@ -79,7 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
     p.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset of: " + ", ".join(METHODS)
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated subset of: " + ", ".join(METHODS) + "; each optionally followed by [field=value,...] "
+        "(PretrainConfig fields; short names " + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + ")",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)
@@ -100,6 +107,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-autoattack", action="store_true")
     p.add_argument("--no-budget", action="store_true", help="skip the equal wall-clock budget runs")
+    p.add_argument(
+        "--budget-full-eval",
+        action="store_true",
+        help="score the equal-budget runs with the full evaluation (AutoAttack too) instead of PGD only",
+    )
+    p.add_argument(
+        "--light-eval",
+        action="store_true",
+        help="screening: score every run as the budget runs are (PGD only: no AutoAttack, no stronger PGD; "
+        "the bound at the main eps only)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run: subset of data, 1 epoch, 1 seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
@@ -137,9 +155,47 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def parse_method(name: str) -> tuple[str, str, dict]:
+    """``(ssl method, variant, PretrainConfig overrides)`` of a row name such as ``simclr-acl[eps=0.15]``."""
+    base, bracket, rest = name.partition("[")
+    if base not in METHODS or (bracket and not rest.endswith("]")):
+        raise ValueError(
+            f"unknown method {name!r}: use one of {list(METHODS)}, optionally followed by [field=value,...]"
+        )
+    method, variant = METHODS[base]
+    fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+    overrides: dict = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, equals, text = item.partition("=")
+        key = ALIASES.get(key.strip(), key.strip())
+        if not equals or key not in fields or key in ("method", "variant", "seed"):
+            raise ValueError(f"{name!r}: {item!r} is not field=value for a PretrainConfig field")
+        default = fields[key].default
+        kind = float if default is None else type(default)
+        text = text.strip()
+        overrides[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+    return method, variant, overrides
+
+
+def light_eval(dataset: str, eval_config: EvalConfig) -> EvalConfig:
+    """Budget and screening runs: PGD (no AutoAttack, no stronger PGD) and the bound at the reported eps only.
+
+    They answer "what robustness does the same time (or this setting) buy"; the main table holds the full evaluation.
+    """
+    light = EvalConfig.for_dataset(dataset, autoattack=False, curve_epsilons=(max(eval_config.epsilons),))
+    light.epsilons = eval_config.epsilons
+    light.check_steps = light.pgd_steps = eval_config.pgd_steps
+    light.curve_samples = eval_config.curve_samples
+    return light
+
+
+def split_methods(text: str) -> list[str]:
+    """Split ``--methods`` at the commas outside brackets."""
+    return [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip()]
+
+
 def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
-    method, variant, *rest = METHODS[name]
-    overrides = rest[0] if rest else {}
+    method, variant, overrides = parse_method(name)
     d = DATASET_DEFAULTS[args.dataset]
     weight = args.robust_weight
     if weight is None:
@@ -234,8 +290,8 @@ def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
 def markdown(
     rows: list[dict], epsilons: list[float], title: str, pgd: str, budget_note: str = "", samples_note: str = ""
 ) -> str:
-    # The budget table re-trains without AutoAttack, and a --no-autoattack run has none: no empty columns.
-    autoattack = not budget_note and any(v is not None for row in rows for e in epsilons for v in row[f"aa@{e:g}"])
+    # Budget runs have no AutoAttack unless --budget-full-eval, nor has --no-autoattack: no empty columns.
+    autoattack = any(v is not None for row in rows for e in epsilons for v in row[f"aa@{e:g}"])
     main = max(epsilons)
     head = ["method", "epochs", "clean acc (%)"] + [f"**robust** @{eps:.3g} (%)" for eps in epsilons]
     for eps in epsilons:
@@ -273,7 +329,7 @@ def markdown(
     return "\n".join(lines)
 
 
-def _budget_note(references: dict[str, dict[str, float]], epochs: int) -> str:
+def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval: bool = False) -> str:
     times = "; ".join(
         f"{name}: " + ", ".join(f"{s:.0f} s (seed {seed})" for seed, s in per_seed.items())
         for name, per_seed in references.items()
@@ -283,7 +339,12 @@ def _budget_note(references: dict[str, dict[str, float]], epochs: int) -> str:
         f"SSL method's recommended configuration at {epochs} epochs on the same seed ({times}), its epoch time "
         f"taken from its own {epochs}-epoch run of that seed (same process, same threads); the references' own "
         f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
-        "budget. Scored with PGD only (AutoAttack is not run on re-trained encoders)."
+        "budget. "
+        + (
+            "Scored with the full evaluation of the table above."
+            if full_eval
+            else "Scored with PGD only (AutoAttack is not run on re-trained encoders)."
+        )
     )
 
 
@@ -303,7 +364,12 @@ def write_outputs(report: dict, out: Path) -> str:
     md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
     if report["budget_runs"]:
         report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
-        note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"])
+        full = any(
+            r["robustness"].get("results") and any(x["attack"] == "AutoAttack" for x in r["robustness"]["results"])
+            for r in report["budget_runs"]
+            if not r.get("reused")
+        )
+        note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)
     md.append(
@@ -359,15 +425,19 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
         return report
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    names = args.methods.split(",")
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s): {unknown}; choose from {list(METHODS)}")
+    names = split_methods(args.methods)
+    try:
+        for name in names:
+            parse_method(name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     epochs = args.epochs or DATASET_DEFAULTS[args.dataset]["epochs"]
     eval_config = EvalConfig.for_dataset(args.dataset, autoattack=False if args.no_autoattack else None)
     aa_samples = args.aa_samples or (1000 if device.type == "cuda" else 200)
     eval_config.autoattack_samples = eval_config.square_samples = aa_samples
+    if args.light_eval:
+        eval_config = light_eval(args.dataset, eval_config)
     seeds = args.seeds
     if args.quick:
         data = data.subset(train=512, test=200)
@@ -432,11 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["epochs"] = epochs
     references = [r for r in BUDGETS if r in names] if not (args.no_budget or args.quick) else []
     if references:
-        # Budget runs are scored by PGD at the reported eps only (no AutoAttack, no curve): they answer
-        # "what robustness does the same time buy", the main table holds the full evaluation.
-        budget_eval = EvalConfig.for_dataset(args.dataset, autoattack=False, curve_epsilons=(max(epsilons),))
-        budget_eval.check_steps = budget_eval.pgd_steps
-        budget_eval.curve_samples = eval_config.curve_samples
+        budget_eval = eval_config if args.budget_full_eval else light_eval(args.dataset, eval_config)
         report["budget_seconds"] = {}
         for reference in references:
             for seed in seeds:
@@ -456,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
                     run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
                     report["budget_runs"].append(run)
                     save()
-        budget_note = _budget_note(report["budget_seconds"], epochs)
+        budget_note = _budget_note(report["budget_seconds"], epochs, args.budget_full_eval)
 
     report["elapsed_seconds"] = time.perf_counter() - started
     report["budget_note"] = budget_note

@@ -53,6 +53,14 @@ CONFIGS = {
     "robust-reg default (embedding + adversarial view, steps=3)": ("recipe", {"variant": "robust"}),
     "robust-reg default through the lightly adapter": ("lightly", {}),
     "ACL-style (PGD-5 on the SSL loss)": ("recipe", {"variant": "acl"}),
+    # Cheaper candidates of the default, screened in benchmarks/results/screen-mnist5k/:
+    "robust-reg, detached anchor (detach_anchor=True)": ("recipe", {"variant": "robust", "detach_anchor": True}),
+    "robust-reg, half the batch perturbed (adversarial_fraction=0.5)": (
+        "recipe",
+        {"variant": "robust", "adversarial_fraction": 0.5},
+    ),
+    "robust-reg, steps=2": ("recipe", {"variant": "robust", "steps": 2}),
+    "ACL-style, PGD-3": ("recipe", {"variant": "acl", "acl_steps": 3}),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
 

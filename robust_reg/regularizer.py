@@ -90,6 +90,16 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
+_ASCENTS = ("deviation", "instance")
+_INSTANCE_TEMPERATURE = 0.5
+
+
+def _instance_confusion(z: Tensor, anchors: Tensor) -> Tensor:
+    """Per sample, the cross-entropy of finding its own clean features among the batch's (cosine / 0.5)."""
+    logits = F.normalize(z, dim=1) @ F.normalize(anchors, dim=1).T / _INSTANCE_TEMPERATURE
+    return torch.logsumexp(logits, dim=1) - logits.diagonal()
+
+
 def _flatten(features: object, name: str) -> Tensor:
     if not isinstance(features, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(features).__name__}")
@@ -169,6 +179,22 @@ class RobustnessRegularizer(nn.Module):
             and DDP's gradient averaging gives the single-process gradient.
             Without it each process divides by its local spread; no collective
             call is made. Every process must pass the same batch size.
+        detach_anchor: The clean features (the anchor) are a constant target, as
+            the ascent already treats them: the gradient flows through the perturbed
+            features only, pulling them toward the anchor, and the spread is a
+            constant. The value is unchanged. When nothing else uses the clean pass
+            (the adversarial embedding replaces the clean one in the SSL loss), its
+            backward is skipped. Measured (``benchmarks/results/screen-mnist5k/``,
+            2 seeds): SimCLR 9 % less training time at the same robust accuracy;
+            BYOL collapses (87 % clean, 57 % / 8 % PGD-20), because its clean
+            view-0 prediction then gets no gradient at all. Off by default.
+
+        ascent: What the inner ascent maximises. ``"deviation"`` (default): the
+            squared feature deviation itself. ``"instance"``: the cross-entropy of
+            recognising each perturbed sample among the batch's clean features
+            (cosine similarity / 0.5): the perturbation moves it toward the other
+            samples, not in any direction. Label-free and method-agnostic either way;
+            the value is the deviation at the point found.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -216,6 +242,8 @@ class RobustnessRegularizer(nn.Module):
         stochastic_modules: Sequence[type] = (),
         batch_norm: str = "batch",
         gather_distributed: bool = False,
+        detach_anchor: bool = False,
+        ascent: str = "deviation",
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
@@ -232,6 +260,10 @@ class RobustnessRegularizer(nn.Module):
             raise ValueError(f"batch_norm must be one of {_BATCH_NORM_MODES}, got {batch_norm!r}")
         self.batch_norm = batch_norm
         self.gather_distributed = bool(gather_distributed)
+        self.detach_anchor = bool(detach_anchor)
+        if ascent not in _ASCENTS:
+            raise ValueError(f"ascent must be one of {_ASCENTS}, got {ascent!r}")
+        self.ascent = ascent
         self._warned_stochastic = False
         self.last_stats: RegularizerStats | None = None
 
@@ -277,6 +309,10 @@ class RobustnessRegularizer(nn.Module):
             parts.append("normalize_features=True")
         if self.batch_norm != "batch":
             parts.append(f"batch_norm={self.batch_norm!r}")
+        if self.detach_anchor:
+            parts.append("detach_anchor=True")
+        if self.ascent != "deviation":
+            parts.append(f"ascent={self.ascent!r}")
         return ", ".join(parts)
 
     def forward(
@@ -318,6 +354,8 @@ class RobustnessRegularizer(nn.Module):
                 if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
                     raise ValueError("encoder(x) returned non-finite features")
             h = self._measure(_flatten(features, "features"))
+            if self.detach_anchor:
+                h = h.detach()
             gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
             h_all = gather(h)
             spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
@@ -329,6 +367,8 @@ class RobustnessRegularizer(nn.Module):
 
             def objective(inputs: Tensor) -> Tensor:
                 z = self._measure(_flatten(encoder(inputs), "encoder output"))
+                if self.ascent == "instance":
+                    return _instance_confusion(z, target)
                 return (z - target).pow(2).sum(dim=1) * scale
 
             x_adv = projected_gradient_ascent(

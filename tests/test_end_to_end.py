@@ -193,3 +193,60 @@ def test_compare_merges_runs_of_other_seeds_into_one_table(tmp_path):
     assert merged["seeds"] == [0, 1] and [r["seed"] for r in merged["runs"]] == [0, 1]
     assert merged["summary"][0]["seeds"] == 2
     assert "seeds [0, 1]" in (tmp_path / "s0" / "results.md").read_text()
+
+
+def test_compare_candidate_names_set_pretrain_config_fields():
+    compare = load_compare()
+    names = compare.split_methods("simclr,simclr+robust-reg[steps=2,step=0.05],byol-acl[eps=0.15]")
+    assert names == ["simclr", "simclr+robust-reg[steps=2,step=0.05]", "byol-acl[eps=0.15]"]
+    assert compare.parse_method(names[1]) == ("simclr", "robust", {"steps": 2, "step_size": 0.05})
+    assert compare.parse_method("byol+robust-reg[clean_view_loss=true,weight=0.5]") == (
+        "byol",
+        "robust",
+        {"clean_view_loss": True, "robust_weight": 0.5},
+    )
+
+
+@pytest.mark.parametrize("name", ["simclr-foo", "simclr[seed=1]", "simclr[no_such_field=1]", "simclr[steps=2"])
+def test_compare_rejects_an_unknown_candidate_name(name):
+    compare = load_compare()
+    with pytest.raises(ValueError, match="simclr"):
+        compare.parse_method(name)
+
+
+def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
+    from robust_reg.experiments.ssl import SimCLR, build_model
+
+    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    assert isinstance(model, SimCLR)
+    views = (torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4))
+    z0, z0_adv, z1 = model(views[0]), model(views[0] + 0.05), model(views[1])
+    both = model.loss_from_embeddings(views, ((z0, z0_adv), z1))
+    expected = 0.5 * (model.loss_from_embeddings(views, (z0, z1)) + model.loss_from_embeddings(views, (z0_adv, z1)))
+    torch.testing.assert_close(both, expected)
+
+
+def test_late_start_trains_plain_epochs_before_the_robust_term():
+    from robust_reg.experiments.data import load_dataset
+    from robust_reg.experiments.ssl import PretrainConfig, pretrain
+
+    data = load_dataset("digits").subset(train=128, test=50)
+    config = PretrainConfig(variant="robust", epochs=4, robust_start=0.5)
+    history = pretrain(data, config, progress_bar=False).history
+    assert [h["reg"] == 0.0 for h in history] == [True, True, False, False]
+
+
+def test_epsilon_ramp_grows_the_training_eps_to_its_value():
+    from robust_reg.experiments.ssl import PretrainConfig, scheduled
+
+    config = PretrainConfig(variant="robust", epochs=10, epsilon=0.1, epsilon_ramp=0.3)
+    eps = [scheduled(config, epoch).epsilon for epoch in range(10)]
+    assert eps[:3] == pytest.approx([0.025, 0.05, 0.075]) and eps[3:] == [0.1] * 7
+
+
+@pytest.mark.parametrize("field", ["robust_start", "epsilon_ramp"])
+def test_schedule_fractions_outside_zero_one_are_refused(field):
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        PretrainConfig(**{field: 1.0})

@@ -206,3 +206,42 @@ def test_the_0_1_0_stats_names_are_deprecated_aliases():
         with pytest.warns(DeprecationWarning, match=new):
             assert torch.equal(getattr(stats, old), getattr(stats, new))
     assert torch.allclose(stats.relative_deviation, stats.mean_deviation / stats.variance.sqrt())
+
+
+def test_detach_anchor_gives_the_clean_features_no_gradient_and_the_same_value():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 6))
+    x = torch.rand(8, 1, 4, 4)
+    values = {}
+    for detach in (False, True):
+        features = encoder(x)
+        features.retain_grad()
+        torch.manual_seed(1)  # the same random start
+        value = RobustnessRegularizer(0.1, detach_anchor=detach)(encoder, x, features=features)
+        value.backward()
+        values[detach] = (value.detach(), features.grad)
+    torch.testing.assert_close(values[True][0], values[False][0])
+    assert values[True][1] is None or not values[True][1].any()
+    assert values[False][1].abs().sum() > 0
+
+
+def test_instance_ascent_moves_samples_toward_the_others_more_than_random_noise():
+    from robust_reg.regularizer import _instance_confusion
+
+    torch.manual_seed(0)
+    encoder = small_cnn()
+    x = torch.rand(16, 1, 28, 28)
+    reg = RobustnessRegularizer(0.1, steps=5, ascent="instance", normalize_features=True)
+    out = reg(encoder, x, return_adversarial=True)
+    with torch.no_grad():
+        clean = encoder(x).flatten(1)
+        noisy = encoder((x + 0.1 * torch.empty_like(x).uniform_(-1, 1)).clamp(0, 1)).flatten(1)
+        confusion_adv = _instance_confusion(encoder(out.adversarial_inputs).flatten(1), clean).mean()
+        confusion_noise = _instance_confusion(noisy, clean).mean()
+    assert confusion_adv > confusion_noise
+    assert (out.adversarial_inputs - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_unknown_ascent_is_refused_by_name():
+    with pytest.raises(ValueError, match="ascent"):
+        RobustnessRegularizer(0.1, ascent="loss")

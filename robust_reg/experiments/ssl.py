@@ -25,7 +25,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +67,10 @@ class _SSLModel(nn.Module):
         return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
 
 
+def _alternatives(z: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return z if isinstance(z, tuple) else (z,)
+
+
 class SimCLR(_SSLModel):
     """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""
 
@@ -84,7 +88,9 @@ class SimCLR(_SSLModel):
         return self.projection_head(h.flatten(start_dim=1))
 
     def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        return self.criterion(*embeddings)
+        """``embeddings[0]`` may be a tuple of view-0 embeddings (clean and adversarial): their losses are averaged."""
+        z0s, z1 = _alternatives(embeddings[0]), embeddings[1]
+        return sum(self.criterion(z0, z1) for z0 in z0s) / len(z0s)
 
     def after_step(self, progress: float) -> None:
         pass
@@ -118,10 +124,11 @@ class BYOL(_SSLModel):
             return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1))
 
     def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        """``views`` feed the momentum branch (the targets), ``embeddings`` are the online predictions."""
-        p0, p1 = embeddings
+        """``views`` feed the momentum branch (the targets), ``embeddings`` are the online predictions;
+        ``embeddings[0]`` may be a tuple of view-0 predictions (clean and adversarial): their losses are averaged."""
+        p0s, p1 = _alternatives(embeddings[0]), embeddings[1]
         t0, t1 = (self._target(x) for x in views)
-        return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+        return 0.5 * (sum(self.criterion(p0, t1) for p0 in p0s) / len(p0s) + self.criterion(p1, t0))
 
     def after_step(self, progress: float) -> None:
         from lightly.models.utils import update_momentum
@@ -151,6 +158,19 @@ class PretrainConfig:
         step_size: Ascent step of the regulariser (``None``: ``2.5 * epsilon / steps``).
         batch_norm: The regulariser's BatchNorm mode, ``batch`` or ``running``.
         adversarial_views: ``robust`` only: perturb view 0 (1) or both views (2).
+        detach_anchor: ``robust`` only: the clean embedding of a perturbed view, used only as the
+            regulariser's anchor, is computed without gradient (the deviation pulls the adversarial
+            embedding toward it, not both ways; one backward pass fewer per step).
+        ascent: What the regulariser's ascent maximises (``RobustnessRegularizer(ascent=...)``).
+        clean_view_loss: ``robust`` only: the SSL loss averages the clean and the adversarial
+            embedding of each perturbed view (no extra forward), instead of the adversarial one alone.
+        adversarial_fraction: ``robust`` only: the share of each perturbed view's batch that the
+            regulariser perturbs (the first samples of the shuffled batch); the SSL loss sees
+            their adversarial embeddings and the others' clean ones. Below 1 the ascent is cheaper.
+        robust_start: Fraction of the epochs trained with the plain SSL loss before the robust
+            term (or the ACL attack) starts (a late start, cheaper).
+        epsilon_ramp: Fraction of the epochs over which the training eps grows linearly
+            to ``epsilon`` (0: constant eps).
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -170,6 +190,12 @@ class PretrainConfig:
     step_size: float | None = None
     batch_norm: str = "batch"
     adversarial_views: int = 1
+    detach_anchor: bool = False
+    ascent: str = "deviation"
+    clean_view_loss: bool = False
+    adversarial_fraction: float = 1.0
+    robust_start: float = 0.0
+    epsilon_ramp: float = 0.0
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -185,6 +211,15 @@ class PretrainConfig:
             raise ValueError(f"robust_weight must be >= 0 for variant {self.variant!r}")
         if self.adversarial_views not in (1, 2):
             raise ValueError(f"adversarial_views must be 1 or 2, got {self.adversarial_views}")
+        if self.clean_view_loss and self.adversarial_views != 1:
+            raise ValueError("clean_view_loss supports adversarial_views=1 only")
+        if not 0.0 < self.adversarial_fraction <= 1.0:
+            raise ValueError(f"adversarial_fraction must be in (0, 1], got {self.adversarial_fraction}")
+        for name in ("robust_start", "epsilon_ramp"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.clean_view_loss and self.detach_anchor:
+            raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
 
 @dataclass
@@ -237,8 +272,6 @@ def pretrain(
     total = config.epochs * steps_per_epoch
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    reg = regularizer_for(config)
-    acl_threat = ThreatModel(config.epsilon, norm=config.norm)
     generator = torch.Generator().manual_seed(config.seed)
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
@@ -247,10 +280,13 @@ def pretrain(
     model.train()
     for epoch in progress(range(config.epochs), enabled=progress_bar, desc=f"{config.method}/{config.variant}"):
         sums = {"loss": 0.0, "reg": 0.0, "n": 0}
+        epoch_config = scheduled(config, epoch)
+        reg = regularizer_for(epoch_config)
+        acl_threat = ThreatModel(epoch_config.epsilon, norm=config.norm)
         for x, _ in batches(data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator):
             x = x.to(device, non_blocking=True)
             with autocast:
-                loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), config)
+                loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -272,6 +308,16 @@ def pretrain(
     return result
 
 
+def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
+    """The settings of one epoch: plain SSL before ``robust_start``, eps ramped linearly over ``epsilon_ramp``."""
+    if epoch < round(config.robust_start * config.epochs):
+        return replace(config, variant="plain")
+    ramp = round(config.epsilon_ramp * config.epochs)
+    if ramp and epoch < ramp:
+        return replace(config, epsilon=config.epsilon * (epoch + 1) / (ramp + 1))
+    return config
+
+
 def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     """The regulariser of a variant: on the normalised embedding for ``robust``, on the backbone otherwise."""
     return RobustnessRegularizer(
@@ -281,6 +327,7 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
         step_size=config.step_size,
         batch_norm=config.batch_norm,
         normalize_features=config.variant == "robust",
+        ascent=config.ascent,
     )
 
 
@@ -315,11 +362,16 @@ def _robust_step(
     model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
 ) -> tuple[Tensor, float]:
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
-    z = [model(x0), model(x1)]
+    with torch.set_grad_enabled(not config.detach_anchor):
+        z = [model(x) for x in (x0, x1)[: config.adversarial_views]]
+    z += [model(x1)] * (2 - len(z))
     terms = []
     for i in range(config.adversarial_views):
-        out = reg(model, (x0, x1)[i], features=z[i], return_adversarial=True)
-        z[i] = out.adversarial_features
+        x = (x0, x1)[i]
+        k = max(2, round(config.adversarial_fraction * x.shape[0]))
+        out = reg(model, x[:k], features=z[i][:k], return_adversarial=True)
+        adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
+        z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)
     term = sum(terms) / len(terms)
     # Views feed BYOL's momentum targets: they stay clean.
