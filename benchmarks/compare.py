@@ -171,7 +171,7 @@ def parse_method(name: str) -> tuple[str, str, dict]:
         if not equals or key not in fields or key in ("method", "variant", "seed"):
             raise ValueError(f"{name!r}: {item!r} is not field=value for a PretrainConfig field")
         default = fields[key].default
-        kind = float if default is None else type(default)
+        kind = type(default) if default is not None else float if "float" in str(fields[key].type) else str
         text = text.strip()
         overrides[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
     return method, variant, overrides
@@ -225,7 +225,7 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
     return {
         "method": name,
         "seed": seed,
-        "epochs": epochs,
+        "epochs": config.epochs,  # a [epochs=N] candidate overrides the run's epochs
         "train_seconds": result.seconds,
         "train_steps": result.steps,
         "eval_seconds": time.perf_counter() - start,
@@ -487,13 +487,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             if finished("runs", name, seed):
                 continue
-            print(f"[compare] seed {seed}: {name}, {epochs} epochs", flush=True)
+            print(f"[compare] seed {seed}: {name}", flush=True)
             run = run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, encoders)
             report["runs"].append(run)
             print(
                 f"[compare]   clean {100 * run['robustness']['clean_accuracy']:.1f} %, "
                 + ", ".join(f"{pgd}@{e:g} {100 * (_acc(run, pgd, e) or 0):.1f} %" for e in epsilons)
-                + f", train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s",
+                + f", {run['epochs']} epochs, train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s",
                 flush=True,
             )
             save()

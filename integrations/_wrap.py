@@ -343,8 +343,9 @@ def robustify_module(
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
     ``encoder="forward"`` (the embedding the SSL loss compares) defaults to the
-    recommended configuration: features L2-normalised, adversarial view on. A
-    submodule path (the backbone form) defaults to raw features, no adversarial view.
+    recommended configuration: features L2-normalised, ``ascent="instance"``,
+    adversarial view on. A submodule path (the backbone form) defaults to raw
+    features, ``ascent="deviation"``, no adversarial view.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
@@ -368,7 +369,12 @@ def robustify_module(
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
     embedding = encoder == _FORWARD
-    options = {"normalize_features": embedding, **regularizer_options}
+    # The recommended configuration: the normalised embedding, searched toward the batch's other samples.
+    options = {
+        "normalize_features": embedding,
+        "ascent": "instance" if embedding else "deviation",
+        **regularizer_options,
+    }
     regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
     if adversarial_view is None:
         adversarial_view = embedding

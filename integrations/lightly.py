@@ -13,13 +13,14 @@ without touching that ``training_step``::
 
 By default the regulariser works on what the SSL loss compares: the module's
 ``forward`` output (the projection for SimCLR, the prediction for BYOL),
-L2-normalised, and the deviation-maximising embedding replaces the clean one in
-the loss (the adversarial view, at no extra forward). ``encoder="backbone"``
+L2-normalised, searched with ``ascent="instance"`` (toward the batch's other
+samples), and the perturbed embedding replaces the clean one in the loss (the
+adversarial view, at no extra forward). ``encoder="backbone"``
 regularises the backbone features instead (the quantity of the bound).
 
 A plain PyTorch loop needs no adapter::
 
-    reg = RobustnessRegularizer(epsilon=8 / 255, normalize_features=True)
+    reg = RobustnessRegularizer(epsilon=8 / 255, normalize_features=True, ascent="instance")
     z0, z1 = model(x0), model(x1)
     out = reg(model, x0, features=z0, return_adversarial=True)
     loss = criterion(out.adversarial_features, z1) + weight * out.loss
@@ -83,10 +84,10 @@ def robustify(
     deviation, distance and spread are logged under ``robust_reg/``.
 
     Recommended (the default): ``encoder="forward"``, the embedding the SSL loss
-    compares, with ``normalize_features=True`` and ``adversarial_view=True``.
-    Measured on MNIST (SimCLR): ahead of adversarial contrastive training at a
-    lower cost; see the README. For BYOL a lower ``weight`` (0.3) keeps clean
-    accuracy. The backbone form (``encoder="backbone"``) is the paper's: it
+    compares, with ``normalize_features=True``, ``ascent="instance"`` and
+    ``adversarial_view=True``. Measured on MNIST: see the README's Results for
+    where it stands against adversarial contrastive training at equal cost. For
+    BYOL a lower ``weight`` (0.3) keeps clean accuracy. The backbone form (``encoder="backbone"``) is the paper's: it
     lowers the quantity the bound of :func:`~robust_reg.estimate_bound` uses.
 
     The module is changed in place and returned. No parameter, buffer or
@@ -118,7 +119,7 @@ def robustify(
             trains on it. Default: on for ``encoder="forward"``, off otherwise.
         log: Log the regulariser's statistics through ``self.log``.
         **regularizer_options: ``norm``, ``steps``, ``step_size``,
-            ``random_start``, ``relative``, ``bounds``, ``normalize_features``
+            ``random_start``, ``relative``, ``bounds``, ``normalize_features``, ``ascent``
             (default: on for ``encoder="forward"``, off otherwise): as in
             :class:`~robust_reg.RobustnessRegularizer`.
 

@@ -114,14 +114,14 @@ def robustify(
     method's own ``cfg``), overridden by keyword arguments. The keys are those
     of :func:`robust_reg.integrations.lightly.robustify`: ``epsilon``,
     ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
-    ``relative``, ``bounds``, ``normalize_features``, ``encoder``, ``key``,
+    ``relative``, ``bounds``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, and ``mean``/``std``/``normalize`` to
     override the normalisation; plus ``enabled: false`` to leave the method as
     it is.
 
     Default (recommended): ``encoder: forward`` with the method's embedding key
     from :data:`EMBEDDING_KEYS` (SimCLR ``z``, BYOL ``p``, MoCo v3 ``q``, ...),
-    normalised, with the adversarial view; ``encoder: backbone`` for the
+    normalised, ``ascent: instance``, with the adversarial view; ``encoder: backbone`` for the
     backbone form. The perturbed view is the first large crop, ``batch[1][0]``;
     the clean output solo-learn computed for it is reused. No parameter, buffer
     or submodule is added, so checkpoints load with

@@ -124,6 +124,16 @@ def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss():
 
 
 @pytest.mark.parametrize(
+    "options, ascent",
+    [({}, "instance"), ({"encoder": "backbone"}, "deviation"), ({"ascent": "deviation"}, "deviation")],
+    ids=["default", "backbone", "chosen"],
+)
+def test_the_recommended_configuration_searches_toward_the_other_samples(options, ascent):
+    module = robustify(Recording(), normalize=None, log=False, **options)
+    assert module.training_step.regularizer.ascent == ascent
+
+
+@pytest.mark.parametrize(
     "options", [{}, {"encoder": "backbone", "adversarial_view": True}], ids=["default", "backbone"]
 )
 def test_batchnorm_running_statistics_come_from_the_clean_views_only(options):

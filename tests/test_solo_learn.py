@@ -66,7 +66,7 @@ def test_default_regularises_the_embedding_the_loss_compares_with_the_adversaria
     robust = robustify(copy.deepcopy(plain), cfg=cfg)
     step = robust.training_step
     assert (step.encoder, step.key, step.adversarial_view) == ("forward", key, True)
-    assert step.regularizer.normalize_features
+    assert step.regularizer.normalize_features and step.regularizer.ascent == "instance"
     plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
     value = robust_run.metrics[0]["robust_reg/value"]
     assert math.isfinite(value) and value > 0
