@@ -175,9 +175,9 @@ def demo(args: argparse.Namespace) -> int:
         eval_config.curve_epsilons, eval_config.curve_samples = (0.0, 0.1), 100
     _say(
         f"robust-reg demo: SimCLR on {data.x_train.shape[0]} real {args.dataset} digits, {epochs} epochs, plain vs. "
-        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}) on the "
-        f"embedding the loss compares, weight {args.weight}, adversarial view); then a linear probe on frozen "
-        f"features, attacked on {data.x_test.shape[0]} test digits ({device})."
+        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}, "
+        f"ascent='instance') on the embedding the loss compares, weight {args.weight}, adversarial view); "
+        f"then a linear probe on frozen features, attacked on {data.x_test.shape[0]} test digits ({device})."
     )
     rows, curves, robust_points, evaluations, started = [], {}, {}, {}, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

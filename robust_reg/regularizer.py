@@ -90,7 +90,7 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
-_ASCENTS = ("deviation", "instance")
+_ASCENTS = ("deviation", "instance", "positive")
 _INSTANCE_TEMPERATURE = 0.5
 
 
@@ -193,8 +193,10 @@ class RobustnessRegularizer(nn.Module):
             squared feature deviation itself. ``"instance"``: the cross-entropy of
             recognising each perturbed sample among the batch's clean features
             (cosine similarity / 0.5): the perturbation moves it toward the other
-            samples, not in any direction. Label-free and method-agnostic either way;
-            the value is the deviation at the point found.
+            samples, not in any direction. ``"positive"``: the squared distance to
+            ``positive=`` (the other view's features, passed to ``forward``): the
+            perturbation undoes what the SSL loss aligns. Label-free either way;
+            the value is the deviation from the clean features at the point found.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -322,6 +324,7 @@ class RobustnessRegularizer(nn.Module):
         features: Tensor | None = None,
         *,
         return_adversarial: bool = False,
+        positive: Tensor | None = None,
     ) -> Tensor | RegularizerOutput:
         """Estimate the regulariser on a batch.
 
@@ -333,12 +336,17 @@ class RobustnessRegularizer(nn.Module):
             features: ``encoder(x)`` if already computed (reused, not recomputed).
             return_adversarial: Also return the deviation-maximising inputs and
                 their features (already computed, so free).
+            positive: With ``ascent="positive"`` (required there, refused
+                otherwise): the features of the other view of each sample, the
+                positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
+                features away from it. Treated as a constant.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
             ``return_adversarial`` is true.
         """
         self._check_call(encoder, x, features)
+        self._check_positive(x, positive)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -360,6 +368,11 @@ class RobustnessRegularizer(nn.Module):
             h_all = gather(h)
             spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
             target = h.detach()
+            ascent_target = target if positive is None else self._measure(_flatten(positive, "positive")).detach()
+            if ascent_target.shape != target.shape:
+                raise ValueError(
+                    f"positive has {tuple(ascent_target.shape)} features, the encoder {tuple(target.shape)}"
+                )
             # Scaling the inner objective by the spread keeps its gradients O(1)
             # whatever the feature scale (helps fp16 autocast); argmax unchanged.
             spread_d = spread.detach()
@@ -369,7 +382,7 @@ class RobustnessRegularizer(nn.Module):
                 z = self._measure(_flatten(encoder(inputs), "encoder output"))
                 if self.ascent == "instance":
                     return _instance_confusion(z, target)
-                return (z - target).pow(2).sum(dim=1) * scale
+                return (z - ascent_target).pow(2).sum(dim=1) * scale
 
             x_adv = projected_gradient_ascent(
                 objective, x, self.threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start
@@ -405,6 +418,19 @@ class RobustnessRegularizer(nn.Module):
             "measures the perturbation only",
             stacklevel=3,
         )
+
+    def _check_positive(self, x: Tensor, positive: object) -> None:
+        if (self.ascent == "positive") != (positive is not None):
+            raise ValueError(
+                "positive= is required with ascent='positive' and used by it only"
+                f" (ascent={self.ascent!r}, positive {'given' if positive is not None else 'missing'})"
+            )
+        if positive is None:
+            return
+        if not isinstance(positive, Tensor) or not positive.is_floating_point():
+            raise TypeError(f"positive must be a floating-point Tensor, got {type(positive).__name__}")
+        if positive.dim() == 0 or positive.shape[0] != x.shape[0]:
+            raise ValueError(f"positive must hold one row per sample of x ({x.shape[0]}), got {tuple(positive.shape)}")
 
     def _measure(self, flat: Tensor) -> Tensor:
         """Features as the deviation is measured: float32, unit length per sample if asked."""

@@ -245,3 +245,37 @@ def test_instance_ascent_moves_samples_toward_the_others_more_than_random_noise(
 def test_unknown_ascent_is_refused_by_name():
     with pytest.raises(ValueError, match="ascent"):
         RobustnessRegularizer(0.1, ascent="loss")
+
+
+def test_positive_ascent_moves_features_away_from_the_given_positive():
+    torch.manual_seed(0)
+    encoder = small_cnn()
+    x, other_view = torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        positive = encoder(other_view).flatten(1)
+    reg = RobustnessRegularizer(0.1, steps=5, ascent="positive", normalize_features=True)
+    out = reg(encoder, x, positive=positive, return_adversarial=True)
+
+    def distance(inputs):
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(encoder(inputs).flatten(1), dim=1)
+        return (z - torch.nn.functional.normalize(positive, dim=1)).pow(2).sum(1).mean()
+
+    noisy = (x + 0.1 * torch.empty_like(x).uniform_(-1, 1)).clamp(0, 1)
+    assert distance(out.adversarial_inputs) > distance(noisy)
+
+
+@pytest.mark.parametrize(
+    "ascent, positive, match",
+    [("positive", None, "positive= is required"), ("deviation", torch.rand(8, 16), "positive= is required")],
+)
+def test_positive_is_required_by_the_positive_ascent_and_refused_otherwise(ascent, positive, match):
+    reg = RobustnessRegularizer(0.1, ascent=ascent)
+    with pytest.raises(ValueError, match=match):
+        reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=positive)
+
+
+def test_a_positive_of_another_batch_size_is_refused_by_name():
+    reg = RobustnessRegularizer(0.1, ascent="positive")
+    with pytest.raises(ValueError, match="positive must hold one row per sample"):
+        reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=torch.rand(4, 16))

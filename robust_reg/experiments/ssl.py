@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._state import preserved_state
@@ -164,8 +163,7 @@ class PretrainConfig:
             embedding toward it, not both ways; one backward pass fewer per step).
         ascent: What the regulariser's ascent maximises (``RobustnessRegularizer(ascent=...)``;
             ``None``: ``"instance"`` for ``robust``, the recommended configuration, ``"deviation"``
-            for the backbone forms), or ``"positive"`` (screening candidate): the distance of
-            view 0's embedding to view 1's.
+            for the backbone forms); ``"positive"`` searches away from the other view's embedding.
         clean_view_loss: ``robust`` only: the SSL loss averages the clean and the adversarial
             embedding of each perturbed view (no extra forward), instead of the adversarial one alone.
         adversarial_fraction: ``robust`` only: the share of each perturbed view's batch that the
@@ -221,8 +219,6 @@ class PretrainConfig:
             self.ascent = "instance" if self.variant == "robust" else "deviation"
         if self.ascent not in ("deviation", "instance", "positive"):
             raise ValueError(f"ascent must be 'deviation', 'instance' or 'positive', got {self.ascent!r}")
-        if self.ascent == "positive" and (self.adversarial_views, self.adversarial_fraction) != (1, 1.0):
-            raise ValueError("ascent='positive' supports one whole adversarial view only")
         if not 0.0 < self.adversarial_fraction <= 1.0:
             raise ValueError(f"adversarial_fraction must be in (0, 1], got {self.adversarial_fraction}")
         for name in ("robust_start", "epsilon_ramp"):
@@ -337,7 +333,7 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
         step_size=config.step_size,
         batch_norm=config.batch_norm,
         normalize_features=config.variant == "robust",
-        ascent="deviation" if config.ascent == "positive" else config.ascent,  # see _positive_ascent_step
+        ascent=config.ascent,
     )
 
 
@@ -375,38 +371,19 @@ def _robust_step(
     with torch.set_grad_enabled(not config.detach_anchor):
         z = [model(x) for x in (x0, x1)[: config.adversarial_views]]
     z += [model(x1)] * (2 - len(z))
-    if config.ascent == "positive":
-        return _positive_ascent_step(model, reg, x0, x1, z, config)
+    clean = list(z)
     terms = []
     for i in range(config.adversarial_views):
         x = (x0, x1)[i]
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
-        out = reg(model, x[:k], features=z[i][:k], return_adversarial=True)
+        positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
+        out = reg(model, x[:k], features=z[i][:k], return_adversarial=True, positive=positive)
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)
     term = sum(terms) / len(terms)
     # Views feed BYOL's momentum targets: they stay clean.
     return model.loss_from_embeddings((x0, x1), (z[0], z[1])) + config.robust_weight * term, term.item()
-
-
-def _positive_ascent_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, z: list[Tensor], config: PretrainConfig
-) -> tuple[Tensor, float]:
-    """Screening candidate ``ascent="positive"``: the ascent pushes view 0's embedding away from view 1's
-    (the positive every joint-embedding SSL method aligns it with); the penalty is the regulariser's relative
-    deviation from view 0's clean embedding, as in the default."""
-    positive = F.normalize(z[1].detach().flatten(1), dim=1)
-
-    def objective(v: Tensor) -> Tensor:
-        return (F.normalize(model(v).flatten(1), dim=1) - positive).pow(2).sum(dim=1)
-
-    with preserved_state(model):
-        x_adv = projected_gradient_ascent(objective, x0, reg.threat, steps=config.steps, step_size=config.step_size)
-    z_adv = model(x_adv)
-    h, a = F.normalize(z[0].flatten(1), dim=1), F.normalize(z_adv.flatten(1), dim=1)
-    term = (a - h).pow(2).sum(dim=1).mean() / (h - h.mean(dim=0)).pow(2).sum(dim=1).mean()
-    return model.loss_from_embeddings((x0, x1), (z_adv, z[1])) + config.robust_weight * term, term.item()
 
 
 def _contrastive_attack(
