@@ -364,11 +364,8 @@ def write_outputs(report: dict, out: Path) -> str:
     md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
     if report["budget_runs"]:
         report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
-        full = any(
-            r["robustness"].get("results") and any(x["attack"] == "AutoAttack" for x in r["robustness"]["results"])
-            for r in report["budget_runs"]
-            if not r.get("reused")
-        )
+        retrained = [r for r in report["budget_runs"] if not r.get("reused")]
+        full = any(_acc(r, "AutoAttack", max(epsilons)) is not None for r in retrained)
         note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)
