@@ -70,7 +70,7 @@ ALIASES = {
 DEFAULT_METHODS = ("simclr", "simclr+robust-reg", "simclr+reg", "simclr-acl", "byol", "byol+robust-reg", "byol-acl")
 # Equal wall-clock budget: each reference (the recommended configuration) sets the time its rivals get.
 BUDGETS = {
-    "simclr+robust-reg": ("simclr-acl",),
+    "simclr+robust-reg": ("simclr-acl", "simclr-acl[acl_steps=3]"),
     "byol+robust-reg": ("byol-acl",),
     "simclr+robust-reg[eps=0.15]": ("simclr-acl[eps=0.15]",),
 }

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robust_reg import RobustnessRegularizer, ThreatModel
+from robust_reg._state import preserved_state
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -103,6 +104,12 @@ class RobustTrainingStep:
     momentum branches, BatchNorm running statistics (updated by the clean
     forwards only).
 
+    With ``ascent="positive"`` the step's two views (``view`` and
+    ``positive_view``) are watched: the first of them the step encodes gives the
+    positive (its clean output, detached), the second is the one perturbed. The
+    positive is then computed by the step itself, whatever order it encodes the
+    views in, and costs nothing.
+
     Stored as an instance attribute named ``training_step``; picklable (it holds
     the original *function*, looked up on the class, not a bound method).
     """
@@ -115,6 +122,8 @@ class RobustTrainingStep:
         key: str | int | None,
         view: ViewGetter,
         view_description: str,
+        positive_view: ViewGetter | None,
+        positive_description: str,
         regularizer: RobustnessRegularizer,
         weight: float,
         adversarial_view: bool,
@@ -127,6 +136,8 @@ class RobustTrainingStep:
         self.key = key
         self.view = view
         self.view_description = view_description
+        self.positive_view = positive_view
+        self.positive_description = positive_description
         self.regularizer = regularizer
         self.weight = float(weight)
         self.adversarial_view = bool(adversarial_view)
@@ -152,29 +163,44 @@ class RobustTrainingStep:
                 "what gets optimised; call the RobustnessRegularizer inside your training_step instead"
             )
         target = resolve_target(module, self.encoder)
-        x = self._get_view(batch)
-        capture = _Capture(self, target, x)
+        x = self._get_view(batch, self.view, self.view_description)
+        other = None
+        if self.positive_view is not None:
+            other = self._get_view(batch, self.positive_view, self.positive_description)
+            if other.shape != x.shape:
+                raise ValueError(
+                    f"robust_reg: the two views differ in shape: {self.view_description} {tuple(x.shape)}, "
+                    f"{self.positive_description} {tuple(other.shape)}; pass view= and positive_view= to robustify()"
+                )
+        capture = _Capture(self, target, x, other)
         with capture.installed():
             output = self.function(module, batch, *args, **kwargs)
         if output is None:  # the user skipped this batch
             return None
         value = capture.value
         if value is None:
-            value = self._own_forward(target, x)
+            value = self._own_forward(target, x, other)
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
 
-    def _own_forward(self, target: nn.Module, x: Tensor) -> Tensor:
+    def _own_forward(self, target: nn.Module, x: Tensor, other: Tensor | None) -> Tensor:
+        views = self.view_description if other is None else f"{self.view_description}, {self.positive_description}"
         if not self._warned:
             self._warned = True
             lost = " and the adversarial view cannot be fed to the loss" if self.adversarial_view else ""
+            extra = "one extra forward" if other is None else "two extra forwards: the view and the positive"
             warnings.warn(
-                f"robust_reg: the training_step never passed the view ({self.view_description}) through "
-                f"{_describe(self.encoder)} unchanged, so its features cannot be reused{lost}; the regulariser "
-                "runs its own clean forward (one extra forward per step)",
+                f"robust_reg: the training_step never passed the views ({views}) through "
+                f"{_describe(self.encoder)} unchanged, so their features cannot be reused{lost}; the regulariser "
+                f"runs its own clean forward ({extra} per step)",
                 stacklevel=3,
             )
-        return self.regularizer(_Target(target, self.key), x)
+        encoder = _Target(target, self.key)
+        if other is None:
+            return self.regularizer(encoder, x)
+        with torch.no_grad(), preserved_state(target):  # the positive is a constant; BN statistics untouched
+            positive = encoder(other)
+        return self.regularizer(encoder, x, positive=positive)
 
     def pick(self, output: Any) -> Tensor:
         """The embedding inside ``output`` (the output itself, or its ``key`` entry)."""
@@ -195,19 +221,20 @@ class RobustTrainingStep:
             raise TypeError(f"robust_reg: entry {self.key!r} of the output is a {type(picked).__name__}, not a tensor")
         return picked
 
-    def _get_view(self, batch: Any) -> Tensor:
+    def _get_view(self, batch: Any, getter: ViewGetter, description: str) -> Tensor:
+        argument = "view" if getter is self.view else "positive_view"
         try:
-            x = self.view(batch)
+            x = getter(batch)
         except (IndexError, KeyError, TypeError) as err:
             raise ValueError(
-                f"robust_reg could not read the view to perturb ({self.view_description}) from a batch of type "
-                f"{type(batch).__name__}: {err}. Pass view=<callable(batch) -> Tensor> to robustify()"
+                f"robust_reg could not read the view ({description}) from a batch of type "
+                f"{type(batch).__name__}: {err}. Pass {argument}=<callable(batch) -> Tensor> to robustify()"
             ) from err
         if not isinstance(x, Tensor) or x.dim() < 2:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"robust_reg expected the view ({self.view_description}) to be an image batch tensor (N, C, H, W), "
-                f"got {got}. Pass view=<callable(batch) -> Tensor> to robustify()"
+                f"robust_reg expected the view ({description}) to be an image batch tensor (N, C, H, W), "
+                f"got {got}. Pass {argument}=<callable(batch) -> Tensor> to robustify()"
             )
         return x
 
@@ -241,10 +268,12 @@ class _Target(nn.Module):
 class _Capture:
     """The temporary ``forward`` of the target during one training step (see :class:`RobustTrainingStep`)."""
 
-    def __init__(self, step: RobustTrainingStep, target: nn.Module, x: Tensor) -> None:
-        self.step, self.target, self.x = step, target, x
+    def __init__(self, step: RobustTrainingStep, target: nn.Module, x: Tensor, other: Tensor | None) -> None:
+        self.step, self.target, self.x, self.other = step, target, x, other
         self.original = target.forward
         self.value: Tensor | None = None
+        self.positive: Tensor | None = None  # ascent="positive": the clean output of the view encoded first
+        self.waiting_for: Tensor | None = None  # ... and the view whose call is then perturbed
         self.busy = False  # the regulariser's own calls go straight to the original forward
 
     @contextlib.contextmanager
@@ -261,17 +290,32 @@ class _Capture:
                 del self.target.__dict__[_FORWARD]
 
     def __call__(self, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
-        if self.busy or self.value is not None or kwargs or not isinstance(inputs, Tensor) or not _same(inputs, self.x):
+        if self.busy or self.value is not None or kwargs or not isinstance(inputs, Tensor):
             return self.original(inputs, *rest, **kwargs)
+        if self.other is None:
+            if not _same(inputs, self.x):
+                return self.original(inputs, *rest)
+        elif self.positive is None:  # the first of the two views: its clean output is the positive
+            for first, second in ((self.x, self.other), (self.other, self.x)):
+                if _same(inputs, first):
+                    output = self.original(inputs, *rest)
+                    self.positive, self.waiting_for = self.step.pick(output).detach(), second
+                    return output
+            return self.original(inputs, *rest)
+        elif not _same(inputs, self.waiting_for):
+            return self.original(inputs, *rest)
         step = self.step
         output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
         encoder = _Target(self.target, step.key, *rest)
+        features = step.pick(output)
         self.busy = True
         try:
             if not step.adversarial_view:
-                self.value = step.regularizer(encoder, inputs, features=step.pick(output))
+                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive)
                 return output
-            result = step.regularizer(encoder, inputs, features=step.pick(output), return_adversarial=True)
+            result = step.regularizer(
+                encoder, inputs, features=features, positive=self.positive, return_adversarial=True
+            )
         finally:
             self.busy = False
         self.value = result.loss
@@ -334,6 +378,8 @@ def robustify_module(
     key: str | int | None,
     view: ViewGetter,
     view_description: str,
+    positive_view: ViewGetter | None,
+    positive_description: str,
     threat: ThreatModel,
     weight: float,
     adversarial_view: bool | None,
@@ -343,9 +389,10 @@ def robustify_module(
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
     ``encoder="forward"`` (the embedding the SSL loss compares) defaults to the
-    recommended configuration: features L2-normalised, ``ascent="instance"``,
+    recommended configuration: features L2-normalised, ``ascent="positive"``,
     adversarial view on. A submodule path (the backbone form) defaults to raw
-    features, ``ascent="deviation"``, no adversarial view.
+    features, ``ascent="deviation"``, no adversarial view. ``positive_view`` is
+    read only with ``ascent="positive"``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
@@ -361,21 +408,28 @@ def robustify_module(
     resolve_target(module, encoder)
     if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
         raise TypeError(f"key must be None, a str or an int, got {type(key).__name__}")
-    if not callable(view):
-        raise TypeError(f"view must be a callable(batch) -> Tensor, got {type(view).__name__}")
+    for name, getter in (("view", view), ("positive_view", positive_view)):
+        if not callable(getter) and not (name == "positive_view" and getter is None):
+            raise TypeError(f"{name} must be a callable(batch) -> Tensor, got {type(getter).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     unknown = set(regularizer_options) - set(REGULARIZER_KEYS)
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
     embedding = encoder == _FORWARD
-    # The recommended configuration: the normalised embedding, searched toward the batch's other samples.
+    # The recommended configuration: the normalised embedding, searched away from the other view's.
     options = {
         "normalize_features": embedding,
-        "ascent": "instance" if embedding else "deviation",
+        "ascent": "positive" if embedding else "deviation",
         **regularizer_options,
     }
     regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
+    if regularizer.ascent == "positive" and positive_view is None:
+        raise ValueError(
+            "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "
+            "view= given, pass positive_view=<callable(batch) -> Tensor> (the other view) too, or choose "
+            "ascent='instance'"
+        )
     if adversarial_view is None:
         adversarial_view = embedding
     step = RobustTrainingStep(
@@ -384,6 +438,8 @@ def robustify_module(
         key=key,
         view=view,
         view_description=view_description,
+        positive_view=positive_view if regularizer.ascent == "positive" else None,
+        positive_description=positive_description,
         regularizer=regularizer,
         weight=weight,
         adversarial_view=adversarial_view,

@@ -13,17 +13,18 @@ without touching that ``training_step``::
 
 By default the regulariser works on what the SSL loss compares: the module's
 ``forward`` output (the projection for SimCLR, the prediction for BYOL),
-L2-normalised, searched with ``ascent="instance"`` (toward the batch's other
-samples), and the perturbed embedding replaces the clean one in the loss (the
-adversarial view, at no extra forward). ``encoder="backbone"``
-regularises the backbone features instead (the quantity of the bound).
+L2-normalised, searched with ``ascent="positive"`` (away from the other view's
+clean embedding, which the step computes anyway), and the perturbed embedding
+replaces the clean one in the loss (the adversarial view, at no extra forward).
+``encoder="backbone"`` regularises the backbone features instead (the quantity
+of the bound).
 
 A plain PyTorch loop needs no adapter::
 
-    reg = RobustnessRegularizer(epsilon=8 / 255, normalize_features=True, ascent="instance")
+    reg = RobustnessRegularizer(epsilon=8 / 255, normalize_features=True, ascent="positive")
     z0, z1 = model(x0), model(x1)
-    out = reg(model, x0, features=z0, return_adversarial=True)
-    loss = criterion(out.adversarial_features, z1) + weight * out.loss
+    out = reg(model, x1, features=z1, positive=z0, return_adversarial=True)
+    loss = criterion(z0, out.adversarial_features) + weight * out.loss
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def _first_view(batch: Any) -> Tensor:
     return views[0]
 
 
+def _second_view(batch: Any) -> Tensor:
+    views = batch[0]
+    if not isinstance(views, (list, tuple)) or len(views) < 2:
+        raise TypeError("batch[0] should be the list of (at least two) views")
+    return views[1]
+
+
 def _lightly_default(epsilon: float, norm: str, bounds: tuple[float, float]) -> ThreatModel:
     """Inputs normalised with lightly's ``IMAGENET_NORMALIZE``, which its transforms apply by default."""
     from lightly.transforms.utils import IMAGENET_NORMALIZE
@@ -62,6 +70,7 @@ def robustify(
     encoder: str = "forward",
     key: str | int | None = None,
     view: Callable[[Any], Tensor] | None = None,
+    positive_view: Callable[[Any], Tensor] | None = None,
     normalize: Mapping[str, Sequence[float]] | None = UNSET,
     transform: Any = None,
     mean: Sequence[float] | None = None,
@@ -84,8 +93,11 @@ def robustify(
     deviation, distance and spread are logged under ``robust_reg/``.
 
     Recommended (the default): ``encoder="forward"``, the embedding the SSL loss
-    compares, with ``normalize_features=True``, ``ascent="instance"`` and
-    ``adversarial_view=True``. Measured on MNIST: see the README's Results for
+    compares, with ``normalize_features=True``, ``ascent="positive"`` and
+    ``adversarial_view=True``. With ``ascent="positive"`` the adapter watches
+    the two views ``batch[0][0]`` and ``batch[0][1]``: the first the step
+    encodes gives the positive (its clean embedding), the second is perturbed
+    away from it. Measured on MNIST: see the README's Results for
     where it stands against adversarial contrastive training at equal cost. For
     BYOL a lower ``weight`` (0.3) keeps clean accuracy. The backbone form (``encoder="backbone"``) is the paper's: it
     lowers the quantity the bound of :func:`~robust_reg.estimate_bound` uses.
@@ -105,7 +117,11 @@ def robustify(
         key: If the encoder returns a dict, tuple or list: the entry holding the
             embedding (e.g. ``"z"`` or ``0``). ``None``: the output is the tensor.
         view: ``callable(batch) -> Tensor`` returning the view to perturb.
-            Default: the first view of ``batch[0]``.
+            Default: the first view of ``batch[0]`` (with ``ascent="positive"``:
+            one of the two views, see above).
+        positive_view: With ``ascent="positive"``: ``callable(batch) -> Tensor``
+            returning the other view. Default: ``batch[0][1]`` when ``view`` is
+            not given; required when it is.
         normalize: Normalisation applied to the views, as lightly describes it
             (``{"mean": [...], "std": [...]}``). Default: lightly's
             ``IMAGENET_NORMALIZE``, which every lightly transform applies unless
@@ -115,13 +131,14 @@ def robustify(
         mean: Alternatively, the per-channel mean directly (with ``std``).
         std: Per-channel std (with ``mean``).
         adversarial_view: Return the encoder's output on the deviation-maximising
-            input in place of its clean output on the view, so the SSL loss
+            input in place of its clean output on the perturbed view, so the SSL loss
             trains on it. Default: on for ``encoder="forward"``, off otherwise.
         log: Log the regulariser's statistics through ``self.log``.
         **regularizer_options: ``norm``, ``steps``, ``step_size``,
-            ``random_start``, ``relative``, ``bounds``, ``normalize_features``, ``ascent``
-            (default: on for ``encoder="forward"``, off otherwise): as in
-            :class:`~robust_reg.RobustnessRegularizer`.
+            ``random_start``, ``relative``, ``bounds``, ``normalize_features``
+            (default: on for ``encoder="forward"``, off otherwise), ``ascent``
+            (default: ``"positive"`` for ``encoder="forward"``, ``"deviation"``
+            otherwise): as in :class:`~robust_reg.RobustnessRegularizer`.
 
     Returns:
         The same module.
@@ -129,7 +146,8 @@ def robustify(
     Raises:
         AttributeError: If the module has no ``encoder`` submodule.
         RuntimeError: If the module is already robustified.
-        ValueError: For bad regulariser options, or several normalisation sources.
+        ValueError: For bad regulariser options, several normalisation sources, or
+            ``ascent="positive"`` with ``view`` but no ``positive_view``.
             At the first training step, a batch the adapter cannot read.
 
     Examples:
@@ -167,6 +185,10 @@ def robustify(
         key=key,
         view=view if view is not None else _first_view,
         view_description="batch[0][0]" if view is None else getattr(view, "__name__", "view(batch)"),
+        positive_view=positive_view if positive_view is not None or view is not None else _second_view,
+        positive_description=(
+            "batch[0][1]" if positive_view is None else getattr(positive_view, "__name__", "positive_view(batch)")
+        ),
         threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,

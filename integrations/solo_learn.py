@@ -18,7 +18,9 @@ config and one line to ``main_pretrain.py``::
 By default the regulariser works on the embedding the method's loss compares
 (the entry of ``forward``'s output dict named in :data:`EMBEDDING_KEYS`,
 L2-normalised), and the deviation-maximising embedding replaces the clean one
-in the loss (the adversarial view, no extra forward). ``encoder: backbone``
+in the loss (the adversarial view, no extra forward). The search moves the
+perturbed crop's embedding away from the other large crop's clean one
+(``ascent: positive``), which solo-learn computes in the same step. ``encoder: backbone``
 regularises the backbone features instead (the paper's form).
 
 The views arrive normalised with the mean/std solo-learn uses for
@@ -59,6 +61,7 @@ EMBEDDING_KEYS = {
 }
 
 _ADAPTER_KEYS = ("weight", "encoder", "key", "adversarial_view", "log", "mean", "std", "normalize", "enabled")
+# view / positive_view are callables: keyword arguments only, not config keys.
 _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
 
 
@@ -67,6 +70,13 @@ def _first_large_crop(batch: Any) -> Tensor:
     if not isinstance(views, (list, tuple)):
         raise TypeError(f"batch[1] should be the list of crops, got {type(views).__name__}")
     return views[0]
+
+
+def _second_large_crop(batch: Any) -> Tensor:
+    views = batch[1]
+    if not isinstance(views, (list, tuple)) or len(views) < 2:
+        raise TypeError("batch[1] should be the list of (at least two) crops")
+    return views[1]
 
 
 def _config_block(cfg: Any) -> dict[str, Any]:
@@ -101,6 +111,7 @@ def robustify(
     *,
     cfg: Any = None,
     view: Callable[[Any], Tensor] | None = None,
+    positive_view: Callable[[Any], Tensor] | None = None,
     epsilon: float | object = UNSET,
     weight: float | object = UNSET,
     mean: Sequence[float] | None = None,
@@ -121,9 +132,12 @@ def robustify(
 
     Default (recommended): ``encoder: forward`` with the method's embedding key
     from :data:`EMBEDDING_KEYS` (SimCLR ``z``, BYOL ``p``, MoCo v3 ``q``, ...),
-    normalised, ``ascent: instance``, with the adversarial view; ``encoder: backbone`` for the
-    backbone form. The perturbed view is the first large crop, ``batch[1][0]``;
-    the clean output solo-learn computed for it is reused. No parameter, buffer
+    normalised, ``ascent: positive``, with the adversarial view; ``encoder: backbone`` for the
+    backbone form. With ``ascent: positive`` the two large crops ``batch[1][0]``
+    and ``batch[1][1]`` are watched: the first the method encodes gives the
+    positive, the second is perturbed (solo-learn encodes them in order, so
+    ``batch[1][1]``); otherwise the perturbed view is ``batch[1][0]``. The clean
+    outputs solo-learn computed are reused. No parameter, buffer
     or submodule is added, so checkpoints load with
     ``solo.methods.<Method>.load_from_checkpoint``.
 
@@ -131,6 +145,8 @@ def robustify(
         method: A solo-learn method instance (a ``BaseMethod`` subclass).
         cfg: The hydra config (default ``method.cfg``).
         view: ``callable(batch) -> Tensor`` for another view than ``batch[1][0]``.
+        positive_view: With ``ascent: positive``, the other view (default
+            ``batch[1][1]`` when ``view`` is not given; required when it is).
         epsilon: Radius of the threat ball, pixel units (default 8/255).
         weight: Multiplier of the regulariser (default 1.0).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
@@ -184,6 +200,10 @@ def robustify(
         key=key,
         view=view if view is not None else _first_large_crop,
         view_description="batch[1][0]" if view is None else getattr(view, "__name__", "view(batch)"),
+        positive_view=positive_view if positive_view is not None or view is not None else _second_large_crop,
+        positive_description=(
+            "batch[1][1]" if positive_view is None else getattr(positive_view, "__name__", "positive_view(batch)")
+        ),
         threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,

@@ -176,7 +176,7 @@ def demo(args: argparse.Namespace) -> int:
     _say(
         f"robust-reg demo: SimCLR on {data.x_train.shape[0]} real {args.dataset} digits, {epochs} epochs, plain vs. "
         f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}, "
-        f"ascent='instance') on the embedding the loss compares, weight {args.weight}, adversarial view); "
+        f"ascent='positive') on the embedding the loss compares, weight {args.weight}, adversarial view); "
         f"then a linear probe on frozen features, attacked on {data.x_test.shape[0]} test digits ({device})."
     )
     rows, curves, robust_points, evaluations, started = [], {}, {}, {}, time.perf_counter()

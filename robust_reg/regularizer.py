@@ -194,9 +194,12 @@ class RobustnessRegularizer(nn.Module):
             recognising each perturbed sample among the batch's clean features
             (cosine similarity / 0.5): the perturbation moves it toward the other
             samples, not in any direction. ``"positive"``: the squared distance to
-            ``positive=`` (the other view's features, passed to ``forward``): the
-            perturbation undoes what the SSL loss aligns. Label-free either way;
-            the value is the deviation from the clean features at the point found.
+            ``positive=`` (the other view's features, passed to ``forward``, used
+            as a constant): the perturbation undoes what the SSL loss aligns; the
+            recommended configuration and both adapters' default for the
+            embedding (README, Results, has the three side by side). Label-free
+            either way; the value is the deviation from the clean features at the
+            point found.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.

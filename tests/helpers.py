@@ -73,3 +73,17 @@ def capture_callback(base: type) -> type:
             self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items()})
 
     return Capture
+
+
+def spy_on_regularizer(module: nn.Module) -> list:
+    """Record ``(x, positive)`` of each call of a robustified module's regulariser."""
+    calls = []
+    reg = module.training_step.regularizer
+    original = reg.forward
+
+    def forward(encoder, x, **kwargs):
+        calls.append((x, kwargs.get("positive")))
+        return original(encoder, x, **kwargs)
+
+    reg.forward = forward
+    return calls

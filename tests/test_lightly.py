@@ -16,7 +16,7 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 
 from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
 
-from helpers import capture_callback  # noqa: E402
+from helpers import capture_callback, spy_on_regularizer  # noqa: E402
 from lightly_modules import BYOL, SimCLR, loader, trainer  # noqa: E402
 
 Capture = capture_callback(pl.Callback)
@@ -106,31 +106,112 @@ class Recording(SimCLR):
         return self.criterion(z0, z1)
 
 
-def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss():
+@pytest.mark.parametrize(
+    "ascent, perturbed",
+    [(None, 1), ("instance", 0)],
+    ids=["default-positive-second-view", "instance-first-view"],
+)
+def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss(ascent, perturbed):
     torch.manual_seed(0)
-    module = robustify(Recording(), epsilon=0.05, weight=2.0, normalize=None, log=False)
+    options = {} if ascent is None else {"ascent": ascent}
+    module = robustify(Recording(), epsilon=0.05, weight=2.0, normalize=None, log=False, **options)
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     loss = module.training_step((views, torch.zeros(8)), 0)
-    x0, z0_seen, z1 = module.seen
+    x0, *seen = module.seen
     assert x0 is views[0]  # the batch itself is not changed
     stats = module.training_step.regularizer.last_stats
     with torch.no_grad():
-        clean = module.forward(views[0])  # train-mode BN: the same batch statistics as in the step
-    moved = torch.nn.functional.normalize(z0_seen, dim=1) - torch.nn.functional.normalize(clean, dim=1)
+        clean = module.forward(views[perturbed])  # train-mode BN: the same batch statistics as in the step
+    moved = torch.nn.functional.normalize(seen[perturbed], dim=1) - torch.nn.functional.normalize(clean, dim=1)
     assert moved.pow(2).sum(1).mean().item() == pytest.approx(stats.mean_squared_deviation.item(), rel=1e-4)
     assert stats.mean_squared_deviation.item() > 0
-    ssl = module.criterion(z0_seen, z1)
+    ssl = module.criterion(*seen)
     assert loss.item() == pytest.approx(ssl.item() + 2.0 * stats.value.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(
     "options, ascent",
-    [({}, "instance"), ({"encoder": "backbone"}, "deviation"), ({"ascent": "deviation"}, "deviation")],
+    [({}, "positive"), ({"encoder": "backbone"}, "deviation"), ({"ascent": "instance"}, "instance")],
     ids=["default", "backbone", "chosen"],
 )
-def test_the_recommended_configuration_searches_toward_the_other_samples(options, ascent):
+def test_the_recommended_configuration_searches_away_from_the_other_view(options, ascent):
     module = robustify(Recording(), normalize=None, log=False, **options)
     assert module.training_step.regularizer.ascent == ascent
+
+
+class Reversed(SimCLR):
+    """Encodes the second view first."""
+
+    def training_step(self, batch, batch_index):
+        (x0, x1) = batch[0]
+        z1 = self.forward(x1)
+        return self.criterion(self.forward(x0), z1)
+
+
+@pytest.mark.parametrize("cls, first", [(Recording, 0), (Reversed, 1)], ids=["in-order", "reversed"])
+def test_the_positive_is_the_clean_embedding_of_the_view_encoded_first(cls, first):
+    torch.manual_seed(0)
+    module = robustify(cls(), normalize=None, log=False)
+    calls = spy_on_regularizer(module)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    module.training_step((views, None), 0)
+    [(x, positive)] = calls
+    assert x is views[1 - first]  # the second view encoded is the one perturbed
+    with torch.no_grad():
+        expected = module.forward(views[first])
+    assert not positive.requires_grad
+    torch.testing.assert_close(positive, expected)
+
+
+def test_positive_view_is_required_with_a_custom_view():
+    with pytest.raises(ValueError, match="positive_view"):
+        robustify(SimCLR(), view=lambda batch: batch[0][1])
+    assert robustify(SimCLR(), view=lambda batch: batch[0][1], ascent="instance").training_step.positive_view is None
+
+
+def test_a_custom_positive_view_names_the_other_view():
+    module = robustify(Recording(), normalize=None, log=False, view=lambda b: b[0][1], positive_view=lambda b: b[0][0])
+    calls = spy_on_regularizer(module)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    module.training_step((views, None), 0)
+    assert calls[0][0] is views[1] and calls[0][1] is not None
+
+
+def test_an_unreadable_positive_view_is_named():
+    module = robustify(Recording(), normalize=None, log=False)
+    with pytest.raises(ValueError, match=r"positive_view=.*robustify|could not read the view \(batch\[0\]\[1\]\)"):
+        module.training_step(([torch.rand(8, 3, 28, 28)], None), 0)
+
+
+def test_views_of_different_shapes_are_named():
+    module = robustify(Recording(), normalize=None, log=False)
+    with pytest.raises(ValueError, match="differ in shape"):
+        module.training_step(([torch.rand(8, 3, 28, 28), torch.rand(4, 3, 28, 28)], None), 0)
+
+
+class Concatenated(SimCLR):
+    """Encodes both views in one call: the adapter cannot reuse the step's own features."""
+
+    def training_step(self, batch, batch_index):
+        (x0, x1) = batch[0]
+        z0, z1 = self.forward(torch.cat([x0, x1])).chunk(2)
+        return self.criterion(z0, z1)
+
+
+def test_a_step_that_never_encodes_the_views_alone_gets_the_positive_from_its_own_forward():
+    torch.manual_seed(0)
+    plain = Concatenated()
+    robust = robustify(copy.deepcopy(plain), normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    plain_loss = plain.training_step((views, None), 0)
+    with pytest.warns(UserWarning, match="two extra forwards"):
+        robust_loss = robust.training_step((views, None), 0)
+    value = robust.training_step.regularizer.last_stats.value
+    assert value > 0
+    assert robust_loss.item() == pytest.approx(plain_loss.item() + value.item(), rel=1e-5)
+    # The adapter's own forwards leave BatchNorm's running statistics as the step left them.
+    for (name, a), b in zip(plain.backbone.named_buffers(), robust.backbone.buffers()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(
@@ -250,7 +331,7 @@ def test_an_unreadable_batch_layout_is_reported_at_the_first_step(tmp_path):
 
     module = robustify(FlatBatches())
     images = torch.rand(16, 3, 28, 28)
-    with pytest.raises(ValueError, match=r"could not read the view to perturb \(batch\[0\]\[0\]\)|expected the view"):
+    with pytest.raises(ValueError, match=r"could not read the view \(batch\[0\]\[0\]\)|expected the view"):
         trainer(tmp_path, max_steps=1).fit(module, as_loader([images]))
 
 

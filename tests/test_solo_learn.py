@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import QUIET_TRAINER, capture_callback
+from helpers import QUIET_TRAINER, capture_callback, spy_on_regularizer
 from solo_setup import loader, small_cfg, solo_available
 
 available, reason = solo_available()
@@ -66,7 +66,7 @@ def test_default_regularises_the_embedding_the_loss_compares_with_the_adversaria
     robust = robustify(copy.deepcopy(plain), cfg=cfg)
     step = robust.training_step
     assert (step.encoder, step.key, step.adversarial_view) == ("forward", key, True)
-    assert step.regularizer.normalize_features and step.regularizer.ascent == "instance"
+    assert step.regularizer.normalize_features and step.regularizer.ascent == "positive"
     plain_run, robust_run = fit(plain, tmp_path), fit(robust, tmp_path)
     value = robust_run.metrics[0]["robust_reg/value"]
     assert math.isfinite(value) and value > 0
@@ -164,6 +164,23 @@ def test_the_clean_features_solo_computed_are_reused(tmp_path):
         trainer(tmp_path, steps=1).fit(method, loader())
     assert not [w for w in record if "cannot be reused" in str(w.message)]
     assert len(calls) == 2 + 2 + 1  # two crops, two ascent steps, one adversarial forward
+
+
+def test_the_default_perturbs_the_second_large_crop_away_from_the_first(tmp_path):
+    cfg = small_cfg("simclr", **{"robust_reg.steps": 1})
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    calls = spy_on_regularizer(method)
+    batches = []
+
+    class KeepBatch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            batches.append(batch)
+
+    trainer(tmp_path, steps=1, callbacks=[KeepBatch()]).fit(method, loader())
+    [(x, positive)] = calls
+    crops = batches[0][1]
+    assert torch.equal(x, crops[1])  # solo-learn encodes the crops in order: the second is perturbed
+    assert positive is not None and not positive.requires_grad and positive.shape[0] == x.shape[0]
 
 
 def test_adversarial_view_trains(tmp_path):

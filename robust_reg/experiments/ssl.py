@@ -162,8 +162,9 @@ class PretrainConfig:
             regulariser's anchor, is computed without gradient (the deviation pulls the adversarial
             embedding toward it, not both ways; one backward pass fewer per step).
         ascent: What the regulariser's ascent maximises (``RobustnessRegularizer(ascent=...)``;
-            ``None``: ``"instance"`` for ``robust``, the recommended configuration, ``"deviation"``
-            for the backbone forms); ``"positive"`` searches away from the other view's embedding.
+            ``None``: ``"positive"`` for ``robust``, the recommended configuration: away from the
+            other view's clean embedding; ``"deviation"`` for the backbone forms); ``"instance"``
+            searches toward the batch's other samples.
         clean_view_loss: ``robust`` only: the SSL loss averages the clean and the adversarial
             embedding of each perturbed view (no extra forward), instead of the adversarial one alone.
         adversarial_fraction: ``robust`` only: the share of each perturbed view's batch that the
@@ -216,7 +217,7 @@ class PretrainConfig:
         if self.clean_view_loss and self.adversarial_views != 1:
             raise ValueError("clean_view_loss supports adversarial_views=1 only")
         if self.ascent is None:
-            self.ascent = "instance" if self.variant == "robust" else "deviation"
+            self.ascent = "positive" if self.variant == "robust" else "deviation"
         if self.ascent not in ("deviation", "instance", "positive"):
             raise ValueError(f"ascent must be 'deviation', 'instance' or 'positive', got {self.ascent!r}")
         if not 0.0 < self.adversarial_fraction <= 1.0:
