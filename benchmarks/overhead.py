@@ -50,9 +50,9 @@ CONFIGS = {
     "reg steps=1, own clean forward": ("backbone", {"steps": 1, "reuse": False}),
     "reg steps=3, reused features": ("backbone", {"steps": 3, "reuse": True}),
     "reg steps=3, own clean forward": ("backbone", {"steps": 3, "reuse": False}),
-    "robust-reg default (embedding + adversarial view, instance ascent, steps=3)": ("recipe", {"variant": "robust"}),
+    "robust-reg default (embedding + adversarial view, positive ascent, steps=3)": ("recipe", {"variant": "robust"}),
+    "robust-reg, instance ascent (0.3.0-dev's default)": ("recipe", {"variant": "robust", "ascent": "instance"}),
     "robust-reg, deviation ascent (0.2's default)": ("recipe", {"variant": "robust", "ascent": "deviation"}),
-    "robust-reg, positive ascent": ("recipe", {"variant": "robust", "ascent": "positive"}),
     "robust-reg default through the lightly adapter": ("lightly", {}),
     "ACL-style (PGD-5 on the SSL loss)": ("recipe", {"variant": "acl"}),
     # Cheaper candidates of the default, screened in benchmarks/results/screen-mnist5k/:

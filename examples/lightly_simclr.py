@@ -6,8 +6,9 @@
 The LightningModule below is an ordinary lightly-style module (``self.backbone``,
 the views in ``batch[0]``, ``training_step`` returning the NT-Xent loss). The
 only robust-reg line is ``robustify(model, ...)``: by default it regularises the
-projection NT-Xent compares (reusing the step's own forward) and hands the loss
-the adversarial projection of the first view in its place, adds the weighted
+projection NT-Xent compares (reusing the step's own forward), searched away from
+the other view's clean projection, and hands the loss the adversarial projection
+of the second view in its place, adds the weighted
 term to every training step's loss, and reads the input normalisation from the
 lightly transform. Afterwards the
 script fits a linear probe on the frozen backbone and prints a BoundReport
