@@ -329,7 +329,9 @@ def markdown(
     return "\n".join(lines)
 
 
-def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval: bool = False) -> str:
+def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval: bool | list[str] = False) -> str:
+    """``full_eval``: whether the retrained runs had the full evaluation, or the methods that had it
+    (runs merged from reports with and without AutoAttack)."""
     times = "; ".join(
         f"{name}: " + ", ".join(f"{s:.0f} s (seed {seed})" for seed, s in per_seed.items())
         for name, per_seed in references.items()
@@ -341,7 +343,10 @@ def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval
         f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
         "budget. "
         + (
-            "Scored with the full evaluation of the table above."
+            f"Scored with the full evaluation of the table above (AutoAttack too): {', '.join(full_eval)}; the "
+            "others with PGD only."
+            if isinstance(full_eval, list)
+            else "Scored with the full evaluation of the table above."
             if full_eval
             else "Scored with PGD only (AutoAttack is not run on re-trained encoders)."
         )
@@ -365,7 +370,9 @@ def write_outputs(report: dict, out: Path) -> str:
     if report["budget_runs"]:
         report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
         retrained = [r for r in report["budget_runs"] if not r.get("reused")]
-        full = any(_acc(r, "AutoAttack", max(epsilons)) is not None for r in retrained)
+        scored = {r["method"]: _acc(r, "AutoAttack", max(epsilons)) is not None for r in retrained}
+        with_aa = [name for name, aa in scored.items() if aa]
+        full = bool(with_aa) and (len(with_aa) == len(scored) or with_aa)
         note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)

@@ -207,6 +207,19 @@ def test_compare_candidate_names_set_pretrain_config_fields():
     )
 
 
+@pytest.mark.parametrize(
+    "full_eval, says",
+    [
+        (True, "Scored with the full evaluation of the table above."),
+        (False, "Scored with PGD only"),
+        (["simclr-acl"], "(AutoAttack too): simclr-acl; the others with PGD only."),
+    ],
+)
+def test_the_budget_note_says_how_the_retrained_runs_were_scored(full_eval, says):
+    note = load_compare()._budget_note({"simclr+robust-reg": {"0": 300.0}}, 30, full_eval)
+    assert says in note and "300 s (seed 0)" in note
+
+
 @pytest.mark.parametrize("name", ["simclr-foo", "simclr[seed=1]", "simclr[no_such_field=1]", "simclr[steps=2"])
 def test_compare_rejects_an_unknown_candidate_name(name):
     compare = load_compare()
