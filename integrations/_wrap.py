@@ -22,6 +22,28 @@ from robust_reg._state import preserved_state
 
 ViewGetter = Callable[[Any], Tensor]
 
+
+def _view_at(batch: Any, *, field: int, index: int) -> Tensor:
+    """``batch[field][index]``: the frameworks' default views (a partial of this pickles)."""
+    views = batch[field]
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"batch[{field}] should be the list of views, got {type(views).__name__}")
+    return views[index]
+
+
+def _default_views(
+    view: ViewGetter | None, positive_view: ViewGetter | None, field: int
+) -> tuple[ViewGetter, str, ViewGetter | None, str]:
+    """The view getters and their descriptions: given ones, else ``batch[field][0]`` and ``[1]``
+    (the positive's default only when ``view`` is not given either)."""
+    positive_description = getattr(positive_view, "__name__", "positive_view(batch)")
+    if view is not None:
+        return view, getattr(view, "__name__", "view(batch)"), positive_view, positive_description
+    if positive_view is None:
+        positive_view, positive_description = functools.partial(_view_at, field=field, index=1), f"batch[{field}][1]"
+    return functools.partial(_view_at, field=field, index=0), f"batch[{field}][0]", positive_view, positive_description
+
+
 # The regulariser's own keywords, read from its signature (mean/std come from the adapters' normalisation;
 # epsilon, norm and bounds go to the ThreatModel).
 REGULARIZER_KEYS = tuple(
@@ -376,10 +398,9 @@ def robustify_module(
     framework: str,
     encoder: str,
     key: str | int | None,
-    view: ViewGetter,
-    view_description: str,
+    view: ViewGetter | None,
     positive_view: ViewGetter | None,
-    positive_description: str,
+    views_field: int,
     threat: ThreatModel,
     weight: float,
     adversarial_view: bool | None,
@@ -391,8 +412,9 @@ def robustify_module(
     ``encoder="forward"`` (the embedding the SSL loss compares) defaults to the
     recommended configuration: features L2-normalised, ``ascent="positive"``,
     adversarial view on. A submodule path (the backbone form) defaults to raw
-    features, ``ascent="deviation"``, no adversarial view. ``positive_view`` is
-    read only with ``ascent="positive"``.
+    features, ``ascent="deviation"``, no adversarial view. ``view=None``: the
+    first view of ``batch[views_field]`` (and ``positive_view``, read only with
+    ``ascent="positive"``, the second).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
@@ -409,7 +431,7 @@ def robustify_module(
     if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
         raise TypeError(f"key must be None, a str or an int, got {type(key).__name__}")
     for name, getter in (("view", view), ("positive_view", positive_view)):
-        if not callable(getter) and not (name == "positive_view" and getter is None):
+        if getter is not None and not callable(getter):
             raise TypeError(f"{name} must be a callable(batch) -> Tensor, got {type(getter).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
@@ -424,6 +446,7 @@ def robustify_module(
         **regularizer_options,
     }
     regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
+    view, view_description, positive_view, positive_description = _default_views(view, positive_view, views_field)
     if regularizer.ascent == "positive" and positive_view is None:
         raise ValueError(
             "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "

@@ -41,20 +41,6 @@ from ._wrap import UNSET, resolve_threat, robust_step, robustify_module
 __all__ = ["robustify", "is_robustified"]
 
 
-def _first_view(batch: Any) -> Tensor:
-    views = batch[0]
-    if not isinstance(views, (list, tuple)):
-        raise TypeError(f"batch[0] should be the list of views, got {type(views).__name__}")
-    return views[0]
-
-
-def _second_view(batch: Any) -> Tensor:
-    views = batch[0]
-    if not isinstance(views, (list, tuple)) or len(views) < 2:
-        raise TypeError("batch[0] should be the list of (at least two) views")
-    return views[1]
-
-
 def _lightly_default(epsilon: float, norm: str, bounds: tuple[float, float]) -> ThreatModel:
     """Inputs normalised with lightly's ``IMAGENET_NORMALIZE``, which its transforms apply by default."""
     from lightly.transforms.utils import IMAGENET_NORMALIZE
@@ -183,12 +169,9 @@ def robustify(
         framework="lightly",
         encoder=encoder,
         key=key,
-        view=view if view is not None else _first_view,
-        view_description="batch[0][0]" if view is None else getattr(view, "__name__", "view(batch)"),
-        positive_view=positive_view if positive_view is not None or view is not None else _second_view,
-        positive_description=(
-            "batch[0][1]" if positive_view is None else getattr(positive_view, "__name__", "positive_view(batch)")
-        ),
+        view=view,
+        positive_view=positive_view,
+        views_field=0,  # lightly: (views, targets, filenames)
         threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,

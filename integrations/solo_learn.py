@@ -65,20 +65,6 @@ _ADAPTER_KEYS = ("weight", "encoder", "key", "adversarial_view", "log", "mean", 
 _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
 
 
-def _first_large_crop(batch: Any) -> Tensor:
-    views = batch[1]
-    if not isinstance(views, (list, tuple)):
-        raise TypeError(f"batch[1] should be the list of crops, got {type(views).__name__}")
-    return views[0]
-
-
-def _second_large_crop(batch: Any) -> Tensor:
-    views = batch[1]
-    if not isinstance(views, (list, tuple)) or len(views) < 2:
-        raise TypeError("batch[1] should be the list of (at least two) crops")
-    return views[1]
-
-
 def _config_block(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}
@@ -198,12 +184,9 @@ def robustify(
         framework="solo-learn",
         encoder=encoder,
         key=key,
-        view=view if view is not None else _first_large_crop,
-        view_description="batch[1][0]" if view is None else getattr(view, "__name__", "view(batch)"),
-        positive_view=positive_view if positive_view is not None or view is not None else _second_large_crop,
-        positive_description=(
-            "batch[1][1]" if positive_view is None else getattr(positive_view, "__name__", "positive_view(batch)")
-        ),
+        view=view,
+        positive_view=positive_view,
+        views_field=1,  # solo-learn: [indexes, [crops...], targets], large crops first
         threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,
