@@ -8,7 +8,7 @@ On the same data, encoder, augmentations, seeds and epochs, pretrain
     simclr+reg          the paper's form: the regulariser on the backbone features
     simclr+reg+advview  backbone form + its deviation-maximising view fed to the SSL loss
     simclr-acl          adversarial contrastive baseline (ACL/RoCL style: PGD-5 on the SSL loss)
-    byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.3), byol-acl,
+    byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.05), byol-acl,
     byol+reg, byol+reg+advview   the same with BYOL
 
 then fit a linear probe on frozen clean features and attack it: clean accuracy,

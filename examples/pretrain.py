@@ -27,7 +27,7 @@ import json
 import torch
 
 from robust_reg.experiments.data import DATASETS, load_dataset
-from robust_reg.experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
+from robust_reg.experiments.ssl import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
     p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
-    p.add_argument("--robust-weight", type=float, default=1.0, help="weight of the regulariser; 0: plain baseline")
+    p.add_argument(
+        "--robust-weight",
+        type=float,
+        default=None,
+        help="weight of the regulariser; 0: plain baseline (default: SimCLR 1.0, BYOL 0.05 for the embedding, 1.0 "
+        "for the backbone)",
+    )
     p.add_argument(
         "--target",
         default="embedding",
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     d = DATASET_DEFAULTS[args.dataset]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.robust_weight is None:
+        args.robust_weight = RECOMMENDED_WEIGHT[args.method] if args.target == "embedding" else 1.0
     if args.robust_weight < 0:
         p.error(f"--robust-weight must be >= 0, got {args.robust_weight}")
     if args.robust_weight == 0 and args.adversarial_view:

@@ -85,7 +85,8 @@ def robustify(
     encodes gives the positive (its clean embedding), the second is perturbed
     away from it. Measured on MNIST: see the README's Results for
     where it stands against adversarial contrastive training at equal cost. For
-    BYOL a lower ``weight`` (0.3) keeps clean accuracy. The backbone form (``encoder="backbone"``) is the paper's: it
+    BYOL ``weight=0.05``: its adversarial view carries the robustness and a larger weight costs clean
+    accuracy (README, Results). The backbone form (``encoder="backbone"``) is the paper's: it
     lowers the quantity the bound of :func:`~robust_reg.estimate_bound` uses.
 
     The module is changed in place and returned. No parameter, buffer or
@@ -95,7 +96,7 @@ def robustify(
     Args:
         module: The LightningModule instance (any ``nn.Module`` with ``training_step``).
         epsilon: Radius of the threat ball, pixel units of ``[0, 1]`` images.
-        weight: Multiplier of the regulariser in the loss.
+        weight: Multiplier of the regulariser in the loss (SimCLR 1.0, BYOL 0.05: README, Results).
         encoder: ``"forward"`` (default): the module's own forward, whose output
             is the embedding the SSL loss compares (lightly's examples return the
             projection or prediction there). Otherwise the dotted path of a

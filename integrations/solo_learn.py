@@ -8,7 +8,7 @@ config and one line to ``main_pretrain.py``::
     # config.yaml
     robust_reg:
       epsilon: 0.0314   # 8/255, pixel units
-      weight: 1.0
+      weight: 1.0       # BYOL: 0.05
       steps: 3
 
     # main_pretrain.py, after `model = METHODS[cfg.method](cfg)`
@@ -134,7 +134,7 @@ def robustify(
         positive_view: With ``ascent: positive``, the other view (default
             ``batch[1][1]`` when ``view`` is not given; required when it is).
         epsilon: Radius of the threat ball, pixel units (default 8/255).
-        weight: Multiplier of the regulariser (default 1.0).
+        weight: Multiplier of the regulariser (default 1.0; BYOL: 0.05, README, Results).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
         std: Per-channel std of the inputs.
         normalize: ``None`` for raw ``[0, 1]`` inputs, or ``{"mean": ..., "std": ...}``.

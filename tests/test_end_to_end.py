@@ -145,14 +145,14 @@ def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "dataset, extra, variant",
+    "dataset, extra, variant, weight",
     [
-        ("fake", [], "robust"),
-        ("digits", ["--method", "byol"], "robust"),
-        ("digits", ["--target", "backbone", "--adversarial-view"], "advview"),
+        ("fake", [], "robust", 1.0),
+        ("digits", ["--method", "byol"], "robust", 0.05),  # each method's recommended weight by default
+        ("digits", ["--target", "backbone", "--adversarial-view"], "advview", 1.0),
     ],
 )
-def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_path, dataset, extra, variant):
+def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_path, dataset, extra, variant, weight):
     spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
     pretrain_example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain_example)
@@ -160,6 +160,7 @@ def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_pat
     pretrain_example.main(["--dataset", dataset, "--epochs", "1", "--steps", "1", "--out", str(checkpoint), *extra])
     record = torch.load(checkpoint, weights_only=True)
     assert record["dataset"] == dataset and record["config"]["variant"] == variant
+    assert record["config"]["robust_weight"] == weight
     args = ["evaluate", str(checkpoint), "--no-autoattack", "--pgd-steps", "2", "--test-samples", "64"]
     code = cli([*args, "--no-progress", "--out", str(tmp_path)])
     evaluation = json.loads((tmp_path / "encoder_evaluation.json").read_text())
