@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from robust_reg import RobustnessRegularizer, ThreatModel
 from robust_reg._state import preserved_state
-from robust_reg.regularizer import POSITIVE_ASCENTS
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -448,10 +447,10 @@ def robustify_module(
     }
     regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
     view, view_description, positive_view, positive_description = _default_views(view, positive_view, views_field)
-    if regularizer.ascent in POSITIVE_ASCENTS and positive_view is None:
+    if regularizer.ascent == "positive" and positive_view is None:
         raise ValueError(
-            f"ascent={regularizer.ascent!r} perturbs one of two views and searches away from the other's embedding: "
-            "with view= given, pass positive_view=<callable(batch) -> Tensor> (the other view) too, or choose "
+            "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "
+            "view= given, pass positive_view=<callable(batch) -> Tensor> (the other view) too, or choose "
             "ascent='instance'"
         )
     if adversarial_view is None:
@@ -462,7 +461,7 @@ def robustify_module(
         key=key,
         view=view,
         view_description=view_description,
-        positive_view=positive_view if regularizer.ascent in POSITIVE_ASCENTS else None,
+        positive_view=positive_view if regularizer.ascent == "positive" else None,
         positive_description=positive_description,
         regularizer=regularizer,
         weight=weight,

@@ -90,9 +90,7 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
-_ASCENTS = ("deviation", "instance", "positive", "contrastive")
-#: The ascents that search relative to the other view's features (``positive=`` required).
-POSITIVE_ASCENTS = ("positive", "contrastive")
+_ASCENTS = ("deviation", "instance", "positive")
 _INSTANCE_TEMPERATURE = 0.5
 
 
@@ -200,13 +198,9 @@ class RobustnessRegularizer(nn.Module):
             ``positive=`` (the other view's features, passed to ``forward``, used
             as a constant): the perturbation undoes what the SSL loss aligns; the
             recommended configuration and both adapters' default for the
-            embedding (README, Results, has the three side by side).
-            ``"contrastive"``: the cross-entropy of recognising each perturbed
-            sample's positive among the batch's positives (cosine / 0.5, as
-            NT-Xent scores the other view): away from its positive and toward the
-            others' (needs ``positive=`` too; screened in
-            ``benchmarks/results/screen-mnist5k/``). Label-free either way; the
-            value is the deviation from the clean features at the point found.
+            embedding (README, Results, has the three side by side). Label-free
+            either way; the value is the deviation from the clean features at the
+            point found.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -346,10 +340,10 @@ class RobustnessRegularizer(nn.Module):
             features: ``encoder(x)`` if already computed (reused, not recomputed).
             return_adversarial: Also return the deviation-maximising inputs and
                 their features (already computed, so free).
-            positive: With ``ascent="positive"`` or ``"contrastive"`` (required
-                there, refused otherwise): the features of the other view of each
-                sample, the positive the SSL loss aligns ``x`` with; the ascent
-                moves ``x``'s features away from it. Treated as a constant.
+            positive: With ``ascent="positive"`` (required there, refused
+                otherwise): the features of the other view of each sample, the
+                positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
+                features away from it. Treated as a constant.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
@@ -392,8 +386,6 @@ class RobustnessRegularizer(nn.Module):
                 z = self._measure(_flatten(encoder(inputs), "encoder output"))
                 if self.ascent == "instance":
                     return _instance_confusion(z, target)
-                if self.ascent == "contrastive":
-                    return _instance_confusion(z, ascent_target)
                 return (z - ascent_target).pow(2).sum(dim=1) * scale
 
             x_adv = projected_gradient_ascent(
@@ -432,9 +424,9 @@ class RobustnessRegularizer(nn.Module):
         )
 
     def _check_positive(self, x: Tensor, positive: object) -> None:
-        if (self.ascent in POSITIVE_ASCENTS) != (positive is not None):
+        if (self.ascent == "positive") != (positive is not None):
             raise ValueError(
-                "positive= is required with ascent='positive' or 'contrastive' and used by them only"
+                "positive= is required with ascent='positive' and used by it only"
                 f" (ascent={self.ascent!r}, positive {'given' if positive is not None else 'missing'})"
             )
         if positive is None:

@@ -163,18 +163,6 @@ def test_the_positive_is_the_clean_embedding_of_the_view_encoded_first(cls, firs
     torch.testing.assert_close(positive, expected)
 
 
-def test_the_contrastive_ascent_gets_the_other_views_embedding_as_its_positive():
-    torch.manual_seed(0)
-    module = robustify(SimCLR(), normalize=None, log=False, ascent="contrastive")
-    calls = spy_on_regularizer(module)
-    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
-    module.training_step((views, None), 0)
-    [(x, positive)] = calls
-    assert x is views[1]
-    with torch.no_grad():
-        torch.testing.assert_close(positive, module.forward(views[0]))
-
-
 def test_positive_view_is_required_with_a_custom_view():
     with pytest.raises(ValueError, match="positive_view"):
         robustify(SimCLR(), view=lambda batch: batch[0][1])

@@ -242,24 +242,6 @@ def test_instance_ascent_moves_samples_toward_the_others_more_than_random_noise(
     assert (out.adversarial_inputs - x).abs().max() <= 0.1 + 1e-6
 
 
-def test_contrastive_ascent_hides_each_sample_from_its_positive_more_than_random_noise():
-    from robust_reg.regularizer import _instance_confusion
-
-    torch.manual_seed(0)
-    encoder = small_cnn()
-    x, other_view = torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28)
-    with torch.no_grad():
-        positive = encoder(other_view).flatten(1)
-    reg = RobustnessRegularizer(0.1, steps=5, ascent="contrastive", normalize_features=True)
-    out = reg(encoder, x, positive=positive, return_adversarial=True)
-    with torch.no_grad():
-        noisy = (x + 0.1 * torch.empty_like(x).uniform_(-1, 1)).clamp(0, 1)
-        confusion_adv = _instance_confusion(encoder(out.adversarial_inputs).flatten(1), positive).mean()
-        confusion_noise = _instance_confusion(encoder(noisy).flatten(1), positive).mean()
-    assert confusion_adv > confusion_noise
-    assert (out.adversarial_inputs - x).abs().max() <= 0.1 + 1e-6
-
-
 def test_unknown_ascent_is_refused_by_name():
     with pytest.raises(ValueError, match="ascent"):
         RobustnessRegularizer(0.1, ascent="loss")
@@ -285,11 +267,7 @@ def test_positive_ascent_moves_features_away_from_the_given_positive():
 
 @pytest.mark.parametrize(
     "ascent, positive, match",
-    [
-        ("positive", None, "positive= is required"),
-        ("contrastive", None, "positive= is required"),
-        ("deviation", torch.rand(8, 16), "positive= is required"),
-    ],
+    [("positive", None, "positive= is required"), ("deviation", torch.rand(8, 16), "positive= is required")],
 )
 def test_positive_is_required_by_the_positive_ascent_and_refused_otherwise(ascent, positive, match):
     reg = RobustnessRegularizer(0.1, ascent=ascent)

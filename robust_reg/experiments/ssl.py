@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .._state import preserved_state
 from .._utils import progress
 from ..attacks import ThreatModel, projected_gradient_ascent
-from ..regularizer import POSITIVE_ASCENTS, RobustnessRegularizer
+from ..regularizer import RobustnessRegularizer
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
 from .models import build_encoder, feature_dim
@@ -219,10 +219,8 @@ class PretrainConfig:
             raise ValueError("clean_view_loss supports adversarial_views=1 only")
         if self.ascent is None:
             self.ascent = "positive" if self.variant == "robust" else "deviation"
-        if self.ascent not in ("deviation", "instance", "positive", "contrastive"):
-            raise ValueError(
-                f"ascent must be 'deviation', 'instance', 'positive' or 'contrastive', got {self.ascent!r}"
-            )
+        if self.ascent not in ("deviation", "instance", "positive"):
+            raise ValueError(f"ascent must be 'deviation', 'instance' or 'positive', got {self.ascent!r}")
         if not 0.0 < self.adversarial_fraction <= 1.0:
             raise ValueError(f"adversarial_fraction must be in (0, 1], got {self.adversarial_fraction}")
         for name in ("robust_start", "epsilon_ramp"):
@@ -380,7 +378,7 @@ def _robust_step(
     for i in range(config.adversarial_views):
         x = (x0, x1)[i]
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
-        positive = clean[1 - i][:k].detach() if config.ascent in POSITIVE_ASCENTS else None
+        positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
         out = reg(model, x[:k], features=z[i][:k], return_adversarial=True, positive=positive)
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
