@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         "--robust-weight",
         type=float,
         default=None,
-        help="weight of the regulariser; 0: plain baseline (default: SimCLR 1.0, BYOL 0.05 for the embedding, 1.0 "
-        "for the backbone)",
+        help="weight of the regulariser; 0: plain baseline (default: the method's recommended weight for the "
+        f"embedding, {RECOMMENDED_WEIGHT}; 1.0 for the backbone)",
     )
     p.add_argument(
         "--target",

@@ -187,8 +187,8 @@ class RobustnessRegularizer(nn.Module):
             backward is skipped. Measured (``benchmarks/results/screen-mnist5k/``,
             2 seeds): SimCLR 9 % less training time at the same robust accuracy;
             BYOL collapses (87 % clean, 57 % / 8 % PGD-20; with ``ascent="positive"``
-            89 % clean, 55 % robust; at weight 0.05, 92 % / 70 %), because the clean prediction of the perturbed
-            view then gets no gradient at all. Off by default.
+            89 % clean, 55 % robust; at weight 0.05, 92 % / 70 %), because the clean
+            prediction of the perturbed view then gets no gradient at all. Off by default.
 
         ascent: What the inner ascent maximises. ``"deviation"`` (default): the
             squared feature deviation itself. ``"instance"``: the cross-entropy of
