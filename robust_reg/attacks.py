@@ -378,18 +378,34 @@ def projected_gradient_ascent(
     if steps == 0 or threat.epsilon == 0:
         return threat.to_model(pixels + delta).detach()
     alpha = step_size if step_size is not None else 2.5 * threat.epsilon / steps
+    return _ascend(objective, pixels, delta, threat, steps, alpha, keep_best=keep_best)
+
+
+def _ascend(
+    objective: Callable[[Tensor], Tensor],
+    pixels: Tensor,
+    delta: Tensor,
+    threat: ThreatModel,
+    steps: int,
+    alpha: float,
+    *,
+    keep_best: bool = False,
+) -> Tensor:
+    """``steps`` projected ascent steps of length ``alpha`` from ``pixels + delta`` (pixel space);
+    returns the end point in model space, detached. The loop of :func:`projected_gradient_ascent`."""
     best_delta = best_value = None
+    n = pixels.shape[0]
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
-            values = _per_sample(objective(threat.to_model(pixels + delta)), x.shape[0])
+            values = _per_sample(objective(threat.to_model(pixels + delta)), n)
             (grad,) = torch.autograd.grad(values.sum(), delta)
         if keep_best:
             best_delta, best_value = _keep_best(best_delta, best_value, delta.detach(), values.detach())
         delta = threat.project(pixels, threat.ascent_step(delta.detach(), grad, alpha))
     if keep_best:
         with torch.no_grad():
-            values = _per_sample(objective(threat.to_model(pixels + delta)), x.shape[0])
+            values = _per_sample(objective(threat.to_model(pixels + delta)), n)
         delta, _ = _keep_best(best_delta, best_value, delta, values)
     return threat.to_model(pixels + delta).detach()
 

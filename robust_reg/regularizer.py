@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
 from ._utils import renamed
-from .attacks import ThreatModel, _check_step_size, _check_steps, projected_gradient_ascent
+from .attacks import ThreatModel, _ascend, _check_step_size, _check_steps, projected_gradient_ascent
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
 
@@ -269,6 +269,9 @@ class RobustnessRegularizer(nn.Module):
         self.detach_anchor = bool(detach_anchor)
         if ascent not in _ASCENTS:
             raise ValueError(f"ascent must be one of {_ASCENTS}, got {ascent!r}")
+        if ascent == "deviation" and not self.random_start and self.steps > 0:
+            # The deviation from the clean features has zero gradient at the clean input.
+            raise ValueError("random_start=False with ascent='deviation' never leaves x: start at random")
         self.ascent = ascent
         self._warned_stochastic = False
         self.last_stats: RegularizerStats | None = None
@@ -361,13 +364,20 @@ class RobustnessRegularizer(nn.Module):
             if features is not None and switched:
                 self._warn_recompute(switched)
                 features = None
+            reuse = features is None and self._clean_pass_is_first_iterate(x)
             if features is None:
-                features = encoder(x)
+                if reuse:
+                    # Starting at x, the ascent's first forward *is* the clean pass: run it once,
+                    # keeping the graph the penalty needs, and take the first step's gradient from it.
+                    pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
+                    delta = torch.zeros_like(pixels, requires_grad=True)
+                    features = encoder(self.threat.to_model(pixels + delta))
+                else:
+                    features = encoder(x)
                 if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
                     raise ValueError("encoder(x) returned non-finite features")
-            h = self._measure(_flatten(features, "features"))
-            if self.detach_anchor:
-                h = h.detach()
+            clean = self._measure(_flatten(features, "features"))
+            h = clean.detach() if self.detach_anchor else clean
             gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
             h_all = gather(h)
             spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
@@ -382,15 +392,28 @@ class RobustnessRegularizer(nn.Module):
             spread_d = spread.detach()
             scale = torch.where(spread_d > 0, 1.0 / spread_d.clamp_min(torch.finfo(spread_d.dtype).tiny), 1.0)
 
-            def objective(inputs: Tensor) -> Tensor:
-                z = self._measure(_flatten(encoder(inputs), "encoder output"))
+            def score(z: Tensor) -> Tensor:
                 if self.ascent == "instance":
                     return _instance_confusion(z, target)
                 return (z - ascent_target).pow(2).sum(dim=1) * scale
 
-            x_adv = projected_gradient_ascent(
-                objective, x, self.threat, steps=self.steps, step_size=self.step_size, random_start=self.random_start
-            )
+            def objective(inputs: Tensor) -> Tensor:
+                return score(self._measure(_flatten(encoder(inputs), "encoder output")))
+
+            if reuse:
+                (grad,) = torch.autograd.grad(score(clean).sum(), delta, retain_graph=True)
+                alpha = self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+                delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
+                x_adv = _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha)
+            else:
+                x_adv = projected_gradient_ascent(
+                    objective,
+                    x,
+                    self.threat,
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    random_start=self.random_start,
+                )
             adv_features = encoder(x_adv)
             z = self._measure(_flatten(adv_features, "encoder output"))
             if z.shape != h.shape:
@@ -409,6 +432,16 @@ class RobustnessRegularizer(nn.Module):
         if return_adversarial:
             return RegularizerOutput(value, x_adv, adv_features)
         return value
+
+    def _clean_pass_is_first_iterate(self, x: Tensor) -> bool:
+        """Whether the clean forward can double as the ascent's first one (it starts at ``x``)."""
+        return (
+            not self.random_start
+            and self.steps > 0
+            and self.epsilon > 0
+            and torch.is_grad_enabled()
+            and not x.requires_grad
+        )
 
     def _warn_recompute(self, switched: list[nn.Module]) -> None:
         if self._warned_stochastic:

@@ -279,3 +279,52 @@ def test_a_positive_of_another_batch_size_is_refused_by_name():
     reg = RobustnessRegularizer(0.1, ascent="positive")
     with pytest.raises(ValueError, match="positive must hold one row per sample"):
         reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=torch.rand(4, 16))
+
+
+class Counting(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.calls = encoder, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.encoder(x)
+
+
+@pytest.mark.parametrize("random_start, calls", [(True, 1 + 3 + 1), (False, 3 + 1)])
+def test_without_random_start_the_clean_pass_is_the_ascents_first_forward(random_start, calls):
+    encoder = Counting(small_cnn())
+    x = torch.rand(8, 1, 28, 28)
+    reg = RobustnessRegularizer(0.1, steps=3, random_start=random_start, ascent="positive")
+    reg(encoder, x, positive=torch.rand(8, 16)).backward()
+    assert encoder.calls == calls
+
+
+def test_the_reused_clean_pass_gives_the_value_and_gradients_of_a_separate_one():
+    torch.manual_seed(0)
+    encoder, x, positive = small_cnn(), torch.rand(8, 1, 28, 28), torch.rand(8, 16)
+    reg = RobustnessRegularizer(0.1, steps=3, random_start=False, ascent="positive", normalize_features=True)
+    results = []
+    for features in (None, encoder(x)):
+        encoder.zero_grad()
+        out = reg(encoder, x, features=features, positive=positive, return_adversarial=True)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.adversarial_inputs, [p.grad.clone() for p in encoder.parameters()]))
+    (v0, adv0, g0), (v1, adv1, g1) = results
+    assert torch.allclose(v0, v1, rtol=1e-5) and torch.equal(adv0, adv1)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1))
+
+
+def test_without_random_start_and_without_grad_the_value_is_still_computed():
+    torch.manual_seed(0)
+    encoder, x, positive = small_cnn(), torch.rand(8, 1, 28, 28), torch.rand(8, 16)
+    reg = RobustnessRegularizer(0.1, steps=3, random_start=False, ascent="positive")
+    with torch.no_grad():
+        value = reg(encoder, x, positive=positive)
+    assert torch.allclose(value, reg(encoder, x, positive=positive).detach(), rtol=1e-5)
+
+
+def test_the_deviation_ascent_without_random_start_is_refused_by_name():
+    # Its gradient is zero at the clean input: the ascent would never move.
+    with pytest.raises(ValueError, match="random_start=False"):
+        RobustnessRegularizer(0.1, random_start=False)

@@ -162,6 +162,9 @@ class PretrainConfig:
         detach_anchor: ``robust`` only: the clean embedding of a perturbed view, used only as the
             regulariser's anchor, is computed without gradient (the deviation pulls the adversarial
             embedding toward it, not both ways; one backward pass fewer per step).
+        random_start: Start the regulariser's ascent from a uniform draw in the ball (``False``: at
+            the clean input; for ``robust`` with one adversarial view the perturbed view's clean pass
+            is then the ascent's first iterate, one forward fewer per step).
         ascent: What the regulariser's ascent maximises (``RobustnessRegularizer(ascent=...)``;
             ``None``: ``"positive"`` for ``robust``, the recommended configuration: away from the
             other view's clean embedding; ``"deviation"`` for the backbone forms); ``"instance"``
@@ -195,6 +198,7 @@ class PretrainConfig:
     batch_norm: str = "batch"
     adversarial_views: int = 1
     detach_anchor: bool = False
+    random_start: bool = True
     ascent: str | None = None
     clean_view_loss: bool = False
     adversarial_fraction: float = 1.0
@@ -336,6 +340,8 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
         batch_norm=config.batch_norm,
         normalize_features=config.variant == "robust",
         ascent=config.ascent,
+        random_start=config.random_start,
+        detach_anchor=config.detach_anchor,
     )
 
 
@@ -370,8 +376,14 @@ def _robust_step(
     model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
 ) -> tuple[Tensor, float]:
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
+    # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
+    reuse = (
+        not (reg.random_start or config.clean_view_loss)
+        and config.adversarial_views == 1
+        and config.adversarial_fraction == 1
+    )
     with torch.set_grad_enabled(not config.detach_anchor):
-        z = [model(x) for x in (x0, x1)[: config.adversarial_views]]
+        z = [None if reuse else model(x) for x in (x0, x1)[: config.adversarial_views]]
     z += [model(x1)] * (2 - len(z))
     clean = list(z)
     terms = []
@@ -379,7 +391,8 @@ def _robust_step(
         x = (x0, x1)[i]
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
         positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
-        out = reg(model, x[:k], features=z[i][:k], return_adversarial=True, positive=positive)
+        features = None if z[i] is None else z[i][:k]
+        out = reg(model, x[:k], features=features, return_adversarial=True, positive=positive)
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)
