@@ -62,6 +62,14 @@ CONFIGS = {
         {"variant": "robust", "adversarial_fraction": 0.5},
     ),
     "robust-reg, steps=2": ("recipe", {"variant": "robust", "steps": 2}),
+    "robust-reg, ascent from the clean input (random_start=False: one forward fewer)": (
+        "recipe",
+        {"variant": "robust", "random_start": False},
+    ),
+    "robust-reg, random_start=False and detach_anchor=True": (
+        "recipe",
+        {"variant": "robust", "random_start": False, "detach_anchor": True},
+    ),
     "ACL-style, PGD-3": ("recipe", {"variant": "acl", "acl_steps": 3}),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}

@@ -124,7 +124,11 @@ class RobustTrainingStep:
     regulariser's adversarial output in place of the clean one (substitute: no
     extra forward). Everything else the step computes is untouched: other views,
     momentum branches, BatchNorm running statistics (updated by the clean
-    forwards only).
+    forwards only). With ``random_start=False``, the adversarial view and an
+    output that is the embedding itself (no ``key``), the perturbed view's clean
+    pass is the regulariser's first ascent forward instead of the step's own
+    (one forward fewer; that view then does not update BatchNorm's running
+    statistics, the other view's clean forward does).
 
     With ``ascent="positive"`` the step's two views (``view`` and
     ``positive_view``) are watched: the first of them the step encodes gives the
@@ -277,13 +281,17 @@ class _Target(nn.Module):
     covers the target's BatchNorm layers and flags.
     """
 
-    def __init__(self, target: nn.Module, key: str | int | None, *rest: Any) -> None:
+    def __init__(
+        self, target: nn.Module, key: str | int | None, *rest: Any, pick: Callable[[Any], Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.target = target
-        self._key, self._rest = key, rest
+        self._key, self._rest, self._pick = key, rest, pick
 
     def forward(self, x: Tensor) -> Tensor:
         output = self.target(x, *self._rest)
+        if self._pick is not None:  # checks what it picks, with the adapter's error messages
+            return self._pick(output)
         return output if self._key is None else output[self._key]
 
 
@@ -327,8 +335,23 @@ class _Capture:
         elif not _same(inputs, self.waiting_for):
             return self.original(inputs, *rest)
         step = self.step
-        output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
         encoder = _Target(self.target, step.key, *rest)
+        if step.adversarial_view and step.key is None and not step.regularizer.random_start:
+            # The output is the embedding and gets replaced: the regulariser's first ascent forward
+            # (at the clean input) serves as the clean pass, so the step's own is not run.
+            self.busy = True
+            try:
+                result = step.regularizer(
+                    _Target(self.target, None, *rest, pick=step.pick),
+                    inputs,
+                    positive=self.positive,
+                    return_adversarial=True,
+                )
+            finally:
+                self.busy = False
+            self.value = result.loss
+            return result.adversarial_features
+        output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
         features = step.pick(output)
         self.busy = True
         try:

@@ -264,3 +264,22 @@ def test_schedule_fractions_outside_zero_one_are_refused(field):
 
     with pytest.raises(ValueError, match=field):
         PretrainConfig(**{field: 1.0})
+
+
+def test_the_robust_step_without_random_start_runs_one_forward_fewer():
+    from robust_reg.attacks import ThreatModel
+    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+
+    forwards, calls = {}, []
+    for random_start in (True, False):
+        torch.manual_seed(0)
+        model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+        calls.clear()
+        model.backbone.register_forward_hook(lambda *_: calls.append(1))
+        config = PretrainConfig(variant="robust", random_start=random_start)
+        loss, _ = step_loss(
+            model, regularizer_for(config), ThreatModel(0.1), torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4), config
+        )
+        loss.backward()
+        forwards[random_start] = len(calls)
+    assert forwards == {True: 2 + 3 + 1, False: 1 + 3 + 1}

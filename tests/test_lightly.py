@@ -82,18 +82,24 @@ def test_checkpoint_loads_into_the_unmodified_class(cls, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{}, {"encoder": "backbone"}, {"encoder": "backbone", "adversarial_view": True}],
-    ids=["default", "backbone", "backbone+adversarial-view"],
+    "options, forwards",
+    [
+        # The step's two views, three ascent steps, one adversarial forward whose output (with the
+        # adversarial view) is what the loss sees: nothing computed twice.
+        ({}, 2 + 3 + 1),
+        ({"encoder": "backbone"}, 2 + 3 + 1),
+        ({"encoder": "backbone", "adversarial_view": True}, 2 + 3 + 1),
+        # Starting at the clean input, the first ascent forward is the perturbed view's clean pass.
+        ({"random_start": False}, 1 + 3 + 1),
+    ],
+    ids=["default", "backbone", "backbone+adversarial-view", "default-clean-start"],
 )
-def test_the_step_pays_no_second_clean_forward_and_no_extra_adversarial_forward(options, tmp_path):
+def test_the_step_pays_no_second_clean_forward_and_no_extra_adversarial_forward(options, forwards, tmp_path):
     calls = []
     module = robustify(SimCLR(), steps=3, **options)
     module.backbone.register_forward_hook(lambda *_: calls.append(1))
     trainer(tmp_path, max_steps=1).fit(module, loader())
-    # The step's two views, three ascent steps, one adversarial forward whose output (with the
-    # adversarial view) is what the loss sees: nothing computed twice.
-    assert len(calls) == 2 + 3 + 1
+    assert len(calls) == forwards
 
 
 class Recording(SimCLR):
@@ -107,13 +113,12 @@ class Recording(SimCLR):
 
 
 @pytest.mark.parametrize(
-    "ascent, perturbed",
-    [(None, 1), ("instance", 0)],
-    ids=["default-positive-second-view", "instance-first-view"],
+    "options, perturbed",
+    [({}, 1), ({"ascent": "instance"}, 0), ({"random_start": False}, 1)],
+    ids=["default-positive-second-view", "instance-first-view", "clean-start-second-view"],
 )
-def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss(ascent, perturbed):
+def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss(options, perturbed):
     torch.manual_seed(0)
-    options = {} if ascent is None else {"ascent": ascent}
     module = robustify(Recording(), epsilon=0.05, weight=2.0, normalize=None, log=False, **options)
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     loss = module.training_step((views, torch.zeros(8)), 0)
@@ -258,8 +263,9 @@ def test_key_names_the_embedding_inside_a_dict_output(tmp_path):
     assert capture.metrics[0]["robust_reg/value"] > 0
 
 
-def test_a_dict_output_without_key_is_named_at_the_first_step():
-    module = robustify(DictOutput(), normalize=None, log=False)
+@pytest.mark.parametrize("options", [{}, {"random_start": False}], ids=["default", "clean-start"])
+def test_a_dict_output_without_key_is_named_at_the_first_step(options):
+    module = robustify(DictOutput(), normalize=None, log=False, **options)
     views = [torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)]
     with pytest.raises(TypeError, match="pass key="):
         module.training_step((views, None), 0)
