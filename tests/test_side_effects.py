@@ -23,10 +23,17 @@ def with_user_state(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_regulariser_leaves_bn_statistics_modes_flags_and_grads_bit_for_bit(images):
+# The clean start runs the clean pass inside the ascent (it is the first iterate): the same guard holds.
+OPTIONS = pytest.mark.parametrize(
+    "options", [{}, {"random_start": False, "ascent": "instance"}], ids=["default", "clean-start"]
+)
+
+
+@OPTIONS
+def test_regulariser_leaves_bn_statistics_modes_flags_and_grads_bit_for_bit(images, options):
     model = with_user_state(small_cnn())
     before = snapshot(model)
-    RobustnessRegularizer(0.1, steps=3)(model, images)
+    RobustnessRegularizer(0.1, steps=3, **options)(model, images)
     assert_unchanged(model, before)
 
 
@@ -37,10 +44,11 @@ def test_regulariser_leaves_an_eval_mode_encoder_in_eval_mode(images):
     assert_unchanged(model, before)
 
 
-def test_backward_of_the_regulariser_only_adds_to_grads_and_never_to_bn_stats(images):
+@OPTIONS
+def test_backward_of_the_regulariser_only_adds_to_grads_and_never_to_bn_stats(images, options):
     model = with_user_state(small_cnn())
     before = snapshot(model)
-    RobustnessRegularizer(0.1)(model, images).backward()
+    RobustnessRegularizer(0.1, **options)(model, images).backward()
     buffers = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     assert all(torch.equal(v, before["state"][k]) for k, v in buffers.items())
 
