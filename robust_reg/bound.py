@@ -201,7 +201,10 @@ def estimate_bound(
         norm: ``"linf"`` or ``"l2"``.
         steps: Steps of the PGD attack and of the deviation ascent.
         step_size: Step length (default ``2.5 * epsilon / steps``).
-        random_start: Random start for both ascents.
+        random_start: Random start for both ascents. Without it the deviation
+            ascent cannot leave ``x`` (the deviation's gradient is zero there), so
+            ``R_eps`` rests on the PGD points' displacement alone: still a lower
+            estimate, a weaker one.
         mean: Normalisation mean already applied to ``x``.
         std: Normalisation std already applied to ``x``.
         bounds: Valid pixel range.
