@@ -335,7 +335,6 @@ class _Capture:
         elif not _same(inputs, self.waiting_for):
             return self.original(inputs, *rest)
         step = self.step
-        encoder = _Target(self.target, step.key, *rest)
         if step.adversarial_view and step.key is None and not step.regularizer.random_start:
             # The output is the embedding and gets replaced: the regulariser's first ascent forward
             # (at the clean input) serves as the clean pass, so the step's own is not run.
@@ -352,6 +351,7 @@ class _Capture:
             self.value = result.loss
             return result.adversarial_features
         output = self.original(inputs, *rest)  # the step's own clean forward: reused, not repeated
+        encoder = _Target(self.target, step.key, *rest)
         features = step.pick(output)
         self.busy = True
         try:

@@ -377,8 +377,12 @@ def projected_gradient_ascent(
     delta = threat.random_start(pixels) if random_start else torch.zeros_like(pixels)
     if steps == 0 or threat.epsilon == 0:
         return threat.to_model(pixels + delta).detach()
-    alpha = step_size if step_size is not None else 2.5 * threat.epsilon / steps
-    return _ascend(objective, pixels, delta, threat, steps, alpha, keep_best=keep_best)
+    return _ascend(objective, pixels, delta, threat, steps, _step_length(threat, steps, step_size), keep_best=keep_best)
+
+
+def _step_length(threat: ThreatModel, steps: int, step_size: float | None) -> float:
+    """The ascent step in pixel units: ``step_size``, else ``2.5 * epsilon / steps``."""
+    return step_size if step_size is not None else 2.5 * threat.epsilon / steps
 
 
 def _ascend(

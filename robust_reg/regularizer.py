@@ -23,7 +23,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
 from ._utils import renamed
-from .attacks import ThreatModel, _ascend, _check_step_size, _check_steps, projected_gradient_ascent
+from .attacks import (
+    ThreatModel,
+    _ascend,
+    _check_step_size,
+    _check_steps,
+    _step_length,
+    projected_gradient_ascent,
+)
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
 
@@ -410,7 +417,7 @@ class RobustnessRegularizer(nn.Module):
 
             if reuse:
                 (grad,) = torch.autograd.grad(score(clean).sum(), delta, retain_graph=True)
-                alpha = self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+                alpha = _step_length(self.threat, self.steps, self.step_size)
                 delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
                 x_adv = _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha)
             else:
