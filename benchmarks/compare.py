@@ -171,7 +171,11 @@ def parse_method(name: str) -> tuple[str, str, dict]:
         if not equals or key not in fields or key in ("method", "variant", "seed"):
             raise ValueError(f"{name!r}: {item!r} is not field=value for a PretrainConfig field")
         default = fields[key].default
-        kind = type(default) if default is not None else float if "float" in str(fields[key].type) else str
+        # A field whose default is None takes the type its annotation names ("float | None", ...).
+        annotation = str(fields[key].type)
+        kind = (
+            type(default) if default is not None else next((t for t in (float, int) if t.__name__ in annotation), str)
+        )
         text = text.strip()
         overrides[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
     return method, variant, overrides

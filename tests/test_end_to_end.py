@@ -283,3 +283,87 @@ def test_the_robust_step_without_random_start_runs_one_forward_fewer():
         loss.backward()
         forwards[random_start] = len(calls)
     assert forwards == {True: 2 + 3 + 1, False: 1 + 3 + 1}
+
+
+def _penalty_term(penalty: str, seed: int = 0):
+    from robust_reg.attacks import ThreatModel
+    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+
+    torch.manual_seed(seed)
+    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    inputs = []
+    handle = model.backbone.register_forward_hook(lambda module, args, output: inputs.append(args[0].detach()))
+    config = PretrainConfig(variant="robust", penalty=penalty)
+    torch.manual_seed(seed + 1)
+    _, term = step_loss(model, regularizer_for(config), ThreatModel(0.1), x0, x1, config)
+    handle.remove()
+    return model, x0, inputs[-1], term
+
+
+def test_the_backbone_penalty_is_the_relative_deviation_of_the_backbone_features_at_the_adversarial_view():
+    model, x0, x_adv, term = _penalty_term("backbone")
+    with torch.no_grad():
+        h, h_adv = model.backbone(x0), model.backbone(x_adv)
+    expected = (h_adv - h).pow(2).sum(dim=1).mean() / (h - h.mean(dim=0)).pow(2).sum(dim=1).mean()
+    assert (x_adv - x0).abs().max() > 0
+    assert term == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_both_penalties_add_the_embedding_and_the_backbone_terms_of_the_same_ascent():
+    terms = {penalty: _penalty_term(penalty)[3] for penalty in ("embedding", "backbone", "both")}
+    assert terms["both"] == pytest.approx(terms["embedding"] + terms["backbone"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(variant="reg"), dict(variant="robust", adversarial_views=2), dict(variant="robust", penalty="features")],
+)
+def test_a_penalty_the_step_cannot_measure_is_refused_by_name(settings):
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match="penalty"):
+        PretrainConfig(**{"penalty": "backbone", **settings})
+
+
+def test_the_positive_anchor_penalty_runs_no_clean_pass_of_the_perturbed_view():
+    from robust_reg.attacks import ThreatModel
+    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+
+    torch.manual_seed(0)
+    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    inputs = []
+    model.backbone.register_forward_hook(lambda module, args, output: inputs.append(args[0].detach()))
+    config = PretrainConfig(variant="robust", penalty="positive")
+    loss, term = step_loss(model, regularizer_for(config), ThreatModel(0.1), x0, x1, config)
+    loss.backward()
+    assert len(inputs) == 1 + 3 + 1  # view 1, the ascent, the adversarial view
+    assert not any(torch.equal(x, x0) for x in inputs)
+    with torch.no_grad():
+        z_adv, z1 = (torch.nn.functional.normalize(model(x), dim=1) for x in (inputs[-1], x1))
+    expected = (z_adv - z1).pow(2).sum(dim=1).mean() / (z1 - z1.mean(dim=0)).pow(2).sum(dim=1).mean()
+    assert term == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_steps_from_grows_the_ascent_steps_over_equal_parts_of_the_epochs():
+    from robust_reg.experiments.ssl import PretrainConfig, scheduled
+
+    config = PretrainConfig(variant="robust", epochs=6, steps=3, steps_from=1)
+    assert [scheduled(config, epoch).steps for epoch in range(6)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_steps_from_above_steps_is_refused_by_name():
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match="steps_from"):
+        PretrainConfig(variant="robust", steps=3, steps_from=4)
+
+
+def test_a_candidate_field_without_a_default_takes_its_annotated_type():
+    compare = load_compare()
+    assert compare.parse_method("simclr+robust-reg[steps_from=1,step=0.05]") == (
+        "simclr",
+        "robust",
+        {"steps_from": 1, "step_size": 0.05},
+    )

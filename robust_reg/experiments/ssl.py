@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._state import preserved_state
@@ -41,6 +42,7 @@ from .models import build_encoder, feature_dim
 
 METHODS = ("simclr", "byol")
 VARIANTS = ("plain", "reg", "advview", "robust", "acl")
+PENALTIES = ("embedding", "backbone", "both", "positive")
 
 # The recommended configuration per method (variant "robust"), as measured in benchmarks/compare.py:
 # for BYOL the adversarial view carries the robustness and the penalty costs clean accuracy, so its
@@ -178,6 +180,16 @@ class PretrainConfig:
             term (or the ACL attack) starts (a late start, cheaper).
         epsilon_ramp: Fraction of the epochs over which the training eps grows linearly
             to ``epsilon`` (0: constant eps).
+        steps_from: The regulariser's ascent steps in the first epochs (``None``: ``steps`` throughout):
+            the epochs are split into equal parts, one per count from ``steps_from`` to ``steps``
+            (e.g. 1, 2, 3 over thirds: a cheaper start; 2, 3, 4: a curriculum at the same mean cost).
+        penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
+            ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
+            recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
+            quantity and what a downstream probe reads; relative to their batch spread) or
+            ``"both"`` (the sum). The ascent is the same in all three. ``"positive"``: the anchor is the
+            other view's clean embedding (the ascent's positive), not view 0's, so view 0 has no clean
+            pass (the step costs about what ACL-style PGD-3 costs); needs the positive ascent.
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -204,6 +216,8 @@ class PretrainConfig:
     adversarial_fraction: float = 1.0
     robust_start: float = 0.0
     epsilon_ramp: float = 0.0
+    steps_from: int | None = None
+    penalty: str = "embedding"
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -230,6 +244,18 @@ class PretrainConfig:
         for name in ("robust_start", "epsilon_ramp"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.steps_from is not None and not 0 <= self.steps_from <= self.steps:
+            raise ValueError(f"steps_from must be in [0, steps={self.steps}], got {self.steps_from}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.penalty != "embedding" and (
+            self.variant != "robust" or self.adversarial_views != 1 or self.adversarial_fraction != 1
+        ):
+            raise ValueError("penalty other than 'embedding' needs variant 'robust' with one whole adversarial view")
+        if self.penalty != "embedding" and (not self.random_start or self.clean_view_loss):
+            raise ValueError("penalty other than 'embedding' needs random_start and no clean_view_loss")
+        if self.penalty == "positive" and (self.ascent != "positive" or self.detach_anchor):
+            raise ValueError("penalty='positive' needs ascent='positive' and no detach_anchor")
         if self.clean_view_loss and self.detach_anchor:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
@@ -321,9 +347,13 @@ def pretrain(
 
 
 def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
-    """The settings of one epoch: plain SSL before ``robust_start``, eps ramped linearly over ``epsilon_ramp``."""
+    """The settings of one epoch: plain SSL before ``robust_start``, eps ramped linearly over ``epsilon_ramp``,
+    the ascent's steps from ``steps_from`` up to ``steps``."""
     if epoch < round(config.robust_start * config.epochs):
         return replace(config, variant="plain")
+    if config.steps_from is not None:
+        counts = config.steps - config.steps_from + 1
+        config = replace(config, steps=config.steps_from + counts * epoch // config.epochs, steps_from=None)
     ramp = round(config.epsilon_ramp * config.epochs)
     if ramp and epoch < ramp:
         return replace(config, epsilon=config.epsilon * (epoch + 1) / (ramp + 1))
@@ -377,6 +407,10 @@ def _robust_step(
 ) -> tuple[Tensor, float]:
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
+    if config.penalty == "positive":
+        return _positive_anchor_step(model, reg, x0, x1, config)
+    if config.penalty != "embedding":
+        return _backbone_penalty_step(model, reg, x0, x1, config)
     reuse = (
         not (reg.random_start or config.clean_view_loss)
         and config.adversarial_views == 1
@@ -399,6 +433,67 @@ def _robust_step(
     term = sum(terms) / len(terms)
     # Views feed BYOL's momentum targets: they stay clean.
     return model.loss_from_embeddings((x0, x1), (z[0], z[1])) + config.robust_weight * term, term.item()
+
+
+def _backbone_penalty_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """``_robust_step`` with the deviation also (or only) measured on the backbone's raw features."""
+    # The backbone's output of the first pass (view 0, clean) and of the last (the adversarial view):
+    # the regulariser's adversarial forward is the last backbone call of the step.
+    seen: dict[str, Tensor] = {}
+
+    def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        seen.setdefault("clean", output)
+        seen["last"] = output
+
+    handle = model.backbone.register_forward_hook(record)
+    try:
+        with torch.set_grad_enabled(not config.detach_anchor):
+            z0 = model(x0)
+        z1 = model(x1)
+        clean = seen["clean"]
+        out = reg(
+            model,
+            x0,
+            features=z0,
+            return_adversarial=True,
+            positive=z1.detach() if config.ascent == "positive" else None,
+        )
+        adversarial = seen["last"]
+    finally:
+        handle.remove()
+    h, h_adv = clean.flatten(start_dim=1).float(), adversarial.flatten(start_dim=1).float()
+    spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+    backbone_term = (h_adv - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
+    term = backbone_term if config.penalty == "backbone" else backbone_term + out.loss
+    return model.loss_from_embeddings(
+        (x0, x1), (out.adversarial_features, z1)
+    ) + config.robust_weight * term, term.item()
+
+
+def _positive_anchor_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """The positive ascent on view 0, penalised by the adversarial embedding's relative distance to view 1's
+    clean one (which the loss computes anyway): no clean pass of view 0."""
+    z1 = model(x1)
+    positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
+    spread = (positive - positive.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+
+    def objective(v: Tensor) -> Tensor:
+        return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1) / spread
+
+    # As in the regulariser: batch statistics, running statistics untouched by these passes.
+    with preserved_state(model):
+        x_adv = projected_gradient_ascent(
+            objective, x0, reg.threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
+        )
+        z_adv = model(x_adv)
+    p = F.normalize(z1.flatten(start_dim=1).float(), dim=1)
+    p_spread = (p - p.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+    term = (F.normalize(z_adv.flatten(start_dim=1).float(), dim=1) - p).pow(2).sum(dim=1).mean() / p_spread
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
 def _contrastive_attack(
