@@ -298,11 +298,11 @@ def _penalty_term(penalty: str, seed: int = 0):
     torch.manual_seed(seed + 1)
     _, term = step_loss(model, regularizer_for(config), ThreatModel(0.1), x0, x1, config)
     handle.remove()
-    return model, x0, inputs[-1], term
+    return model, x0, x1, inputs[-1], term
 
 
 def test_the_backbone_penalty_is_the_relative_deviation_of_the_backbone_features_at_the_adversarial_view():
-    model, x0, x_adv, term = _penalty_term("backbone")
+    model, x0, _, x_adv, term = _penalty_term("backbone")
     with torch.no_grad():
         h, h_adv = model.backbone(x0), model.backbone(x_adv)
     expected = (h_adv - h).pow(2).sum(dim=1).mean() / (h - h.mean(dim=0)).pow(2).sum(dim=1).mean()
@@ -311,7 +311,7 @@ def test_the_backbone_penalty_is_the_relative_deviation_of_the_backbone_features
 
 
 def test_both_penalties_add_the_embedding_and_the_backbone_terms_of_the_same_ascent():
-    terms = {penalty: _penalty_term(penalty)[3] for penalty in ("embedding", "backbone", "both")}
+    terms = {penalty: _penalty_term(penalty)[-1] for penalty in ("embedding", "backbone", "both")}
     assert terms["both"] == pytest.approx(terms["embedding"] + terms["backbone"], rel=1e-5)
 
 
@@ -367,3 +367,19 @@ def test_a_candidate_field_without_a_default_takes_its_annotated_type():
         "robust",
         {"steps_from": 1, "step_size": 0.05},
     )
+
+
+def test_the_kl_penalty_compares_the_clean_and_adversarial_softmax_over_the_other_views():
+    model, x0, x1, x_adv, term = _penalty_term("kl")
+    with torch.no_grad():
+        z0, z1, z_adv = (torch.nn.functional.normalize(model(x), dim=1) for x in (x0, x1, x_adv))
+    p, q = (torch.softmax(z @ z1.T / 0.5, dim=1) for z in (z0, z_adv))
+    expected = (p * (p / q).log()).sum(dim=1).mean()
+    assert term == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_kl_penalty_is_refused_for_byol_by_name():
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match="penalty='kl'"):
+        PretrainConfig(method="byol", variant="robust", penalty="kl")

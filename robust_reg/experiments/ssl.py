@@ -42,7 +42,7 @@ from .models import build_encoder, feature_dim
 
 METHODS = ("simclr", "byol")
 VARIANTS = ("plain", "reg", "advview", "robust", "acl")
-PENALTIES = ("embedding", "backbone", "both", "positive")
+PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
 
 # The recommended configuration per method (variant "robust"), as measured in benchmarks/compare.py:
 # for BYOL the adversarial view carries the robustness and the penalty costs clean accuracy, so its
@@ -254,6 +254,8 @@ class PretrainConfig:
             raise ValueError("penalty other than 'embedding' needs variant 'robust' with one whole adversarial view")
         if self.penalty != "embedding" and (not self.random_start or self.clean_view_loss):
             raise ValueError("penalty other than 'embedding' needs random_start and no clean_view_loss")
+        if self.penalty == "kl" and (self.method != "simclr" or self.detach_anchor):
+            raise ValueError("penalty='kl' needs method 'simclr' and no detach_anchor")
         if self.penalty == "positive" and (self.ascent != "positive" or self.detach_anchor):
             raise ValueError("penalty='positive' needs ascent='positive' and no detach_anchor")
         if self.clean_view_loss and self.detach_anchor:
@@ -407,6 +409,8 @@ def _robust_step(
 ) -> tuple[Tensor, float]:
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
+    if config.penalty == "kl":
+        return _kl_penalty_step(model, reg, x0, x1, config)
     if config.penalty == "positive":
         return _positive_anchor_step(model, reg, x0, x1, config)
     if config.penalty != "embedding":
@@ -467,6 +471,24 @@ def _backbone_penalty_step(
     spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
     backbone_term = (h_adv - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
     term = backbone_term if config.penalty == "backbone" else backbone_term + out.loss
+    return model.loss_from_embeddings(
+        (x0, x1), (out.adversarial_features, z1)
+    ) + config.robust_weight * term, term.item()
+
+
+def _kl_penalty_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """SimCLR's recommended step with a TRADES-style penalty: KL(clean || adversarial) of view 0's
+    softmax over NT-Xent's similarities to the batch's view-1 embeddings."""
+    z0, z1 = model(x0), model(x1)
+    positive = z1.detach() if config.ascent == "positive" else None
+    out = reg(model, x0, features=z0, return_adversarial=True, positive=positive)
+    others = F.normalize(z1.flatten(start_dim=1).float(), dim=1).T / model.criterion.temperature
+    clean, adversarial = (
+        F.normalize(z.flatten(start_dim=1).float(), dim=1) @ others for z in (z0, out.adversarial_features)
+    )
+    term = F.kl_div(adversarial.log_softmax(dim=1), clean.log_softmax(dim=1), log_target=True, reduction="batchmean")
     return model.loss_from_embeddings(
         (x0, x1), (out.adversarial_features, z1)
     ) + config.robust_weight * term, term.item()
