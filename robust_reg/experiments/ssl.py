@@ -189,7 +189,9 @@ class PretrainConfig:
             quantity and what a downstream probe reads; relative to their batch spread) or
             ``"both"`` (the sum). The ascent is the same in all three. ``"positive"``: the anchor is the
             other view's clean embedding (the ascent's positive), not view 0's, so view 0 has no clean
-            pass (the step costs about what ACL-style PGD-3 costs); needs the positive ascent.
+            pass (the step costs about what ACL-style PGD-3 costs); needs the positive ascent. ``"kl"``
+            (SimCLR): TRADES-style, the KL divergence between the clean and the adversarial view-0
+            embedding's softmax over NT-Xent's similarities to the batch's view-1 embeddings.
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -408,13 +410,9 @@ def _robust_step(
     model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
 ) -> tuple[Tensor, float]:
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
-    # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
-    if config.penalty == "kl":
-        return _kl_penalty_step(model, reg, x0, x1, config)
-    if config.penalty == "positive":
-        return _positive_anchor_step(model, reg, x0, x1, config)
     if config.penalty != "embedding":
-        return _backbone_penalty_step(model, reg, x0, x1, config)
+        return _PENALTY_STEPS[config.penalty](model, reg, x0, x1, config)
+    # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
     reuse = (
         not (reg.random_start or config.clean_view_loss)
         and config.adversarial_views == 1
@@ -467,13 +465,17 @@ def _backbone_penalty_step(
         adversarial = seen["last"]
     finally:
         handle.remove()
-    h, h_adv = clean.flatten(start_dim=1).float(), adversarial.flatten(start_dim=1).float()
-    spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
-    backbone_term = (h_adv - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
+    backbone_term = _relative_deviation(adversarial, clean)
     term = backbone_term if config.penalty == "backbone" else backbone_term + out.loss
-    return model.loss_from_embeddings(
-        (x0, x1), (out.adversarial_features, z1)
-    ) + config.robust_weight * term, term.item()
+    ssl = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1))
+    return ssl + config.robust_weight * term, term.item()
+
+
+def _relative_deviation(features: Tensor, anchor: Tensor) -> Tensor:
+    """The regulariser's value: mean squared distance of ``features`` to ``anchor`` over the anchor's spread."""
+    z, h = features.flatten(start_dim=1).float(), anchor.flatten(start_dim=1).float()
+    spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+    return (z - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
 
 
 def _kl_penalty_step(
@@ -489,9 +491,8 @@ def _kl_penalty_step(
         F.normalize(z.flatten(start_dim=1).float(), dim=1) @ others for z in (z0, out.adversarial_features)
     )
     term = F.kl_div(adversarial.log_softmax(dim=1), clean.log_softmax(dim=1), log_target=True, reduction="batchmean")
-    return model.loss_from_embeddings(
-        (x0, x1), (out.adversarial_features, z1)
-    ) + config.robust_weight * term, term.item()
+    ssl = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1))
+    return ssl + config.robust_weight * term, term.item()
 
 
 def _positive_anchor_step(
@@ -501,10 +502,9 @@ def _positive_anchor_step(
     clean one (which the loss computes anyway): no clean pass of view 0."""
     z1 = model(x1)
     positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
-    spread = (positive - positive.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
 
     def objective(v: Tensor) -> Tensor:
-        return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1) / spread
+        return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1)
 
     # As in the regulariser: batch statistics, running statistics untouched by these passes.
     with preserved_state(model):
@@ -512,10 +512,18 @@ def _positive_anchor_step(
             objective, x0, reg.threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
         )
         z_adv = model(x_adv)
-    p = F.normalize(z1.flatten(start_dim=1).float(), dim=1)
-    p_spread = (p - p.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
-    term = (F.normalize(z_adv.flatten(start_dim=1).float(), dim=1) - p).pow(2).sum(dim=1).mean() / p_spread
+    term = _relative_deviation(
+        F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z1.flatten(start_dim=1), dim=1)
+    )
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+_PENALTY_STEPS = {
+    "backbone": _backbone_penalty_step,
+    "both": _backbone_penalty_step,
+    "kl": _kl_penalty_step,
+    "positive": _positive_anchor_step,
+}
 
 
 def _contrastive_attack(
