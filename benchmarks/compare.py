@@ -303,8 +303,11 @@ def markdown(
     head += [f"worst task robust @{main:.3g} (%)", "train time (s)", "bound* @main eps", "adv. loss* @main eps"]
     head += ["R/σ*", "sanity checks"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Merged runs may hold more seeds for some rows than for others: say so where it happens.
+    mixed = len({row["seeds"] for row in rows}) > 1
     for row in rows:
-        cells = [row["method"], str(row["epochs"]), _fmt(row["clean"])]
+        name = f"{row['method']} ({row['seeds']} seed{'s' * (row['seeds'] != 1)})" if mixed else row["method"]
+        cells = [name, str(row["epochs"]), _fmt(row["clean"])]
         cells += [_fmt(row[f"robust@{eps:g}"]) for eps in epsilons]
         for eps in epsilons:
             cells += [_fmt(row[f"pgd@{eps:g}"])] + ([_fmt(row[f"aa@{eps:g}"])] if autoattack else [])

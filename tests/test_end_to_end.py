@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -194,6 +195,18 @@ def test_compare_merges_runs_of_other_seeds_into_one_table(tmp_path):
     assert merged["seeds"] == [0, 1] and [r["seed"] for r in merged["runs"]] == [0, 1]
     assert merged["summary"][0]["seeds"] == 2
     assert "seeds [0, 1]" in (tmp_path / "s0" / "results.md").read_text()
+
+
+def test_a_table_whose_rows_have_different_seed_counts_names_each_rows_count(tmp_path):
+    compare = load_compare()
+    report = compare.main(["--quick", "--no-progress", "--methods", "simclr", "--seeds", "0", "--out", str(tmp_path)])
+    (run,) = report["runs"]
+    other_seed, other_method = copy.deepcopy(run), copy.deepcopy(run)
+    other_seed["seed"], other_method["method"] = 1, "simclr[steps=2]"
+    equal = compare.markdown(compare.summarise([run, other_seed], [0.1], "PGD-20"), [0.1], "t", "PGD-20")
+    mixed = compare.markdown(compare.summarise([run, other_seed, other_method], [0.1], "PGD-20"), [0.1], "t", "PGD-20")
+    assert "| simclr |" in equal and "seeds)" not in equal
+    assert "| simclr (2 seeds) |" in mixed and "| simclr[steps=2] (1 seed) |" in mixed
 
 
 def test_compare_candidate_names_set_pretrain_config_fields():
