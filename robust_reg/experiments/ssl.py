@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .._state import preserved_state
 from .._utils import progress
 from ..attacks import ThreatModel, projected_gradient_ascent
-from ..regularizer import RobustnessRegularizer
+from ..regularizer import RegularizerOutput, RobustnessRegularizer
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
 from .models import build_encoder, feature_dim
@@ -451,24 +451,24 @@ def _backbone_penalty_step(
 
     handle = model.backbone.register_forward_hook(record)
     try:
-        with torch.set_grad_enabled(not config.detach_anchor):
-            z0 = model(x0)
-        z1 = model(x1)
-        clean = seen["clean"]
-        out = reg(
-            model,
-            x0,
-            features=z0,
-            return_adversarial=True,
-            positive=z1.detach() if config.ascent == "positive" else None,
-        )
-        adversarial = seen["last"]
+        _, z1, out = _perturbed_view0(model, reg, x0, x1, config)
     finally:
         handle.remove()
-    backbone_term = _relative_deviation(adversarial, clean)
+    backbone_term = _relative_deviation(seen["last"], seen["clean"])
     term = backbone_term if config.penalty == "backbone" else backbone_term + out.loss
     ssl = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1))
     return ssl + config.robust_weight * term, term.item()
+
+
+def _perturbed_view0(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, Tensor, RegularizerOutput]:
+    """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``."""
+    with torch.set_grad_enabled(not config.detach_anchor):
+        z0 = model(x0)
+    z1 = model(x1)
+    positive = z1.detach() if config.ascent == "positive" else None
+    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive)
 
 
 def _relative_deviation(features: Tensor, anchor: Tensor) -> Tensor:
@@ -483,9 +483,7 @@ def _kl_penalty_step(
 ) -> tuple[Tensor, float]:
     """SimCLR's recommended step with a TRADES-style penalty: KL(clean || adversarial) of view 0's
     softmax over NT-Xent's similarities to the batch's view-1 embeddings."""
-    z0, z1 = model(x0), model(x1)
-    positive = z1.detach() if config.ascent == "positive" else None
-    out = reg(model, x0, features=z0, return_adversarial=True, positive=positive)
+    z0, z1, out = _perturbed_view0(model, reg, x0, x1, config)
     others = F.normalize(z1.flatten(start_dim=1).float(), dim=1).T / model.criterion.temperature
     clean, adversarial = (
         F.normalize(z.flatten(start_dim=1).float(), dim=1) @ others for z in (z0, out.adversarial_features)
