@@ -113,6 +113,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="score the equal-budget runs with the full evaluation (AutoAttack too) instead of PGD only",
     )
     p.add_argument(
+        "--budget-reference",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="a candidate row (e.g. 'simclr+robust-reg[steps=2]') whose training time also sets an equal budget "
+        "for its SSL method's ACL rows, as the recommended configuration's does (repeatable)",
+    )
+    p.add_argument(
         "--light-eval",
         action="store_true",
         help="screening: score every run as the budget runs are (PGD only: no AutoAttack, no stronger PGD; "
@@ -191,6 +199,26 @@ def light_eval(dataset: str, eval_config: EvalConfig) -> EvalConfig:
     light.check_steps = light.pgd_steps = eval_config.pgd_steps
     light.curve_samples = eval_config.curve_samples
     return light
+
+
+def budgets(names: list[str], extra: list[str]) -> dict[str, tuple[str, ...]]:
+    """The equal-budget references among ``names`` and their rivals: the recommended configurations, and each
+    ``--budget-reference`` candidate with the rivals of its SSL method's recommended configuration."""
+    found = {reference: rivals for reference, rivals in BUDGETS.items() if reference in names}
+    for name in extra:
+        if name not in names:
+            raise ValueError(f"--budget-reference {name!r} is not one of --methods")
+        if name in found:
+            continue
+        method, variant, _ = parse_method(name)
+        if variant != "robust":
+            raise ValueError(f"--budget-reference {name!r} is not a robust-reg row")
+        rivals = BUDGETS[f"{method}+robust-reg"]
+        # Budget runs are named by their row: one reference per rival and run.
+        if any(rival in names and rival in taken for taken in found.values() for rival in rivals):
+            raise ValueError(f"--budget-reference {name!r}: its ACL rows already have another reference's budget")
+        found.setdefault(name, rivals)
+    return found
 
 
 def split_methods(text: str) -> list[str]:
@@ -345,7 +373,8 @@ def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval
     )
     return (
         f"Equal budget: on each seed, each baseline trained for the epochs that fit in the training time of its "
-        f"SSL method's recommended configuration at {epochs} epochs on the same seed ({times}), its epoch time "
+        f"reference (its SSL method's recommended configuration, or a row named by --budget-reference) at "
+        f"{epochs} epochs on the same seed ({times}), its epoch time "
         f"taken from its own {epochs}-epoch run of that seed (same process, same threads); the references' own "
         f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
         "budget. "
@@ -440,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for name in names:
             parse_method(name)
+        references = budgets(names, args.budget_reference)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
@@ -511,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     budget_note = ""
     report["epochs"] = epochs
-    references = [r for r in BUDGETS if r in names] if not (args.no_budget or args.quick) else []
+    references = {} if args.no_budget or args.quick else references
     if references:
         budget_eval = eval_config if args.budget_full_eval else light_eval(args.dataset, eval_config)
         report["budget_seconds"] = {}
@@ -521,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ref = [r for r in report["runs"] if r["method"] == reference and r["seed"] == seed][0]
                 seconds = ref["train_seconds"]
                 report["budget_seconds"].setdefault(reference, {})[str(seed)] = seconds
-                for name in [reference, *(n for n in BUDGETS[reference] if n in names)]:
+                for name in [reference, *(n for n in references[reference] if n in names)]:
                     if finished("budget_runs", name, seed):
                         continue
                     same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]

@@ -396,3 +396,115 @@ def test_the_kl_penalty_is_refused_for_byol_by_name():
 
     with pytest.raises(ValueError, match="penalty='kl'"):
         PretrainConfig(method="byol", variant="robust", penalty="kl")
+
+
+def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step():
+    from robust_reg.attacks import ThreatModel
+    from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
+
+    torch.manual_seed(0)
+    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    config = PretrainConfig(variant="robust")
+    reg = regularizer_for(config)
+    torch.manual_seed(1)
+    loss, term = step_loss(model, reg, ThreatModel(0.1), x0, x1, config)
+    torch.manual_seed(1)
+    start = reg.threat.random_start(x0)
+    warm_loss, warm_term, x_adv = _warm_start_step(model, reg, x0, x1, config, start)
+    assert warm_term == pytest.approx(term, rel=1e-5)
+    torch.testing.assert_close(warm_loss, loss)
+    assert (x_adv - x0).abs().max() <= 0.1 + 1e-6
+
+
+def test_a_carried_perturbation_maps_back_to_the_image_where_the_view_covers_it():
+    from robust_reg.experiments.augment import BatchAugment
+    from robust_reg.experiments.ssl import _to_image, _to_view
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    _, theta = BatchAugment(scale=(0.4, 1.0), flip=0.5, jitter=0.0)(x, return_theta=True)
+    # A smooth perturbation, so two bilinear resamplings barely change it.
+    carried = torch.nn.functional.interpolate(torch.rand(8, 1, 7, 7) * 0.2 - 0.1, size=(28, 28), mode="bilinear")
+    previous = torch.full_like(carried, 0.05)
+    back = _to_image(_to_view(carried, theta, 0.1), theta, previous)
+    coverage = _to_image(torch.ones_like(x), theta, torch.zeros_like(x))
+    inside, outside = coverage > 0.999, coverage == 0
+    assert inside.any() and outside.any()
+    assert (back - carried)[inside].abs().mean() < 0.1 * carried[inside].abs().mean()
+    assert torch.equal(back[outside], previous[outside])
+    assert back.abs().max() <= 0.1 + 1e-6
+
+
+def _warm_starts(monkeypatch, **settings) -> list:
+    """The ascent starts of a 2-epoch warm-start run on 128 digits (two batches per epoch)."""
+    from robust_reg.experiments import ssl
+    from robust_reg.experiments.data import load_dataset
+
+    starts, warm_start_step = [], ssl._warm_start_step
+
+    def recording(model, reg, x0, x1, config, start):
+        starts.append(start.detach().clone())
+        return warm_start_step(model, reg, x0, x1, config, start)
+
+    monkeypatch.setattr(ssl, "_warm_start_step", recording)
+    data = load_dataset("digits").subset(train=128, test=50)
+    config = ssl.PretrainConfig(variant="robust", epochs=2, steps=1, step_size=0.05, warm_start=True, **settings)
+    ssl.pretrain(data, config, progress_bar=False)
+    assert len(starts) == 4
+    return starts
+
+
+def test_warm_start_starts_each_images_ascent_where_its_previous_epoch_ended(monkeypatch):
+    starts = _warm_starts(monkeypatch)
+    assert all(float(s.abs().max()) == 0 for s in starts[:2])  # the first epoch starts at the clean view
+    assert all(float(s.abs().mean()) > 0.01 for s in starts[2:])
+
+
+def test_warm_noise_adds_uniform_noise_of_its_share_of_eps_to_the_carried_start(monkeypatch):
+    first = _warm_starts(monkeypatch, warm_noise=0.5)[0]  # the first epoch carries nothing: noise alone
+    assert float(first.abs().max()) <= 0.05 + 1e-6
+    assert float(first.abs().mean()) == pytest.approx(0.025, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(variant="acl"), dict(variant="robust", penalty="kl"), dict(variant="robust", ascent="instance")],
+)
+def test_warm_start_where_the_step_cannot_carry_a_perturbation_is_refused_by_name(settings):
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match="warm_start"):
+        PretrainConfig(warm_start=True, **settings)
+
+
+@pytest.mark.parametrize("settings", [dict(warm_noise=0.5), dict(warm_start=True, warm_noise=1.5)])
+def test_warm_noise_outside_zero_one_or_without_warm_start_is_refused_by_name(settings):
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match="warm_noise"):
+        PretrainConfig(variant="robust", **settings)
+
+
+def test_a_budget_reference_gives_its_methods_acl_rows_its_training_time_as_their_budget():
+    compare = load_compare()
+    candidate = "simclr+robust-reg[warm_start=true,steps=2]"
+    names = [candidate, "simclr-acl", "byol+robust-reg", "byol-acl"]
+    assert compare.budgets(names, [candidate]) == {
+        "byol+robust-reg": ("byol-acl",),
+        candidate: compare.BUDGETS["simclr+robust-reg"],
+    }
+
+
+@pytest.mark.parametrize(
+    "names, reference",
+    [
+        (["simclr-acl"], "simclr+robust-reg[steps=2]"),  # not a row of the run
+        (["simclr+reg", "simclr-acl"], "simclr+reg"),  # not a robust-reg row
+        (["simclr+robust-reg", "simclr+robust-reg[steps=2]", "simclr-acl"], "simclr+robust-reg[steps=2]"),
+    ],
+)
+def test_a_budget_reference_that_cannot_set_a_budget_is_refused_by_name(names, reference):
+    compare = load_compare()
+    with pytest.raises(ValueError, match="--budget-reference"):
+        compare.budgets(names, [reference])

@@ -40,7 +40,9 @@ class BatchAugment(nn.Module):
         self.scale, self.ratio, self.flip = scale, ratio, flip
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, return_theta: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Augment a batch; with ``return_theta`` also return each view's crop as ``(N, 2, 3)``
+        ``affine_grid`` matrices (view coordinates to image coordinates)."""
         n, device = x.shape[0], x.device
         u = lambda: torch.rand(n, device=device)  # noqa: E731
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * u()
@@ -59,7 +61,8 @@ class BatchAugment(nn.Module):
         if self.gray_p > 0 and x.shape[1] == 3:
             gray = _gray(out).expand_as(out)
             out = torch.where((u() < self.gray_p).view(-1, 1, 1, 1), gray, out)
-        return out.clamp(0.0, 1.0)
+        out = out.clamp(0.0, 1.0)
+        return (out, theta) if return_theta else out
 
     def _jitter(self, x: Tensor, apply: Tensor) -> Tensor:
         n, device, j = x.shape[0], x.device, self.jitter

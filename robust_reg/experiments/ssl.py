@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._state import preserved_state
 from .._utils import progress
-from ..attacks import ThreatModel, projected_gradient_ascent
+from ..attacks import ThreatModel, _ascend, _step_length, projected_gradient_ascent
 from ..regularizer import RegularizerOutput, RobustnessRegularizer
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
@@ -192,6 +192,13 @@ class PretrainConfig:
             pass (the step costs about what ACL-style PGD-3 costs); needs the positive ascent. ``"kl"``
             (SimCLR): TRADES-style, the KL divergence between the clean and the adversarial view-0
             embedding's softmax over NT-Xent's similarities to the batch's view-1 embeddings.
+        warm_start: ``robust`` only (one whole adversarial view, the embedding penalty, the positive
+            ascent): view 0's ascent starts from the perturbation its sample ended at in the previous
+            epoch, carried in image coordinates and warped into the new view's crop (ATTA, Zheng et al.
+            2020), instead of a uniform draw; the first epoch starts at the clean view. Fewer steps then
+            reach a strong point. The loop keeps one perturbation per training image.
+        warm_noise: With ``warm_start``: uniform noise of this fraction of ``epsilon`` added to the
+            carried start (then projected), as a random start adds it to the clean view.
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -220,6 +227,8 @@ class PretrainConfig:
     epsilon_ramp: float = 0.0
     steps_from: int | None = None
     penalty: str = "embedding"
+    warm_start: bool = False
+    warm_noise: float = 0.0
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -260,6 +269,21 @@ class PretrainConfig:
             raise ValueError("penalty='kl' needs method 'simclr' and no detach_anchor")
         if self.penalty == "positive" and (self.ascent != "positive" or self.detach_anchor):
             raise ValueError("penalty='positive' needs ascent='positive' and no detach_anchor")
+        if self.warm_start and (
+            self.variant != "robust"
+            or self.adversarial_views != 1
+            or self.adversarial_fraction != 1
+            or self.penalty != "embedding"
+            or self.ascent != "positive"
+            or self.detach_anchor
+            or self.clean_view_loss
+        ):
+            raise ValueError(
+                "warm_start needs variant 'robust' with one whole adversarial view, penalty 'embedding', "
+                "ascent 'positive', no detach_anchor and no clean_view_loss"
+            )
+        if not 0.0 <= self.warm_noise <= 1.0 or (self.warm_noise and not self.warm_start):
+            raise ValueError(f"warm_noise must be in [0, 1] and needs warm_start, got {self.warm_noise}")
         if self.clean_view_loss and self.detach_anchor:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
@@ -317,6 +341,8 @@ def pretrain(
     generator = torch.Generator().manual_seed(config.seed)
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    indices = torch.arange(data.x_train.shape[0])
+    carried = torch.zeros_like(data.x_train, device=device) if config.warm_start else None
     start = time.perf_counter()
     step = 0
     model.train()
@@ -325,10 +351,21 @@ def pretrain(
         epoch_config = scheduled(config, epoch)
         reg = regularizer_for(epoch_config)
         acl_threat = ThreatModel(epoch_config.epsilon, norm=config.norm)
-        for x, _ in batches(data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator):
+        # Labels are unused: the batches carry each image's index (for the warm start's memory).
+        for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
             x = x.to(device, non_blocking=True)
             with autocast:
-                loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
+                if carried is None or epoch_config.variant != "robust":
+                    loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
+                else:
+                    (x0, theta), x1 = augment(x, return_theta=True), augment(x)
+                    index = index.to(device)
+                    ascent_start = _to_view(carried[index], theta, reg.threat.epsilon)
+                    if config.warm_noise:
+                        noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
+                        ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
+                    loss, reg_value, x_adv = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
+                    carried[index] = _to_image((x_adv - x0).float(), theta, carried[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -514,6 +551,50 @@ def _positive_anchor_step(
         F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z1.flatten(start_dim=1), dim=1)
     )
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def _warm_start_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
+) -> tuple[Tensor, float, Tensor]:
+    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
+    uniform draw; also returns the adversarial view, for the next epoch's start."""
+    z0, z1 = model(x0), model(x1)
+    positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
+
+    def objective(v: Tensor) -> Tensor:
+        return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1)
+
+    threat = reg.threat
+    # As in the regulariser: batch statistics, running statistics untouched by these passes.
+    with preserved_state(model):
+        pixels = x0.detach()
+        delta = threat.project(pixels, start.to(pixels.dtype))
+        x_adv = _ascend(objective, pixels, delta, threat, reg.steps, _step_length(threat, reg.steps, reg.step_size))
+        z_adv = model(x_adv)
+    term = _relative_deviation(
+        F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z0.flatten(start_dim=1), dim=1)
+    )
+    loss = model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term
+    return loss, term.item(), x_adv
+
+
+def _to_view(carried: Tensor, theta: Tensor, epsilon: float) -> Tensor:
+    """Image-space perturbations seen through each view's crop (zero outside the image)."""
+    grid = F.affine_grid(theta, list(carried.shape), align_corners=False)
+    view = F.grid_sample(carried, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return view.clamp(-epsilon, epsilon)  # bilinear weights keep it in the ball; this absorbs round-off
+
+
+def _to_image(delta: Tensor, theta: Tensor, previous: Tensor) -> Tensor:
+    """View-space perturbations mapped back to image coordinates; pixels the crop did not cover keep
+    ``previous`` (blended at the crop's edge)."""
+    linear, shift = theta[:, :, :2], theta[:, :, 2:]
+    inverse_linear = torch.linalg.inv(linear)
+    inverse = torch.cat([inverse_linear, -inverse_linear @ shift], dim=2)
+    grid = F.affine_grid(inverse, list(delta.shape), align_corners=False)
+    image = F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    covered = F.grid_sample(torch.ones_like(delta), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return image + (1 - covered) * previous
 
 
 _PENALTY_STEPS = {
