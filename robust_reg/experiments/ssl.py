@@ -536,29 +536,18 @@ def _positive_anchor_step(
     """The positive ascent on view 0, penalised by the adversarial embedding's relative distance to view 1's
     clean one (which the loss computes anyway): no clean pass of view 0."""
     z1 = model(x1)
-    positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
-
-    def objective(v: Tensor) -> Tensor:
-        return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1)
-
-    # As in the regulariser: batch statistics, running statistics untouched by these passes.
-    with preserved_state(model):
-        x_adv = projected_gradient_ascent(
-            objective, x0, reg.threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
-        )
-        z_adv = model(x_adv)
+    _, z_adv = _positive_ascent(model, reg, x0, z1)
     term = _relative_deviation(
         F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z1.flatten(start_dim=1), dim=1)
     )
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
-def _warm_start_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
-) -> tuple[Tensor, float, Tensor]:
-    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
-    uniform draw; also returns the adversarial view, for the next epoch's start."""
-    z0, z1 = model(x0), model(x1)
+def _positive_ascent(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, z1: Tensor, start: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The regulariser's positive ascent on view 0 (away from view 1's clean embedding ``z1``) from
+    ``x0 + start`` (pixel units; ``None``: the regulariser's start): ``(x_adv, model(x_adv))``."""
     positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
 
     def objective(v: Tensor) -> Tensor:
@@ -567,10 +556,25 @@ def _warm_start_step(
     threat = reg.threat
     # As in the regulariser: batch statistics, running statistics untouched by these passes.
     with preserved_state(model):
-        pixels = x0.detach()
-        delta = threat.project(pixels, start.to(pixels.dtype))
-        x_adv = _ascend(objective, pixels, delta, threat, reg.steps, _step_length(threat, reg.steps, reg.step_size))
-        z_adv = model(x_adv)
+        if start is None:
+            x_adv = projected_gradient_ascent(
+                objective, x0, threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
+            )
+        else:
+            pixels = x0.detach()
+            delta = threat.project(pixels, start.to(pixels.dtype))
+            alpha = _step_length(threat, reg.steps, reg.step_size)
+            x_adv = _ascend(objective, pixels, delta, threat, reg.steps, alpha)
+        return x_adv, model(x_adv)
+
+
+def _warm_start_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
+) -> tuple[Tensor, float, Tensor]:
+    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
+    uniform draw; also returns the adversarial view, for the next epoch's start."""
+    z0, z1 = model(x0), model(x1)
+    x_adv, z_adv = _positive_ascent(model, reg, x0, z1, start)
     term = _relative_deviation(
         F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z0.flatten(start_dim=1), dim=1)
     )
