@@ -241,10 +241,17 @@ def test_compare_rejects_an_unknown_candidate_name(name):
         compare.parse_method(name)
 
 
-def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
-    from robust_reg.experiments.ssl import SimCLR, build_model
+def _tiny_simclr():
+    """SimCLR on a linear backbone over 4x4 one-channel images: fast enough for one step per test."""
+    from robust_reg.experiments.ssl import build_model
 
-    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    return build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+
+
+def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
+    from robust_reg.experiments.ssl import SimCLR
+
+    model = _tiny_simclr()
     assert isinstance(model, SimCLR)
     views = (torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4))
     z0, z0_adv, z1 = model(views[0]), model(views[0] + 0.05), model(views[1])
@@ -281,12 +288,12 @@ def test_schedule_fractions_outside_zero_one_are_refused(field):
 
 def test_the_robust_step_without_random_start_runs_one_forward_fewer():
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     forwards, calls = {}, []
     for random_start in (True, False):
         torch.manual_seed(0)
-        model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+        model = _tiny_simclr()
         calls.clear()
         model.backbone.register_forward_hook(lambda *_: calls.append(1))
         config = PretrainConfig(variant="robust", random_start=random_start)
@@ -300,10 +307,10 @@ def test_the_robust_step_without_random_start_runs_one_forward_fewer():
 
 def _penalty_term(penalty: str, seed: int = 0):
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     torch.manual_seed(seed)
-    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    model = _tiny_simclr()
     x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
     inputs = []
     handle = model.backbone.register_forward_hook(lambda module, args, output: inputs.append(args[0].detach()))
@@ -341,10 +348,10 @@ def test_a_penalty_the_step_cannot_measure_is_refused_by_name(settings):
 
 def test_the_positive_anchor_penalty_runs_no_clean_pass_of_the_perturbed_view():
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     torch.manual_seed(0)
-    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    model = _tiny_simclr()
     x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
     inputs = []
     model.backbone.register_forward_hook(lambda module, args, output: inputs.append(args[0].detach()))
@@ -400,10 +407,10 @@ def test_the_kl_penalty_is_refused_for_byol_by_name():
 
 def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step():
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
+    from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, regularizer_for, step_loss
 
     torch.manual_seed(0)
-    model = build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
+    model = _tiny_simclr()
     x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
     config = PretrainConfig(variant="robust")
     reg = regularizer_for(config)

@@ -360,12 +360,13 @@ def pretrain(
                 else:
                     (x0, theta), x1 = augment(x, return_theta=True), augment(x)
                     index = index.to(device)
-                    ascent_start = _to_view(carried[index], theta, reg.threat.epsilon)
+                    previous = carried[index]
+                    ascent_start = _to_view(previous, theta, reg.threat.epsilon)
                     if config.warm_noise:
                         noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
                         ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
                     loss, reg_value, x_adv = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
-                    carried[index] = _to_image((x_adv - x0).float(), theta, carried[index])
+                    carried[index] = _to_image((x_adv - x0).float(), theta, previous)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -508,9 +509,12 @@ def _perturbed_view0(
     return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive)
 
 
-def _relative_deviation(features: Tensor, anchor: Tensor) -> Tensor:
-    """The regulariser's value: mean squared distance of ``features`` to ``anchor`` over the anchor's spread."""
+def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = False) -> Tensor:
+    """The regulariser's value: mean squared distance of ``features`` to ``anchor`` over the anchor's spread
+    (``normalize``: of both L2-normalised first, as the regulariser measures embeddings)."""
     z, h = features.flatten(start_dim=1).float(), anchor.flatten(start_dim=1).float()
+    if normalize:
+        z, h = F.normalize(z, dim=1), F.normalize(h, dim=1)
     spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
     return (z - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
 
@@ -537,9 +541,7 @@ def _positive_anchor_step(
     clean one (which the loss computes anyway): no clean pass of view 0."""
     z1 = model(x1)
     _, z_adv = _positive_ascent(model, reg, x0, z1)
-    term = _relative_deviation(
-        F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z1.flatten(start_dim=1), dim=1)
-    )
+    term = _relative_deviation(z_adv, z1, normalize=True)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
@@ -575,9 +577,7 @@ def _warm_start_step(
     uniform draw; also returns the adversarial view, for the next epoch's start."""
     z0, z1 = model(x0), model(x1)
     x_adv, z_adv = _positive_ascent(model, reg, x0, z1, start)
-    term = _relative_deviation(
-        F.normalize(z_adv.flatten(start_dim=1), dim=1), F.normalize(z0.flatten(start_dim=1), dim=1)
-    )
+    term = _relative_deviation(z_adv, z0, normalize=True)
     loss = model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term
     return loss, term.item(), x_adv
 
