@@ -405,14 +405,15 @@ def test_the_kl_penalty_is_refused_for_byol_by_name():
         PretrainConfig(method="byol", variant="robust", penalty="kl")
 
 
-def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step():
+@pytest.mark.parametrize("detach_anchor", [False, True])
+def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step(detach_anchor):
     from robust_reg.attacks import ThreatModel
     from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, regularizer_for, step_loss
 
     torch.manual_seed(0)
     model = _tiny_simclr()
     x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
-    config = PretrainConfig(variant="robust")
+    config = PretrainConfig(variant="robust", detach_anchor=detach_anchor)
     reg = regularizer_for(config)
     torch.manual_seed(1)
     loss, term = step_loss(model, reg, ThreatModel(0.1), x0, x1, config)
@@ -421,6 +422,9 @@ def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step():
     warm_loss, warm_term, x_adv = _warm_start_step(model, reg, x0, x1, config, start)
     assert warm_term == pytest.approx(term, rel=1e-5)
     torch.testing.assert_close(warm_loss, loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for warm, recommended in zip(torch.autograd.grad(warm_loss, params), torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(warm, recommended)
     assert (x_adv - x0).abs().max() <= 0.1 + 1e-6
 
 
@@ -443,16 +447,52 @@ def test_a_carried_perturbation_maps_back_to_the_image_where_the_view_covers_it(
     assert back.abs().max() <= 0.1 + 1e-6
 
 
-def _warm_starts(monkeypatch, **settings) -> list:
-    """The ascent starts of a 2-epoch warm-start run on 128 digits (two batches per epoch)."""
+def test_warm_free_steps_the_carried_perturbation_up_the_training_loss():
+    from robust_reg.experiments.ssl import (
+        PretrainConfig,
+        _carried_perturbation,
+        _relative_deviation,
+        _warm_start_step,
+        regularizer_for,
+    )
+
+    torch.manual_seed(0)
+    model = _tiny_simclr()
+    x0, x1 = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    config = PretrainConfig(variant="robust", steps=1, step_size=0.02, warm_start=True, warm_free=True)
+    reg = regularizer_for(config)
+    loss, _, adversarial = _warm_start_step(model, reg, x0, x1, config, torch.zeros_like(x0), track_input=True)
+    loss.backward()
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(6, 2, 3)
+    nothing = torch.zeros_like(x0)
+    stepped = _carried_perturbation(reg, x0, adversarial, identity, nothing, free=True)
+    stored = _carried_perturbation(reg, x0, adversarial, identity, nothing, free=False)
+
+    def training_loss(delta):  # the step's loss as a function of view 0's perturbation alone
+        with torch.no_grad():
+            z0, z1, z_adv = model(x0), model(x1), model(x0 + delta)
+            term = _relative_deviation(z_adv, z0, normalize=True)
+            return float(model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term)
+
+    assert 0 < float((stepped - stored).abs().max()) <= 0.02 + 1e-6
+    assert stepped.abs().max() <= 0.1 + 1e-6
+    assert training_loss(stepped) > training_loss(stored)
+
+
+def _warm_starts(monkeypatch, ends: list | None = None, **settings) -> list:
+    """The ascent starts of a 2-epoch warm-start run on 128 digits (two batches per epoch); ``ends``
+    collects the perturbation each ascent ended at."""
     from robust_reg.experiments import ssl
     from robust_reg.experiments.data import load_dataset
 
     starts, warm_start_step = [], ssl._warm_start_step
 
-    def recording(model, reg, x0, x1, config, start):
+    def recording(model, reg, x0, x1, config, start, **options):
         starts.append(start.detach().clone())
-        return warm_start_step(model, reg, x0, x1, config, start)
+        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, start, **options)
+        if ends is not None:
+            ends.append((adversarial - x0).detach().clone())
+        return loss, term, adversarial
 
     monkeypatch.setattr(ssl, "_warm_start_step", recording)
     data = load_dataset("digits").subset(train=128, test=50)
@@ -466,6 +506,21 @@ def test_warm_start_starts_each_images_ascent_where_its_previous_epoch_ended(mon
     starts = _warm_starts(monkeypatch)
     assert all(float(s.abs().max()) == 0 for s in starts[:2])  # the first epoch starts at the clean view
     assert all(float(s.abs().mean()) > 0.01 for s in starts[2:])
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_without_the_warp_each_image_starts_exactly_where_its_view_ended(monkeypatch, warp):
+    ends = []
+    starts = _warm_starts(monkeypatch, ends, warm_warp=warp)
+    ended = torch.cat(ends[:2]).flatten(start_dim=1)  # the first epoch's end points, one per image
+    started = torch.cat(starts[2:]).flatten(start_dim=1)
+    # The batches are reshuffled each epoch; exact distances (the matrix-product form rounds off).
+    distances = torch.cdist(started, ended, compute_mode="donot_use_mm_for_euclid_dist")
+    nearest = distances.min(dim=1).values
+    if warp:  # through a new crop the start is the old perturbation moved, not the same tensor
+        assert float(nearest.median()) > 1e-2
+    else:
+        assert float(nearest.max()) < 1e-6
 
 
 def test_warm_noise_adds_uniform_noise_of_its_share_of_eps_to_the_carried_start(monkeypatch):
@@ -485,12 +540,23 @@ def test_warm_start_where_the_step_cannot_carry_a_perturbation_is_refused_by_nam
         PretrainConfig(warm_start=True, **settings)
 
 
-@pytest.mark.parametrize("settings", [dict(warm_noise=0.5), dict(warm_start=True, warm_noise=1.5)])
-def test_warm_noise_outside_zero_one_or_without_warm_start_is_refused_by_name(settings):
+@pytest.mark.parametrize(
+    "settings",
+    [dict(warm_noise=0.5), dict(warm_start=True, warm_noise=1.5), dict(warm_start=True, warm_noise=0.5, norm="l2")],
+)
+def test_warm_noise_outside_zero_one_without_warm_start_or_in_l2_is_refused_by_name(settings):
     from robust_reg.experiments.ssl import PretrainConfig
 
     with pytest.raises(ValueError, match="warm_noise"):
         PretrainConfig(variant="robust", **settings)
+
+
+@pytest.mark.parametrize("setting", ["warm_free", "warm_warp"])
+def test_warm_start_options_without_warm_start_are_refused_by_name(setting):
+    from robust_reg.experiments.ssl import PretrainConfig
+
+    with pytest.raises(ValueError, match=setting):
+        PretrainConfig(variant="robust", **{setting: setting == "warm_free"})
 
 
 def test_a_budget_reference_gives_its_methods_acl_rows_its_training_time_as_their_budget():

@@ -198,7 +198,14 @@ class PretrainConfig:
             2020), instead of a uniform draw; the first epoch starts at the clean view. Fewer steps then
             reach a strong point. The loop keeps one perturbation per training image.
         warm_noise: With ``warm_start``: uniform noise of this fraction of ``epsilon`` added to the
-            carried start (then projected), as a random start adds it to the clean view.
+            carried start (then projected), as a random start adds it to the clean view (L-inf only).
+        warm_warp: With ``warm_start``: warp the carried perturbation through each view's crop (``False``:
+            carry it in view coordinates, as a pipeline that does not expose its crops' geometry would).
+        warm_free: With ``warm_start``: the step's own backward also gives the training loss's gradient
+            w.r.t. the adversarial view, and the carried perturbation takes one more ascent step along it
+            (the regulariser's step length) before it is stored for the next epoch ("free" adversarial
+            training, Shafahi et al. 2019): one more ascent step per image and epoch, at the cost of the
+            input gradient of one backward.
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -229,6 +236,8 @@ class PretrainConfig:
     penalty: str = "embedding"
     warm_start: bool = False
     warm_noise: float = 0.0
+    warm_warp: bool = True
+    warm_free: bool = False
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -275,15 +284,21 @@ class PretrainConfig:
             or self.adversarial_fraction != 1
             or self.penalty != "embedding"
             or self.ascent != "positive"
-            or self.detach_anchor
             or self.clean_view_loss
         ):
             raise ValueError(
                 "warm_start needs variant 'robust' with one whole adversarial view, penalty 'embedding', "
-                "ascent 'positive', no detach_anchor and no clean_view_loss"
+                "ascent 'positive' and no clean_view_loss"
             )
         if not 0.0 <= self.warm_noise <= 1.0 or (self.warm_noise and not self.warm_start):
             raise ValueError(f"warm_noise must be in [0, 1] and needs warm_start, got {self.warm_noise}")
+        if self.warm_noise and self.norm != "linf":
+            # The noise is drawn per coordinate: in an L2 ball it would swamp the carried start.
+            raise ValueError(f"warm_noise supports norm='linf' only, got norm={self.norm!r}")
+        if self.warm_free and not self.warm_start:
+            raise ValueError("warm_free needs warm_start (it steps the carried perturbation)")
+        if not self.warm_warp and not self.warm_start:
+            raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
         if self.clean_view_loss and self.detach_anchor:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
@@ -359,18 +374,22 @@ def pretrain(
                     loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
                 else:
                     (x0, theta), x1 = augment(x, return_theta=True), augment(x)
+                    theta = theta if config.warm_warp else None  # None: carried as the view saw it
                     index = index.to(device)
                     previous = carried[index]
                     ascent_start = _to_view(previous, theta, reg.threat.epsilon)
                     if config.warm_noise:
                         noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
                         ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
-                    loss, reg_value, x_adv = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
-                    carried[index] = _to_image((x_adv - x0).float(), theta, previous)
+                    loss, reg_value, adversarial = _warm_start_step(
+                        model, reg, x0, x1, epoch_config, ascent_start, track_input=config.warm_free
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if carried is not None and epoch_config.variant == "robust":
+                carried[index] = _carried_perturbation(reg, x0, adversarial, theta, previous, config.warm_free)
             step += 1
             model.after_step(step / total)
             sums["loss"] += loss.item()
@@ -546,10 +565,18 @@ def _positive_anchor_step(
 
 
 def _positive_ascent(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, z1: Tensor, start: Tensor | None = None
+    model: nn.Module,
+    reg: RobustnessRegularizer,
+    x0: Tensor,
+    z1: Tensor,
+    start: Tensor | None = None,
+    *,
+    track_input: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The regulariser's positive ascent on view 0 (away from view 1's clean embedding ``z1``) from
-    ``x0 + start`` (pixel units; ``None``: the regulariser's start): ``(x_adv, model(x_adv))``."""
+    ``x0 + start`` (pixel units; ``None``: the regulariser's start): ``(adversarial pixels, their
+    embedding)``. ``track_input``: the pixels are a leaf that requires grad, so the backward of a loss
+    on the embedding also leaves its gradient w.r.t. them in ``.grad``."""
     positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
 
     def objective(v: Tensor) -> Tensor:
@@ -567,31 +594,61 @@ def _positive_ascent(
             delta = threat.project(pixels, start.to(pixels.dtype))
             alpha = _step_length(threat, reg.steps, reg.step_size)
             x_adv = _ascend(objective, pixels, delta, threat, reg.steps, alpha)
-        return x_adv, model(x_adv)
+        adversarial = threat.to_pixels(x_adv).requires_grad_(track_input)
+        return adversarial, model(threat.to_model(adversarial))
 
 
 def _warm_start_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
+    model: nn.Module,
+    reg: RobustnessRegularizer,
+    x0: Tensor,
+    x1: Tensor,
+    config: PretrainConfig,
+    start: Tensor,
+    *,
+    track_input: bool = False,
 ) -> tuple[Tensor, float, Tensor]:
     """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
-    uniform draw; also returns the adversarial view, for the next epoch's start."""
-    z0, z1 = model(x0), model(x1)
-    x_adv, z_adv = _positive_ascent(model, reg, x0, z1, start)
+    uniform draw; also returns the adversarial view's pixels, for the next epoch's start
+    (``track_input``: a leaf whose ``.grad`` the loss's backward fills, see :func:`_positive_ascent`)."""
+    with torch.set_grad_enabled(not config.detach_anchor):
+        z0 = model(x0)
+    z1 = model(x1)
+    adversarial, z_adv = _positive_ascent(model, reg, x0, z1, start, track_input=track_input)
     term = _relative_deviation(z_adv, z0, normalize=True)
     loss = model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term
-    return loss, term.item(), x_adv
+    return loss, term.item(), adversarial
 
 
-def _to_view(carried: Tensor, theta: Tensor, epsilon: float) -> Tensor:
-    """Image-space perturbations seen through each view's crop (zero outside the image)."""
+def _carried_perturbation(
+    reg: RobustnessRegularizer, x0: Tensor, adversarial: Tensor, theta: Tensor | None, previous: Tensor, free: bool
+) -> Tensor:
+    """What an image carries to its next epoch: the view's perturbation (``free``: one more ascent step
+    along the training loss's gradient in ``adversarial.grad``) in image coordinates."""
+    threat = reg.threat
+    pixels = threat.to_pixels(x0).detach()
+    delta = adversarial.detach() - pixels
+    if free:
+        alpha = _step_length(threat, reg.steps, reg.step_size)
+        delta = threat.project(pixels, threat.ascent_step(delta, adversarial.grad, alpha))
+    return _to_image(delta.float(), theta, previous)
+
+
+def _to_view(carried: Tensor, theta: Tensor | None, epsilon: float) -> Tensor:
+    """Image-space perturbations seen through each view's crop (zero outside the image; ``theta=None``:
+    the identity)."""
+    if theta is None:
+        return carried.clamp(-epsilon, epsilon)
     grid = F.affine_grid(theta, list(carried.shape), align_corners=False)
     view = F.grid_sample(carried, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return view.clamp(-epsilon, epsilon)  # bilinear weights keep it in the ball; this absorbs round-off
 
 
-def _to_image(delta: Tensor, theta: Tensor, previous: Tensor) -> Tensor:
+def _to_image(delta: Tensor, theta: Tensor | None, previous: Tensor) -> Tensor:
     """View-space perturbations mapped back to image coordinates; pixels the crop did not cover keep
-    ``previous`` (blended at the crop's edge)."""
+    ``previous`` (blended at the crop's edge; ``theta=None``: the identity)."""
+    if theta is None:
+        return delta
     linear, shift = theta[:, :, :2], theta[:, :, 2:]
     inverse_linear = torch.linalg.inv(linear)
     inverse = torch.cat([inverse_linear, -inverse_linear @ shift], dim=2)
