@@ -6,7 +6,8 @@ backbone and lightly's projection head, NT-Xent loss) with and without
 recomputed); the package default (the regulariser on the embedding NT-Xent
 compares, its adversarial embedding fed to the loss, steps 3) written as a
 plain loop and through the lightly adapter (``robustify`` on a lightly-style
-LightningModule); and the ACL-style baseline (PGD-5 on the SSL loss). The
+LightningModule); the warm-started step (the ascent from each image's carried
+perturbation, ``start=``); and the ACL-style baseline (PGD-5 on the SSL loss). The
 default and ACL rows run the training step of ``benchmarks/compare.py``. On a
 CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
 
@@ -40,7 +41,7 @@ import torch
 from robust_reg import RobustnessRegularizer, ThreatModel
 from robust_reg.experiments.models import build_encoder
 from robust_reg.experiments.pipeline import device_name
-from robust_reg.experiments.ssl import PretrainConfig, build_model, regularizer_for, step_loss
+from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
 
 EPSILON = 8 / 255
 # name -> (kind, options): "backbone" = reg on model.backbone; "recipe" = compare.py's step for a variant.
@@ -71,6 +72,13 @@ CONFIGS = {
         {"variant": "robust", "random_start": False, "detach_anchor": True},
     ),
     "ACL-style, PGD-3": ("recipe", {"variant": "acl", "acl_steps": 3}),
+    # The warm start: steps=2 of eps/2 from each image's carried perturbation (start=), memory gather and
+    # scatter included; the training runs also ramp eps, which does not change a step's cost.
+    "robust-reg, warm start (start=, steps=2)": ("warm", {"steps": 2, "step_size": EPSILON / 2}),
+    "robust-reg, warm start (start=, steps=2) and detach_anchor=True": (
+        "warm",
+        {"steps": 2, "step_size": EPSILON / 2, "detach_anchor": True},
+    ),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
 
@@ -110,6 +118,17 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
 
         def loss() -> torch.Tensor:
             return step_loss(model, reg, threat, x0, x1, recipe)[0]
+
+    elif kind == "warm":
+        recipe = PretrainConfig(method="simclr", variant="robust", epsilon=EPSILON, warm_start=True, **options)
+        reg = regularizer_for(recipe)
+        memory = torch.zeros(4 * batch_size, *shape, device=device)  # one perturbation per training image
+        index = torch.randperm(4 * batch_size, device=device)[:batch_size]
+
+        def loss() -> torch.Tensor:
+            value, _, adversarial = _warm_start_step(model, reg, x0, x1, recipe, memory[index])
+            memory[index] = adversarial - x0
+            return value
 
     elif kind == "lightly":
         module = _lightly_module(model)

@@ -334,6 +334,7 @@ def projected_gradient_ascent(
     step_size: float | None = None,
     random_start: bool = True,
     keep_best: bool = False,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Maximise a per-sample ``objective`` over the threat set around ``x``.
 
@@ -353,12 +354,17 @@ def projected_gradient_ascent(
         random_start: Start from a uniform draw in the ball instead of ``x``.
         keep_best: Return, per sample, the iterate with the highest objective
             instead of the last one (costs one more forward).
+        start: Start from ``x + start`` instead (a perturbation in pixel units,
+            shape of ``x``, projected onto the ball and the valid range), e.g.
+            where the sample's ascent ended before (a warm start); overrides
+            ``random_start``. Treated as a constant.
 
     Returns:
         The perturbed inputs in model space, detached, same shape and dtype as ``x``.
 
     Raises:
-        ValueError: If ``steps`` is negative, ``step_size`` is not positive, or
+        ValueError: If ``steps`` is negative, ``step_size`` is not positive,
+            ``start`` is not a finite perturbation of ``x``'s shape, or
             ``objective`` does not return one value per sample.
 
     Examples:
@@ -373,11 +379,26 @@ def projected_gradient_ascent(
     steps = _check_steps(steps)
     step_size = _check_step_size(step_size)
     x = x.detach()
+    _check_start(start, x)
     pixels = threat.to_pixels(x).clamp(*threat.bounds)
-    delta = threat.random_start(pixels) if random_start else torch.zeros_like(pixels)
+    if start is not None:
+        delta = threat.project(pixels, start.detach().to(device=pixels.device, dtype=pixels.dtype))
+    else:
+        delta = threat.random_start(pixels) if random_start else torch.zeros_like(pixels)
     if steps == 0 or threat.epsilon == 0:
         return threat.to_model(pixels + delta).detach()
     return _ascend(objective, pixels, delta, threat, steps, _step_length(threat, steps, step_size), keep_best=keep_best)
+
+
+def _check_start(start: object, x: Tensor) -> None:
+    if start is None:
+        return
+    if not isinstance(start, Tensor) or not start.is_floating_point():
+        raise TypeError(f"start must be a floating-point Tensor, got {type(start).__name__}")
+    if start.shape != x.shape:
+        raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
+    if not bool(torch.isfinite(start).all()):
+        raise ValueError("start contains non-finite values (nan or inf)")
 
 
 def _step_length(threat: ThreatModel, steps: int, step_size: float | None) -> float:

@@ -26,6 +26,7 @@ from ._utils import renamed
 from .attacks import (
     ThreatModel,
     _ascend,
+    _check_start,
     _check_step_size,
     _check_steps,
     _step_length,
@@ -228,8 +229,10 @@ class RobustnessRegularizer(nn.Module):
             ascent. At call time, before any work: a batch of one with
             ``relative=True``, inputs outside ``bounds`` (after undoing
             ``mean``/``std``), ``mean``/``std`` with the wrong number of channels,
-            ``features`` with another batch size, non-finite ``features``.
-        TypeError: For integer inputs or features, or a non-callable encoder.
+            ``features`` with another batch size, non-finite ``features``, a
+            ``start`` not of ``x``'s shape or not finite.
+        TypeError: For integer inputs or features, a non-callable encoder, or a
+            ``start`` that is not a floating-point tensor.
 
     Examples:
         >>> import torch
@@ -347,6 +350,7 @@ class RobustnessRegularizer(nn.Module):
         *,
         return_adversarial: bool = False,
         positive: Tensor | None = None,
+        start: Tensor | None = None,
     ) -> Tensor | RegularizerOutput:
         """Estimate the regulariser on a batch.
 
@@ -362,6 +366,12 @@ class RobustnessRegularizer(nn.Module):
                 otherwise): the features of the other view of each sample, the
                 positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
                 features away from it. Treated as a constant.
+            start: Start the ascent at ``x + start`` instead of the configured
+                start: a perturbation in pixel units, shape of ``x``, projected
+                onto the ball and the valid range. For a warm start (ATTA: Zheng
+                et al., CVPR 2020), pass where each sample's ascent ended before,
+                ``out.adversarial_inputs - x`` (pixel units when the threat has
+                no ``mean``/``std``), kept per sample by the training loop.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
@@ -369,6 +379,7 @@ class RobustnessRegularizer(nn.Module):
         """
         self._check_call(encoder, x, features)
         self._check_positive(x, positive)
+        _check_start(start, x)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -379,7 +390,7 @@ class RobustnessRegularizer(nn.Module):
             if features is not None and switched:
                 self._warn_recompute(switched)
                 features = None
-            reuse = features is None and self._clean_pass_is_first_iterate(x)
+            reuse = features is None and start is None and self._clean_pass_is_first_iterate(x)
             if features is None:
                 if reuse:
                     # Starting at x, the ascent's first forward *is* the clean pass: run it once,
@@ -428,6 +439,7 @@ class RobustnessRegularizer(nn.Module):
                     steps=self.steps,
                     step_size=self.step_size,
                     random_start=self.random_start,
+                    start=start,
                 )
             adv_features = encoder(x_adv)
             z = self._measure(_flatten(adv_features, "encoder output"))

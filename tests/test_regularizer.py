@@ -328,3 +328,52 @@ def test_the_deviation_ascent_without_random_start_is_refused_by_name():
     # Its gradient is zero at the clean input: the ascent would never move.
     with pytest.raises(ValueError, match="random_start=False"):
         RobustnessRegularizer(0.1, random_start=False)
+
+
+def test_an_ascent_from_a_given_start_equals_the_ascent_from_that_random_draw():
+    torch.manual_seed(0)
+    encoder, x, positive = small_cnn(), torch.rand(8, 1, 28, 28), torch.rand(8, 16)
+    reg = RobustnessRegularizer(0.1, steps=2, ascent="positive")
+    torch.manual_seed(1)
+    drawn = reg(encoder, x, positive=positive, return_adversarial=True)
+    torch.manual_seed(1)
+    start = reg.threat.random_start(x)
+    given = reg(encoder, x, positive=positive, return_adversarial=True, start=start)
+    assert torch.equal(given.adversarial_inputs, drawn.adversarial_inputs)
+    assert torch.allclose(given.loss, drawn.loss)
+
+
+def test_a_start_outside_the_ball_is_projected_onto_it():
+    x = torch.rand(4, 1, 28, 28) * 0.6 + 0.2  # away from the pixel bounds
+    reg = RobustnessRegularizer(0.1, steps=0, ascent="positive")
+    out = reg(small_cnn(), x, positive=torch.rand(4, 16), return_adversarial=True, start=torch.full_like(x, 0.3))
+    torch.testing.assert_close(out.adversarial_inputs - x, torch.full_like(x, 0.1))
+
+
+def test_a_start_continues_where_the_last_ascent_ended():
+    # Two ascents of 2 steps each, the second warm-started, search as far as one of 4 steps.
+    torch.manual_seed(0)
+    encoder, x = small_cnn(), torch.rand(8, 1, 28, 28)
+    positive = encoder(x).detach()
+    kwargs = dict(step_size=0.02, ascent="positive", normalize_features=True)
+    short, long = (RobustnessRegularizer(0.1, steps=n, random_start=False, **kwargs) for n in (2, 4))
+    first = short(encoder, x, positive=positive, return_adversarial=True)
+    warm = short(encoder, x, positive=positive, return_adversarial=True, start=first.adversarial_inputs - x)
+    once = long(encoder, x, positive=positive, return_adversarial=True)
+    torch.testing.assert_close(warm.adversarial_inputs, once.adversarial_inputs)
+
+
+@pytest.mark.parametrize(
+    "start, error, match",
+    [
+        (torch.zeros(4, 1, 28, 27), ValueError, "start must have the shape of x"),
+        (torch.full((4, 1, 28, 28), float("nan")), ValueError, "start contains non-finite"),
+        (torch.zeros(4, 1, 28, 28, dtype=torch.int64), TypeError, "start must be a floating-point Tensor"),
+    ],
+)
+def test_a_bad_start_is_refused_by_name_before_any_forward(start, error, match):
+    encoder = Counting(small_cnn())
+    reg = RobustnessRegularizer(0.1, ascent="positive")
+    with pytest.raises(error, match=match):
+        reg(encoder, torch.rand(4, 1, 28, 28), positive=torch.rand(4, 16), start=start)
+    assert encoder.calls == 0

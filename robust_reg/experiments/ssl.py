@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._state import preserved_state
 from .._utils import progress
-from ..attacks import ThreatModel, _ascend, _step_length, projected_gradient_ascent
+from ..attacks import ThreatModel, projected_gradient_ascent
 from ..regularizer import RegularizerOutput, RobustnessRegularizer
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
@@ -201,11 +201,6 @@ class PretrainConfig:
             carried start (then projected), as a random start adds it to the clean view (L-inf only).
         warm_warp: With ``warm_start``: warp the carried perturbation through each view's crop (``False``:
             carry it in view coordinates, as a pipeline that does not expose its crops' geometry would).
-        warm_free: With ``warm_start``: the step's own backward also gives the training loss's gradient
-            w.r.t. the adversarial view, and the carried perturbation takes one more ascent step along it
-            (the regulariser's step length) before it is stored for the next epoch ("free" adversarial
-            training, Shafahi et al. 2019): one more ascent step per image and epoch, at the cost of the
-            input gradient of one backward.
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -237,7 +232,6 @@ class PretrainConfig:
     warm_start: bool = False
     warm_noise: float = 0.0
     warm_warp: bool = True
-    warm_free: bool = False
     acl_steps: int = 5
     seed: int = 0
     amp: bool = False
@@ -295,8 +289,6 @@ class PretrainConfig:
         if self.warm_noise and self.norm != "linf":
             # The noise is drawn per coordinate: in an L2 ball it would swamp the carried start.
             raise ValueError(f"warm_noise supports norm='linf' only, got norm={self.norm!r}")
-        if self.warm_free and not self.warm_start:
-            raise ValueError("warm_free needs warm_start (it steps the carried perturbation)")
         if not self.warm_warp and not self.warm_start:
             raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
         if self.clean_view_loss and self.detach_anchor:
@@ -381,15 +373,13 @@ def pretrain(
                     if config.warm_noise:
                         noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
                         ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
-                    loss, reg_value, adversarial = _warm_start_step(
-                        model, reg, x0, x1, epoch_config, ascent_start, track_input=config.warm_free
-                    )
+                    loss, reg_value, adversarial = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if carried is not None and epoch_config.variant == "robust":
-                carried[index] = _carried_perturbation(reg, x0, adversarial, theta, previous, config.warm_free)
+                carried[index] = _to_image((adversarial - x0).float(), theta, previous)
             step += 1
             model.after_step(step / total)
             sums["loss"] += loss.item()
@@ -518,14 +508,20 @@ def _backbone_penalty_step(
 
 
 def _perturbed_view0(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+    model: nn.Module,
+    reg: RobustnessRegularizer,
+    x0: Tensor,
+    x1: Tensor,
+    config: PretrainConfig,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, RegularizerOutput]:
-    """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``."""
+    """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``,
+    the ascent starting at ``x0 + start`` if given."""
     with torch.set_grad_enabled(not config.detach_anchor):
         z0 = model(x0)
     z1 = model(x1)
     positive = z1.detach() if config.ascent == "positive" else None
-    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive)
+    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, start=start)
 
 
 def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = False) -> Tensor:
@@ -559,79 +555,29 @@ def _positive_anchor_step(
     """The positive ascent on view 0, penalised by the adversarial embedding's relative distance to view 1's
     clean one (which the loss computes anyway): no clean pass of view 0."""
     z1 = model(x1)
-    _, z_adv = _positive_ascent(model, reg, x0, z1)
-    term = _relative_deviation(z_adv, z1, normalize=True)
-    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
-
-
-def _positive_ascent(
-    model: nn.Module,
-    reg: RobustnessRegularizer,
-    x0: Tensor,
-    z1: Tensor,
-    start: Tensor | None = None,
-    *,
-    track_input: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The regulariser's positive ascent on view 0 (away from view 1's clean embedding ``z1``) from
-    ``x0 + start`` (pixel units; ``None``: the regulariser's start): ``(adversarial pixels, their
-    embedding)``. ``track_input``: the pixels are a leaf that requires grad, so the backward of a loss
-    on the embedding also leaves its gradient w.r.t. them in ``.grad``."""
     positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
 
     def objective(v: Tensor) -> Tensor:
         return (F.normalize(model(v).flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum(dim=1)
 
-    threat = reg.threat
     # As in the regulariser: batch statistics, running statistics untouched by these passes.
     with preserved_state(model):
-        if start is None:
-            x_adv = projected_gradient_ascent(
-                objective, x0, threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
-            )
-        else:
-            pixels = x0.detach()
-            delta = threat.project(pixels, start.to(pixels.dtype))
-            alpha = _step_length(threat, reg.steps, reg.step_size)
-            x_adv = _ascend(objective, pixels, delta, threat, reg.steps, alpha)
-        adversarial = threat.to_pixels(x_adv).requires_grad_(track_input)
-        return adversarial, model(threat.to_model(adversarial))
+        x_adv = projected_gradient_ascent(
+            objective, x0, reg.threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
+        )
+        z_adv = model(x_adv)
+    term = _relative_deviation(z_adv, z1, normalize=True)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
 def _warm_start_step(
-    model: nn.Module,
-    reg: RobustnessRegularizer,
-    x0: Tensor,
-    x1: Tensor,
-    config: PretrainConfig,
-    start: Tensor,
-    *,
-    track_input: bool = False,
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
 ) -> tuple[Tensor, float, Tensor]:
     """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
-    uniform draw; also returns the adversarial view's pixels, for the next epoch's start
-    (``track_input``: a leaf whose ``.grad`` the loss's backward fills, see :func:`_positive_ascent`)."""
-    with torch.set_grad_enabled(not config.detach_anchor):
-        z0 = model(x0)
-    z1 = model(x1)
-    adversarial, z_adv = _positive_ascent(model, reg, x0, z1, start, track_input=track_input)
-    term = _relative_deviation(z_adv, z0, normalize=True)
-    loss = model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term
-    return loss, term.item(), adversarial
-
-
-def _carried_perturbation(
-    reg: RobustnessRegularizer, x0: Tensor, adversarial: Tensor, theta: Tensor | None, previous: Tensor, free: bool
-) -> Tensor:
-    """What an image carries to its next epoch: the view's perturbation (``free``: one more ascent step
-    along the training loss's gradient in ``adversarial.grad``) in image coordinates."""
-    threat = reg.threat
-    pixels = threat.to_pixels(x0).detach()
-    delta = adversarial.detach() - pixels
-    if free:
-        alpha = _step_length(threat, reg.steps, reg.step_size)
-        delta = threat.project(pixels, threat.ascent_step(delta, adversarial.grad, alpha))
-    return _to_image(delta.float(), theta, previous)
+    uniform draw; also returns the adversarial view, for the next epoch's start."""
+    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start)
+    loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
+    return loss, out.loss.item(), out.adversarial_inputs
 
 
 def _to_view(carried: Tensor, theta: Tensor | None, epsilon: float) -> Tensor:
