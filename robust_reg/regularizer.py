@@ -370,8 +370,9 @@ class RobustnessRegularizer(nn.Module):
                 start: a perturbation in pixel units, shape of ``x``, projected
                 onto the ball and the valid range. For a warm start (ATTA: Zheng
                 et al., CVPR 2020), pass where each sample's ascent ended before,
-                ``out.adversarial_inputs - x`` (pixel units when the threat has
-                no ``mean``/``std``), kept per sample by the training loop.
+                kept per sample by the training loop: ``out.adversarial_inputs - x``,
+                or with ``mean``/``std`` the difference of both mapped back by
+                ``reg.threat.to_pixels``.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
