@@ -374,12 +374,11 @@ def pretrain(
                         noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
                         ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
                     loss, reg_value, adversarial = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
+                    carried[index] = _to_image((adversarial - x0).float(), theta, previous)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if carried is not None and epoch_config.variant == "robust":
-                carried[index] = _to_image((adversarial - x0).float(), theta, previous)
             step += 1
             model.after_step(step / total)
             sums["loss"] += loss.item()
