@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robust_reg import RobustnessRegularizer, ThreatModel
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel
 from robust_reg._state import preserved_state
 
 ViewGetter = Callable[[Any], Tensor]
@@ -155,6 +155,9 @@ class RobustTrainingStep:
         adversarial_view: bool,
         log: bool,
         framework: str,
+        memory: PerturbationMemory | None = None,
+        index: ViewGetter | None = None,
+        index_description: str = "index(batch)",
     ) -> None:
         self.module = module
         self.function = type(module).training_step
@@ -169,6 +172,9 @@ class RobustTrainingStep:
         self.adversarial_view = bool(adversarial_view)
         self.log = bool(log)
         self.framework = framework
+        self.memory = memory
+        self.index = index
+        self.index_description = index_description
         self._warned = False
         functools.update_wrapper(self, self.function)
         self.__signature__ = inspect.signature(self.function.__get__(module))
@@ -178,7 +184,9 @@ class RobustTrainingStep:
         where = f"encoder={self.encoder!r}" + (f", key={self.key!r}" if self.key is not None else "")
         return (
             f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, {where}, "
-            f"weight={self.weight}, adversarial_view={self.adversarial_view}>"
+            f"weight={self.weight}, adversarial_view={self.adversarial_view}"
+            + (f", warm_start={self.memory!r}" if self.memory is not None else "")
+            + ">"
         )
 
     def __call__(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -198,18 +206,19 @@ class RobustTrainingStep:
                     f"robust_reg: the two views differ in shape: {self.view_description} {tuple(x.shape)}, "
                     f"{self.positive_description} {tuple(other.shape)}; pass view= and positive_view= to robustify()"
                 )
-        capture = _Capture(self, target, x, other)
+        warm = {} if self.memory is None else {"memory": self.memory, "index": self._get_index(batch, x)}
+        capture = _Capture(self, target, x, other, warm)
         with capture.installed():
             output = self.function(module, batch, *args, **kwargs)
         if output is None:  # the user skipped this batch
             return None
         value = capture.value
         if value is None:
-            value = self._own_forward(target, x, other)
+            value = self._own_forward(target, x, other, warm)
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
 
-    def _own_forward(self, target: nn.Module, x: Tensor, other: Tensor | None) -> Tensor:
+    def _own_forward(self, target: nn.Module, x: Tensor, other: Tensor | None, warm: dict[str, Any]) -> Tensor:
         views = self.view_description if other is None else f"{self.view_description}, {self.positive_description}"
         if not self._warned:
             self._warned = True
@@ -223,10 +232,10 @@ class RobustTrainingStep:
             )
         encoder = _Target(target, self.key)
         if other is None:
-            return self.regularizer(encoder, x)
+            return self.regularizer(encoder, x, **warm)
         with torch.no_grad(), preserved_state(target):  # the positive is a constant; BN statistics untouched
             positive = encoder(other)
-        return self.regularizer(encoder, x, positive=positive)
+        return self.regularizer(encoder, x, positive=positive, **warm)
 
     def pick(self, output: Any) -> Tensor:
         """The embedding inside ``output`` (the output itself, or its ``key`` entry)."""
@@ -264,6 +273,23 @@ class RobustTrainingStep:
             )
         return x
 
+    def _get_index(self, batch: Any, x: Tensor) -> Tensor:
+        """Each sample's index in the training set, for the warm start's memory (checked against the view)."""
+        try:
+            index = self.index(batch)
+        except (IndexError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"robust_reg could not read the sample indices ({self.index_description}) for warm_start from a "
+                f"batch of type {type(batch).__name__}: {err}. Pass index=<callable(batch) -> Tensor> to robustify()"
+            ) from err
+        try:
+            return self.memory.check(index, x)
+        except (TypeError, ValueError) as err:
+            raise type(err)(
+                f"robust_reg: the sample indices ({self.index_description}, index= of robustify) do not fit the "
+                f"view {self.view_description}: {err}"
+            ) from err
+
     def _log(self, module: nn.Module, n: int) -> None:
         if not self.log or not _has_trainer(module):
             return
@@ -298,8 +324,11 @@ class _Target(nn.Module):
 class _Capture:
     """The temporary ``forward`` of the target during one training step (see :class:`RobustTrainingStep`)."""
 
-    def __init__(self, step: RobustTrainingStep, target: nn.Module, x: Tensor, other: Tensor | None) -> None:
+    def __init__(
+        self, step: RobustTrainingStep, target: nn.Module, x: Tensor, other: Tensor | None, warm: dict[str, Any]
+    ) -> None:
         self.step, self.target, self.x, self.other = step, target, x, other
+        self.warm = warm  # memory= and index= for a warm-started ascent, else empty
         self.original = target.forward
         self.value: Tensor | None = None
         self.positive: Tensor | None = None  # ascent="positive": the clean output of the view encoded first
@@ -345,6 +374,7 @@ class _Capture:
                     inputs,
                     positive=self.positive,
                     return_adversarial=True,
+                    **self.warm,
                 )
             finally:
                 self.busy = False
@@ -356,10 +386,10 @@ class _Capture:
         self.busy = True
         try:
             if not step.adversarial_view:
-                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive)
+                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **self.warm)
                 return output
             result = step.regularizer(
-                encoder, inputs, features=features, positive=self.positive, return_adversarial=True
+                encoder, inputs, features=features, positive=self.positive, return_adversarial=True, **self.warm
             )
         finally:
             self.busy = False
@@ -429,6 +459,9 @@ def robustify_module(
     adversarial_view: bool | None,
     log: bool,
     regularizer_options: Mapping[str, Any],
+    warm_start: bool | PerturbationMemory = False,
+    index: ViewGetter | None = None,
+    default_index: tuple[ViewGetter, str] | None = None,
 ) -> nn.Module:
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
@@ -437,7 +470,9 @@ def robustify_module(
     adversarial view on. A submodule path (the backbone form) defaults to raw
     features, ``ascent="deviation"``, no adversarial view. ``view=None``: the
     first view of ``batch[views_field]`` (and ``positive_view``, read only with
-    ``ascent="positive"``, the second).
+    ``ascent="positive"``, the second). ``warm_start``: ``True`` (a new
+    :class:`~robust_reg.PerturbationMemory`) or a memory, with ``index`` (or the
+    framework's ``default_index``) reading each batch's sample indices.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
@@ -478,6 +513,7 @@ def robustify_module(
         )
     if adversarial_view is None:
         adversarial_view = embedding
+    memory, index, index_description = _warm_start(warm_start, index, default_index)
     step = RobustTrainingStep(
         module,
         encoder=encoder,
@@ -491,9 +527,38 @@ def robustify_module(
         adversarial_view=adversarial_view,
         log=log,
         framework=framework,
+        memory=memory,
+        index=index,
+        index_description=index_description,
     )
     object.__setattr__(module, "training_step", step)
     return module
+
+
+def _warm_start(
+    warm_start: object, index: ViewGetter | None, default_index: tuple[ViewGetter, str] | None
+) -> tuple[PerturbationMemory | None, ViewGetter | None, str]:
+    """The memory and the index getter (with its description) of ``warm_start``/``index``, validated."""
+    if index is not None and not callable(index):
+        raise TypeError(f"index must be a callable(batch) -> Tensor of sample indices, got {type(index).__name__}")
+    if warm_start is False or warm_start is None:
+        if index is not None:
+            raise ValueError("index= is read only with warm_start; pass warm_start=True too")
+        return None, None, ""
+    if warm_start is True:
+        memory = PerturbationMemory()
+    elif isinstance(warm_start, PerturbationMemory):
+        memory = warm_start
+    else:
+        raise TypeError(f"warm_start must be a bool or a PerturbationMemory, got {type(warm_start).__name__}")
+    if index is not None:
+        return memory, index, getattr(index, "__name__", "index(batch)")
+    if default_index is None:
+        raise ValueError(
+            "warm_start needs index=<callable(batch) -> Tensor>: each sample's index in the training set, which "
+            "the dataset must yield (e.g. a dataset returning (views, target, index) and index=lambda b: b[2])"
+        )
+    return memory, *default_index
 
 
 def robust_step(module: nn.Module) -> RobustTrainingStep | None:

@@ -14,11 +14,13 @@ from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
 from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
+from .warm_start import PerturbationMemory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BoundReport",
+    "PerturbationMemory",
     "RegularizerOutput",
     "RegularizerStats",
     "RobustnessCurve",

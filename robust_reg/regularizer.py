@@ -32,6 +32,7 @@ from .attacks import (
     _step_length,
     projected_gradient_ascent,
 )
+from .warm_start import PerturbationMemory
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
 
@@ -351,6 +352,8 @@ class RobustnessRegularizer(nn.Module):
         return_adversarial: bool = False,
         positive: Tensor | None = None,
         start: Tensor | None = None,
+        memory: PerturbationMemory | None = None,
+        index: Tensor | None = None,
     ) -> Tensor | RegularizerOutput:
         """Estimate the regulariser on a batch.
 
@@ -373,6 +376,13 @@ class RobustnessRegularizer(nn.Module):
                 kept per sample by the training loop: ``out.adversarial_inputs - x``,
                 or with ``mean``/``std`` the difference of both mapped back by
                 ``reg.threat.to_pixels``.
+            memory: A :class:`~robust_reg.PerturbationMemory`: the warm start kept
+                for you. The ascent starts at ``x + memory[index]`` (samples not
+                stored yet start as configured) and the perturbation it ends at, in pixel
+                units, is written back once the call has succeeded. Not with
+                ``start``.
+            index: With ``memory`` (required there, refused otherwise): each
+                sample's index in the training set, a 1-D integer tensor.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
@@ -381,6 +391,9 @@ class RobustnessRegularizer(nn.Module):
         self._check_call(encoder, x, features)
         self._check_positive(x, positive)
         _check_start(start, x)
+        if memory is not None or index is not None:
+            index = self._check_memory(memory, index, start, x)
+            start = self._memory_start(memory, index, x)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -451,6 +464,9 @@ class RobustnessRegularizer(nn.Module):
             per_sample = (z - h).pow(2).sum(dim=1)
             deviation = gather(per_sample).mean()
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
+        if memory is not None:  # where each ascent ended, for the next visit of the sample
+            pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
+            memory._write(index, self.threat.to_pixels(x_adv.detach()) - pixels)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
@@ -460,6 +476,26 @@ class RobustnessRegularizer(nn.Module):
         if return_adversarial:
             return RegularizerOutput(value, x_adv, adv_features)
         return value
+
+    @staticmethod
+    def _check_memory(memory: object, index: object, start: Tensor | None, x: Tensor) -> Tensor:
+        if memory is None:
+            raise ValueError("index is only used with memory=; pass memory=PerturbationMemory(...) too")
+        if not isinstance(memory, PerturbationMemory):
+            raise TypeError(f"memory must be a PerturbationMemory, got {type(memory).__name__}")
+        if index is None:
+            raise ValueError("memory needs index=: each sample's index in the training set (the dataset yields it)")
+        if start is not None:
+            raise ValueError("pass either start= or memory= (which supplies the start), not both")
+        return memory.check(index, x)
+
+    def _memory_start(self, memory: PerturbationMemory, index: Tensor, x: Tensor) -> Tensor:
+        """The stored perturbations; samples without one start as configured (a draw in the ball, or zero)."""
+        rows, stored = memory._read(index, x)
+        if not self.random_start or bool(stored.all()):
+            return rows
+        draw = self.threat.random_start(self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds))
+        return torch.where(stored.view(-1, *([1] * (x.dim() - 1))), rows, draw.to(rows.dtype))
 
     def _clean_pass_is_first_iterate(self, x: Tensor) -> bool:
         """Whether the clean forward can double as the ascent's first one (it starts at ``x``)."""

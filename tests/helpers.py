@@ -75,14 +75,14 @@ def capture_callback(base: type) -> type:
     return Capture
 
 
-def spy_on_regularizer(module: nn.Module) -> list:
-    """Record ``(x, positive)`` of each call of a robustified module's regulariser."""
+def spy_on_regularizer(module: nn.Module, extra: tuple[str, ...] = ()) -> list:
+    """Record ``(x, positive, *extra keyword arguments)`` of each call of a robustified module's regulariser."""
     calls = []
     reg = module.training_step.regularizer
     original = reg.forward
 
     def forward(encoder, x, **kwargs):
-        calls.append((x, kwargs.get("positive")))
+        calls.append((x, kwargs.get("positive"), *(kwargs.get(name) for name in extra)))
         return original(encoder, x, **kwargs)
 
     reg.forward = forward

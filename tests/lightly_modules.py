@@ -108,8 +108,16 @@ class DigitViews(torch.utils.data.Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-def loader(n: int = 64, batch_size: int = 16, **kwargs) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(DigitViews(n), batch_size=batch_size, shuffle=False, drop_last=True, **kwargs)
+class IndexedDigitViews(DigitViews):
+    """:class:`DigitViews` that also yields each image's index, as a warm start needs: ``(views, label, index)``."""
+
+    def __getitem__(self, i):
+        return (*super().__getitem__(i), i)
+
+
+def loader(n: int = 64, batch_size: int = 16, indexed: bool = False, **kwargs) -> torch.utils.data.DataLoader:
+    dataset = IndexedDigitViews(n) if indexed else DigitViews(n)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True, **kwargs)
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:

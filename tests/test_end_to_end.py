@@ -455,9 +455,11 @@ def _warm_starts(monkeypatch, ends: list | None = None, **settings) -> list:
 
     starts, warm_start_step = [], ssl._warm_start_step
 
-    def recording(model, reg, x0, x1, config, start):
+    def recording(model, reg, x0, x1, config, start=None, **warm):
+        if warm:  # the package's PerturbationMemory (warm_warp=False): what it holds before the step
+            start = warm["memory"].read(warm["index"], x0)
         starts.append(start.detach().clone())
-        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, start)
+        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, start=None if warm else start, **warm)
         if ends is not None:
             ends.append((adversarial - x0).detach().clone())
         return loss, term, adversarial
@@ -489,6 +491,22 @@ def test_without_the_warp_each_image_starts_exactly_where_its_view_ended(monkeyp
         assert float(nearest.median()) > 1e-2
     else:
         assert float(nearest.max()) < 1e-6
+
+
+def test_without_the_warp_the_experiments_keep_the_packages_perturbation_memory(monkeypatch):
+    memories = []
+    from robust_reg import RobustnessRegularizer
+
+    forward = RobustnessRegularizer.forward
+
+    def spying(self, *args, **kwargs):
+        memories.append(kwargs.get("memory"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RobustnessRegularizer, "forward", spying)
+    _warm_starts(monkeypatch, warm_warp=False)
+    assert len(memories) == 4 and memories[0] is not None and all(m is memories[0] for m in memories)
+    assert len(memories[0]) == 128 and memories[0].is_stored(torch.arange(128)).all()
 
 
 def test_warm_noise_adds_uniform_noise_of_its_share_of_eps_to_the_carried_start(monkeypatch):

@@ -14,6 +14,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from lightly.transforms import SimCLRTransform  # noqa: E402
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 
+from robust_reg import PerturbationMemory  # noqa: E402
 from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
 
 from helpers import capture_callback, spy_on_regularizer  # noqa: E402
@@ -419,3 +420,69 @@ def test_a_vision_transformer_with_dropout_trains_through_the_adapter(tmp_path):
     assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in capture.metrics)
     dropouts = [m for m in module.backbone.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.training for m in dropouts)  # back on for the SSL loss's own passes
+
+
+def third_field(batch):
+    """The sample indices of :class:`IndexedDigitViews` batches (module level: it pickles)."""
+    return batch[2]
+
+
+def test_warm_start_keeps_the_perturbation_of_each_drawn_sample_by_its_index(tmp_path):
+    memory = PerturbationMemory(num_samples=64)
+    module = robustify(SimCLR(), warm_start=memory, index=third_field)
+    torch.manual_seed(0)
+    trainer(tmp_path, max_steps=2).fit(module, loader(indexed=True))  # unshuffled: samples 0-31
+    assert memory.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
+    stored = memory.read(torch.arange(32), torch.zeros(32, 3, 28, 28))
+    assert 0 < stored.abs().max() <= 8 / 255 + 1e-6  # pixel units, inside the ball
+
+
+def test_each_step_hands_the_memory_and_the_batchs_indices_to_the_regulariser():
+    module = robustify(SimCLR(), warm_start=True, index=third_field, normalize=None, log=False)
+    calls = spy_on_regularizer(module, extra=("memory", "index"))
+    views, index = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)], torch.arange(8) + 20
+    module.training_step((views, torch.zeros(8), index), 0)
+    [(x, _, memory, seen)] = calls
+    assert x is views[1] and memory is module.training_step.memory and torch.equal(seen, index)
+    assert memory.is_stored(index).all()
+
+
+def test_warm_start_needs_index_and_index_needs_warm_start():
+    module = SimCLR()
+    with pytest.raises(ValueError, match="warm_start needs index="):
+        robustify(module, warm_start=True)
+    with pytest.raises(ValueError, match="index= is read only with warm_start"):
+        robustify(module, index=third_field)
+    with pytest.raises(TypeError, match="warm_start must be a bool or a PerturbationMemory"):
+        robustify(module, warm_start="yes", index=third_field)
+    with pytest.raises(TypeError, match="index must be a callable"):
+        robustify(module, warm_start=True, index=2)
+    assert not is_robustified(module)
+
+
+@pytest.mark.parametrize(
+    "index, error, match",
+    [
+        (lambda batch: batch[2][:4], ValueError, "index must have one entry per sample"),
+        (lambda batch: batch[2].float(), TypeError, "index must be an integer tensor"),
+        (lambda batch: batch[5], ValueError, r"could not read the sample indices"),
+    ],
+)
+def test_indices_that_do_not_fit_the_view_are_named_at_the_step(index, error, match):
+    module = robustify(SimCLR(), warm_start=True, index=index, normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    with pytest.raises(error, match=match):
+        module.training_step((views, torch.zeros(8), torch.arange(8)), 0)
+    assert len(module.training_step.memory) == 0
+
+
+def test_a_warm_started_module_keeps_its_state_dict_keys_and_pickles():
+    import pickle
+
+    plain = SimCLR()
+    module = robustify(copy.deepcopy(plain), warm_start=True, index=third_field, normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    module.training_step((views, torch.zeros(8), torch.arange(8)), 0)
+    assert module.state_dict().keys() == plain.state_dict().keys()
+    clone = pickle.loads(pickle.dumps(module))
+    assert clone.training_step.memory.is_stored(torch.arange(8)).all()

@@ -256,3 +256,14 @@ def test_a_vision_transformer_method_trains_through_the_adapter(tmp_path):
         run = fit(method, tmp_path)
     assert len(run.metrics) == 2
     assert all(math.isfinite(m["robust_reg/value"]) and m["robust_reg/value"] > 0 for m in run.metrics)
+
+
+def test_warm_start_from_the_config_block_reads_solo_learns_indexes(tmp_path):
+    cfg = small_cfg("simclr", **{"robust_reg.warm_start": True, "robust_reg.steps": 1})
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    calls = spy_on_regularizer(method, extra=("index",))
+    trainer(tmp_path, steps=2).fit(method, loader())  # unshuffled, batches of 8: samples 0-15
+    assert [index.tolist() for *_, index in calls] == [list(range(8)), list(range(8, 16))]
+    memory = method.training_step.memory
+    assert memory.is_stored(torch.arange(32)).tolist() == [True] * 16 + [False] * 16
+    assert memory.sample_shape == (3, 32, 32)

@@ -36,6 +36,7 @@ from .._state import preserved_state
 from .._utils import progress
 from ..attacks import ThreatModel, projected_gradient_ascent
 from ..regularizer import RegularizerOutput, RobustnessRegularizer
+from ..warm_start import PerturbationMemory
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
 from .models import build_encoder, feature_dim
@@ -200,7 +201,9 @@ class PretrainConfig:
         warm_noise: With ``warm_start``: uniform noise of this fraction of ``epsilon`` added to the
             carried start (then projected), as a random start adds it to the clean view (L-inf only).
         warm_warp: With ``warm_start``: warp the carried perturbation through each view's crop (``False``:
-            carry it in view coordinates, as a pipeline that does not expose its crops' geometry would).
+            carry it in view coordinates, as a pipeline that does not expose its crops' geometry would;
+            without ``warm_noise`` this is the package's :class:`~robust_reg.PerturbationMemory`, what the
+            adapters' ``warm_start`` does, and the first epoch starts as ``random_start`` says).
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -350,6 +353,10 @@ def pretrain(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     indices = torch.arange(data.x_train.shape[0])
     carried = torch.zeros_like(data.x_train, device=device) if config.warm_start else None
+    memory = None
+    if config.warm_start and not config.warm_warp and not config.warm_noise:
+        # Carried as the view saw it: the package's own memory, the form the adapters give (warm_start=True).
+        memory, carried = PerturbationMemory(num_samples=data.x_train.shape[0], device=device), None
     start = time.perf_counter()
     step = 0
     model.train()
@@ -362,8 +369,12 @@ def pretrain(
         for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
             x = x.to(device, non_blocking=True)
             with autocast:
-                if carried is None or epoch_config.variant != "robust":
+                if (carried is None and memory is None) or epoch_config.variant != "robust":
                     loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
+                elif memory is not None:
+                    loss, reg_value, _ = _warm_start_step(
+                        model, reg, augment(x), augment(x), epoch_config, memory=memory, index=index.to(device)
+                    )
                 else:
                     (x0, theta), x1 = augment(x, return_theta=True), augment(x)
                     theta = theta if config.warm_warp else None  # None: carried as the view saw it
@@ -513,14 +524,15 @@ def _perturbed_view0(
     x1: Tensor,
     config: PretrainConfig,
     start: Tensor | None = None,
+    **warm: Tensor | PerturbationMemory,
 ) -> tuple[Tensor, Tensor, RegularizerOutput]:
     """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``,
-    the ascent starting at ``x0 + start`` if given."""
+    the ascent starting at ``x0 + start`` if given (or from ``memory=``/``index=``, passed on)."""
     with torch.set_grad_enabled(not config.detach_anchor):
         z0 = model(x0)
     z1 = model(x1)
     positive = z1.detach() if config.ascent == "positive" else None
-    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, start=start)
+    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, start=start, **warm)
 
 
 def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = False) -> Tensor:
@@ -570,11 +582,17 @@ def _positive_anchor_step(
 
 
 def _warm_start_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: Tensor
+    model: nn.Module,
+    reg: RobustnessRegularizer,
+    x0: Tensor,
+    x1: Tensor,
+    config: PretrainConfig,
+    start: Tensor | None = None,
+    **warm: Tensor | PerturbationMemory,
 ) -> tuple[Tensor, float, Tensor]:
     """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
-    uniform draw; also returns the adversarial view, for the next epoch's start."""
-    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start)
+    uniform draw, or from ``memory=``/``index=``; also returns the adversarial view, for the next epoch's start."""
+    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start, **warm)
     loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
     return loss, out.loss.item(), out.adversarial_inputs
 

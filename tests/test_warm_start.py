@@ -1,0 +1,192 @@
+"""PerturbationMemory and the regulariser's memory=/index=: a warm start kept per training sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robust_reg import PerturbationMemory, RobustnessRegularizer
+
+from helpers import small_cnn
+
+
+class Counting(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.calls = encoder, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.encoder(x)
+
+
+def batch(n=8, seed=0):
+    torch.manual_seed(seed)
+    return small_cnn(), torch.rand(n, 1, 28, 28) * 0.8 + 0.1, torch.rand(n, 16)
+
+
+def positive_reg(**options):
+    return RobustnessRegularizer(0.1, steps=2, step_size=0.03, ascent="positive", normalize_features=True, **options)
+
+
+def test_the_memory_holds_where_each_ascent_ended_in_pixel_units():
+    encoder, x, positive = batch()
+    mean, std = (0.4,), (0.2,)
+    reg = positive_reg(mean=mean, std=std)
+    model_x = (x - 0.4) / 0.2
+    memory, index = PerturbationMemory(), torch.tensor([3, 0, 9, 4, 7, 1, 12, 5])
+    out = reg(encoder, model_x, positive=positive, return_adversarial=True, memory=memory, index=index)
+    expected = reg.threat.to_pixels(out.adversarial_inputs) - x
+    torch.testing.assert_close(memory.read(index, x), expected, atol=1e-6, rtol=0)
+    assert expected.abs().max() > 0.05  # it moved
+
+
+def test_a_memory_call_starts_where_the_stored_perturbation_says():
+    encoder, x, positive = batch()
+    reg, memory, index = positive_reg(), PerturbationMemory(num_samples=20), torch.arange(8) * 2
+    reg(encoder, x, positive=positive, memory=memory, index=index)
+    stored = memory.read(index, x)
+    warm = reg(encoder, x, positive=positive, return_adversarial=True, memory=memory, index=index)
+    given = reg(encoder, x, positive=positive, return_adversarial=True, start=stored)
+    assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
+    torch.testing.assert_close(memory.read(index, x), given.adversarial_inputs - x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_samples_not_stored_yet_start_as_the_regulariser_is_configured(random_start):
+    encoder, x, positive = batch()
+    reg = positive_reg(random_start=random_start)
+    torch.manual_seed(5)
+    plain = reg(encoder, x, positive=positive, return_adversarial=True)
+    torch.manual_seed(5)
+    cold = reg(
+        encoder, x, positive=positive, return_adversarial=True, memory=PerturbationMemory(), index=torch.arange(8)
+    )
+    assert torch.equal(cold.adversarial_inputs, plain.adversarial_inputs)
+
+
+def test_the_deviation_ascent_leaves_x_on_a_samples_first_visit():
+    # Its gradient is zero at x: a zero start would store zeros for ever.
+    encoder, x, _ = batch()
+    memory = PerturbationMemory()
+    RobustnessRegularizer(0.1, steps=2)(encoder, x, memory=memory, index=torch.arange(8))
+    assert (memory.read(torch.arange(8), x).flatten(1).abs().amax(dim=1) > 0).all()
+
+
+def test_only_the_batchs_samples_are_stored_and_the_memory_grows_to_the_largest_index():
+    encoder, x, positive = batch()
+    memory = PerturbationMemory()
+    index = torch.tensor([40, 2, 3, 5, 8, 13, 21, 34])
+    positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    assert len(memory) == 41 and memory.sample_shape == (1, 28, 28)
+    assert memory.is_stored(torch.tensor([40, 2, 0, 1, 39, 100])).tolist() == [True, True, False, False, False, False]
+    positive_reg()(encoder, x, positive=positive, memory=memory, index=index + 60)
+    assert len(memory) == 101 and memory.is_stored(index).all() and memory.is_stored(index + 60).all()
+    assert memory.nbytes == 101 * 28 * 28 * 4
+
+
+def test_a_half_precision_memory_returns_the_batchs_dtype_within_its_precision():
+    encoder, x, positive = batch()
+    full, half, index = PerturbationMemory(), PerturbationMemory(dtype=torch.float16), torch.arange(8)
+    for memory in (full, half):
+        torch.manual_seed(0)
+        positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    read = half.read(index, x)
+    assert read.dtype == torch.float32 and half.nbytes * 2 == full.nbytes
+    torch.testing.assert_close(read, full.read(index, x), atol=1e-4, rtol=1e-3)
+
+
+def test_the_state_dict_resumes_the_memory():
+    encoder, x, positive = batch()
+    memory, index = PerturbationMemory(num_samples=10), torch.arange(8)
+    positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    resumed = PerturbationMemory(num_samples=10)
+    resumed.load_state_dict(memory.state_dict())
+    assert torch.equal(resumed.read(index, x), memory.read(index, x))
+    assert resumed.is_stored(torch.arange(10)).tolist() == [True] * 8 + [False] * 2
+    with pytest.raises(ValueError, match="num_samples=10"):
+        PerturbationMemory(num_samples=11).load_state_dict(memory.state_dict())
+
+
+def test_reset_forgets_every_sample():
+    encoder, x, positive = batch()
+    memory = PerturbationMemory()
+    positive_reg()(encoder, x, positive=positive, memory=memory, index=torch.arange(8))
+    memory.reset()
+    assert len(memory) == 0 and not memory.is_stored(torch.arange(8)).any()
+
+
+@pytest.mark.parametrize(
+    "memory, index, error, match",
+    [
+        (PerturbationMemory(), torch.arange(8.0), TypeError, "index must be an integer tensor"),
+        (PerturbationMemory(), torch.ones(8, dtype=torch.bool), TypeError, "index must be an integer tensor"),
+        (PerturbationMemory(), [0, 1, 2, 3, 4, 5, 6, 7], TypeError, "index must be an integer tensor"),
+        (PerturbationMemory(), torch.arange(7), ValueError, r"index must have one entry per sample, shape \(8,\)"),
+        (PerturbationMemory(), torch.arange(8).view(2, 4), ValueError, "index must have one entry per sample"),
+        (PerturbationMemory(), torch.arange(8) - 1, ValueError, "index must be non-negative"),
+        (PerturbationMemory(num_samples=5), torch.arange(8), ValueError, "index must be below num_samples=5"),
+        (None, torch.arange(8), ValueError, "index is only used with memory="),
+        (PerturbationMemory(), None, ValueError, "memory needs index="),
+        (torch.zeros(8, 1, 28, 28), torch.arange(8), TypeError, "memory must be a PerturbationMemory"),
+    ],
+)
+def test_a_bad_memory_or_index_is_refused_by_name_before_any_forward(memory, index, error, match):
+    _, x, positive = batch()
+    encoder = Counting(small_cnn())
+    with pytest.raises(error, match=match):
+        positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    assert encoder.calls == 0
+    if isinstance(memory, PerturbationMemory):
+        assert len(memory) == 0
+
+
+def test_start_and_memory_together_are_refused():
+    encoder, x, positive = batch()
+    with pytest.raises(ValueError, match="either start= or memory="):
+        positive_reg()(
+            encoder, x, positive=positive, start=torch.zeros_like(x), memory=PerturbationMemory(), index=torch.arange(8)
+        )
+
+
+def test_a_view_of_another_size_than_the_stored_ones_is_refused_by_name():
+    encoder, x, positive = batch()
+    memory = PerturbationMemory()
+    positive_reg()(encoder, x, positive=positive, memory=memory, index=torch.arange(8))
+    with pytest.raises(ValueError, match=r"memory holds perturbations of shape \(1, 28, 28\)"):
+        positive_reg()(encoder, x[..., :24, :24], positive=positive, memory=memory, index=torch.arange(8))
+
+
+class FailsAfter(nn.Module):
+    def __init__(self, encoder: nn.Module, calls: int) -> None:
+        super().__init__()
+        self.encoder, self.left = encoder, calls
+
+    def forward(self, x):
+        if self.left == 0:
+            raise RuntimeError("boom")
+        self.left -= 1
+        return self.encoder(x)
+
+
+def test_a_call_that_fails_writes_nothing_to_the_memory():
+    _, x, positive = batch()
+    memory, index = PerturbationMemory(), torch.arange(8)
+    with pytest.raises(RuntimeError, match="boom"):
+        positive_reg()(FailsAfter(small_cnn(), 2), x, positive=positive, memory=memory, index=index)
+    assert not memory.is_stored(index).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples must be a positive int or None"),
+        ({"num_samples": 2.5}, ValueError, "num_samples must be a positive int or None"),
+        ({"num_samples": True}, ValueError, "num_samples must be a positive int or None"),
+        ({"dtype": torch.int8}, TypeError, "dtype must be a floating-point torch.dtype"),
+    ],
+)
+def test_bad_memory_settings_are_refused_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PerturbationMemory(**kwargs)
