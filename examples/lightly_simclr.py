@@ -1,6 +1,7 @@
 """SimCLR written the way lightly's examples write it, made robust with one added line.
 
     python examples/lightly_simclr.py --dataset mnist5k              # CPU, offline, a few minutes
+    python examples/lightly_simclr.py --dataset mnist5k --warm-start # the cheapest form measured
     python examples/lightly_simclr.py --dataset cifar10 --download   # GPU, ResNet-18
 
 The LightningModule below is an ordinary lightly-style module (``self.backbone``,
@@ -10,7 +11,10 @@ projection NT-Xent compares (reusing the step's own forward), searched away from
 the other view's clean projection, and hands the loss the adversarial projection
 of the second view in its place, adds the weighted
 term to every training step's loss, and reads the input normalisation from the
-lightly transform. Afterwards the
+lightly transform. ``--warm-start`` adds the measured warm-start form: each
+image's ascent starts where it ended the last time (the dataset yields each
+image's index), 2 steps, the clean anchor detached, eps ramped over the first
+30 % of the epochs. Afterwards the
 script fits a linear probe on the frozen backbone and prints a BoundReport
 (clean and PGD accuracy, the estimated bound).
 """
@@ -49,7 +53,7 @@ class SimCLR(pl.LightningModule):
         return self.projection_head(x)
 
     def training_step(self, batch, batch_index):
-        (x0, x1), _ = batch
+        x0, x1 = batch[0]  # (views, label) or, for the warm start, (views, label, index)
         z0 = self.forward(x0)
         z1 = self.forward(x1)
         loss = self.criterion(z0, z1)
@@ -79,6 +83,24 @@ class Digits(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
+class WithIndex(torch.utils.data.Dataset):
+    """``(views, label, index)``: a dataset's items with each one's index, which the warm start needs."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
+
+
+def sample_index(batch):
+    """The indices of a :class:`WithIndex` batch."""
+    return batch[2]
+
+
 def datasets(name: str, root: str, download: bool):
     """(pretraining set with two views, probe train set, test set, lightly transform, mean, std)."""
     if name == "mnist5k":
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (mnist5k) / 512 (cifar10)")
     p.add_argument("--epsilon", type=float, default=None, help="default 0.1 (mnist5k) / 8/255 (cifar10)")
     p.add_argument("--weight", type=float, default=1.0, help="regulariser weight; 0 trains plain SimCLR")
+    p.add_argument("--warm-start", action="store_true", help="the warm-start form (README, Warm start)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -124,7 +147,21 @@ def main(argv: list[str] | None = None) -> None:
         backbone, dim = nn.Sequential(*list(resnet.children())[:-1]), 512
     model = SimCLR(backbone, dim, lr=1e-3 if mnist else 2e-3)
 
-    if args.weight > 0:
+    if args.weight > 0 and args.warm_start:
+        pretrain_set = WithIndex(pretrain_set)
+        robustify(
+            model,
+            epsilon=epsilon,
+            weight=args.weight,
+            transform=transform,
+            warm_start=True,  # one perturbation per training image, on the views' device
+            index=sample_index,
+            steps=2,
+            step_size=epsilon / 2,
+            detach_anchor=True,
+            epsilon_ramp=0.3,
+        )
+    elif args.weight > 0:
         robustify(model, epsilon=epsilon, weight=args.weight, transform=transform)  # <- the one added line
 
     loader = torch.utils.data.DataLoader(

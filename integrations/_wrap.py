@@ -8,6 +8,7 @@ and a checkpoint loads into the unmodified class.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -158,6 +159,7 @@ class RobustTrainingStep:
         memory: PerturbationMemory | None = None,
         index: ViewGetter | None = None,
         index_description: str = "index(batch)",
+        epsilon_ramp: float = 0.0,
     ) -> None:
         self.module = module
         self.function = type(module).training_step
@@ -175,6 +177,8 @@ class RobustTrainingStep:
         self.memory = memory
         self.index = index
         self.index_description = index_description
+        self.epsilon_ramp = float(epsilon_ramp)
+        self.threat = regularizer.threat  # the full ball; with epsilon_ramp the regulariser's grows to it
         self._warned = False
         functools.update_wrapper(self, self.function)
         self.__signature__ = inspect.signature(self.function.__get__(module))
@@ -186,6 +190,7 @@ class RobustTrainingStep:
             f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, {where}, "
             f"weight={self.weight}, adversarial_view={self.adversarial_view}"
             + (f", warm_start={self.memory!r}" if self.memory is not None else "")
+            + (f", epsilon_ramp={self.epsilon_ramp}" if self.epsilon_ramp else "")
             + ">"
         )
 
@@ -197,6 +202,8 @@ class RobustTrainingStep:
                 "what gets optimised; call the RobustnessRegularizer inside your training_step instead"
             )
         target = resolve_target(module, self.encoder)
+        if self.epsilon_ramp:
+            self._ramp_epsilon(module)
         x = self._get_view(batch, self.view, self.view_description)
         other = None
         if self.positive_view is not None:
@@ -272,6 +279,20 @@ class RobustTrainingStep:
                 f"got {got}. Pass {argument}=<callable(batch) -> Tensor> to robustify()"
             )
         return x
+
+    def _ramp_epsilon(self, module: nn.Module) -> None:
+        """Epoch ``e < r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``."""
+        trainer = module.trainer if _has_trainer(module) else None
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if trainer is None or max_epochs is None or max_epochs < 1:
+            raise RuntimeError(
+                "robust_reg: epsilon_ramp grows eps over a share of the epochs, so it needs the module attached to "
+                "a Trainer with max_epochs set; pass epsilon_ramp=0 to train at a constant eps"
+            )
+        r, epoch = round(self.epsilon_ramp * max_epochs), trainer.current_epoch
+        epsilon = self.threat.epsilon * (epoch + 1) / (r + 1) if epoch < r else self.threat.epsilon
+        if epsilon != self.regularizer.threat.epsilon:
+            self.regularizer.threat = dataclasses.replace(self.threat, epsilon=epsilon)
 
     def _get_index(self, batch: Any, x: Tensor) -> Tensor:
         """Each sample's index in the training set, for the warm start's memory (checked against the view)."""
@@ -462,6 +483,7 @@ def robustify_module(
     warm_start: bool | PerturbationMemory = False,
     index: ViewGetter | None = None,
     default_index: tuple[ViewGetter, str] | None = None,
+    epsilon_ramp: float = 0.0,
 ) -> nn.Module:
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
@@ -493,6 +515,8 @@ def robustify_module(
             raise TypeError(f"{name} must be a callable(batch) -> Tensor, got {type(getter).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if isinstance(epsilon_ramp, bool) or not isinstance(epsilon_ramp, (int, float)) or not 0 <= epsilon_ramp < 1:
+        raise ValueError(f"epsilon_ramp must be a number in [0, 1) (a share of the epochs), got {epsilon_ramp!r}")
     unknown = set(regularizer_options) - set(REGULARIZER_KEYS)
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
@@ -530,6 +554,7 @@ def robustify_module(
         memory=memory,
         index=index,
         index_description=index_description,
+        epsilon_ramp=epsilon_ramp,
     )
     object.__setattr__(module, "training_step", step)
     return module

@@ -71,6 +71,7 @@ _ADAPTER_KEYS = (
     "normalize",
     "enabled",
     "warm_start",
+    "epsilon_ramp",
 )
 # view / positive_view / index are callables: keyword arguments only, not config keys.
 _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
@@ -124,7 +125,8 @@ def robustify(
     of :func:`robust_reg.integrations.lightly.robustify`: ``epsilon``,
     ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
     ``relative``, ``bounds``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
-    ``adversarial_view``, ``log``, ``warm_start``, and ``mean``/``std``/``normalize`` to
+    ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the
+    lightly adapter: a share of ``max_epochs`` over which eps grows), and ``mean``/``std``/``normalize`` to
     override the normalisation; plus ``enabled: false`` to leave the method as
     it is.
 
@@ -134,8 +136,8 @@ def robustify(
     memory holds one large-crop-sized tensor per training sample on the views'
     device (CIFAR-10 at 32x32: 0.6 GB); pass ``warm_start=PerturbationMemory(...,
     device="cpu", dtype=torch.float16)`` to keep it elsewhere. Measured on MNIST
-    (README, Results): with ``steps: 2``, ``step_size: eps / 2`` and
-    ``detach_anchor: true``, the cheapest form that beats adversarial
+    (README, Results): with ``steps: 2``, ``step_size: eps / 2``,
+    ``detach_anchor: true`` and ``epsilon_ramp: 0.3``, the cheapest form that beats adversarial
     contrastive training at equal time.
 
     Default (recommended): ``encoder: forward`` with the method's embedding key
@@ -194,6 +196,7 @@ def robustify(
     encoder = settings.pop("encoder", "forward")
     key = settings.pop("key", None)
     warm_start = settings.pop("warm_start", False)
+    epsilon_ramp = settings.pop("epsilon_ramp", 0.0)
     # What is left are the regulariser's keys; epsilon, norm and bounds go to the threat model.
     threat = resolve_threat(
         settings,
@@ -220,6 +223,7 @@ def robustify(
         warm_start=warm_start,
         index=index,
         default_index=(_solo_indexes, "batch[0]"),
+        epsilon_ramp=epsilon_ramp,
     )
 
 

@@ -486,3 +486,22 @@ def test_a_warm_started_module_keeps_its_state_dict_keys_and_pickles():
     assert module.state_dict().keys() == plain.state_dict().keys()
     clone = pickle.loads(pickle.dumps(module))
     assert clone.training_step.memory.is_stored(torch.arange(8)).all()
+
+
+def test_epsilon_ramp_grows_eps_over_its_share_of_the_epochs(tmp_path):
+    module = robustify(SimCLR(), epsilon=0.1, epsilon_ramp=0.5, log=False)
+    reg, seen = module.training_step.regularizer, []
+    forward = reg.forward
+    reg.forward = lambda *args, **kwargs: seen.append(reg.epsilon) or forward(*args, **kwargs)
+    trainer(tmp_path, max_steps=-1, max_epochs=4, limit_train_batches=1).fit(module, loader())
+    assert seen == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1])  # r = 2 ramp epochs: eps (e + 1) / (r + 1)
+    assert module.training_step.threat.epsilon == 0.1
+
+
+def test_epsilon_ramp_outside_a_trainer_or_out_of_range_is_named():
+    with pytest.raises(ValueError, match=r"epsilon_ramp must be a number in \[0, 1\)"):
+        robustify(SimCLR(), epsilon_ramp=1.0)
+    module = robustify(SimCLR(), epsilon_ramp=0.3, normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    with pytest.raises(RuntimeError, match="epsilon_ramp .* needs the module attached to a Trainer"):
+        module.training_step((views, torch.zeros(8)), 0)

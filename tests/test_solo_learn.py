@@ -259,11 +259,18 @@ def test_a_vision_transformer_method_trains_through_the_adapter(tmp_path):
 
 
 def test_warm_start_from_the_config_block_reads_solo_learns_indexes(tmp_path):
-    cfg = small_cfg("simclr", **{"robust_reg.warm_start": True, "robust_reg.steps": 1})
+    cfg = small_cfg("simclr", **{"robust_reg.warm_start": True, "robust_reg.steps": 1, "robust_reg.epsilon_ramp": 0.5})
     method = robustify(SimCLR(cfg), cfg=cfg)
-    calls = spy_on_regularizer(method, extra=("index",))
-    trainer(tmp_path, steps=2).fit(method, loader())  # unshuffled, batches of 8: samples 0-15
-    assert [index.tolist() for *_, index in calls] == [list(range(8)), list(range(8, 16))]
+    calls, epsilon = spy_on_regularizer(method, extra=("index",)), method.training_step.threat.epsilon
+    reg, seen = method.training_step.regularizer, []
+    spied = reg.forward
+    reg.forward = lambda *args, **kwargs: seen.append(reg.epsilon) or spied(*args, **kwargs)
+    fit = L.Trainer(
+        max_epochs=2, limit_train_batches=2, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **QUIET_TRAINER
+    )
+    fit.fit(method, loader())  # unshuffled, batches of 8: samples 0-15 in each epoch
+    assert [index.tolist() for *_, index in calls] == [list(range(8)), list(range(8, 16))] * 2
+    assert seen == pytest.approx([epsilon / 2] * 2 + [epsilon] * 2)  # max_epochs 2, ramp 0.5: one epoch at eps / 2
     memory = method.training_step.memory
     assert memory.is_stored(torch.arange(32)).tolist() == [True] * 16 + [False] * 16
     assert memory.sample_shape == (3, 32, 32)
