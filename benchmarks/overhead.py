@@ -6,8 +6,9 @@ backbone and lightly's projection head, NT-Xent loss) with and without
 recomputed); the package default (the regulariser on the embedding NT-Xent
 compares, its adversarial embedding fed to the loss, steps 3) written as a
 plain loop and through the lightly adapter (``robustify`` on a lightly-style
-LightningModule); the warm-started step (the ascent from each image's carried
-perturbation, ``start=``); and the ACL-style baseline (PGD-5 on the SSL loss). The
+LightningModule); the warm-started step (the ascent from where each image's last
+one ended, kept in a ``PerturbationMemory``), as a plain loop and through the
+lightly adapter; and the ACL-style baseline (PGD-5 on the SSL loss). The
 default and ACL rows run the training step of ``benchmarks/compare.py``. On a
 CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from robust_reg import RobustnessRegularizer, ThreatModel
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel
 from robust_reg.experiments.models import build_encoder
 from robust_reg.experiments.pipeline import device_name
 from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
@@ -72,18 +73,22 @@ CONFIGS = {
         {"variant": "robust", "random_start": False, "detach_anchor": True},
     ),
     "ACL-style, PGD-3": ("recipe", {"variant": "acl", "acl_steps": 3}),
-    # The warm start: steps=2 of eps/2 from each image's carried perturbation (start=), memory gather and
-    # scatter included; the training runs also ramp eps, which does not change a step's cost.
-    "robust-reg, warm start (start=, steps=2)": ("warm", {"steps": 2, "step_size": EPSILON / 2}),
-    "robust-reg, warm start (start=, steps=2) and detach_anchor=True": (
+    # The warm start: steps=2 of eps/2 from each image's stored perturbation (PerturbationMemory: the index
+    # check, gather and scatter included); the training runs also ramp eps, which does not change a step's cost.
+    "robust-reg, warm start (memory=, steps=2)": ("warm", {"steps": 2, "step_size": EPSILON / 2}),
+    "robust-reg, warm start (memory=, steps=2) and detach_anchor=True": (
         "warm",
         {"steps": 2, "step_size": EPSILON / 2, "detach_anchor": True},
+    ),
+    "the same through the lightly adapter (warm_start=True)": (
+        "lightly",
+        {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True},
     ),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
 
 
-def _lightly_module(model: torch.nn.Module):
+def _lightly_module(model: torch.nn.Module, **options):
     """The same SimCLR written as a lightly user writes it (a LightningModule), robustified in one line."""
     import pytorch_lightning as pl
 
@@ -101,7 +106,13 @@ def _lightly_module(model: torch.nn.Module):
             (x0, x1) = batch[0]
             return self.criterion(self.forward(x0), self.forward(x1))
 
-    return robustify(SimCLR(), epsilon=EPSILON, normalize=None, log=False)
+    if options.get("warm_start"):
+        options["index"] = _third_field
+    return robustify(SimCLR(), epsilon=EPSILON, normalize=None, log=False, **options)
+
+
+def _third_field(batch):
+    return batch[2]
 
 
 def make_step(model_name: str, config: str, batch_size: int, device: torch.device):
@@ -122,19 +133,18 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
     elif kind == "warm":
         recipe = PretrainConfig(method="simclr", variant="robust", epsilon=EPSILON, warm_start=True, **options)
         reg = regularizer_for(recipe)
-        memory = torch.zeros(4 * batch_size, *shape, device=device)  # one perturbation per training image
+        memory = PerturbationMemory(num_samples=4 * batch_size)  # one perturbation per training image
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            value, _, adversarial = _warm_start_step(model, reg, x0, x1, recipe, memory[index])
-            memory[index] = adversarial - x0
-            return value
+            return _warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index)[0]
 
     elif kind == "lightly":
-        module = _lightly_module(model)
+        module = _lightly_module(model, **options)
+        index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            return module.training_step(([x0, x1], None), 0)
+            return module.training_step(([x0, x1], None, index), 0)
 
     else:
         reg = RobustnessRegularizer(EPSILON, steps=options["steps"])
