@@ -19,6 +19,18 @@ def small_cnn(in_channels: int = 1, width: int = 8) -> nn.Module:
     )
 
 
+class Counting(nn.Module):
+    """``encoder`` that counts its calls."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.calls = encoder, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.encoder(x)
+
+
 def snapshot(module: nn.Module) -> dict:
     """Everything the user owns in a module: state dict, modes, flags, grads."""
     return {

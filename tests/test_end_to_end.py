@@ -419,7 +419,7 @@ def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step(detach_
     loss, term = step_loss(model, reg, ThreatModel(0.1), x0, x1, config)
     torch.manual_seed(1)
     start = reg.threat.random_start(x0)
-    warm_loss, warm_term, x_adv = _warm_start_step(model, reg, x0, x1, config, start)
+    warm_loss, warm_term, x_adv = _warm_start_step(model, reg, x0, x1, config, start=start)
     assert warm_term == pytest.approx(term, rel=1e-5)
     torch.testing.assert_close(warm_loss, loss)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -459,7 +459,7 @@ def _warm_starts(monkeypatch, ends: list | None = None, **settings) -> list:
         if warm:  # the package's PerturbationMemory (warm_warp=False): what it holds before the step
             start = warm["memory"].read(warm["index"], x0)
         starts.append(start.detach().clone())
-        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, start=None if warm else start, **warm)
+        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, **(warm or {"start": start}))
         if ends is not None:
             ends.append((adversarial - x0).detach().clone())
         return loss, term, adversarial

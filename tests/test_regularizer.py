@@ -8,7 +8,7 @@ from torch import nn
 
 from robust_reg import RegularizerOutput, RobustnessRegularizer, ThreatModel
 
-from helpers import small_cnn
+from helpers import Counting, small_cnn
 
 
 class Scaled(nn.Module):
@@ -279,16 +279,6 @@ def test_a_positive_of_another_batch_size_is_refused_by_name():
     reg = RobustnessRegularizer(0.1, ascent="positive")
     with pytest.raises(ValueError, match="positive must hold one row per sample"):
         reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=torch.rand(4, 16))
-
-
-class Counting(nn.Module):
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.calls = encoder, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.encoder(x)
 
 
 @pytest.mark.parametrize("random_start, calls", [(True, 1 + 3 + 1), (False, 3 + 1)])

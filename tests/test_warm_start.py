@@ -8,17 +8,7 @@ from torch import nn
 
 from robust_reg import PerturbationMemory, RobustnessRegularizer
 
-from helpers import small_cnn
-
-
-class Counting(nn.Module):
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.calls = encoder, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.encoder(x)
+from helpers import Counting, small_cnn
 
 
 def batch(n=8, seed=0):

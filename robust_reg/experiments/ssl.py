@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -384,7 +385,9 @@ def pretrain(
                     if config.warm_noise:
                         noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
                         ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
-                    loss, reg_value, adversarial = _warm_start_step(model, reg, x0, x1, epoch_config, ascent_start)
+                    loss, reg_value, adversarial = _warm_start_step(
+                        model, reg, x0, x1, epoch_config, start=ascent_start
+                    )
                     carried[index] = _to_image((adversarial - x0).float(), theta, previous)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -582,17 +585,11 @@ def _positive_anchor_step(
 
 
 def _warm_start_step(
-    model: nn.Module,
-    reg: RobustnessRegularizer,
-    x0: Tensor,
-    x1: Tensor,
-    config: PretrainConfig,
-    start: Tensor | None = None,
-    **warm: Tensor | PerturbationMemory,
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, **ascent: Any
 ) -> tuple[Tensor, float, Tensor]:
-    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a
-    uniform draw, or from ``memory=``/``index=``; also returns the adversarial view, for the next epoch's start."""
-    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start, **warm)
+    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a uniform
+    draw, or from ``memory=``/``index=`` (``ascent``); also returns the adversarial view, for the next epoch."""
+    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, **ascent)
     loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
     return loss, out.loss.item(), out.adversarial_inputs
 
