@@ -231,9 +231,14 @@ class RobustnessRegularizer(nn.Module):
             ``relative=True``, inputs outside ``bounds`` (after undoing
             ``mean``/``std``), ``mean``/``std`` with the wrong number of channels,
             ``features`` with another batch size, non-finite ``features``, a
-            ``start`` not of ``x``'s shape or not finite.
-        TypeError: For integer inputs or features, a non-callable encoder, or a
-            ``start`` that is not a floating-point tensor.
+            ``start`` not of ``x``'s shape or not finite, an ``index`` that
+            does not fit ``x`` (length, sign, ``num_samples``) or a view of
+            another size than the memory's, ``memory`` without ``index`` (or
+            ``index`` without it, or with ``start``).
+        TypeError: For integer inputs or features, a non-callable encoder, a
+            ``start`` that is not a floating-point tensor, a ``memory`` that is
+            not a :class:`~robust_reg.PerturbationMemory` or an ``index`` that
+            is not an integer tensor.
 
     Examples:
         >>> import torch

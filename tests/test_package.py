@@ -13,6 +13,7 @@ PUBLIC_MODULES = [
     "robust_reg",
     "robust_reg.attacks",
     "robust_reg.regularizer",
+    "robust_reg.warm_start",
     "robust_reg.bound",
     "robust_reg.probe",
     "robust_reg.evaluation",
