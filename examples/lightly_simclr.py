@@ -147,22 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         backbone, dim = nn.Sequential(*list(resnet.children())[:-1]), 512
     model = SimCLR(backbone, dim, lr=1e-3 if mnist else 2e-3)
 
-    if args.weight > 0 and args.warm_start:
+    warm = {}
+    if args.warm_start:  # one perturbation per training image, on the views' device
         pretrain_set = WithIndex(pretrain_set)
-        robustify(
-            model,
-            epsilon=epsilon,
-            weight=args.weight,
-            transform=transform,
-            warm_start=True,  # one perturbation per training image, on the views' device
-            index=sample_index,
-            steps=2,
-            step_size=epsilon / 2,
-            detach_anchor=True,
-            epsilon_ramp=0.3,
+        warm = dict(
+            warm_start=True, index=sample_index, steps=2, step_size=epsilon / 2, detach_anchor=True, epsilon_ramp=0.3
         )
-    elif args.weight > 0:
-        robustify(model, epsilon=epsilon, weight=args.weight, transform=transform)  # <- the one added line
+    if args.weight > 0:
+        robustify(model, epsilon=epsilon, weight=args.weight, transform=transform, **warm)  # <- the one added line
 
     loader = torch.utils.data.DataLoader(
         pretrain_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=args.workers

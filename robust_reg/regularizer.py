@@ -398,7 +398,8 @@ class RobustnessRegularizer(nn.Module):
         _check_start(start, x)
         if memory is not None or index is not None:
             index = self._check_memory(memory, index, start, x)
-            start = self._memory_start(memory, index, x)
+            origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)  # what the perturbation is from
+            start = self._memory_start(memory, index, origin)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -470,8 +471,7 @@ class RobustnessRegularizer(nn.Module):
             deviation = gather(per_sample).mean()
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
         if memory is not None:  # where each ascent ended, for the next visit of the sample
-            pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
-            memory._write(index, self.threat.to_pixels(x_adv.detach()) - pixels)
+            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
@@ -494,13 +494,14 @@ class RobustnessRegularizer(nn.Module):
             raise ValueError("pass either start= or memory= (which supplies the start), not both")
         return memory.check(index, x)
 
-    def _memory_start(self, memory: PerturbationMemory, index: Tensor, x: Tensor) -> Tensor:
-        """The stored perturbations; samples without one start as configured (a draw in the ball, or zero)."""
-        rows, stored = memory._read(index, x)
+    def _memory_start(self, memory: PerturbationMemory, index: Tensor, origin: Tensor) -> Tensor:
+        """The stored perturbations; samples without one start as configured (a draw in the ball around the
+        clean pixels ``origin``, or zero)."""
+        rows, stored = memory._read(index, origin)
         if not self.random_start or bool(stored.all()):
             return rows
-        draw = self.threat.random_start(self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds))
-        return torch.where(stored.view(-1, *([1] * (x.dim() - 1))), rows, draw.to(rows.dtype))
+        draw = self.threat.random_start(origin)
+        return torch.where(stored.view(-1, *([1] * (origin.dim() - 1))), rows, draw.to(rows.dtype))
 
     def _clean_pass_is_first_iterate(self, x: Tensor) -> bool:
         """Whether the clean forward can double as the ascent's first one (it starts at ``x``)."""

@@ -132,7 +132,7 @@ class PerturbationMemory:
         if index.dim() != 1 or (n is not None and index.shape[0] != n):
             raise ValueError(f"index must have one entry per sample, shape ({n},), got {tuple(index.shape)}")
         if index.numel():
-            low, high = int(index.min()), int(index.max())  # one host sync per batch
+            low, high = torch.stack(torch.aminmax(index)).tolist()  # one host sync per batch
             if low < 0:
                 raise ValueError(f"index must be non-negative, got {low}")
             if self.num_samples is not None and high >= self.num_samples:

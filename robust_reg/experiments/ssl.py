@@ -353,11 +353,12 @@ def pretrain(
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     indices = torch.arange(data.x_train.shape[0])
-    carried = torch.zeros_like(data.x_train, device=device) if config.warm_start else None
-    memory = None
+    carried = memory = None
     if config.warm_start and not config.warm_warp and not config.warm_noise:
         # Carried as the view saw it: the package's own memory, the form the adapters give (warm_start=True).
-        memory, carried = PerturbationMemory(num_samples=data.x_train.shape[0], device=device), None
+        memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device)
+    elif config.warm_start:
+        carried = torch.zeros_like(data.x_train, device=device)
     start = time.perf_counter()
     step = 0
     model.train()
