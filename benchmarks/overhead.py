@@ -8,7 +8,7 @@ compares, its adversarial embedding fed to the loss, steps 3) written as a
 plain loop and through the lightly adapter (``robustify`` on a lightly-style
 LightningModule); the warm-started step (the ascent from where each image's last
 one ended, kept in a ``PerturbationMemory``), as a plain loop and through the
-lightly adapter; and the ACL-style baseline (PGD-5 on the SSL loss). The
+lightly adapter, also warped through each view's crop (``geometry=``); and the ACL-style baseline (PGD-5 on the SSL loss). The
 default and ACL rows run the training step of ``benchmarks/compare.py``. On a
 CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
 from robust_reg.experiments.models import build_encoder
 from robust_reg.experiments.pipeline import device_name
 from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
@@ -84,6 +84,15 @@ CONFIGS = {
         "lightly",
         {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True},
     ),
+    # Kept in image coordinates and moved with each view's crop (geometry=: two resamplings per step).
+    "robust-reg, warm start warped through the crops (geometry=), detach_anchor=True": (
+        "warm",
+        {"steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
+    ),
+    "the same warped, through the lightly adapter (geometry=)": (
+        "lightly",
+        {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
+    ),
 }
 MODELS = {"cnn": ("cnn", (1, 28, 28)), "resnet18": ("resnet18", (3, 32, 32))}
 
@@ -106,13 +115,27 @@ def _lightly_module(model: torch.nn.Module, **options):
             (x0, x1) = batch[0]
             return self.criterion(self.forward(x0), self.forward(x1))
 
+    options = dict(options)
     if options.get("warm_start"):
         options["index"] = _third_field
+    if options.pop("warp", False):
+        options["geometry"] = _fourth_field
     return robustify(SimCLR(), epsilon=EPSILON, normalize=None, log=False, **options)
 
 
 def _third_field(batch):
     return batch[2]
+
+
+def _fourth_field(batch):
+    return batch[3]
+
+
+def _crops(batch_size: int, device: torch.device) -> torch.Tensor:
+    """Random crops of half to all of the image, as ``crop_geometry`` returns them (the warped rows)."""
+    side = torch.randint(14, 29, (batch_size, 1), device=device)
+    corner = (torch.rand(batch_size, 2, device=device) * (28 - side)).floor()
+    return crop_geometry(torch.cat([corner, side, side], dim=1), (28, 28))
 
 
 def make_step(model_name: str, config: str, batch_size: int, device: torch.device):
@@ -131,20 +154,23 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
             return step_loss(model, reg, threat, x0, x1, recipe)[0]
 
     elif kind == "warm":
+        options = dict(options)
+        warp = {"geometry": _crops(batch_size, device)} if options.pop("warp", False) else {}
         recipe = PretrainConfig(method="simclr", variant="robust", epsilon=EPSILON, warm_start=True, **options)
         reg = regularizer_for(recipe)
         memory = PerturbationMemory(num_samples=4 * batch_size)  # one perturbation per training image
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            return _warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index)[0]
+            return _warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index, **warp)[0]
 
     elif kind == "lightly":
+        crops = [_crops(batch_size, device), _crops(batch_size, device)] if options.get("warp") else None
         module = _lightly_module(model, **options)
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            return module.training_step(([x0, x1], None, index), 0)
+            return module.training_step(([x0, x1], None, index, crops), 0)
 
     else:
         reg = RobustnessRegularizer(EPSILON, steps=options["steps"])

@@ -160,6 +160,7 @@ class RobustTrainingStep:
         index: ViewGetter | None = None,
         index_description: str = "index(batch)",
         epsilon_ramp: float = 0.0,
+        geometry: ViewGetter | None = None,
     ) -> None:
         self.module = module
         self.function = type(module).training_step
@@ -177,6 +178,7 @@ class RobustTrainingStep:
         self.memory = memory
         self.index = index
         self.index_description = index_description
+        self.geometry = geometry
         self.epsilon_ramp = float(epsilon_ramp)
         self.threat = regularizer.threat  # the full ball; with epsilon_ramp the regulariser's grows to it
         self._warned = False
@@ -190,6 +192,7 @@ class RobustTrainingStep:
             f"<robust training_step ({self.framework}) of {owner}: {self.regularizer!r}, {where}, "
             f"weight={self.weight}, adversarial_view={self.adversarial_view}"
             + (f", warm_start={self.memory!r}" if self.memory is not None else "")
+            + (", geometry=" + getattr(self.geometry, "__name__", "geometry(batch)") if self.geometry else "")
             + (f", epsilon_ramp={self.epsilon_ramp}" if self.epsilon_ramp else "")
             + ">"
         )
@@ -213,15 +216,15 @@ class RobustTrainingStep:
                     f"robust_reg: the two views differ in shape: {self.view_description} {tuple(x.shape)}, "
                     f"{self.positive_description} {tuple(other.shape)}; pass view= and positive_view= to robustify()"
                 )
-        warm = {} if self.memory is None else {"memory": self.memory, "index": self._get_index(batch, x)}
-        capture = _Capture(self, target, x, other, warm)
+        warm, crops = ({}, None) if self.memory is None else self._get_warm(batch, x, other)
+        capture = _Capture(self, target, x, other, warm, crops)
         with capture.installed():
             output = self.function(module, batch, *args, **kwargs)
         if output is None:  # the user skipped this batch
             return None
         value = capture.value
         if value is None:
-            value = self._own_forward(target, x, other, warm)
+            value = self._own_forward(target, x, other, capture.warm_for(x))
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
 
@@ -294,21 +297,44 @@ class RobustTrainingStep:
         if epsilon != self.regularizer.threat.epsilon:
             self.regularizer.threat = dataclasses.replace(self.threat, epsilon=epsilon)
 
-    def _get_index(self, batch: Any, x: Tensor) -> Tensor:
-        """Each sample's index in the training set, for the warm start's memory (checked against the view)."""
+    def _get_warm(
+        self, batch: Any, x: Tensor, other: Tensor | None
+    ) -> tuple[dict[str, Any], tuple[Tensor, ...] | None]:
+        """The warm start's keywords (the memory and each sample's index in the training set) and, with
+        ``geometry``, each view's crops (aligned with ``x`` and ``other``): read from the batch and checked
+        against the view before the user's step runs."""
+        warm = {"memory": self.memory, "index": self._read(batch, self.index, "index", self.index_description)}
+        crops = None
+        if self.geometry is not None:
+            crops = self._read(batch, self.geometry, "geometry", "geometry(batch)")
+            if isinstance(crops, Tensor) and other is None:
+                crops = (crops,)
+            elif other is not None and isinstance(crops, (tuple, list)) and len(crops) == 2:
+                crops = tuple(crops)
+            else:
+                expected = "one tensor" if other is None else "two tensors, the view's and the positive view's"
+                got = f"{len(crops)} entries" if isinstance(crops, (tuple, list)) else type(crops).__name__
+                raise ValueError(f"robust_reg: geometry= of robustify must return {expected} of crops, got {got}")
         try:
-            index = self.index(batch)
-        except (IndexError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"robust_reg could not read the sample indices ({self.index_description}) for warm_start from a "
-                f"batch of type {type(batch).__name__}: {err}. Pass index=<callable(batch) -> Tensor> to robustify()"
-            ) from err
-        try:
-            return self.memory.check(index, x)
+            for view_crops in crops or (None,):
+                warm["index"] = self.memory.check(warm["index"], x, view_crops)
         except (TypeError, ValueError) as err:
+            names = "index=" + (" or geometry=" if self.geometry is not None else "")
             raise type(err)(
-                f"robust_reg: the sample indices ({self.index_description}, index= of robustify) do not fit the "
-                f"view {self.view_description}: {err}"
+                f"robust_reg: the sample indices ({self.index_description}) or crops ({names} of robustify) do not "
+                f"fit the view {self.view_description}: {err}"
+            ) from err
+        return warm, crops
+
+    @staticmethod
+    def _read(batch: Any, getter: ViewGetter, name: str, description: str) -> Any:
+        try:
+            return getter(batch)
+        except (IndexError, KeyError, TypeError) as err:
+            what = "sample indices" if name == "index" else "crops"
+            raise ValueError(
+                f"robust_reg could not read the {what} ({description}) for warm_start from a batch of type "
+                f"{type(batch).__name__}: {err}. Pass {name}=<callable(batch) -> Tensor> to robustify()"
             ) from err
 
     def _log(self, module: nn.Module, n: int) -> None:
@@ -346,15 +372,28 @@ class _Capture:
     """The temporary ``forward`` of the target during one training step (see :class:`RobustTrainingStep`)."""
 
     def __init__(
-        self, step: RobustTrainingStep, target: nn.Module, x: Tensor, other: Tensor | None, warm: dict[str, Any]
+        self,
+        step: RobustTrainingStep,
+        target: nn.Module,
+        x: Tensor,
+        other: Tensor | None,
+        warm: dict[str, Any],
+        crops: tuple[Tensor, ...] | None = None,
     ) -> None:
         self.step, self.target, self.x, self.other = step, target, x, other
         self.warm = warm  # memory= and index= for a warm-started ascent, else empty
+        self.crops = crops  # with geometry: the crops of x (and of other), for whichever view is perturbed
         self.original = target.forward
         self.value: Tensor | None = None
         self.positive: Tensor | None = None  # ascent="positive": the clean output of the view encoded first
         self.waiting_for: Tensor | None = None  # ... and the view whose call is then perturbed
         self.busy = False  # the regulariser's own calls go straight to the original forward
+
+    def warm_for(self, inputs: Tensor) -> dict[str, Any]:
+        """The warm-start keywords for perturbing ``inputs`` (``x`` or ``other``): its own crops."""
+        if self.crops is None:
+            return self.warm
+        return {**self.warm, "geometry": self.crops[0] if _same(inputs, self.x) else self.crops[1]}
 
     @contextlib.contextmanager
     def installed(self):
@@ -395,7 +434,7 @@ class _Capture:
                     inputs,
                     positive=self.positive,
                     return_adversarial=True,
-                    **self.warm,
+                    **self.warm_for(inputs),
                 )
             finally:
                 self.busy = False
@@ -407,10 +446,16 @@ class _Capture:
         self.busy = True
         try:
             if not step.adversarial_view:
-                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **self.warm)
+                warm = self.warm_for(inputs)
+                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **warm)
                 return output
             result = step.regularizer(
-                encoder, inputs, features=features, positive=self.positive, return_adversarial=True, **self.warm
+                encoder,
+                inputs,
+                features=features,
+                positive=self.positive,
+                return_adversarial=True,
+                **self.warm_for(inputs),
             )
         finally:
             self.busy = False
@@ -484,6 +529,7 @@ def robustify_module(
     index: ViewGetter | None = None,
     default_index: tuple[ViewGetter, str] | None = None,
     epsilon_ramp: float = 0.0,
+    geometry: ViewGetter | None = None,
 ) -> nn.Module:
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
@@ -494,7 +540,8 @@ def robustify_module(
     first view of ``batch[views_field]`` (and ``positive_view``, read only with
     ``ascent="positive"``, the second). ``warm_start``: ``True`` (a new
     :class:`~robust_reg.PerturbationMemory`) or a memory, with ``index`` (or the
-    framework's ``default_index``) reading each batch's sample indices.
+    framework's ``default_index``) reading each batch's sample indices, and
+    optionally ``geometry`` each view's crop (the memory then moves with it).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
@@ -537,7 +584,7 @@ def robustify_module(
         )
     if adversarial_view is None:
         adversarial_view = embedding
-    memory, index, index_description = _warm_start(warm_start, index, default_index)
+    memory, index, index_description = _warm_start(warm_start, index, default_index, geometry)
     step = RobustTrainingStep(
         module,
         encoder=encoder,
@@ -555,20 +602,28 @@ def robustify_module(
         index=index,
         index_description=index_description,
         epsilon_ramp=epsilon_ramp,
+        geometry=geometry,
     )
     object.__setattr__(module, "training_step", step)
     return module
 
 
 def _warm_start(
-    warm_start: object, index: ViewGetter | None, default_index: tuple[ViewGetter, str] | None
+    warm_start: object,
+    index: ViewGetter | None,
+    default_index: tuple[ViewGetter, str] | None,
+    geometry: ViewGetter | None = None,
 ) -> tuple[PerturbationMemory | None, ViewGetter | None, str]:
-    """The memory and the index getter (with its description) of ``warm_start``/``index``, validated."""
+    """The memory and the index getter (with its description) of ``warm_start``/``index``, validated with
+    ``geometry``."""
     if index is not None and not callable(index):
         raise TypeError(f"index must be a callable(batch) -> Tensor of sample indices, got {type(index).__name__}")
+    if geometry is not None and not callable(geometry):
+        raise TypeError(f"geometry must be a callable(batch) -> Tensor of crops, got {type(geometry).__name__}")
     if warm_start is False or warm_start is None:
-        if index is not None:
-            raise ValueError("index= is read only with warm_start; pass warm_start=True too")
+        for name, given in (("index", index), ("geometry", geometry)):
+            if given is not None:
+                raise ValueError(f"{name}= is read only with warm_start; pass warm_start=True too")
         return None, None, ""
     if warm_start is True:
         memory = PerturbationMemory()

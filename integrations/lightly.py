@@ -66,6 +66,7 @@ def robustify(
     warm_start: bool | PerturbationMemory = False,
     index: Callable[[Any], Tensor] | None = None,
     epsilon_ramp: float = 0.0,
+    geometry: Callable[[Any], Any] | None = None,
     **regularizer_options: Any,
 ) -> nn.Module:
     """Add the robustness regulariser to every training step of a lightly-style LightningModule.
@@ -136,6 +137,14 @@ def robustify(
         index: With ``warm_start``: ``callable(batch) -> Tensor``, each sample's
             index in the training set, a 1-D integer tensor (lightly's datasets do
             not yield it: return it from your dataset, e.g. as a third field).
+        geometry: With ``warm_start`` (optional): ``callable(batch)`` returning
+            each view's crops as :func:`~robust_reg.crop_geometry` builds them from
+            the boxes your crop transform drew: a pair of ``(N, 2, 3)`` tensors,
+            the view's and the positive view's (one tensor without a positive).
+            The memory then keeps each perturbation in image coordinates and moves
+            it with the next crop, the form that met the +2 target on MNIST
+            (README, Results). Without it the memory keeps the perturbation as the
+            view saw it.
         epsilon_ramp: Share of the epochs (of the Trainer's ``max_epochs``) over
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
@@ -154,9 +163,9 @@ def robustify(
         RuntimeError: If the module is already robustified.
         ValueError: For bad regulariser options, several normalisation sources,
             ``ascent="positive"`` with ``view`` but no ``positive_view``, or
-            ``warm_start`` without ``index`` (or ``index`` without it). At a
-            training step, a batch the adapter cannot read, or indices that do
-            not fit the view.
+            ``warm_start`` without ``index`` (or ``index`` or ``geometry`` without
+            it). At a training step, a batch the adapter cannot read, or indices
+            or crops that do not fit the view.
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -202,6 +211,7 @@ def robustify(
         warm_start=warm_start,
         index=index,
         epsilon_ramp=epsilon_ramp,
+        geometry=geometry,
     )
 
 

@@ -73,7 +73,7 @@ _ADAPTER_KEYS = (
     "warm_start",
     "epsilon_ramp",
 )
-# view / positive_view / index are callables: keyword arguments only, not config keys.
+# view / positive_view / index / geometry are callables: keyword arguments only, not config keys.
 _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
 
 
@@ -111,6 +111,7 @@ def robustify(
     view: Callable[[Any], Tensor] | None = None,
     positive_view: Callable[[Any], Tensor] | None = None,
     index: Callable[[Any], Tensor] | None = None,
+    geometry: Callable[[Any], Any] | None = None,
     epsilon: float | object = UNSET,
     weight: float | object = UNSET,
     mean: Sequence[float] | None = None,
@@ -159,6 +160,11 @@ def robustify(
             ``batch[1][1]`` when ``view`` is not given; required when it is).
         index: With ``warm_start``: ``callable(batch) -> Tensor``, each sample's
             index in the training set (default ``batch[0]``, solo-learn's ``indexes``).
+        geometry: With ``warm_start`` (optional): ``callable(batch)`` returning the
+            two large crops' boxes as :func:`~robust_reg.crop_geometry` builds them
+            (the view's and the positive view's), so the memory moves each
+            perturbation with the crop. solo-learn's own pipelines do not report
+            their crops; a dataset of yours that does can pass them here.
         epsilon: Radius of the threat ball, pixel units (default 8/255).
         weight: Multiplier of the regulariser (default 1.0; BYOL: 0.05, README, Results).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
@@ -224,6 +230,7 @@ def robustify(
         index=index,
         default_index=(_solo_indexes, "batch[0]"),
         epsilon_ramp=epsilon_ramp,
+        geometry=geometry,
     )
 
 

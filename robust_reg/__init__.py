@@ -14,7 +14,7 @@ from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
 from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
-from .warm_start import PerturbationMemory
+from .warm_start import PerturbationMemory, crop_geometry
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "RobustnessCurve",
     "RobustnessRegularizer",
     "ThreatModel",
+    "crop_geometry",
     "estimate_bound",
     "extract_features",
     "fit_linear_probe",

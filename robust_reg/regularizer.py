@@ -234,11 +234,13 @@ class RobustnessRegularizer(nn.Module):
             ``start`` not of ``x``'s shape or not finite, an ``index`` that
             does not fit ``x`` (length, sign, ``num_samples``) or a view of
             another size than the memory's, ``memory`` without ``index`` (or
-            ``index`` without it, or with ``start``).
+            ``index`` or ``geometry`` without it, or with ``start``), a
+            ``geometry`` not ``(N, 2, 3)`` or not finite, or one given to a
+            memory written without it (or missing where it was given).
         TypeError: For integer inputs or features, a non-callable encoder, a
-            ``start`` that is not a floating-point tensor, a ``memory`` that is
-            not a :class:`~robust_reg.PerturbationMemory` or an ``index`` that
-            is not an integer tensor.
+            ``start`` or ``geometry`` that is not a floating-point tensor, a
+            ``memory`` that is not a :class:`~robust_reg.PerturbationMemory` or
+            an ``index`` that is not an integer tensor.
 
     Examples:
         >>> import torch
@@ -359,6 +361,7 @@ class RobustnessRegularizer(nn.Module):
         start: Tensor | None = None,
         memory: PerturbationMemory | None = None,
         index: Tensor | None = None,
+        geometry: Tensor | None = None,
     ) -> Tensor | RegularizerOutput:
         """Estimate the regulariser on a batch.
 
@@ -388,6 +391,11 @@ class RobustnessRegularizer(nn.Module):
                 ``start``.
             index: With ``memory`` (required there, refused otherwise): each
                 sample's index in the training set, a 1-D integer tensor.
+            geometry: With ``memory`` (optional): each view's crop of its image,
+                ``(N, 2, 3)`` matrices from :func:`~robust_reg.crop_geometry`. The
+                memory then keeps each perturbation in image coordinates and moves
+                it with the crop (what the measured +2 form does); give it with
+                every call on that memory or with none.
 
         Returns:
             The regulariser value (scalar), or a :class:`RegularizerOutput` if
@@ -396,10 +404,10 @@ class RobustnessRegularizer(nn.Module):
         self._check_call(encoder, x, features)
         self._check_positive(x, positive)
         _check_start(start, x)
-        if memory is not None or index is not None:
-            index = self._check_memory(memory, index, start, x)
+        if memory is not None or index is not None or geometry is not None:
+            index = self._check_memory(memory, index, start, x, geometry)
             origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)  # what the perturbation is from
-            start = self._memory_start(memory, index, origin)
+            start = self._memory_start(memory, index, origin, geometry)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -471,7 +479,7 @@ class RobustnessRegularizer(nn.Module):
             deviation = gather(per_sample).mean()
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
         if memory is not None:  # where each ascent ended, for the next visit of the sample
-            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin)
+            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
@@ -483,21 +491,26 @@ class RobustnessRegularizer(nn.Module):
         return value
 
     @staticmethod
-    def _check_memory(memory: object, index: object, start: Tensor | None, x: Tensor) -> Tensor:
+    def _check_memory(
+        memory: object, index: object, start: Tensor | None, x: Tensor, geometry: object = None
+    ) -> Tensor:
         if memory is None:
-            raise ValueError("index is only used with memory=; pass memory=PerturbationMemory(...) too")
+            name = "index" if index is not None else "geometry"
+            raise ValueError(f"{name} is only used with memory=; pass memory=PerturbationMemory(...) too")
         if not isinstance(memory, PerturbationMemory):
             raise TypeError(f"memory must be a PerturbationMemory, got {type(memory).__name__}")
         if index is None:
             raise ValueError("memory needs index=: each sample's index in the training set (the dataset yields it)")
         if start is not None:
             raise ValueError("pass either start= or memory= (which supplies the start), not both")
-        return memory.check(index, x)
+        return memory.check(index, x, geometry)
 
-    def _memory_start(self, memory: PerturbationMemory, index: Tensor, origin: Tensor) -> Tensor:
-        """The stored perturbations; samples without one start as configured (a draw in the ball around the
-        clean pixels ``origin``, or zero)."""
-        rows, stored = memory._read(index, origin)
+    def _memory_start(
+        self, memory: PerturbationMemory, index: Tensor, origin: Tensor, geometry: Tensor | None
+    ) -> Tensor:
+        """The stored perturbations (through each view's crop with ``geometry``); samples without one start as
+        configured (a draw in the ball around the clean pixels ``origin``, or zero)."""
+        rows, stored = memory._read(index, origin, geometry)
         if not self.random_start or bool(stored.all()):
             return rows
         draw = self.threat.random_start(origin)

@@ -6,7 +6,9 @@ perturbations found for a sample stay adversarial for it one epoch later, so an
 ascent that starts where the last one ended needs fewer steps for the same
 strength. :class:`PerturbationMemory` keeps one perturbation per training
 sample; :class:`~robust_reg.RobustnessRegularizer` reads and updates it when
-called with ``memory=`` and ``index=``.
+called with ``memory=`` and ``index=``. With random crops, pass each view's crop
+too (``geometry=``, built by :func:`crop_geometry`): the memory then keeps the
+perturbation in image coordinates and moves it with the crop, as ATTA does.
 """
 
 from __future__ import annotations
@@ -14,9 +16,96 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PerturbationMemory"]
+__all__ = ["PerturbationMemory", "crop_geometry"]
+
+
+def crop_geometry(boxes: Tensor, image_size: tuple[int, int] | Tensor, flipped: Tensor | None = None) -> Tensor:
+    """Each view's crop as the ``(N, 2, 3)`` matrices :class:`PerturbationMemory` takes as ``geometry=``.
+
+    A matrix maps the view's normalised coordinates to its image's, as
+    :func:`torch.nn.functional.affine_grid` reads it (``align_corners=False``):
+    ``grid_sample(image, affine_grid(theta, view_shape))`` is the crop resized to
+    the view (bilinear). Give the crops as torchvision's
+    ``RandomResizedCrop.get_params`` returns them, ``(top, left, height, width)``
+    in pixels of the image they were cut from; a crop may be cut from images of
+    different sizes.
+
+    Args:
+        boxes: ``(N, 4)`` crops, ``(top, left, height, width)`` in pixels.
+        image_size: ``(height, width)`` of the images, or an ``(N, 2)`` tensor
+            with one size per crop.
+        flipped: ``(N,)`` bool: which views were flipped horizontally after the
+            crop (default: none).
+
+    Returns:
+        ``(N, 2, 3)`` float32 matrices on ``boxes``' device.
+
+    Raises:
+        TypeError: If ``boxes`` or ``flipped`` is not a tensor.
+        ValueError: If a shape does not fit, or a crop is empty or an image size
+            not positive.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> image = torch.arange(64.0).view(1, 1, 8, 8)
+        >>> theta = crop_geometry(torch.tensor([[2, 3, 4, 4]]), (8, 8))  # rows 2-5, columns 3-6
+        >>> view = F.grid_sample(image, F.affine_grid(theta, [1, 1, 4, 4], align_corners=False), align_corners=False)
+        >>> torch.allclose(view, image[:, :, 2:6, 3:7])
+        True
+    """
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be an (N, 4) tensor of (top, left, height, width), got {type(boxes).__name__}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4): (top, left, height, width), got {tuple(boxes.shape)}")
+    n, device = boxes.shape[0], boxes.device
+    boxes = boxes.to(torch.float32)
+    if isinstance(image_size, Tensor):
+        size = image_size.to(device=device, dtype=torch.float32)
+        if size.shape != (n, 2):
+            raise ValueError(f"image_size must be (height, width) or an ({n}, 2) tensor, got {tuple(size.shape)}")
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        size = torch.tensor([float(image_size[0]), float(image_size[1])], device=device).expand(n, 2)
+    else:
+        raise ValueError(f"image_size must be (height, width) or an (N, 2) tensor, got {image_size!r}")
+    if n and (bool((size <= 0).any()) or bool((boxes[:, 2:] <= 0).any())):
+        raise ValueError("image_size must be positive and every box must have a positive height and width")
+    sign = torch.ones(n, device=device)
+    if flipped is not None:
+        if not isinstance(flipped, Tensor):
+            raise TypeError(f"flipped must be an (N,) bool tensor, got {type(flipped).__name__}")
+        if flipped.shape != (n,):
+            raise ValueError(f"flipped must have shape ({n},), got {tuple(flipped.shape)}")
+        sign = torch.where(flipped.to(device=device, dtype=torch.bool), -1.0, 1.0)
+    top, left, height, width = boxes.unbind(dim=1)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width / size[:, 1] * sign
+    theta[:, 0, 2] = (2 * left + width) / size[:, 1] - 1
+    theta[:, 1, 1] = height / size[:, 0]
+    theta[:, 1, 2] = (2 * top + height) / size[:, 0] - 1
+    return theta
+
+
+def _to_view(stored: Tensor, geometry: Tensor) -> Tensor:
+    """Image-frame perturbations seen through each view's crop (zero outside the image)."""
+    grid = F.affine_grid(geometry.to(stored.dtype), list(stored.shape), align_corners=False)
+    return F.grid_sample(stored, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _to_image(delta: Tensor, geometry: Tensor, previous: Tensor) -> Tensor:
+    """View-frame perturbations mapped back into the image frame; pixels the crop did not cover keep
+    ``previous`` (blended at the crop's edge)."""
+    geometry = geometry.to(delta.dtype)
+    linear, shift = geometry[:, :, :2], geometry[:, :, 2:]
+    inverse_linear = torch.linalg.inv(linear)
+    inverse = torch.cat([inverse_linear, -inverse_linear @ shift], dim=2)
+    grid = F.affine_grid(inverse, list(delta.shape), align_corners=False)
+    image = F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    covered = F.grid_sample(torch.ones_like(delta), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return image + (1 - covered) * previous
 
 
 class PerturbationMemory:
@@ -27,12 +116,20 @@ class PerturbationMemory:
     at ``x + memory[index]`` (projected onto the ball) instead of a random draw,
     and the perturbation it ends at is stored back. Samples not stored yet start
     as the regulariser is configured (a uniform draw in the ball with
-    ``random_start=True``, else ``x``). The perturbation is kept as the view saw it:
-    with random crops, the next epoch's crop of the same image gets it as it is
-    (measured on MNIST, the README's Results).
+    ``random_start=True``, else ``x``).
+
+    Where it is kept: without ``geometry``, as the view saw it, so the next
+    epoch's crop of the same image gets it as it is. With ``geometry=`` (each
+    view's crop, :func:`crop_geometry`) in image coordinates: it is read through
+    the new view's crop and written back where the view covered the image (the
+    rest of the image keeps what it held). On MNIST the warped form gained 0.8
+    PGD-20 and 1.5 AutoAttack points over the unwarped one (the README's
+    Results). A memory keeps one frame: pass ``geometry`` with every call or
+    with none.
 
     The memory is allocated at the first write, with the shape of one sample of
-    that batch, on ``device`` (default: the batch's device) in ``dtype``. It costs
+    that batch (with ``geometry``, the whole image is kept at the view's size),
+    on ``device`` (default: the batch's device) in ``dtype``. It costs
     ``num_samples * C * H * W`` elements: 0.6 GB for CIFAR-10's 50,000 images in
     float32 (half of it in ``torch.float16``, which keeps the perturbation to
     three digits); for a dataset of ImageNet's size it does not fit. Under DDP each
@@ -85,12 +182,13 @@ class PerturbationMemory:
         self.dtype = dtype
         self._data: Tensor | None = None
         self._stored: Tensor | None = None  # which slots hold a perturbation
+        self._frame: str | None = None  # "view" or "image" (with geometry), fixed at the first write
 
     def __repr__(self) -> str:
         shape = None if self._data is None else tuple(self._data.shape[1:])
         return (
             f"PerturbationMemory(num_samples={self.num_samples}, sample_shape={shape}, "
-            f"dtype={self.dtype}, device={self.device})"
+            f"dtype={self.dtype}, device={self.device}, frame={self._frame})"
         )
 
     def __len__(self) -> int:
@@ -107,14 +205,19 @@ class PerturbationMemory:
         """Bytes allocated for the stored perturbations."""
         return 0 if self._data is None else self._data.numel() * self._data.element_size()
 
-    def check(self, index: object, x: Tensor) -> Tensor:
-        """``index`` validated against the batch ``x`` (raises naming it); returned as a 1-D int64 tensor.
+    def check(self, index: object, x: Tensor, geometry: object = None) -> Tensor:
+        """``index`` (and ``geometry``) validated against the batch ``x`` (raises naming them); ``index``
+        returned as a 1-D int64 tensor.
 
         Raises:
-            TypeError: If ``index`` is not an integer tensor.
-            ValueError: If it is not 1-D with one entry per sample of ``x``, has a
-                negative entry or one at or past ``num_samples``, or if ``x``'s
-                samples have another shape than the stored ones.
+            TypeError: If ``index`` is not an integer tensor, or ``geometry`` not a
+                floating-point tensor.
+            ValueError: If ``index`` is not 1-D with one entry per sample of ``x``,
+                has a negative entry or one at or past ``num_samples``; if ``x``'s
+                samples have another shape than the stored ones; if ``geometry`` is
+                not ``(N, 2, 3)``, not finite, or given where ``x`` is not a batch
+                of images ``(N, C, H, W)``; or if ``geometry`` is given to a memory
+                written without it, or missing where it was written with it.
         """
         index = self._check_index(index, x.shape[0])
         shape = self.sample_shape
@@ -122,6 +225,23 @@ class PerturbationMemory:
             raise ValueError(
                 f"memory holds perturbations of shape {shape}, x has samples of shape {tuple(x.shape[1:])}; "
                 "use one PerturbationMemory per view size"
+            )
+        if geometry is not None:
+            if not isinstance(geometry, Tensor) or not geometry.is_floating_point():
+                got = geometry.dtype if isinstance(geometry, Tensor) else type(geometry).__name__
+                raise TypeError(f"geometry must be a floating-point (N, 2, 3) tensor (crop_geometry), got {got}")
+            if geometry.shape != (x.shape[0], 2, 3):
+                raise ValueError(f"geometry must have shape ({x.shape[0]}, 2, 3), got {tuple(geometry.shape)}")
+            if x.dim() != 4:
+                raise ValueError(f"geometry needs a batch of images (N, C, H, W), x has shape {tuple(x.shape)}")
+            if not bool(torch.isfinite(geometry).all()):
+                raise ValueError("geometry must be finite")
+        frame = "view" if geometry is None else "image"
+        if self._frame is not None and frame != self._frame:
+            raise ValueError(
+                f"this memory holds perturbations in {self._frame} coordinates (written "
+                f"{'with' if self._frame == 'image' else 'without'} geometry=); pass geometry= with every call "
+                "or with none"
             )
         return index
 
@@ -139,16 +259,25 @@ class PerturbationMemory:
                 raise ValueError(f"index must be below num_samples={self.num_samples}, got {high}")
         return index.long()
 
-    def read(self, index: Tensor, like: Tensor) -> Tensor:
-        """The stored perturbations of ``index`` (zeros where none is stored), on ``like``'s device and dtype."""
-        return self._read(self.check(index, like), like)[0]
+    def read(self, index: Tensor, like: Tensor, geometry: Tensor | None = None) -> Tensor:
+        """The stored perturbations of ``index`` (zeros where none is stored), on ``like``'s device and dtype;
+        with ``geometry``, seen through each view's crop."""
+        return self._read(self.check(index, like, geometry), like, geometry)[0]
 
     def is_stored(self, index: Tensor) -> Tensor:
         """Per entry of ``index`` (a 1-D integer tensor), whether a perturbation is stored for it."""
         return self._read(self._check_index(index, None), None)[1]
 
-    def _read(self, index: Tensor, like: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        """The rows of ``index`` (zeros where none is stored; ``None`` without ``like``) and the stored mask."""
+    def _read(self, index: Tensor, like: Tensor | None, geometry: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        """The rows of ``index`` (zeros where none is stored; ``None`` without ``like``; through the crops
+        with ``geometry``) and the stored mask."""
+        rows, stored = self._rows(index, like)
+        if geometry is not None and rows is not None:
+            rows = _to_view(rows, geometry.to(rows.device))
+        return rows, stored
+
+    def _rows(self, index: Tensor, like: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """The stored rows of ``index`` as kept (zeros where none is stored) and the stored mask."""
         if self._data is None:
             stored = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
             return (None if like is None else torch.zeros_like(like)), stored
@@ -161,14 +290,19 @@ class PerturbationMemory:
         rows = self._data[clamped] * stored.view(-1, *([1] * (like.dim() - 1))).to(self.dtype)
         return rows.to(device=like.device, dtype=like.dtype), stored.to(like.device)
 
-    def write(self, index: Tensor, perturbation: Tensor) -> None:
-        """Store ``perturbation`` (pixel units, one per entry of ``index``), detached."""
+    def write(self, index: Tensor, perturbation: Tensor, geometry: Tensor | None = None) -> None:
+        """Store ``perturbation`` (pixel units, one per entry of ``index``), detached; with ``geometry``,
+        mapped back from each view into its image where the crop covered it."""
         if not isinstance(perturbation, Tensor) or not perturbation.is_floating_point():
             got = perturbation.dtype if isinstance(perturbation, Tensor) else type(perturbation).__name__
             raise TypeError(f"perturbation must be a floating-point tensor, got {got}")
-        self._write(self.check(index, perturbation), perturbation)
+        self._write(self.check(index, perturbation, geometry), perturbation, geometry)
 
-    def _write(self, index: Tensor, perturbation: Tensor) -> None:
+    def _write(self, index: Tensor, perturbation: Tensor, geometry: Tensor | None = None) -> None:
+        perturbation = perturbation.detach()
+        if geometry is not None:
+            previous = self._rows(index, perturbation)[0]
+            perturbation = _to_image(perturbation, geometry.to(perturbation.device), previous)
         needed = self.num_samples or (int(index.max()) + 1 if index.numel() else 0)
         if self._data is None:
             device = self.device or perturbation.device
@@ -180,16 +314,17 @@ class PerturbationMemory:
             data[:old], stored[:old] = self._data, self._stored
             self._data, self._stored = data, stored
         index = index.to(self._data.device)
-        self._data[index] = perturbation.detach().to(self._data.device, self.dtype)
+        self._data[index] = perturbation.to(self._data.device, self.dtype)
         self._stored[index] = True
+        self._frame = "view" if geometry is None else "image"
 
     def reset(self) -> None:
         """Forget every stored perturbation (and the allocation)."""
-        self._data = self._stored = None
+        self._data = self._stored = self._frame = None
 
     def state_dict(self) -> dict[str, Any]:
         """The stored perturbations, for a checkpoint (``None`` before the first write)."""
-        return {"num_samples": self.num_samples, "data": self._data, "stored": self._stored}
+        return {"num_samples": self.num_samples, "data": self._data, "stored": self._stored, "frame": self._frame}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (moved to ``device`` and ``dtype`` if set).
@@ -197,16 +332,20 @@ class PerturbationMemory:
         Raises:
             ValueError: If ``state`` is not such a dict, or was saved with another ``num_samples``.
         """
-        if not isinstance(state, dict) or set(state) != {"num_samples", "data", "stored"}:
+        if not isinstance(state, dict) or set(state) != {"num_samples", "data", "stored", "frame"}:
             raise ValueError("state must be the dict PerturbationMemory.state_dict() returns")
         if state["num_samples"] != self.num_samples:
             raise ValueError(
                 f"state was saved with num_samples={state['num_samples']}, this memory has {self.num_samples}"
             )
         data, stored = state["data"], state["stored"]
-        if (data is None) != (stored is None) or (data is not None and stored.shape != data.shape[:1]):
+        if (
+            (data is None) != (stored is None)
+            or (data is not None and stored.shape != data.shape[:1])
+            or state["frame"] not in ((None,) if data is None else ("view", "image"))
+        ):
             raise ValueError("state must be the dict PerturbationMemory.state_dict() returns")
         if data is not None:
             device = self.device or data.device
             data, stored = data.to(device=device, dtype=self.dtype), stored.to(device=device, dtype=torch.bool)
-        self._data, self._stored = data, stored
+        self._data, self._stored, self._frame = data, stored, state["frame"]

@@ -115,8 +115,26 @@ class IndexedDigitViews(DigitViews):
         return (*super().__getitem__(i), i)
 
 
-def loader(n: int = 64, batch_size: int = 16, indexed: bool = False, **kwargs) -> torch.utils.data.DataLoader:
-    dataset = IndexedDigitViews(n) if indexed else DigitViews(n)
+class CroppedDigitViews(IndexedDigitViews):
+    """Two random crops per digit that also report their boxes, as a warped warm start needs:
+    ``([view0, view1], label, index, [box0, box1])``, boxes as ``(top, left, height, width)``."""
+
+    def __getitem__(self, i):
+        import torchvision.transforms as T
+        import torchvision.transforms.functional as TF
+
+        image, views, boxes = self.images[i], [], []
+        for _ in range(2):
+            top, left, height, width = T.RandomResizedCrop.get_params(image, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
+            views.append(TF.to_tensor(TF.resized_crop(image, top, left, height, width, [28, 28])))
+            boxes.append(torch.tensor([top, left, height, width]))
+        return views, int(self.labels[i]), i, boxes
+
+
+def loader(
+    n: int = 64, batch_size: int = 16, indexed: bool = False, cropped: bool = False, **kwargs
+) -> torch.utils.data.DataLoader:
+    dataset = CroppedDigitViews(n) if cropped else IndexedDigitViews(n) if indexed else DigitViews(n)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True, **kwargs)
 
 

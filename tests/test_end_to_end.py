@@ -406,7 +406,9 @@ def test_the_kl_penalty_is_refused_for_byol_by_name():
 
 
 @pytest.mark.parametrize("detach_anchor", [False, True])
-def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step(detach_anchor):
+@pytest.mark.parametrize("warp", [False, True])
+def test_the_warm_start_steps_first_visit_is_the_recommended_step(detach_anchor, warp):
+    from robust_reg import PerturbationMemory, crop_geometry
     from robust_reg.attacks import ThreatModel
     from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, regularizer_for, step_loss
 
@@ -418,72 +420,53 @@ def test_the_warm_start_step_from_a_uniform_draw_is_the_recommended_step(detach_
     torch.manual_seed(1)
     loss, term = step_loss(model, reg, ThreatModel(0.1), x0, x1, config)
     torch.manual_seed(1)
-    start = reg.threat.random_start(x0)
-    warm_loss, warm_term, x_adv = _warm_start_step(model, reg, x0, x1, config, start=start)
+    memory, index = PerturbationMemory(), torch.arange(6)
+    geometry = {"geometry": crop_geometry(torch.tensor([[0, 0, 3, 3]] * 6), (4, 4))} if warp else {}
+    warm_loss, warm_term = _warm_start_step(model, reg, x0, x1, config, memory=memory, index=index, **geometry)
     assert warm_term == pytest.approx(term, rel=1e-5)
     torch.testing.assert_close(warm_loss, loss)
     params = [p for p in model.parameters() if p.requires_grad]
     for warm, recommended in zip(torch.autograd.grad(warm_loss, params), torch.autograd.grad(loss, params)):
         torch.testing.assert_close(warm, recommended)
-    assert (x_adv - x0).abs().max() <= 0.1 + 1e-6
+    assert memory.is_stored(index).all()
 
 
-def test_a_carried_perturbation_maps_back_to_the_image_where_the_view_covers_it():
-    from robust_reg.experiments.augment import BatchAugment
-    from robust_reg.experiments.ssl import _to_image, _to_view
-
-    torch.manual_seed(0)
-    x = torch.rand(8, 1, 28, 28)
-    _, theta = BatchAugment(scale=(0.4, 1.0), flip=0.5, jitter=0.0)(x, return_theta=True)
-    # A smooth perturbation, so two bilinear resamplings barely change it.
-    carried = torch.nn.functional.interpolate(torch.rand(8, 1, 7, 7) * 0.2 - 0.1, size=(28, 28), mode="bilinear")
-    previous = torch.full_like(carried, 0.05)
-    back = _to_image(_to_view(carried, theta, 0.1), theta, previous)
-    coverage = _to_image(torch.ones_like(x), theta, torch.zeros_like(x))
-    inside, outside = coverage > 0.999, coverage == 0
-    assert inside.any() and outside.any()
-    assert (back - carried)[inside].abs().mean() < 0.1 * carried[inside].abs().mean()
-    assert torch.equal(back[outside], previous[outside])
-    assert back.abs().max() <= 0.1 + 1e-6
-
-
-def _warm_starts(monkeypatch, ends: list | None = None, **settings) -> list:
-    """The ascent starts of a 2-epoch warm-start run on 128 digits (two batches per epoch); ``ends``
-    collects the perturbation each ascent ended at."""
+def _warm_starts(monkeypatch, **settings) -> tuple[list, list, list]:
+    """A 2-epoch warm-start run on 128 digits (two batches per epoch). Per regulariser call: what the memory
+    held for the batch before it (seen through the crops when warped), where the ascent ended, the keywords."""
+    from robust_reg import RobustnessRegularizer
     from robust_reg.experiments import ssl
     from robust_reg.experiments.data import load_dataset
 
-    starts, warm_start_step = [], ssl._warm_start_step
+    held, ends, calls = [], [], []
+    forward = RobustnessRegularizer.forward
 
-    def recording(model, reg, x0, x1, config, start=None, **warm):
-        if warm:  # the package's PerturbationMemory (warm_warp=False): what it holds before the step
-            start = warm["memory"].read(warm["index"], x0)
-        starts.append(start.detach().clone())
-        loss, term, adversarial = warm_start_step(model, reg, x0, x1, config, **(warm or {"start": start}))
-        if ends is not None:
-            ends.append((adversarial - x0).detach().clone())
-        return loss, term, adversarial
+    def spying(self, encoder, x, *args, **kwargs):
+        held.append(kwargs["memory"].read(kwargs["index"], x, kwargs.get("geometry")).clone())
+        out = forward(self, encoder, x, *args, **kwargs)
+        ends.append((out.adversarial_inputs - x).detach().clone())
+        calls.append(kwargs)
+        return out
 
-    monkeypatch.setattr(ssl, "_warm_start_step", recording)
+    monkeypatch.setattr(RobustnessRegularizer, "forward", spying)
     data = load_dataset("digits").subset(train=128, test=50)
     config = ssl.PretrainConfig(variant="robust", epochs=2, steps=1, step_size=0.05, warm_start=True, **settings)
     ssl.pretrain(data, config, progress_bar=False)
-    assert len(starts) == 4
-    return starts
+    assert len(calls) == 4
+    return held, ends, calls
 
 
 def test_warm_start_starts_each_images_ascent_where_its_previous_epoch_ended(monkeypatch):
-    starts = _warm_starts(monkeypatch)
-    assert all(float(s.abs().max()) == 0 for s in starts[:2])  # the first epoch starts at the clean view
-    assert all(float(s.abs().mean()) > 0.01 for s in starts[2:])
+    held, _, _ = _warm_starts(monkeypatch)
+    assert all(float(h.abs().max()) == 0 for h in held[:2])  # the first epoch finds the memory empty
+    assert all(float(h.abs().mean()) > 0.01 for h in held[2:])
 
 
 @pytest.mark.parametrize("warp", [True, False])
 def test_without_the_warp_each_image_starts_exactly_where_its_view_ended(monkeypatch, warp):
-    ends = []
-    starts = _warm_starts(monkeypatch, ends, warm_warp=warp)
+    held, ends, _ = _warm_starts(monkeypatch, warm_warp=warp)
     ended = torch.cat(ends[:2]).flatten(start_dim=1)  # the first epoch's end points, one per image
-    started = torch.cat(starts[2:]).flatten(start_dim=1)
+    started = torch.cat(held[2:]).flatten(start_dim=1)
     # The batches are reshuffled each epoch; exact distances (the matrix-product form rounds off).
     distances = torch.cdist(started, ended, compute_mode="donot_use_mm_for_euclid_dist")
     nearest = distances.min(dim=1).values
@@ -493,26 +476,15 @@ def test_without_the_warp_each_image_starts_exactly_where_its_view_ended(monkeyp
         assert float(nearest.max()) < 1e-6
 
 
-def test_without_the_warp_the_experiments_keep_the_packages_perturbation_memory(monkeypatch):
-    memories = []
-    from robust_reg import RobustnessRegularizer
-
-    forward = RobustnessRegularizer.forward
-
-    def spying(self, *args, **kwargs):
-        memories.append(kwargs.get("memory"))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(RobustnessRegularizer, "forward", spying)
-    _warm_starts(monkeypatch, warm_warp=False)
-    assert len(memories) == 4 and memories[0] is not None and all(m is memories[0] for m in memories)
-    assert len(memories[0]) == 128 and memories[0].is_stored(torch.arange(128)).all()
-
-
-def test_warm_noise_adds_uniform_noise_of_its_share_of_eps_to_the_carried_start(monkeypatch):
-    first = _warm_starts(monkeypatch, warm_noise=0.5)[0]  # the first epoch carries nothing: noise alone
-    assert float(first.abs().max()) <= 0.05 + 1e-6
-    assert float(first.abs().mean()) == pytest.approx(0.025, rel=0.05)
+@pytest.mark.parametrize("warp", [True, False])
+def test_the_experiments_keep_the_warm_start_in_one_package_memory_with_the_crops_when_warped(monkeypatch, warp):
+    _, _, calls = _warm_starts(monkeypatch, warm_warp=warp)
+    memory = calls[0]["memory"]
+    assert all(call["memory"] is memory for call in calls)
+    assert len(memory) == 128 and memory.is_stored(torch.arange(128)).all()
+    assert all(("geometry" in call) == warp for call in calls)
+    if warp:
+        assert all(call["geometry"].shape == (64, 2, 3) for call in calls)
 
 
 @pytest.mark.parametrize(
@@ -524,17 +496,6 @@ def test_warm_start_where_the_step_cannot_carry_a_perturbation_is_refused_by_nam
 
     with pytest.raises(ValueError, match="warm_start"):
         PretrainConfig(warm_start=True, **settings)
-
-
-@pytest.mark.parametrize(
-    "settings",
-    [dict(warm_noise=0.5), dict(warm_start=True, warm_noise=1.5), dict(warm_start=True, warm_noise=0.5, norm="l2")],
-)
-def test_warm_noise_outside_zero_one_without_warm_start_or_in_l2_is_refused_by_name(settings):
-    from robust_reg.experiments.ssl import PretrainConfig
-
-    with pytest.raises(ValueError, match="warm_noise"):
-        PretrainConfig(variant="robust", **settings)
 
 
 def test_warm_warp_without_warm_start_is_refused_by_name():

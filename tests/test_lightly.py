@@ -14,7 +14,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from lightly.transforms import SimCLRTransform  # noqa: E402
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 
-from robust_reg import PerturbationMemory  # noqa: E402
+from robust_reg import PerturbationMemory, crop_geometry  # noqa: E402
 from robust_reg.integrations.lightly import is_robustified, robustify  # noqa: E402
 
 from helpers import capture_callback, spy_on_regularizer  # noqa: E402
@@ -486,6 +486,69 @@ def test_a_warm_started_module_keeps_its_state_dict_keys_and_pickles():
     assert module.state_dict().keys() == plain.state_dict().keys()
     clone = pickle.loads(pickle.dumps(module))
     assert clone.training_step.memory.is_stored(torch.arange(8)).all()
+
+
+def crops_of_both_views(batch):
+    """The two views' crops of :class:`CroppedDigitViews` batches (module level: it pickles)."""
+    return [crop_geometry(boxes, (28, 28)) for boxes in batch[3]]
+
+
+def test_geometry_keeps_the_memory_in_image_coordinates_through_a_trainer(tmp_path):
+    memory = PerturbationMemory(num_samples=64)
+    module = robustify(SimCLR(), warm_start=memory, index=third_field, geometry=crops_of_both_views)
+    torch.manual_seed(0)
+    trainer(tmp_path, max_steps=2).fit(module, loader(cropped=True))  # unshuffled: samples 0-31
+    assert memory.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
+    assert memory.state_dict()["frame"] == "image"
+    whole = crop_geometry(torch.tensor([[0, 0, 28, 28]] * 32), (28, 28))
+    stored = memory.read(torch.arange(32), torch.zeros(32, 3, 28, 28), geometry=whole)
+    assert 0 < stored.abs().max() <= 8 / 255 + 1e-6
+
+
+def test_geometry_hands_the_perturbed_views_own_crops_to_the_regulariser():
+    module = robustify(
+        SimCLR(), warm_start=True, index=third_field, geometry=crops_of_both_views, normalize=None, log=False
+    )
+    calls = spy_on_regularizer(module, extra=("geometry",))
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    boxes = [torch.tensor([[0, 0, 28, 28]] * 8), torch.tensor([[2, 3, 20, 20]] * 8)]
+    module.training_step((views, torch.zeros(8), torch.arange(8), boxes), 0)
+    [(x, _, geometry)] = calls
+    assert x is views[1]  # SimCLR encodes view 0 first: view 1 is perturbed, with its own crops
+    torch.testing.assert_close(geometry, crop_geometry(boxes[1], (28, 28)))
+
+
+def test_geometry_needs_warm_start_and_a_callable():
+    module = SimCLR()
+    with pytest.raises(ValueError, match="geometry= is read only with warm_start"):
+        robustify(module, geometry=crops_of_both_views)
+    with pytest.raises(TypeError, match="geometry must be a callable"):
+        robustify(module, warm_start=True, index=third_field, geometry=torch.zeros(8, 2, 3))
+    assert not is_robustified(module)
+
+
+@pytest.mark.parametrize(
+    "geometry, error, match",
+    [
+        (lambda batch: crops_of_both_views(batch)[0], ValueError, "geometry= of robustify must return two tensors"),
+        (
+            lambda batch: [g[:4] for g in crops_of_both_views(batch)],
+            ValueError,
+            r"geometry must have shape \(8, 2, 3\)",
+        ),
+        (lambda batch: batch[7], ValueError, "could not read the crops"),
+    ],
+)
+def test_crops_that_do_not_fit_the_views_are_named_at_the_step_before_the_users_step(geometry, error, match):
+    module = robustify(SimCLR(), warm_start=True, index=third_field, geometry=geometry, normalize=None, log=False)
+    views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
+    boxes = [torch.tensor([[0, 0, 28, 28]] * 8)] * 2
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(error, match=match):
+        module.training_step((views, torch.zeros(8), torch.arange(8), boxes), 0)
+    assert len(module.training_step.memory) == 0
+    for name, value in module.state_dict().items():  # BatchNorm statistics untouched
+        assert torch.equal(value, before[name]), name
 
 
 def test_epsilon_ramp_grows_eps_over_its_share_of_the_epochs(tmp_path):

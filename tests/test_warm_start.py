@@ -1,12 +1,13 @@
-"""PerturbationMemory and the regulariser's memory=/index=: a warm start kept per training sample."""
+"""PerturbationMemory and the regulariser's memory=/index=/geometry=: a warm start kept per training sample."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer
+from robust_reg import PerturbationMemory, RobustnessRegularizer, crop_geometry
 
 from helpers import Counting, small_cnn
 
@@ -180,3 +181,161 @@ def test_a_call_that_fails_writes_nothing_to_the_memory():
 def test_bad_memory_settings_are_refused_by_name(kwargs, error, match):
     with pytest.raises(error, match=match):
         PerturbationMemory(**kwargs)
+
+
+# --- geometry=: the perturbation kept in image coordinates and moved with each view's crop ---
+
+BOXES = torch.tensor([[0, 0, 28, 28], [4, 2, 20, 24], [7, 7, 14, 14], [0, 10, 18, 18]] * 2)  # (top, left, h, w)
+FLIPS = torch.tensor([False, False, True, False, True, False, False, True])
+
+
+def views(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def smooth_perturbation(n=8, seed=3):
+    # Smooth, so two bilinear resamplings barely change it.
+    torch.manual_seed(seed)
+    return F.interpolate(torch.rand(n, 1, 7, 7) * 0.2 - 0.1, size=(28, 28), mode="bilinear")
+
+
+def test_crop_geometry_cuts_the_box_torchvisions_get_params_describes():
+    image = torch.rand(1, 3, 20, 30)
+    theta = crop_geometry(torch.tensor([[3, 5, 10, 12]]), (20, 30))
+    cut = F.grid_sample(image, F.affine_grid(theta, [1, 3, 10, 12], align_corners=False), align_corners=False)
+    torch.testing.assert_close(cut, image[:, :, 3:13, 5:17], atol=1e-5, rtol=0)
+
+
+def test_crop_geometry_flips_the_view_horizontally():
+    image = torch.rand(1, 3, 20, 30)
+    theta = crop_geometry(torch.tensor([[3, 5, 10, 12]]), (20, 30), flipped=torch.tensor([True]))
+    cut = F.grid_sample(image, F.affine_grid(theta, [1, 3, 10, 12], align_corners=False), align_corners=False)
+    torch.testing.assert_close(cut, image[:, :, 3:13, 5:17].flip(-1), atol=1e-5, rtol=0)
+
+
+def test_crop_geometry_takes_one_image_size_per_crop():
+    per_crop = crop_geometry(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10]]), torch.tensor([[10, 10], [20, 40]]))
+    assert per_crop[0, 0, 0] == 1 and per_crop[1, 0, 0] == 0.25 and per_crop[1, 1, 1] == 0.5
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (([0, 0, 4, 4], (8, 8)), TypeError, "boxes must be an"),
+        ((torch.zeros(2, 3), (8, 8)), ValueError, r"boxes must have shape \(N, 4\)"),
+        ((torch.tensor([[0, 0, 4, 4]]), 8), ValueError, "image_size must be"),
+        ((torch.tensor([[0, 0, 4, 4]]), torch.tensor([[8, 8], [8, 8]])), ValueError, "image_size must be"),
+        ((torch.tensor([[0, 0, 0, 4]]), (8, 8)), ValueError, "positive height and width"),
+        ((torch.tensor([[0, 0, 4, 4]]), (8, 8), [True]), TypeError, "flipped must be"),
+        ((torch.tensor([[0, 0, 4, 4]]), (8, 8), torch.tensor([True, False])), ValueError, r"flipped must have shape"),
+    ],
+)
+def test_bad_crops_are_refused_by_name(args, error, match):
+    with pytest.raises(error, match=match):
+        crop_geometry(*args)
+
+
+def test_a_perturbation_written_through_a_crop_reads_back_through_the_same_crop():
+    theta = crop_geometry(BOXES, (28, 28), FLIPS)
+    image_frame = smooth_perturbation()
+    memory, index = PerturbationMemory(), torch.arange(8)
+    seen = views(image_frame, theta)
+    memory.write(index, seen, geometry=theta)
+    back = memory.read(index, seen, geometry=theta)
+    assert (back - seen).abs().mean() < 0.1 * seen.abs().mean()
+
+
+def test_the_image_outside_a_crop_keeps_what_it_held():
+    memory, index = PerturbationMemory(), torch.arange(8)
+    whole = crop_geometry(torch.tensor([[0, 0, 28, 28]] * 8), (28, 28))
+    memory.write(index, torch.full((8, 1, 28, 28), 0.05), geometry=whole)
+    corner = crop_geometry(torch.tensor([[0, 0, 14, 14]] * 8), (28, 28))
+    memory.write(index, torch.full((8, 1, 28, 28), -0.05), geometry=corner)
+    image = memory._rows(index, torch.zeros(8, 1, 28, 28))[0]  # as kept: the image frame
+    assert torch.allclose(image[..., :13, :13], torch.tensor(-0.05))
+    assert torch.allclose(image[..., 15:, :], torch.tensor(0.05)) and torch.allclose(
+        image[..., :, 15:], torch.tensor(0.05)
+    )
+
+
+def test_a_geometry_call_starts_where_the_stored_perturbation_seen_through_the_crop_says():
+    encoder, x, positive = batch()
+    theta = crop_geometry(BOXES, (28, 28), FLIPS)
+    reg, memory, index = positive_reg(), PerturbationMemory(), torch.arange(8) + 3
+    reg(encoder, x, positive=positive, memory=memory, index=index, geometry=theta)
+    later = crop_geometry(BOXES.roll(1, dims=0), (28, 28))  # the next epoch's crops
+    through = memory.read(index, x, geometry=later)
+    warm = reg(encoder, x, positive=positive, return_adversarial=True, memory=memory, index=index, geometry=later)
+    given = reg(encoder, x, positive=positive, return_adversarial=True, start=through)
+    assert through.abs().mean() > 0.01
+    assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
+
+
+def test_a_cold_geometry_call_is_the_configured_ascent():
+    encoder, x, positive = batch()
+    theta = crop_geometry(BOXES, (28, 28), FLIPS)
+    torch.manual_seed(5)
+    plain = positive_reg()(encoder, x, positive=positive, return_adversarial=True)
+    torch.manual_seed(5)
+    cold = positive_reg()(
+        encoder,
+        x,
+        positive=positive,
+        return_adversarial=True,
+        memory=PerturbationMemory(),
+        index=torch.arange(8),
+        geometry=theta,
+    )
+    assert torch.equal(cold.adversarial_inputs, plain.adversarial_inputs)
+
+
+@pytest.mark.parametrize("first, then", [(True, False), (False, True)])
+def test_a_memory_keeps_one_frame_and_refuses_the_other_before_any_forward(first, then):
+    _, x, positive = batch()
+    theta = crop_geometry(BOXES, (28, 28))
+    memory, index = PerturbationMemory(), torch.arange(8)
+    positive_reg()(small_cnn(), x, positive=positive, memory=memory, index=index, geometry=theta if first else None)
+    before = memory.state_dict()["data"].clone()
+    encoder = Counting(small_cnn())
+    with pytest.raises(ValueError, match="pass geometry= with every call or with none"):
+        positive_reg()(encoder, x, positive=positive, memory=memory, index=index, geometry=theta if then else None)
+    assert encoder.calls == 0 and torch.equal(memory.state_dict()["data"], before)
+
+
+@pytest.mark.parametrize(
+    "geometry, memory, error, match",
+    [
+        (torch.zeros(8, 2, 2), PerturbationMemory(), ValueError, r"geometry must have shape \(8, 2, 3\)"),
+        (torch.zeros(8, 2, 3, dtype=torch.long), PerturbationMemory(), TypeError, "geometry must be a floating-point"),
+        (torch.full((8, 2, 3), float("nan")), PerturbationMemory(), ValueError, "geometry must be finite"),
+        (torch.zeros(8, 2, 3), None, ValueError, "geometry is only used with memory="),
+    ],
+)
+def test_a_bad_geometry_is_refused_by_name_before_any_forward(geometry, memory, error, match):
+    _, x, positive = batch()
+    encoder = Counting(small_cnn())
+    index = None if memory is None else torch.arange(8)
+    with pytest.raises(error, match=match):
+        positive_reg()(encoder, x, positive=positive, memory=memory, index=index, geometry=geometry)
+    assert encoder.calls == 0
+
+
+def test_geometry_needs_a_batch_of_images():
+    memory = PerturbationMemory()
+    with pytest.raises(ValueError, match=r"geometry needs a batch of images \(N, C, H, W\)"):
+        memory.write(torch.arange(8), torch.zeros(8, 16), geometry=torch.zeros(8, 2, 3))
+
+
+def test_the_state_dict_keeps_the_frame():
+    memory = PerturbationMemory()
+    theta = crop_geometry(BOXES, (28, 28))
+    memory.write(torch.arange(8), smooth_perturbation(), geometry=theta)
+    resumed = PerturbationMemory()
+    resumed.load_state_dict(memory.state_dict())
+    with pytest.raises(ValueError, match="image coordinates"):
+        resumed.read(torch.arange(8), torch.zeros(8, 1, 28, 28))
+    torch.testing.assert_close(
+        resumed.read(torch.arange(8), torch.zeros(8, 1, 28, 28), geometry=theta),
+        memory.read(torch.arange(8), torch.zeros(8, 1, 28, 28), geometry=theta),
+    )

@@ -196,15 +196,13 @@ class PretrainConfig:
             embedding's softmax over NT-Xent's similarities to the batch's view-1 embeddings.
         warm_start: ``robust`` only (one whole adversarial view, the embedding penalty, the positive
             ascent): view 0's ascent starts from the perturbation its sample ended at in the previous
-            epoch, carried in image coordinates and warped into the new view's crop (ATTA, Zheng et al.
-            2020), instead of a uniform draw; the first epoch starts at the clean view. Fewer steps then
-            reach a strong point. The loop keeps one perturbation per training image.
-        warm_noise: With ``warm_start``: uniform noise of this fraction of ``epsilon`` added to the
-            carried start (then projected), as a random start adds it to the clean view (L-inf only).
+            epoch, kept in the package's :class:`~robust_reg.PerturbationMemory` in image coordinates and
+            warped into the new view's crop (ATTA, Zheng et al. 2020; the crop's ``geometry=``), instead of
+            a uniform draw; the first epoch starts as ``random_start`` says. Fewer steps then reach a
+            strong point.
         warm_warp: With ``warm_start``: warp the carried perturbation through each view's crop (``False``:
-            carry it in view coordinates, as a pipeline that does not expose its crops' geometry would;
-            without ``warm_noise`` this is the package's :class:`~robust_reg.PerturbationMemory`, what the
-            adapters' ``warm_start`` does, and the first epoch starts as ``random_start`` says).
+            carry it in view coordinates, as the adapters do for a pipeline that does not expose its
+            crops' geometry).
         acl_steps: PGD steps of the ``acl`` baseline's attack.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
@@ -234,7 +232,6 @@ class PretrainConfig:
     steps_from: int | None = None
     penalty: str = "embedding"
     warm_start: bool = False
-    warm_noise: float = 0.0
     warm_warp: bool = True
     acl_steps: int = 5
     seed: int = 0
@@ -288,11 +285,6 @@ class PretrainConfig:
                 "warm_start needs variant 'robust' with one whole adversarial view, penalty 'embedding', "
                 "ascent 'positive' and no clean_view_loss"
             )
-        if not 0.0 <= self.warm_noise <= 1.0 or (self.warm_noise and not self.warm_start):
-            raise ValueError(f"warm_noise must be in [0, 1] and needs warm_start, got {self.warm_noise}")
-        if self.warm_noise and self.norm != "linf":
-            # The noise is drawn per coordinate: in an L2 ball it would swamp the carried start.
-            raise ValueError(f"warm_noise supports norm='linf' only, got norm={self.norm!r}")
         if not self.warm_warp and not self.warm_start:
             raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
         if self.clean_view_loss and self.detach_anchor:
@@ -353,12 +345,8 @@ def pretrain(
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     indices = torch.arange(data.x_train.shape[0])
-    carried = memory = None
-    if config.warm_start and not config.warm_warp and not config.warm_noise:
-        # Carried as the view saw it: the package's own memory, the form the adapters give (warm_start=True).
-        memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device)
-    elif config.warm_start:
-        carried = torch.zeros_like(data.x_train, device=device)
+    # The package's own memory: in image coordinates moved with the crops (warm_warp), else as the view saw it.
+    memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device) if config.warm_start else None
     start = time.perf_counter()
     step = 0
     model.train()
@@ -371,25 +359,14 @@ def pretrain(
         for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
             x = x.to(device, non_blocking=True)
             with autocast:
-                if (carried is None and memory is None) or epoch_config.variant != "robust":
+                if memory is None or epoch_config.variant != "robust":
                     loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
-                elif memory is not None:
-                    loss, reg_value, _ = _warm_start_step(
-                        model, reg, augment(x), augment(x), epoch_config, memory=memory, index=index.to(device)
-                    )
                 else:
                     (x0, theta), x1 = augment(x, return_theta=True), augment(x)
-                    theta = theta if config.warm_warp else None  # None: carried as the view saw it
-                    index = index.to(device)
-                    previous = carried[index]
-                    ascent_start = _to_view(previous, theta, reg.threat.epsilon)
-                    if config.warm_noise:
-                        noise = torch.rand_like(ascent_start).mul_(2).sub_(1)
-                        ascent_start = ascent_start + config.warm_noise * reg.threat.epsilon * noise
-                    loss, reg_value, adversarial = _warm_start_step(
-                        model, reg, x0, x1, epoch_config, start=ascent_start
-                    )
-                    carried[index] = _to_image((adversarial - x0).float(), theta, previous)
+                    warm = {"memory": memory, "index": index.to(device)}
+                    if config.warm_warp:
+                        warm["geometry"] = theta
+                    loss, reg_value = _warm_start_step(model, reg, x0, x1, epoch_config, **warm)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -527,16 +504,15 @@ def _perturbed_view0(
     x0: Tensor,
     x1: Tensor,
     config: PretrainConfig,
-    start: Tensor | None = None,
     **warm: Tensor | PerturbationMemory,
 ) -> tuple[Tensor, Tensor, RegularizerOutput]:
     """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``,
-    the ascent starting at ``x0 + start`` if given (or from ``memory=``/``index=``, passed on)."""
+    warm-started from ``memory=``/``index=``/``geometry=`` if given (passed on)."""
     with torch.set_grad_enabled(not config.detach_anchor):
         z0 = model(x0)
     z1 = model(x1)
     positive = z1.detach() if config.ascent == "positive" else None
-    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, start=start, **warm)
+    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, **warm)
 
 
 def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = False) -> Tensor:
@@ -586,37 +562,13 @@ def _positive_anchor_step(
 
 
 def _warm_start_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, **ascent: Any
-) -> tuple[Tensor, float, Tensor]:
-    """The recommended step with view 0's ascent starting at ``x0 + start`` (pixel units) instead of a uniform
-    draw, or from ``memory=``/``index=`` (``ascent``); also returns the adversarial view, for the next epoch."""
-    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, **ascent)
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, **warm: Any
+) -> tuple[Tensor, float]:
+    """The recommended step with view 0's ascent warm-started from the regulariser's ``memory=``/``index=``
+    (and ``geometry=``: ``warm``) instead of a uniform draw."""
+    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, **warm)
     loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
-    return loss, out.loss.item(), out.adversarial_inputs
-
-
-def _to_view(carried: Tensor, theta: Tensor | None, epsilon: float) -> Tensor:
-    """Image-space perturbations seen through each view's crop (zero outside the image; ``theta=None``:
-    the identity)."""
-    if theta is None:
-        return carried.clamp(-epsilon, epsilon)
-    grid = F.affine_grid(theta, list(carried.shape), align_corners=False)
-    view = F.grid_sample(carried, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return view.clamp(-epsilon, epsilon)  # bilinear weights keep it in the ball; this absorbs round-off
-
-
-def _to_image(delta: Tensor, theta: Tensor | None, previous: Tensor) -> Tensor:
-    """View-space perturbations mapped back to image coordinates; pixels the crop did not cover keep
-    ``previous`` (blended at the crop's edge; ``theta=None``: the identity)."""
-    if theta is None:
-        return delta
-    linear, shift = theta[:, :, :2], theta[:, :, 2:]
-    inverse_linear = torch.linalg.inv(linear)
-    inverse = torch.cat([inverse_linear, -inverse_linear @ shift], dim=2)
-    grid = F.affine_grid(inverse, list(delta.shape), align_corners=False)
-    image = F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    covered = F.grid_sample(torch.ones_like(delta), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return image + (1 - covered) * previous
+    return loss, out.loss.item()
 
 
 _PENALTY_STEPS = {
