@@ -8,8 +8,9 @@ compares, its adversarial embedding fed to the loss, steps 3) written as a
 plain loop and through the lightly adapter (``robustify`` on a lightly-style
 LightningModule); the warm-started step (the ascent from where each image's last
 one ended, kept in a ``PerturbationMemory``), as a plain loop and through the
-lightly adapter, also warped through each view's crop (``geometry=``); and the ACL-style baseline (PGD-5 on the SSL loss). The
-default and ACL rows run the training step of ``benchmarks/compare.py``. On a
+lightly adapter, also moved with each view's crop (``geometry=``); and the
+ACL-style baseline (PGD-5 on the SSL loss). The default and ACL rows run the
+training step of ``benchmarks/compare.py``. On a
 CIFAR-size ResNet-18 and on a small CNN for 28x28 inputs.
 
 Time: all configurations run interleaved in one process (round-robin, in a

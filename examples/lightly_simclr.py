@@ -2,6 +2,7 @@
 
     python examples/lightly_simclr.py --dataset mnist5k              # CPU, offline, a few minutes
     python examples/lightly_simclr.py --dataset mnist5k --warm-start # the cheapest form measured
+    python examples/lightly_simclr.py --dataset mnist5k --warm-start --warp  # ... moved with each crop
     python examples/lightly_simclr.py --dataset cifar10 --download   # GPU, ResNet-18
 
 The LightningModule below is an ordinary lightly-style module (``self.backbone``,
@@ -14,7 +15,9 @@ term to every training step's loss, and reads the input normalisation from the
 lightly transform. ``--warm-start`` adds the measured warm-start form: each
 image's ascent starts where it ended the last time (the dataset yields each
 image's index), 2 steps, the clean anchor detached, eps ramped over the first
-30 % of the epochs. Afterwards the
+30 % of the epochs. ``--warp`` also moves each stored perturbation with the
+image's next crop: the dataset cuts the views itself, with lightly's transform
+minus its crop and flip, and reports each view's box (``geometry=``). Afterwards the
 script fits a linear probe on the frozen backbone and prints a BoundReport
 (clean and PGD accuracy, the estimated bound).
 """
@@ -32,8 +35,9 @@ from lightly.transforms import SimCLRTransform
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import nn
 from torchvision import transforms as T
+from torchvision.transforms import v2 as T2
 
-from robust_reg import estimate_bound, fit_linear_probe
+from robust_reg import crop_geometry, estimate_bound, fit_linear_probe
 from robust_reg.experiments.models import conv_encoder
 from robust_reg.integrations.lightly import robustify
 
@@ -80,7 +84,8 @@ class Digits(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.transform(self.images[i]), self.labels[i]
+        image = self.images[i]
+        return (image if self.transform is None else self.transform(image)), self.labels[i]
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -97,12 +102,57 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 def sample_index(batch):
-    """The indices of a :class:`WithIndex` batch."""
+    """The indices of a :class:`WithIndex` or :class:`CroppedViews` batch."""
     return batch[2]
 
 
+class CroppedViews(torch.utils.data.Dataset):
+    """``(views, label, index, crops)``: two views of each image as lightly's ``SimCLRTransform`` makes them,
+    with each view's crop box, image size and flip, which the warped warm start needs.
+
+    ``dataset`` yields ``(PIL image, label)``. The crop and the horizontal flip are drawn here (torchvision's
+    ``RandomResizedCrop.get_params``, the same distribution); the rest of lightly's view transform (colour,
+    grayscale, normalisation) runs after them unchanged.
+    """
+
+    def __init__(self, dataset, transform: SimCLRTransform):
+        view = transform.transforms[0].transform  # lightly: one view transform, applied to each view
+        steps = view.transforms
+        crops, flips = (T.RandomResizedCrop, T2.RandomResizedCrop), (T.RandomHorizontalFlip, T2.RandomHorizontalFlip)
+        crop = next(t for t in steps if isinstance(t, crops))  # lightly uses torchvision's v2 where it can
+        vertical = any(isinstance(t, (T.RandomVerticalFlip, T2.RandomVerticalFlip)) and t.p > 0 for t in steps)
+        rotation = any("Rotat" in type(t).__name__ and getattr(t, "prob", 1) > 0 for t in steps)
+        if vertical or rotation:  # crop_geometry describes crops and horizontal flips only
+            raise ValueError("--warp records crops and horizontal flips only: no vertical flips or rotations")
+        self.dataset, self.size, self.scale, self.ratio = dataset, list(crop.size), crop.scale, crop.ratio
+        self.flip = next((t.p for t in steps if isinstance(t, flips)), 0.0)
+        self.rest = T.Compose([t for t in steps if not isinstance(t, crops + flips)])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+
+        image, label = self.dataset[i]
+        views, crops = [], []
+        for _ in range(2):
+            box = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)  # top, left, height, width
+            view = TF.resized_crop(image, *box, self.size, antialias=True)
+            flipped = bool(torch.rand(()) < self.flip)
+            views.append(self.rest(TF.hflip(view) if flipped else view))
+            crops.append((torch.tensor(box), torch.tensor([image.height, image.width]), flipped))
+        return views, label, i, crops
+
+
+def view_crops(batch):
+    """Each view's crops of a :class:`CroppedViews` batch, as ``geometry=`` takes them."""
+    return [crop_geometry(boxes, sizes, flipped) for boxes, sizes, flipped in batch[3]]
+
+
 def datasets(name: str, root: str, download: bool):
-    """(pretraining set with two views, probe train set, test set, lightly transform, mean, std)."""
+    """(pretraining set with two views, the same images untransformed, probe train set, test set, lightly
+    transform, mean and std)."""
     if name == "mnist5k":
         normalize = MNIST_NORMALIZE
         # Digits: no flips, no hue; crops keep most of the digit.
@@ -112,11 +162,13 @@ def datasets(name: str, root: str, download: bool):
         plain = T.Compose([T.ToTensor(), T.Normalize(**normalize)])
         order = torch.randperm(5000, generator=torch.Generator().manual_seed(0)).tolist()
         train, test = order[:4000], order[4000:]
-        return Digits(train, transform), Digits(train, plain), Digits(test, plain), transform, normalize
+        raw = Digits(train, None)
+        return Digits(train, transform), raw, Digits(train, plain), Digits(test, plain), transform, normalize
     transform = SimCLRTransform(input_size=32, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)  # lightly's default
     plain = T.Compose([T.ToTensor(), T.Normalize(**IMAGENET_NORMALIZE)])
     cifar = lambda train, tf: torchvision.datasets.CIFAR10(root, train=train, download=download, transform=tf)  # noqa: E731
-    return cifar(True, transform), cifar(True, plain), cifar(False, plain), transform, IMAGENET_NORMALIZE
+    raw = cifar(True, None)
+    return cifar(True, transform), raw, cifar(True, plain), cifar(False, plain), transform, IMAGENET_NORMALIZE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,14 +181,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilon", type=float, default=None, help="default 0.1 (mnist5k) / 8/255 (cifar10)")
     p.add_argument("--weight", type=float, default=1.0, help="regulariser weight; 0 trains plain SimCLR")
     p.add_argument("--warm-start", action="store_true", help="the warm-start form (README, Warm start)")
+    p.add_argument("--warp", action="store_true", help="with --warm-start: move it with each view's crop")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
+    if args.warp and not args.warm_start:
+        p.error("--warp needs --warm-start")
 
     mnist = args.dataset == "mnist5k"
     epochs = args.epochs or (10 if mnist else 200)
     batch_size = args.batch_size or (64 if mnist else 512)
     epsilon = args.epsilon if args.epsilon is not None else (0.1 if mnist else 8 / 255)
-    pretrain_set, probe_set, test_set, transform, stats = datasets(args.dataset, args.data_root, args.download)
+    pretrain_set, raw_set, probe_set, test_set, transform, stats = datasets(args.dataset, args.data_root, args.download)
 
     if mnist:
         backbone, dim = conv_encoder(in_channels=1), 128
@@ -153,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         warm = dict(
             warm_start=True, index=sample_index, steps=2, step_size=epsilon / 2, detach_anchor=True, epsilon_ramp=0.3
         )
+    if args.warp:  # the same images, cut here so that each view's crop is known
+        pretrain_set = CroppedViews(raw_set, transform)
+        warm["geometry"] = view_crops
     if args.weight > 0:
         robustify(model, epsilon=epsilon, weight=args.weight, transform=transform, **warm)  # <- the one added line
 

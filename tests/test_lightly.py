@@ -568,3 +568,36 @@ def test_epsilon_ramp_outside_a_trainer_or_out_of_range_is_named():
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     with pytest.raises(RuntimeError, match="epsilon_ramp .* needs the module attached to a Trainer"):
         module.training_step((views, torch.zeros(8)), 0)
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lightly_examples_cropped_views_report_the_crops_they_were_cut_with():
+    import torch.nn.functional as F
+    import torchvision.transforms.functional as TF
+
+    example = _example("lightly_simclr")
+    transform = SimCLRTransform(
+        input_size=28, min_scale=0.3, hf_prob=0.5, cj_prob=0.0, random_gray_scale=0.0, gaussian_blur=0.0, normalize=None
+    )
+    raw = example.Digits(range(16), None)
+    dataset = example.CroppedViews(raw, transform)
+    torch.manual_seed(0)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(16)])
+    images = torch.stack([TF.to_tensor(raw[i][0]) for i in range(16)])
+    for view, crops, wrong in zip(batch[0], example.view_crops(batch), example.view_crops(batch)[::-1]):
+        cut, other = (
+            F.grid_sample(images, F.affine_grid(theta, list(view.shape), align_corners=False), align_corners=False)
+            for theta in (crops, wrong)
+        )
+        assert (cut - view).abs().mean() < 0.3 * (other - view).abs().mean()
+    assert batch[2].tolist() == list(range(16))
