@@ -235,8 +235,9 @@ class RobustnessRegularizer(nn.Module):
             does not fit ``x`` (length, sign, ``num_samples``) or a view of
             another size than the memory's, ``memory`` without ``index`` (or
             ``index`` or ``geometry`` without it, or with ``start``), a
-            ``geometry`` not ``(N, 2, 3)`` or not finite, or one given to a
-            memory written without it (or missing where it was given).
+            ``geometry`` not ``(N, 2, 3)``, not finite or with an empty crop,
+            or one given to a memory written without it (or missing where it
+            was given).
         TypeError: For integer inputs or features, a non-callable encoder, a
             ``start`` or ``geometry`` that is not a floating-point tensor, a
             ``memory`` that is not a :class:`~robust_reg.PerturbationMemory` or

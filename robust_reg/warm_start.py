@@ -216,7 +216,8 @@ class PerturbationMemory:
             ValueError: If ``index`` is not 1-D with one entry per sample of ``x``,
                 has a negative entry or one at or past ``num_samples``; if ``x``'s
                 samples have another shape than the stored ones; if ``geometry`` is
-                not ``(N, 2, 3)``, not finite, or given where ``x`` is not a batch
+                not ``(N, 2, 3)``, not finite, has a singular (empty) crop, or is
+                given where ``x`` is not a batch
                 of images ``(N, C, H, W)``; or if ``geometry`` is given to a memory
                 written without it, or missing where it was written with it.
         """
@@ -235,8 +236,10 @@ class PerturbationMemory:
                 raise ValueError(f"geometry must have shape ({x.shape[0]}, 2, 3), got {tuple(geometry.shape)}")
             if x.dim() != 4:
                 raise ValueError(f"geometry needs a batch of images (N, C, H, W), x has shape {tuple(x.shape)}")
-            if not bool(torch.isfinite(geometry).all()):
-                raise ValueError("geometry must be finite")
+            finite = torch.isfinite(geometry).all(dim=(1, 2))
+            invertible = torch.linalg.det(torch.where(finite.view(-1, 1, 1), geometry, 1.0)[:, :, :2]) != 0
+            if not bool((finite & invertible).all()):  # the write-back inverts each crop
+                raise ValueError("geometry must be finite, each crop's 2x2 part invertible (a non-empty crop)")
         frame = "view" if geometry is None else "image"
         if self._frame is not None and frame != self._frame:
             raise ValueError(

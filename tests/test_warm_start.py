@@ -309,6 +309,7 @@ def test_a_memory_keeps_one_frame_and_refuses_the_other_before_any_forward(first
         (torch.zeros(8, 2, 2), PerturbationMemory(), ValueError, r"geometry must have shape \(8, 2, 3\)"),
         (torch.zeros(8, 2, 3, dtype=torch.long), PerturbationMemory(), TypeError, "geometry must be a floating-point"),
         (torch.full((8, 2, 3), float("nan")), PerturbationMemory(), ValueError, "geometry must be finite"),
+        (torch.zeros(8, 2, 3), PerturbationMemory(), ValueError, "invertible"),
         (torch.zeros(8, 2, 3), None, ValueError, "geometry is only used with memory="),
     ],
 )
