@@ -605,7 +605,33 @@ def robustify_module(
         geometry=geometry,
     )
     object.__setattr__(module, "training_step", step)
+    if memory is not None:
+        for hook in _CHECKPOINT_HOOKS:
+            if callable(getattr(type(module), hook, None)):  # a LightningModule: checkpoints carry the memory
+                object.__setattr__(module, hook, _MemoryCheckpointHook(module, hook, memory))
     return module
+
+
+CHECKPOINT_KEY = "robust_reg_warm_start"
+_CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
+
+
+class _MemoryCheckpointHook:
+    """A module's ``on_save_checkpoint``/``on_load_checkpoint``, run unchanged, plus the warm start's memory:
+    saved under :data:`CHECKPOINT_KEY` (outside the ``state_dict``, so the unmodified class still loads the
+    checkpoint) and restored from it when a robustified module resumes."""
+
+    def __init__(self, module: nn.Module, hook: str, memory: PerturbationMemory) -> None:
+        self.module, self.hook, self.memory = module, hook, memory
+        self.function = getattr(type(module), hook)
+
+    def __call__(self, checkpoint: dict[str, Any]) -> Any:
+        result = self.function(self.module, checkpoint)
+        if self.hook == "on_save_checkpoint":
+            checkpoint[CHECKPOINT_KEY] = self.memory.state_dict()
+        elif CHECKPOINT_KEY in checkpoint:
+            self.memory.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        return result
 
 
 def _warm_start(

@@ -133,7 +133,10 @@ def robustify(
             ``step_size=epsilon / 2``, ``detach_anchor=True`` and ``epsilon_ramp=0.3``
             trains in 0.68x PGD-5 adversarial contrastive training's time and beats
             it at equal time (+1.1 PGD-20, +2.2 AutoAttack); BYOL gained nothing.
-            Memory: one view-sized tensor per training sample.
+            Memory: one view-sized tensor per training sample. Lightning
+            checkpoints carry it beside the ``state_dict`` (key
+            ``"robust_reg_warm_start"``) and a run resumed with ``ckpt_path=``
+            restores it; the module's own checkpoint hooks still run.
         index: With ``warm_start``: ``callable(batch) -> Tensor``, each sample's
             index in the training set, a 1-D integer tensor (lightly's datasets do
             not yield it: return it from your dataset, e.g. as a third field).

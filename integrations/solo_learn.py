@@ -136,7 +136,9 @@ def robustify(
     by the batch's ``indexes`` (``batch[0]``), so it needs no other change. The
     memory holds one large-crop-sized tensor per training sample on the views'
     device (CIFAR-10 at 32x32: 0.6 GB); pass ``warm_start=PerturbationMemory(...,
-    device="cpu", dtype=torch.float16)`` to keep it elsewhere. Measured on MNIST
+    device="cpu", dtype=torch.float16)`` to keep it elsewhere. Checkpoints carry
+    it beside the ``state_dict`` (key ``"robust_reg_warm_start"``), and a run
+    resumed from one restores it. Measured on MNIST
     (README, Results): SimCLR with ``steps: 2``, ``step_size: eps / 2``,
     ``detach_anchor: true`` and ``epsilon_ramp: 0.3`` beats PGD-5 adversarial contrastive
     training at equal time (+1.1 PGD-20, +2.2 AutoAttack, in 0.68x its time); BYOL gained nothing.

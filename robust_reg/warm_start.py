@@ -136,14 +136,17 @@ class PerturbationMemory:
     three digits); for a dataset of ImageNet's size it does not fit. Under DDP each
     process keeps the samples it saw; a sample that another process drew last
     epoch starts from this process's older entry (still projected onto the ball).
-    It is not part of any ``state_dict`` of the model; save :meth:`state_dict`
-    yourself to resume warm.
+    It is not part of any ``state_dict`` of the model: in a plain loop save
+    :meth:`state_dict` yourself to resume warm; the adapters' ``warm_start``
+    puts it in Lightning checkpoints (beside the ``state_dict``) and restores
+    it on resume.
 
     Args:
         num_samples: The number of training samples: indices must be below it.
             ``None`` (default): the memory grows to the largest index seen.
-        device: Where the memory lives (default: the device of the first batch).
-            ``"cpu"`` saves accelerator memory at the cost of a copy per batch.
+        device: Where the memory lives (default: the batches' device; a memory
+            loaded from a checkpoint onto another device moves there at the next
+            batch). ``"cpu"`` saves accelerator memory at the cost of a copy per batch.
         dtype: Floating-point dtype of the stored perturbations (default float32).
 
     Raises:
@@ -285,6 +288,8 @@ class PerturbationMemory:
         if self._data is None:
             stored = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
             return (None if like is None else torch.zeros_like(like)), stored
+        if like is not None:
+            self._follow(like.device)
         index = index.to(self._data.device)
         inside = index < self._data.shape[0]
         clamped = index.clamp(max=self._data.shape[0] - 1)
@@ -317,10 +322,16 @@ class PerturbationMemory:
             data, stored = self._data.new_zeros(size, *self._data.shape[1:]), self._stored.new_zeros(size)
             data[:old], stored[:old] = self._data, self._stored
             self._data, self._stored = data, stored
+        self._follow(perturbation.device)
         index = index.to(self._data.device)
         self._data[index] = perturbation.to(self._data.device, self.dtype)
         self._stored[index] = True
         self._frame = "view" if geometry is None else "image"
+
+    def _follow(self, device: torch.device) -> None:
+        """Without a fixed ``device`` the memory lives on the batches' device (moved once, e.g. after loading)."""
+        if self.device is None and self._data is not None and self._data.device != device:
+            self._data, self._stored = self._data.to(device), self._stored.to(device)
 
     def reset(self) -> None:
         """Forget every stored perturbation (and the allocation)."""

@@ -551,6 +551,46 @@ def test_crops_that_do_not_fit_the_views_are_named_at_the_step_before_the_users_
         assert torch.equal(value, before[name]), name
 
 
+def test_a_lightning_checkpoint_carries_the_memory_and_resuming_restores_it(tmp_path):
+    memory = PerturbationMemory(num_samples=64)
+    module = robustify(SimCLR(), warm_start=memory, index=third_field, log=False)
+    first = trainer(tmp_path, max_steps=2)
+    torch.manual_seed(0)
+    first.fit(module, loader(indexed=True))
+    path = tmp_path / "warm.ckpt"
+    first.save_checkpoint(path)
+    restored = PerturbationMemory(num_samples=64)
+    resumed = robustify(SimCLR(), warm_start=restored, index=third_field, log=False)
+    trainer(tmp_path, max_steps=2).fit(resumed, loader(indexed=True), ckpt_path=path)  # restores, trains no step
+    assert restored.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
+    like = torch.zeros(64, 3, 28, 28)
+    assert torch.equal(restored.read(torch.arange(64), like), memory.read(torch.arange(64), like))
+
+
+def test_a_checkpoint_with_the_memory_still_loads_into_the_unmodified_class(tmp_path):
+    module = robustify(SimCLR(), warm_start=True, index=third_field, log=False)
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(module, loader(indexed=True))
+    fit.save_checkpoint(tmp_path / "warm.ckpt")
+    plain = SimCLR.load_from_checkpoint(tmp_path / "warm.ckpt")
+    assert not is_robustified(plain)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, module.state_dict()[name]), name
+
+
+def test_the_modules_own_checkpoint_hooks_still_run(tmp_path):
+    class Recording(SimCLR):
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["mine"] = 1
+
+    module = robustify(Recording(), warm_start=True, index=third_field, log=False)
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(module, loader(indexed=True))
+    fit.save_checkpoint(tmp_path / "warm.ckpt")
+    checkpoint = torch.load(tmp_path / "warm.ckpt", weights_only=False)
+    assert checkpoint["mine"] == 1 and checkpoint["robust_reg_warm_start"]["stored"].sum() == 16
+
+
 def test_epsilon_ramp_grows_eps_over_its_share_of_the_epochs(tmp_path):
     module = robustify(SimCLR(), epsilon=0.1, epsilon_ramp=0.5, log=False)
     reg, seen = module.training_step.regularizer, []
