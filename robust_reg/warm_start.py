@@ -220,9 +220,9 @@ class PerturbationMemory:
                 has a negative entry or one at or past ``num_samples``; if ``x``'s
                 samples have another shape than the stored ones; if ``geometry`` is
                 not ``(N, 2, 3)``, not finite, has a singular (empty) crop, or is
-                given where ``x`` is not a batch
-                of images ``(N, C, H, W)``; or if ``geometry`` is given to a memory
-                written without it, or missing where it was written with it.
+                given where ``x`` is not a batch of images ``(N, C, H, W)``; or if
+                ``geometry`` is given to a memory written without it, or missing
+                where it was written with it.
         """
         index = self._check_index(index, x.shape[0])
         shape = self.sample_shape

@@ -274,3 +274,16 @@ def test_warm_start_from_the_config_block_reads_solo_learns_indexes(tmp_path):
     memory = method.training_step.memory
     assert memory.is_stored(torch.arange(32)).tolist() == [True] * 16 + [False] * 16
     assert memory.sample_shape == (3, 32, 32)
+
+
+def test_a_warm_started_methods_checkpoint_carries_its_memory(tmp_path):
+    cfg = small_cfg("simclr", **{"robust_reg.warm_start": True, "robust_reg.steps": 1})
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    fit = L.Trainer(
+        max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **QUIET_TRAINER
+    )
+    fit.fit(method, loader())  # unshuffled, batches of 8: samples 0-15
+    fit.save_checkpoint(tmp_path / "warm.ckpt")
+    restored = robustify(SimCLR(cfg), cfg=cfg)
+    restored.on_load_checkpoint(torch.load(tmp_path / "warm.ckpt", weights_only=False))  # what a resumed fit calls
+    assert restored.training_step.memory.is_stored(torch.arange(32)).tolist() == [True] * 16 + [False] * 16
