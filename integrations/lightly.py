@@ -147,8 +147,8 @@ def robustify(
             The memory then keeps each perturbation in image coordinates and moves
             it with the next crop: on MNIST (SimCLR, the settings above, 3 seeds)
             +3.8 PGD-20 / +5.8 AutoAttack over PGD-5 adversarial contrastive
-            training at equal time (README, Results). Without it the memory keeps
-            the perturbation as the view saw it.
+            training at equal time (README, Results; BYOL: no gain). Without it the
+            memory keeps the perturbation as the view saw it.
         epsilon_ramp: Share of the epochs (of the Trainer's ``max_epochs``) over
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
