@@ -316,8 +316,9 @@ class RobustTrainingStep:
                 got = f"{len(crops)} entries" if isinstance(crops, (tuple, list)) else type(crops).__name__
                 raise ValueError(f"robust_reg: geometry= of robustify must return {expected} of crops, got {got}")
         try:
-            for view_crops in crops or (None,):
-                warm["index"] = self.memory.check(warm["index"], x, view_crops)
+            warm["index"] = self.memory.check(warm["index"], x, crops[0] if crops else None)
+            for view_crops in (crops or ())[1:]:  # the other view's: the index is checked once
+                self.memory._check_geometry(view_crops, x)
         except (TypeError, ValueError) as err:
             names = "index=" + (" or geometry=" if self.geometry is not None else "")
             raise type(err)(

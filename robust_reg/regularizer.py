@@ -408,7 +408,7 @@ class RobustnessRegularizer(nn.Module):
         if memory is not None or index is not None or geometry is not None:
             index = self._check_memory(memory, index, start, x, geometry)
             origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)  # what the perturbation is from
-            start = self._memory_start(memory, index, origin, geometry)
+            start, kept = self._memory_start(memory, index, origin, geometry)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = active_stochastic_layers(module, self.stochastic_modules)
@@ -480,7 +480,7 @@ class RobustnessRegularizer(nn.Module):
             deviation = gather(per_sample).mean()
             value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
         if memory is not None:  # where each ascent ended, for the next visit of the sample
-            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry)
+            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry, previous=kept)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
@@ -508,14 +508,15 @@ class RobustnessRegularizer(nn.Module):
 
     def _memory_start(
         self, memory: PerturbationMemory, index: Tensor, origin: Tensor, geometry: Tensor | None
-    ) -> Tensor:
-        """The stored perturbations (through each view's crop with ``geometry``); samples without one start as
-        configured (a draw in the ball around the clean pixels ``origin``, or zero)."""
-        rows, stored = memory._read(index, origin, geometry)
+    ) -> tuple[Tensor, Tensor]:
+        """The stored perturbations (through each view's crop with ``geometry``; samples without one start as
+        configured: a draw in the ball around the clean pixels ``origin``, or zero) and the rows as the memory
+        keeps them, for the write-back."""
+        rows, stored, kept = memory._read(index, origin, geometry)
         if not self.random_start or bool(stored.all()):
-            return rows
+            return rows, kept
         draw = self.threat.random_start(origin)
-        return torch.where(stored.view(-1, *([1] * (origin.dim() - 1))), rows, draw.to(rows.dtype))
+        return torch.where(stored.view(-1, *([1] * (origin.dim() - 1))), rows, draw.to(rows.dtype)), kept
 
     def _clean_pass_is_first_iterate(self, x: Tensor) -> bool:
         """Whether the clean forward can double as the ascent's first one (it starts at ``x``)."""

@@ -71,7 +71,7 @@ def crop_geometry(boxes: Tensor, image_size: tuple[int, int] | Tensor, flipped: 
         size = torch.tensor([float(image_size[0]), float(image_size[1])], device=device).expand(n, 2)
     else:
         raise ValueError(f"image_size must be (height, width) or an (N, 2) tensor, got {image_size!r}")
-    if n and (bool((size <= 0).any()) or bool((boxes[:, 2:] <= 0).any())):
+    if n and bool(((size <= 0) | (boxes[:, 2:] <= 0)).any()):  # one host sync
         raise ValueError("image_size must be positive and every box must have a positive height and width")
     sign = torch.ones(n, device=device)
     if flipped is not None:
@@ -232,17 +232,7 @@ class PerturbationMemory:
                 "use one PerturbationMemory per view size"
             )
         if geometry is not None:
-            if not isinstance(geometry, Tensor) or not geometry.is_floating_point():
-                got = geometry.dtype if isinstance(geometry, Tensor) else type(geometry).__name__
-                raise TypeError(f"geometry must be a floating-point (N, 2, 3) tensor (crop_geometry), got {got}")
-            if geometry.shape != (x.shape[0], 2, 3):
-                raise ValueError(f"geometry must have shape ({x.shape[0]}, 2, 3), got {tuple(geometry.shape)}")
-            if x.dim() != 4:
-                raise ValueError(f"geometry needs a batch of images (N, C, H, W), x has shape {tuple(x.shape)}")
-            finite = torch.isfinite(geometry).all(dim=(1, 2))
-            invertible = torch.linalg.det(torch.where(finite.view(-1, 1, 1), geometry, 1.0)[:, :, :2]) != 0
-            if not bool((finite & invertible).all()):  # the write-back inverts each crop
-                raise ValueError("geometry must be finite, each crop's 2x2 part invertible (a non-empty crop)")
+            self._check_geometry(geometry, x)
         frame = "view" if geometry is None else "image"
         if self._frame is not None and frame != self._frame:
             raise ValueError(
@@ -251,6 +241,21 @@ class PerturbationMemory:
                 "or with none"
             )
         return index
+
+    @staticmethod
+    def _check_geometry(geometry: object, x: Tensor) -> None:
+        """``geometry`` validated against the batch ``x`` (see :meth:`check`)."""
+        if not isinstance(geometry, Tensor) or not geometry.is_floating_point():
+            got = geometry.dtype if isinstance(geometry, Tensor) else type(geometry).__name__
+            raise TypeError(f"geometry must be a floating-point (N, 2, 3) tensor (crop_geometry), got {got}")
+        if geometry.shape != (x.shape[0], 2, 3):
+            raise ValueError(f"geometry must have shape ({x.shape[0]}, 2, 3), got {tuple(geometry.shape)}")
+        if x.dim() != 4:
+            raise ValueError(f"geometry needs a batch of images (N, C, H, W), x has shape {tuple(x.shape)}")
+        finite = torch.isfinite(geometry).all(dim=(1, 2))
+        invertible = torch.linalg.det(torch.where(finite.view(-1, 1, 1), geometry, 1.0)[:, :, :2]) != 0
+        if not bool((finite & invertible).all()):  # the write-back inverts each crop
+            raise ValueError("geometry must be finite, each crop's 2x2 part invertible (a non-empty crop)")
 
     def _check_index(self, index: object, n: int | None) -> Tensor:
         if not isinstance(index, Tensor) or index.dtype == torch.bool or index.is_floating_point():
@@ -275,13 +280,17 @@ class PerturbationMemory:
         """Per entry of ``index`` (a 1-D integer tensor), whether a perturbation is stored for it."""
         return self._read(self._check_index(index, None), None)[1]
 
-    def _read(self, index: Tensor, like: Tensor | None, geometry: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    def _read(
+        self, index: Tensor, like: Tensor | None, geometry: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """The rows of ``index`` (zeros where none is stored; ``None`` without ``like``; through the crops
-        with ``geometry``) and the stored mask."""
-        rows, stored = self._rows(index, like)
-        if geometry is not None and rows is not None:
-            rows = _to_view(rows, geometry.to(rows.device))
-        return rows, stored
+        with ``geometry``), the stored mask, and the rows as kept (what a write back with the same
+        ``geometry`` blends with, so it need not gather them again)."""
+        kept, stored = self._rows(index, like)
+        rows = kept
+        if geometry is not None and kept is not None:
+            rows = _to_view(kept, geometry.to(kept.device))
+        return rows, stored, kept
 
     def _rows(self, index: Tensor, like: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """The stored rows of ``index`` as kept (zeros where none is stored) and the stored mask."""
@@ -307,10 +316,14 @@ class PerturbationMemory:
             raise TypeError(f"perturbation must be a floating-point tensor, got {got}")
         self._write(self.check(index, perturbation, geometry), perturbation, geometry)
 
-    def _write(self, index: Tensor, perturbation: Tensor, geometry: Tensor | None = None) -> None:
+    def _write(
+        self, index: Tensor, perturbation: Tensor, geometry: Tensor | None = None, previous: Tensor | None = None
+    ) -> None:
+        """``previous``: with ``geometry``, the rows of ``index`` as kept, if already read (else gathered)."""
         perturbation = perturbation.detach()
         if geometry is not None:
-            previous = self._rows(index, perturbation)[0]
+            if previous is None:
+                previous = self._rows(index, perturbation)[0]
             perturbation = _to_image(perturbation, geometry.to(perturbation.device), previous)
         needed = self.num_samples or (int(index.max()) + 1 if index.numel() else 0)
         if self._data is None:
