@@ -291,10 +291,13 @@ class ThreatModel:
     def random_start(self, pixels: Tensor) -> Tensor:
         """A perturbation drawn uniformly from the ball, clipped to the bounds."""
         eps = self.epsilon
+        # Drawn in the logical (contiguous) order, not ``*_like``'s memory order: a channels-last batch gets
+        # the same perturbation as its contiguous copy under the same seed.
+        like = dict(dtype=pixels.dtype, device=pixels.device)
         if self.norm == "linf":
-            delta = torch.empty_like(pixels).uniform_(-eps, eps)
+            delta = torch.empty(pixels.shape, **like).uniform_(-eps, eps)
         else:
-            flat = torch.randn_like(pixels).flatten(1)
+            flat = torch.randn(pixels.shape, **like).flatten(1)
             flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
             # Radius u^(1/d) makes the draw uniform in the volume of the ball.
             radius = torch.rand(flat.shape[0], 1, dtype=flat.dtype, device=flat.device) ** (1.0 / flat.shape[1])

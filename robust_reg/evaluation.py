@@ -139,7 +139,8 @@ class _TorchattacksSpec:
         chunks = range(0, x.shape[0], ctx.batch_size)
         out = []
         for i in progress(chunks, enabled=ctx.progress_bar, desc=f"{self.name} eps={threat.epsilon:.3g}"):
-            pixels = threat.to_pixels(x[i : i + ctx.batch_size]).clamp(*threat.bounds)
+            # torchattacks reshapes with .view (FAB): it needs contiguous inputs, whatever layout the caller uses.
+            pixels = threat.to_pixels(x[i : i + ctx.batch_size]).clamp(*threat.bounds).contiguous()
             out.append(threat.to_model(attack(pixels, y[i : i + ctx.batch_size])))
         return torch.cat(out)
 
