@@ -174,12 +174,12 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
             return module.training_step(([x0, x1], None, index, crops), 0)
 
     else:
-        reg = RobustnessRegularizer(EPSILON, steps=options["steps"])
+        reg = RobustnessRegularizer(EPSILON, steps=options["steps"], form="backbone")
 
         def loss() -> torch.Tensor:
             h0, h1 = model.backbone(x0), model.backbone(x1)
             ssl = model.loss_from_features((x0, x1), (h0, h1))
-            return ssl + reg(model.backbone, x0, features=h0 if options["reuse"] else None)
+            return ssl + reg(model.backbone, x0, features=h0 if options["reuse"] else None).loss
 
     def step() -> None:
         model.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ Then evaluate: ``python examples/evaluate.py runs/simclr_reg.pt`` (or ``robust-r
 The training loop is :func:`robust_reg.experiments.ssl.pretrain`: SimCLR/BYOL built
 from lightly's heads and losses and batched augmentations. By default the regulariser
 works on the embedding the SSL loss compares (``--target embedding``, the package
-default: ``out = reg(model, x0, features=z0, positive=z1, return_adversarial=True)``
+default: ``out = reg(model, x0, features=z0, positive=z1)``
 and ``out.adversarial_features`` replace view 0's embedding in the loss); ``--target
 backbone`` regularises the backbone features instead (the paper's form, optionally with
 ``--adversarial-view``).

@@ -161,8 +161,11 @@ class RobustTrainingStep:
         index_description: str = "index(batch)",
         epsilon_ramp: float = 0.0,
         geometry: ViewGetter | None = None,
+        assumed_normalization: str | None = None,
     ) -> None:
         self.module = module
+        # Set when the inputs' normalisation was assumed, not given: checked against the first batch.
+        self.assumed_normalization = assumed_normalization
         self.function = type(module).training_step
         self.encoder = encoder
         self.key = key
@@ -216,6 +219,8 @@ class RobustTrainingStep:
                     f"robust_reg: the two views differ in shape: {self.view_description} {tuple(x.shape)}, "
                     f"{self.positive_description} {tuple(other.shape)}; pass view= and positive_view= to robustify()"
                 )
+        if self.assumed_normalization is not None:
+            self._check_assumption(x)
         warm, crops = ({}, None) if self.memory is None else self._get_warm(batch, x, other)
         capture = _Capture(self, target, x, other, warm, crops)
         with capture.installed():
@@ -227,6 +232,27 @@ class RobustTrainingStep:
             value = self._own_forward(target, x, other, capture.warm_for(x))
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
+
+    def _check_assumption(self, x: Tensor) -> None:
+        """The first batch against the assumed normalisation, before the user's step runs (then never again)."""
+        threat, assumed = self.threat, self.assumed_normalization
+        fix = (
+            "pass normalize=None for raw [0, 1] pixels, or transform=<your transform> (or mean=/std=) to say how "
+            "the views were normalised"
+        )
+        channels = len(threat.mean or threat.std or ())
+        if x.dim() < 2 or (channels > 1 and x.shape[1] != channels):
+            raise ValueError(
+                f"robust_reg: the views have shape {tuple(x.shape)} but robustify() assumed {assumed} "
+                f"({channels} channels in dimension 1); {fix}"
+            )
+        low, high = torch.aminmax(x.detach()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+        if threat.normalized and float(low) >= 0 and float(high) <= 1:
+            raise ValueError(
+                f"robust_reg: the views look like raw pixels (values in [{float(low):.3g}, {float(high):.3g}]) but "
+                f"robustify() assumed {assumed}, which would make the threat ball the wrong size; {fix}"
+            )
+        self.assumed_normalization = None
 
     def _own_forward(self, target: nn.Module, x: Tensor, other: Tensor | None, warm: dict[str, Any]) -> Tensor:
         views = self.view_description if other is None else f"{self.view_description}, {self.positive_description}"
@@ -242,10 +268,10 @@ class RobustTrainingStep:
             )
         encoder = _Target(target, self.key)
         if other is None:
-            return self.regularizer(encoder, x, **warm)
+            return self.regularizer(encoder, x, **warm).loss
         with torch.no_grad(), preserved_state(target):  # the positive is a constant; BN statistics untouched
             positive = encoder(other)
-        return self.regularizer(encoder, x, positive=positive, **warm)
+        return self.regularizer(encoder, x, positive=positive, **warm).loss
 
     def pick(self, output: Any) -> Tensor:
         """The embedding inside ``output`` (the output itself, or its ``key`` entry)."""
@@ -448,7 +474,7 @@ class _Capture:
         try:
             if not step.adversarial_view:
                 warm = self.warm_for(inputs)
-                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **warm)
+                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **warm).loss
                 return output
             result = step.regularizer(
                 encoder,
@@ -531,6 +557,7 @@ def robustify_module(
     default_index: tuple[ViewGetter, str] | None = None,
     epsilon_ramp: float = 0.0,
     geometry: ViewGetter | None = None,
+    assumed_normalization: str | None = None,
 ) -> nn.Module:
     """Validate, build the regulariser, and install the wrapped ``training_step``.
 
@@ -569,12 +596,8 @@ def robustify_module(
     if unknown:
         raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
     embedding = encoder == _FORWARD
-    # The recommended configuration: the normalised embedding, searched away from the other view's.
-    options = {
-        "normalize_features": embedding,
-        "ascent": "positive" if embedding else "deviation",
-        **regularizer_options,
-    }
+    # The recommended configuration on the embedding; the paper's form on a backbone submodule.
+    options = {"form": "embedding" if embedding else "backbone", **regularizer_options}
     regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
     view, view_description, positive_view, positive_description = _default_views(view, positive_view, views_field)
     if regularizer.ascent == "positive" and positive_view is None:
@@ -604,6 +627,7 @@ def robustify_module(
         index_description=index_description,
         epsilon_ramp=epsilon_ramp,
         geometry=geometry,
+        assumed_normalization=assumed_normalization,
     )
     object.__setattr__(module, "training_step", step)
     if memory is not None:

@@ -8,7 +8,7 @@ LightningModule (``self.backbone``, the views in ``batch[0]``, a
 without touching that ``training_step``::
 
     model = SimCLR()                                  # your module, unchanged
-    robustify(model, epsilon=8 / 255, weight=1.0)     # the one added line
+    robustify(model, epsilon=8 / 255)                 # the one added line
     trainer.fit(model, dataloader)
 
 By default the regulariser works on what the SSL loss compares: the module's
@@ -21,9 +21,9 @@ of the bound).
 
 A plain PyTorch loop needs no adapter::
 
-    reg = RobustnessRegularizer(epsilon=8 / 255, normalize_features=True, ascent="positive")
+    reg = RobustnessRegularizer(epsilon=8 / 255)
     z0, z1 = model(x0), model(x1)
-    out = reg(model, x1, features=z1, positive=z0, return_adversarial=True)
+    out = reg(model, x1, features=z1, positive=z0)
     loss = criterion(z0, out.adversarial_features) + weight * out.loss
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from robust_reg import PerturbationMemory, ThreatModel
+from robust_reg import PerturbationMemory, ThreatModel, method_settings
 
 from ._wrap import UNSET, resolve_threat, robust_step, robustify_module
 
@@ -52,7 +52,7 @@ def robustify(
     module: nn.Module,
     *,
     epsilon: float = 8 / 255,
-    weight: float = 1.0,
+    weight: float | None = None,
     encoder: str = "forward",
     key: str | int | None = None,
     view: Callable[[Any], Tensor] | None = None,
@@ -100,7 +100,9 @@ def robustify(
     Args:
         module: The LightningModule instance (any ``nn.Module`` with ``training_step``).
         epsilon: Radius of the threat ball, pixel units of ``[0, 1]`` images.
-        weight: Multiplier of the regulariser in the loss (SimCLR 1.0, BYOL 0.05: README, Results).
+        weight: Multiplier of the regulariser in the loss. ``None`` (default): the
+            method's from :data:`robust_reg.METHOD_SETTINGS`, found by the module's
+            class name (``BYOL`` -> 0.05, ``SimCLR`` -> 1.0), else 1.0.
         encoder: ``"forward"`` (default): the module's own forward, whose output
             is the embedding the SSL loss compares (lightly's examples return the
             projection or prediction there). Otherwise the dotted path of a
@@ -196,9 +198,13 @@ def robustify(
         True
     """
     options = {"epsilon": epsilon, **regularizer_options}
+    assumed = normalize is UNSET and transform is None and mean is None and std is None
     threat = resolve_threat(
         options, normalize=normalize, transform=transform, mean=mean, std=std, default=_lightly_default
     )
+    if weight is None:
+        settings = method_settings(module) if isinstance(module, nn.Module) else None
+        weight = 1.0 if settings is None else settings.weight
     return robustify_module(
         module,
         framework="lightly",
@@ -216,6 +222,7 @@ def robustify(
         index=index,
         epsilon_ramp=epsilon_ramp,
         geometry=geometry,
+        assumed_normalization="lightly's default IMAGENET_NORMALIZE" if assumed else None,
     )
 
 

@@ -8,7 +8,7 @@ config and one line to ``main_pretrain.py``::
     # config.yaml
     robust_reg:
       epsilon: 0.0314   # 8/255, pixel units
-      weight: 1.0       # BYOL: 0.05
+      # weight: 1.0     # default: the method's (robust_reg.METHOD_SETTINGS; BYOL 0.05)
       steps: 3
 
     # main_pretrain.py, after `model = METHODS[cfg.method](cfg)`
@@ -36,29 +36,32 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from robust_reg import ThreatModel
+from robust_reg import ThreatModel, method_settings
+from robust_reg.methods import METHOD_SETTINGS
 
 from ._wrap import REGULARIZER_KEYS, UNSET, resolve_threat, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified", "solo_normalization", "EMBEDDING_KEYS"]
 
-#: The entry of each method's ``forward`` output that its SSL loss compares (read from solo-learn
-#: 1.0.6's ``training_step``s). Measured on MNIST: SimCLR and BYOL (README); the others are mapped, not
-#: benchmarked. A method not listed (or a subclass that changes what its loss compares) needs ``key=``.
-EMBEDDING_KEYS = {
-    "SimCLR": "z",
-    "BYOL": "p",
-    "MoCoV3": "q",
-    "MoCoV2Plus": "z",
-    "VICReg": "z",
-    "VIbCReg": "z",
-    "BarlowTwins": "z",
-    "DINO": "z",
-    "SimSiam": "p",
-    "NNBYOL": "p",
-    "ReSSL": "z",
-    "WMSE": "z",
-}
+# solo-learn 1.0.6's method classes that robust_reg knows (read from their ``training_step``s).
+_SOLO_METHODS = (
+    "SimCLR",
+    "BYOL",
+    "MoCoV3",
+    "MoCoV2Plus",
+    "VICReg",
+    "VIbCReg",
+    "BarlowTwins",
+    "DINO",
+    "SimSiam",
+    "NNBYOL",
+    "ReSSL",
+    "WMSE",
+)
+#: The entry of each method's ``forward`` output that its SSL loss compares, from
+#: :data:`robust_reg.METHOD_SETTINGS`. A method not listed (or a subclass that changes what its loss
+#: compares) needs ``key=``.
+EMBEDDING_KEYS = {name: METHOD_SETTINGS[name.lower()].solo_key for name in _SOLO_METHODS}
 
 _ADAPTER_KEYS = (
     "weight",
@@ -168,7 +171,8 @@ def robustify(
             perturbation with the crop. solo-learn's own pipelines do not report
             their crops; a dataset of yours that does can pass them here.
         epsilon: Radius of the threat ball, pixel units (default 8/255).
-        weight: Multiplier of the regulariser (default 1.0; BYOL: 0.05, README, Results).
+        weight: Multiplier of the regulariser (default: the method's from
+            :data:`robust_reg.METHOD_SETTINGS`, BYOL 0.05, others 1.0).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
         std: Per-channel std of the inputs.
         normalize: ``None`` for raw ``[0, 1]`` inputs, or ``{"mean": ..., "std": ...}``.
@@ -199,7 +203,7 @@ def robustify(
     _check_solo_method(method)
 
     normalize, mean, std = settings.pop("normalize", UNSET), settings.pop("mean", None), settings.pop("std", None)
-    weight, log = settings.pop("weight", 1.0), settings.pop("log", True)
+    weight, log = settings.pop("weight", _recommended_weight(method)), settings.pop("log", True)
     adversarial_view = settings.pop("adversarial_view", None)
     encoder = settings.pop("encoder", "forward")
     key = settings.pop("key", None)
@@ -241,10 +245,23 @@ def _solo_indexes(batch: Any) -> Tensor:
     return batch[0]
 
 
+def _solo_class(method: nn.Module) -> type | None:
+    """The solo-learn method class ``method`` is (or derives from), if robust_reg knows it."""
+    return next(
+        (c for c in type(method).__mro__ if c.__name__ in EMBEDDING_KEYS and c.__module__.startswith("solo.")), None
+    )
+
+
+def _recommended_weight(method: nn.Module) -> float:
+    """The method's weight from :data:`robust_reg.METHOD_SETTINGS` (1.0 for a method not in it)."""
+    cls = _solo_class(method)
+    return 1.0 if cls is None else method_settings(cls).weight
+
+
 def _embedding_key(method: nn.Module) -> str:
-    for cls in type(method).__mro__:
-        if cls.__name__ in EMBEDDING_KEYS and cls.__module__.startswith("solo."):
-            return EMBEDDING_KEYS[cls.__name__]
+    cls = _solo_class(method)
+    if cls is not None:
+        return EMBEDDING_KEYS[cls.__name__]
     raise ValueError(
         f"robust_reg does not know which entry of {type(method).__name__}.forward's output its loss compares; pass "
         "key='<entry>' (e.g. 'z' or 'p') to regularise that embedding, or encoder='backbone' for the backbone form"

@@ -1,9 +1,11 @@
 """robust-reg: task-agnostic adversarial robustness for self-supervised representations.
 
-Add one loss term to any SSL training loop::
+Add one loss term to any SSL training loop (``model`` outputs what the SSL loss compares)::
 
-    reg = RobustnessRegularizer(epsilon=8 / 255, norm="linf", steps=3)
-    loss = ssl_loss + weight * reg(backbone, x, features=h)
+    reg = RobustnessRegularizer(epsilon=8 / 255)          # the recommended form, nothing else to set
+    z0, z1 = model(x0), model(x1)
+    out = reg(model, x1, features=z1, positive=z0)
+    loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss
 
 and measure what the representation guarantees downstream with
 :func:`estimate_bound`. Numbers that come from gradient ascent (the regulariser,
@@ -12,6 +14,7 @@ the bound, attack accuracies) are estimates of a worst case, and named so.
 
 from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
+from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
 from .warm_start import PerturbationMemory, crop_geometry
@@ -20,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundReport",
+    "MethodSettings",
     "PerturbationMemory",
     "RegularizerOutput",
     "RegularizerStats",
@@ -31,6 +35,7 @@ __all__ = [
     "extract_features",
     "fit_linear_probe",
     "linear_head_lipschitz",
+    "method_settings",
     "pgd_attack",
     "projected_gradient_ascent",
     "robustness_curve",

@@ -57,6 +57,35 @@ def _check_epsilon(epsilon: float, name: str = "epsilon") -> float:
     return float(epsilon)
 
 
+def check_radius(epsilon: float, norm: str, bounds: tuple[float, float], name: str = "epsilon") -> None:
+    """Refuse an L-inf radius above half the input range: a unit mistake (``8`` meant ``8/255``).
+
+    Such a ball lets every pixel reach almost any value, so no legitimate training or evaluation
+    radius is that large (the sanity checks' "very large eps" is internal and not checked here).
+    """
+    lo, hi = (float(b) for b in bounds)
+    if norm == "linf" and epsilon > (hi - lo) / 2:
+        raise ValueError(
+            f"{name}={epsilon:g} with norm='linf' lets every pixel move by more than half the input range "
+            f"{(lo, hi)}: {name} is in pixel units of [0, 1] images. Did you mean {name}={epsilon:g}/255 = "
+            f"{epsilon / 255:.4g}? (Inputs in [0, 255]: pass bounds=(0, 255).)"
+        )
+
+
+def check_radius_fits(threat: ThreatModel, x: Tensor, name: str = "epsilon") -> None:
+    """Refuse an L2 radius beyond half the diameter of ``x``'s input box (radii of 0.5-3 are usual)."""
+    if threat.norm != "l2" or x.dim() < 2:
+        return
+    lo, hi = threat.bounds
+    limit = (hi - lo) * math.sqrt(x[0].numel()) / 2
+    if threat.epsilon > limit:
+        raise ValueError(
+            f"{name}={threat.epsilon:g} with norm='l2' exceeds half the L2 diameter ({limit:.4g}) of inputs with "
+            f"{x[0].numel()} values in {threat.bounds}: the ball holds almost every image. {name} is in pixel units "
+            "of [0, 1] images (usual L2 radii: 0.5-3); did you mean a smaller radius or norm='linf'?"
+        )
+
+
 def _check_norm(norm: str) -> str:
     """Return the canonical norm name (``"linf"`` or ``"l2"``)."""
     if not isinstance(norm, str) or norm.lower() not in _NORMS:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, progress
-from .attacks import ThreatModel, _check_step_size, _check_steps, pgd_attack
+from .attacks import ThreatModel, _check_step_size, _check_steps, check_radius, check_radius_fits, pgd_attack
 from .sanity_checks import (
     SanityCheck,
     gradients_are_nonzero,
@@ -512,6 +512,8 @@ def evaluate_robustness(
     if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
     threats = [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
+    for threat in threats:
+        check_radius(threat.epsilon, threat.norm, threat.bounds, "epsilons")
     attacks = _attacks_from_flags(deprecated) if deprecated else (default_attacks() if attacks is None else attacks)
     runnable, skipped = _available(attacks)
     strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
@@ -519,6 +521,7 @@ def evaluate_robustness(
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     threats[0].check_inputs(x, "x")
+    check_radius_fits(max(threats, key=lambda t: t.epsilon), x, "epsilons")
     x, y = x.to(module_device(model)), y.to(module_device(model)).long()
     ctx = _Context(int(num_classes or int(y.max().item()) + 1), batch_size, seed, progress_bar)
     if large_epsilon is None:

@@ -30,6 +30,8 @@ from .attacks import (
     _check_step_size,
     _check_steps,
     _step_length,
+    check_radius,
+    check_radius_fits,
     projected_gradient_ascent,
 )
 from .warm_start import PerturbationMemory
@@ -53,6 +55,16 @@ class RegularizerOutput(NamedTuple):
     loss: Tensor
     adversarial_inputs: Tensor
     adversarial_features: Tensor
+
+    def _misused(self, *_: object) -> None:
+        raise TypeError(
+            "reg(...) returns a RegularizerOutput (loss, adversarial_inputs, adversarial_features), not a tensor: "
+            "add out.loss to the loss, e.g. loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss "
+            "(or call reg(..., return_adversarial=False) for the value alone)"
+        )
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _misused
+    backward = item = _misused
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,9 @@ def _all_gather(t: Tensor) -> Tensor:
 
 
 _ASCENTS = ("deviation", "instance", "positive")
+# form -> (normalize_features, ascent) defaults. "embedding": the measured recommended configuration, on what the
+# SSL loss compares; "backbone": the paper's quantity R_eps, what estimate_bound measures.
+_FORMS = {"embedding": (True, "positive"), "backbone": (False, "deviation")}
 _INSTANCE_TEMPERATURE = 0.5
 
 
@@ -107,6 +122,16 @@ def _instance_confusion(z: Tensor, anchors: Tensor) -> Tensor:
     """Per sample, the cross-entropy of finding its own clean features among the batch's (cosine / 0.5)."""
     logits = F.normalize(z, dim=1) @ F.normalize(anchors, dim=1).T / _INSTANCE_TEMPERATURE
     return torch.logsumexp(logits, dim=1) - logits.diagonal()
+
+
+def _check_widths(features: Tensor, positive: Tensor, source: str) -> None:
+    """``positive`` must be the same embedding as the features (same head): one clear error naming both widths."""
+    width, other = features.shape[1], positive[0].numel()
+    if width != other:
+        raise ValueError(
+            f"positive= has {other} values per sample but {source} has {width}: pass the other view's output of the "
+            "same model you pass as encoder (e.g. both projections), not the backbone's features for one of them"
+        )
 
 
 def _flatten(features: object, name: str) -> Tensor:
@@ -177,12 +202,20 @@ class RobustnessRegularizer(nn.Module):
         mean: Per-channel mean the inputs were normalised with (``None``: none).
         std: Per-channel std the inputs were normalised with (``None``: none).
         bounds: Valid pixel range ``(lo, hi)``.
+        form: What is regularised, and so the defaults of ``normalize_features``
+            and ``ascent``. ``"embedding"`` (default, the measured recommended
+            configuration): the encoder is the model whose output the SSL loss
+            compares (SimCLR's projection, BYOL's prediction), L2-normalised, the
+            ascent searching away from the other view's embedding (``positive=``
+            required at each call). ``"backbone"``: the paper's form, the
+            backbone's raw features with the deviation ascent, the quantity
+            ``R_eps`` that :func:`~robust_reg.estimate_bound` measures (no
+            ``positive``); measured far weaker as a training signal.
         normalize_features: L2-normalise each sample's flattened features before
             measuring deviation and spread, the way a cosine-based SSL loss
-            (NT-Xent, BYOL, MoCo, DINO) compares its embeddings. Use it when the
-            encoder is the embedding the SSL loss sees; leave it off for the
-            backbone, whose raw features are the quantity of the bound.
-            ``adversarial_features`` are returned as the encoder returned them.
+            (NT-Xent, BYOL, MoCo, DINO) compares its embeddings (``None``: from
+            ``form``). ``adversarial_features`` are returned as the encoder
+            returned them, not normalised.
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
         batch_norm: ``"batch"`` (batch statistics, running statistics untouched)
@@ -206,17 +239,14 @@ class RobustnessRegularizer(nn.Module):
             89 % clean, 55 % robust; at weight 0.05, 92 % / 70 %), because the clean
             prediction of the perturbed view then gets no gradient at all. Off by default.
 
-        ascent: What the inner ascent maximises. ``"deviation"`` (default): the
+        ascent: What the inner ascent maximises (``None``: from ``form``).
+            ``"positive"``: the squared distance to ``positive=`` (the other
+            view's embedding, passed to ``forward``, used as a constant): the
+            perturbation undoes what the SSL loss aligns. ``"deviation"``: the
             squared feature deviation itself. ``"instance"``: the cross-entropy of
             recognising each perturbed sample among the batch's clean features
-            (cosine similarity / 0.5): the perturbation moves it toward the other
-            samples, not in any direction. ``"positive"``: the squared distance to
-            ``positive=`` (the other view's features, passed to ``forward``, used
-            as a constant): the perturbation undoes what the SSL loss aligns; the
-            recommended configuration and both adapters' default for the
-            embedding (README, Results, has the three side by side). Label-free
-            either way; the value is the deviation from the clean features at the
-            point found.
+            (cosine / 0.5). Label-free either way; the value is the deviation
+            from the clean features at the point found.
 
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
@@ -224,10 +254,15 @@ class RobustnessRegularizer(nn.Module):
         - Output: scalar.
 
     Raises:
-        ValueError: At construction, for a negative or non-finite ``epsilon``,
+        ValueError: At construction, for a negative or non-finite ``epsilon``, an
+            L-inf ``epsilon`` above half the input range (a unit mistake: ``8``
+            meant ``8/255``), an unknown ``form``,
             negative ``steps``, a non-positive ``step_size``, an unknown ``norm``,
             bad ``bounds`` or ``std``, ``random_start=False`` with the deviation
-            ascent. At call time, before any work: a batch of one with
+            ascent. At call time, before any work: ``positive`` missing with
+            ``ascent="positive"`` (the default form; the message gives both ways
+            forward), ``positive`` of another width than the features, an L2
+            ``epsilon`` beyond half the diameter of the input box, a batch of one with
             ``relative=True``, inputs outside ``bounds`` (after undoing
             ``mean``/``std``), ``mean``/``std`` with the wrong number of channels,
             ``features`` with another batch size, non-finite ``features``, a
@@ -244,19 +279,28 @@ class RobustnessRegularizer(nn.Module):
             an ``index`` that is not an integer tensor.
 
     Examples:
+        The recommended form (the default): regularise what the SSL loss compares,
+        and feed the loss the adversarial embedding::
+
         >>> import torch
         >>> from torch import nn
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        >>> reg = RobustnessRegularizer(epsilon=0.1, norm="linf", steps=3)
-        >>> x = torch.rand(16, 1, 28, 28)
-        >>> h = backbone(x)                    # the SSL loss already computed this
-        >>> ssl_loss = h.pow(2).mean()         # stand-in for NT-Xent, BYOL, ...
-        >>> loss = ssl_loss + 0.5 * reg(backbone, x, features=h)
-        >>> loss.backward()
+        >>> _ = torch.manual_seed(0)
+        >>> backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> model = nn.Sequential(backbone, nn.Linear(8, 4))  # backbone + projection head
+        >>> reg = RobustnessRegularizer(epsilon=0.1)
+        >>> x0, x1 = torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28)  # two views of a batch
+        >>> z0, z1 = model(x0), model(x1)
+        >>> out = reg(model, x1, features=z1, positive=z0)
+        >>> ssl_loss = (z0 - out.adversarial_features).pow(2).mean()  # stand-in for NT-Xent, BYOL, ...
+        >>> (ssl_loss + 1.0 * out.loss).backward()
         >>> float(reg.last_stats.value) >= 0
         True
+
+        The paper's form on the backbone (what :func:`~robust_reg.estimate_bound` measures)::
+
+        >>> paper = RobustnessRegularizer(epsilon=0.1, form="backbone")
+        >>> h = backbone(x0)
+        >>> (h.pow(2).mean() + 0.5 * paper(backbone, x0, features=h).loss).backward()
     """
 
     def __init__(
@@ -271,15 +315,23 @@ class RobustnessRegularizer(nn.Module):
         mean: float | Sequence[float] | Tensor | None = None,
         std: float | Sequence[float] | Tensor | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
-        normalize_features: bool = False,
+        form: str = "embedding",
+        normalize_features: bool | None = None,
         stochastic_modules: Sequence[type] = (),
         batch_norm: str = "batch",
         gather_distributed: bool = False,
         detach_anchor: bool = False,
-        ascent: str = "deviation",
+        ascent: str | None = None,
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+        check_radius(self.threat.epsilon, self.threat.norm, self.threat.bounds)
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
+        self.form = form
+        form_normalize, form_ascent = _FORMS[form]
+        normalize_features = form_normalize if normalize_features is None else normalize_features
+        ascent = form_ascent if ascent is None else ascent
         self.steps = _check_steps(steps)
         self.step_size = _check_step_size(step_size)
         self.random_start = bool(random_start)
@@ -341,13 +393,16 @@ class RobustnessRegularizer(nn.Module):
             parts.append(f"mean={t.mean}, std={t.std}")
         if t.bounds != (0.0, 1.0):
             parts.append(f"bounds={t.bounds}")
-        if self.normalize_features:
-            parts.append("normalize_features=True")
+        form_normalize, form_ascent = _FORMS[self.form]
+        if self.form != "embedding":
+            parts.append(f"form={self.form!r}")
+        if self.normalize_features != form_normalize:
+            parts.append(f"normalize_features={self.normalize_features}")
         if self.batch_norm != "batch":
             parts.append(f"batch_norm={self.batch_norm!r}")
         if self.detach_anchor:
             parts.append("detach_anchor=True")
-        if self.ascent != "deviation":
+        if self.ascent != form_ascent:
             parts.append(f"ascent={self.ascent!r}")
         return ", ".join(parts)
 
@@ -357,7 +412,7 @@ class RobustnessRegularizer(nn.Module):
         x: Tensor,
         features: Tensor | None = None,
         *,
-        return_adversarial: bool = False,
+        return_adversarial: bool = True,
         positive: Tensor | None = None,
         start: Tensor | None = None,
         memory: PerturbationMemory | None = None,
@@ -372,8 +427,9 @@ class RobustnessRegularizer(nn.Module):
                 ``DistributedDataParallel`` wrapper.
             x: The (augmented) batch, in the space the encoder takes.
             features: ``encoder(x)`` if already computed (reused, not recomputed).
-            return_adversarial: Also return the deviation-maximising inputs and
-                their features (already computed, so free).
+            return_adversarial: Return a :class:`RegularizerOutput` with the
+                deviation-maximising inputs and their features (already computed,
+                so free); ``False`` returns the value alone.
             positive: With ``ascent="positive"`` (required there, refused
                 otherwise): the features of the other view of each sample, the
                 positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
@@ -399,11 +455,12 @@ class RobustnessRegularizer(nn.Module):
                 every call on that memory or with none.
 
         Returns:
-            The regulariser value (scalar), or a :class:`RegularizerOutput` if
-            ``return_adversarial`` is true.
+            A :class:`RegularizerOutput`: ``out.loss`` goes into the loss,
+            ``out.adversarial_features`` into the SSL loss as the view's embedding.
+            With ``return_adversarial=False``, the value (scalar) alone.
         """
         self._check_call(encoder, x, features)
-        self._check_positive(x, positive)
+        self._check_positive(x, positive, features)
         _check_start(start, x)
         if memory is not None or index is not None or geometry is not None:
             index = self._check_memory(memory, index, start, x, geometry)
@@ -437,11 +494,9 @@ class RobustnessRegularizer(nn.Module):
             h_all = gather(h)
             spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
             target = h.detach()
+            if positive is not None:
+                _check_widths(target, positive, "encoder(x)")
             ascent_target = target if positive is None else self._measure(_flatten(positive, "positive")).detach()
-            if ascent_target.shape != target.shape:
-                raise ValueError(
-                    f"positive has {tuple(ascent_target.shape)} features, the encoder {tuple(target.shape)}"
-                )
             # Scaling the inner objective by the spread keeps its gradients O(1)
             # whatever the feature scale (helps fp16 autocast); argmax unchanged.
             spread_d = spread.detach()
@@ -541,11 +596,17 @@ class RobustnessRegularizer(nn.Module):
             stacklevel=3,
         )
 
-    def _check_positive(self, x: Tensor, positive: object) -> None:
-        if (self.ascent == "positive") != (positive is not None):
+    def _check_positive(self, x: Tensor, positive: object, features: Tensor | None) -> None:
+        if self.ascent == "positive" and positive is None:
             raise ValueError(
-                "positive= is required with ascent='positive' and used by it only"
-                f" (ascent={self.ascent!r}, positive {'given' if positive is not None else 'missing'})"
+                "positive= is missing: the default (recommended) form regularises the embedding the SSL loss compares "
+                "and searches away from the other view's. Either pass the other view's embedding, "
+                "reg(model, x1, features=z1, positive=z0), or choose the paper's form on backbone features, which "
+                "needs none: RobustnessRegularizer(epsilon, form='backbone')"
+            )
+        if self.ascent != "positive" and positive is not None:
+            raise ValueError(
+                f"positive= is used by ascent='positive' only (this regulariser has ascent={self.ascent!r})"
             )
         if positive is None:
             return
@@ -553,6 +614,8 @@ class RobustnessRegularizer(nn.Module):
             raise TypeError(f"positive must be a floating-point Tensor, got {type(positive).__name__}")
         if positive.dim() == 0 or positive.shape[0] != x.shape[0]:
             raise ValueError(f"positive must hold one row per sample of x ({x.shape[0]}), got {tuple(positive.shape)}")
+        if features is not None:
+            _check_widths(_flatten(features, "features"), positive, "features=")
 
     def _measure(self, flat: Tensor) -> Tensor:
         """Features as the deviation is measured: float32, unit length per sample if asked."""
@@ -573,6 +636,7 @@ class RobustnessRegularizer(nn.Module):
                 "x must hold at least 2 samples with relative=True: the feature spread of one sample is undefined"
             )
         self.threat.check_channels(x)
+        check_radius_fits(self.threat, x)
         checks = [self.threat.in_range(x)]
         if features is not None:
             h = _flatten(features, "features")

@@ -157,11 +157,13 @@ class PerturbationMemory:
         >>> import torch
         >>> from torch import nn
         >>> from robust_reg import RobustnessRegularizer
-        >>> encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
-        >>> reg = RobustnessRegularizer(epsilon=0.1, steps=2, normalize_features=True)
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
+        >>> reg = RobustnessRegularizer(epsilon=0.1, steps=2)
         >>> memory = PerturbationMemory(num_samples=100)
-        >>> x, index = torch.rand(10, 1, 8, 8), torch.arange(10)  # the dataset yields each sample's index
-        >>> loss = reg(encoder, x, memory=memory, index=index)
+        >>> x0, x1 = torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8)  # two views of a batch
+        >>> index = torch.arange(10)  # the dataset yields each sample's index
+        >>> out = reg(model, x1, positive=model(x0), memory=memory, index=index)
+        >>> x = x1
         >>> bool(memory.read(index, x).abs().max() <= 0.1 + 1e-6)  # where each ascent ended
         True
         >>> len(memory)

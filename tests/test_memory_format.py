@@ -69,9 +69,9 @@ def test_regularizer_value_and_gradients_match_the_contiguous_call(options):
     plain, fast = _pair()
     values, grads = [], []
     for encoder, batch in ((plain, x.contiguous()), (fast, x)):
-        reg = RobustnessRegularizer(8 / 255, steps=2, **options)
+        reg = RobustnessRegularizer(8 / 255, steps=2, **options, form="backbone")
         torch.manual_seed(1)
-        out = reg(encoder, batch, return_adversarial=True)
+        out = reg(encoder, batch)
         out.loss.backward()
         values.append((out.loss.detach(), out.adversarial_inputs))
         grads.append([p.grad for p in encoder.parameters()])
@@ -86,11 +86,11 @@ def test_warm_start_memory_with_crops_matches_the_contiguous_call():
     geometry = crop_geometry(torch.tensor([[1, 1, 6, 6]] * 8), (8, 8))
     results = []
     for encoder, batch in zip(_pair(), (x.contiguous(), x)):
-        reg, memory = RobustnessRegularizer(8 / 255, steps=2), PerturbationMemory(num_samples=8)
+        reg, memory = RobustnessRegularizer(8 / 255, steps=2, form="backbone"), PerturbationMemory(num_samples=8)
         index = torch.arange(8)
         torch.manual_seed(2)
         for _ in range(2):  # the second call starts from what the first stored
-            value = reg(encoder, batch, memory=memory, index=index, geometry=geometry)
+            value = reg(encoder, batch, memory=memory, index=index, geometry=geometry).loss
         results.append((value.detach(), memory.read(index, batch.contiguous(), geometry)))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -17,6 +17,7 @@ PUBLIC_MODULES = [
     "robust_reg.bound",
     "robust_reg.probe",
     "robust_reg.evaluation",
+    "robust_reg.methods",
 ]
 
 
@@ -28,7 +29,7 @@ def test_docstring_examples_run(name):
 
 
 # Result containers are documented through the functions that return them.
-RESULT_TYPES = {"BoundReport", "RobustnessCurve", "RegularizerOutput", "RegularizerStats"}
+RESULT_TYPES = {"BoundReport", "RobustnessCurve", "RegularizerOutput", "RegularizerStats", "MethodSettings"}
 
 
 @pytest.mark.parametrize("name", sorted(set(importlib.import_module("robust_reg").__all__) - RESULT_TYPES))

@@ -27,7 +27,7 @@ def test_the_memory_holds_where_each_ascent_ended_in_pixel_units():
     reg = positive_reg(mean=mean, std=std)
     model_x = (x - 0.4) / 0.2
     memory, index = PerturbationMemory(), torch.tensor([3, 0, 9, 4, 7, 1, 12, 5])
-    out = reg(encoder, model_x, positive=positive, return_adversarial=True, memory=memory, index=index)
+    out = reg(encoder, model_x, positive=positive, memory=memory, index=index)
     expected = reg.threat.to_pixels(out.adversarial_inputs) - x
     torch.testing.assert_close(memory.read(index, x), expected, atol=1e-6, rtol=0)
     assert expected.abs().max() > 0.05  # it moved
@@ -38,8 +38,8 @@ def test_a_memory_call_starts_where_the_stored_perturbation_says():
     reg, memory, index = positive_reg(), PerturbationMemory(num_samples=20), torch.arange(8) * 2
     reg(encoder, x, positive=positive, memory=memory, index=index)
     stored = memory.read(index, x)
-    warm = reg(encoder, x, positive=positive, return_adversarial=True, memory=memory, index=index)
-    given = reg(encoder, x, positive=positive, return_adversarial=True, start=stored)
+    warm = reg(encoder, x, positive=positive, memory=memory, index=index)
+    given = reg(encoder, x, positive=positive, start=stored)
     assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
     torch.testing.assert_close(memory.read(index, x), given.adversarial_inputs - x, atol=1e-6, rtol=0)
 
@@ -49,11 +49,9 @@ def test_samples_not_stored_yet_start_as_the_regulariser_is_configured(random_st
     encoder, x, positive = batch()
     reg = positive_reg(random_start=random_start)
     torch.manual_seed(5)
-    plain = reg(encoder, x, positive=positive, return_adversarial=True)
+    plain = reg(encoder, x, positive=positive)
     torch.manual_seed(5)
-    cold = reg(
-        encoder, x, positive=positive, return_adversarial=True, memory=PerturbationMemory(), index=torch.arange(8)
-    )
+    cold = reg(encoder, x, positive=positive, memory=PerturbationMemory(), index=torch.arange(8))
     assert torch.equal(cold.adversarial_inputs, plain.adversarial_inputs)
 
 
@@ -61,7 +59,7 @@ def test_the_deviation_ascent_leaves_x_on_a_samples_first_visit():
     # Its gradient is zero at x: a zero start would store zeros for ever.
     encoder, x, _ = batch()
     memory = PerturbationMemory()
-    RobustnessRegularizer(0.1, steps=2)(encoder, x, memory=memory, index=torch.arange(8))
+    RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, x, memory=memory, index=torch.arange(8))
     assert (memory.read(torch.arange(8), x).flatten(1).abs().amax(dim=1) > 0).all()
 
 
@@ -266,8 +264,8 @@ def test_a_geometry_call_starts_where_the_stored_perturbation_seen_through_the_c
     reg(encoder, x, positive=positive, memory=memory, index=index, geometry=theta)
     later = crop_geometry(BOXES.roll(1, dims=0), (28, 28))  # the next epoch's crops
     through = memory.read(index, x, geometry=later)
-    warm = reg(encoder, x, positive=positive, return_adversarial=True, memory=memory, index=index, geometry=later)
-    given = reg(encoder, x, positive=positive, return_adversarial=True, start=through)
+    warm = reg(encoder, x, positive=positive, memory=memory, index=index, geometry=later)
+    given = reg(encoder, x, positive=positive, start=through)
     assert through.abs().mean() > 0.01
     assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
 

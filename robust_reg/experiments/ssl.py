@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .._state import preserved_state
 from .._utils import progress
 from ..attacks import ThreatModel, projected_gradient_ascent
+from ..methods import METHOD_SETTINGS
 from ..regularizer import RegularizerOutput, RobustnessRegularizer
 from ..warm_start import PerturbationMemory
 from .augment import BatchAugment, default_augment
@@ -49,7 +50,7 @@ PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
 # The recommended configuration per method (variant "robust"), as measured in benchmarks/compare.py:
 # for BYOL the adversarial view carries the robustness and the penalty costs clean accuracy, so its
 # weight is small (weights 0-0.3 side by side: README, "Results").
-RECOMMENDED_WEIGHT = {"simclr": 1.0, "byol": 0.05}
+RECOMMENDED_WEIGHT = {name: METHOD_SETTINGS[name].weight for name in METHODS}
 
 # Per-dataset training defaults of the examples and benchmarks.
 DATASET_DEFAULTS = {
@@ -435,7 +436,7 @@ def step_loss(
     h1 = backbone(x1)
     if config.variant == "reg":
         # The one added line: the regulariser reuses the features the SSL loss uses.
-        reg_term = reg(backbone, x0, features=h0)
+        reg_term = reg(backbone, x0, features=h0).loss
         return model.loss_from_features((x0, x1), (h0, h1)) + config.robust_weight * reg_term, reg_term.item()
     if config.variant == "advview":
         out = reg(backbone, x0, features=h0, return_adversarial=True)

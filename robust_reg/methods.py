@@ -1,0 +1,74 @@
+"""The recommended settings per SSL method: one table that the adapters, the CLI and the benchmarks read.
+
+The regulariser's own defaults are the same for every method (the embedding the SSL loss
+compares, L2-normalised, the positive-pair ascent); what differs per method is the weight of
+its term and which output is "the embedding the loss compares".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["MethodSettings", "METHOD_SETTINGS", "method_settings"]
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The recommended settings of one SSL method.
+
+    Attributes:
+        weight: Multiplier of the regulariser's term in the loss.
+        embedding: What the method's loss compares (the ``model`` to pass the regulariser).
+        solo_key: The entry of solo-learn's ``forward`` output holding that embedding.
+        measured: Whether ``weight`` was chosen by a side-by-side benchmark (else: the default 1.0,
+            not measured for this method).
+    """
+
+    weight: float
+    embedding: str
+    solo_key: str
+    measured: bool
+
+
+#: Keys are lower-case method names (solo-learn's class names, lower-cased). BYOL's weight is small: its
+#: adversarial view carries the robustness and a larger weight costs clean accuracy (benchmarks/results/).
+METHOD_SETTINGS: dict[str, MethodSettings] = {
+    "simclr": MethodSettings(1.0, "the projection head's output", "z", measured=True),
+    "byol": MethodSettings(0.05, "the online prediction head's output", "p", measured=True),
+    "mocov3": MethodSettings(1.0, "the query's prediction head output", "q", measured=False),
+    "mocov2plus": MethodSettings(1.0, "the query projection", "z", measured=False),
+    "vicreg": MethodSettings(1.0, "the expander (projector) output", "z", measured=False),
+    "vibcreg": MethodSettings(1.0, "the projector output", "z", measured=False),
+    "barlowtwins": MethodSettings(1.0, "the projector output", "z", measured=False),
+    "dino": MethodSettings(1.0, "the student head's output", "z", measured=False),
+    "simsiam": MethodSettings(1.0, "the prediction head's output", "p", measured=False),
+    "nnbyol": MethodSettings(1.0, "the online prediction head's output", "p", measured=False),
+    "ressl": MethodSettings(1.0, "the projection", "z", measured=False),
+    "wmse": MethodSettings(1.0, "the projection", "z", measured=False),
+}
+
+
+def method_settings(method: str | type | nn.Module) -> MethodSettings | None:
+    """The settings of ``method`` (a name such as ``"byol"``, or a class or instance named after one).
+
+    Returns ``None`` for a method not in :data:`METHOD_SETTINGS`.
+
+    Examples:
+        >>> method_settings("BYOL").weight
+        0.05
+        >>> method_settings("MoCoV3").solo_key
+        'q'
+    """
+    if isinstance(method, nn.Module):
+        method = type(method)
+    if isinstance(method, type):
+        for cls in method.__mro__:
+            found = METHOD_SETTINGS.get(cls.__name__.lower())
+            if found is not None:
+                return found
+        return None
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name, a class or a module, got {type(method).__name__}")
+    return METHOD_SETTINGS.get(method.lower().replace("-", "").replace("_", "").replace(" ", ""))
