@@ -43,7 +43,9 @@ import torch
 from robust_reg.experiments.data import load_dataset
 from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder
 from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
-from robust_reg.experiments.ssl import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
+from harness import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain  # noqa: E402
 
 METHODS = {
     "simclr": ("simclr", "plain"),

@@ -43,7 +43,9 @@ import torch
 from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
 from robust_reg.experiments.models import build_encoder
 from robust_reg.experiments.pipeline import device_name
-from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, build_model, regularizer_for, step_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
+from harness import PretrainConfig, build_model, regularizer_for, step_loss, warm_start_step  # noqa: E402
 
 EPSILON = 8 / 255
 # name -> (kind, options): "backbone" = reg on model.backbone; "recipe" = compare.py's step for a variant.
@@ -163,7 +165,7 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            return _warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index, **warp)[0]
+            return warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index, **warp)[0]
 
     elif kind == "lightly":
         crops = [_crops(batch_size, device), _crops(batch_size, device)] if options.get("warp") else None

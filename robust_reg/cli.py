@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .methods import method_settings
+
 # ``robust-reg evaluate`` without --full: what finishes in a few minutes on 2 CPU cores for the demo's encoder.
 EVALUATE_AA_SAMPLES = 200
 EVALUATE_CURVE_SAMPLES = 500
@@ -160,9 +162,10 @@ def demo(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = _output_folder(args.out)
     from .experiments.data import load_dataset
-    from .experiments.pipeline import EvalConfig, evaluate_encoder
-    from .experiments.ssl import DATASET_DEFAULTS, PretrainConfig, pretrain
+    from .experiments.pipeline import EvalConfig
 
+    if args.weight is None:
+        args.weight = method_settings("simclr").weight
     data = load_dataset(args.dataset)
     eval_config = EvalConfig.for_dataset(
         args.dataset, autoattack_samples=EVALUATE_AA_SAMPLES, square_samples=EVALUATE_AA_SAMPLES, curve_samples=500
@@ -175,37 +178,53 @@ def demo(args: argparse.Namespace) -> int:
         eval_config.curve_epsilons, eval_config.curve_samples = (0.0, 0.1), 100
     _say(
         f"robust-reg demo: SimCLR on {data.x_train.shape[0]} real {args.dataset} digits, {epochs} epochs, plain vs. "
-        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}, "
-        f"ascent='positive') on the embedding the loss compares, weight {args.weight}, adversarial view); "
-        f"then a linear probe on frozen features, attacked on {data.x_test.shape[0]} test digits ({device})."
+        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}) on "
+        f"the embedding the loss compares, weight {args.weight}, adversarial view); then a linear probe on frozen "
+        f"features, attacked on {data.x_test.shape[0]} test digits ({device})."
     )
-    rows, curves, robust_points, evaluations, started = [], {}, {}, {}, time.perf_counter()
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    for name, variant in (("SimCLR", "plain"), ("SimCLR + robust-reg", "robust")):
-        defaults = DATASET_DEFAULTS[args.dataset]
-        config = PretrainConfig(
-            method="simclr",
-            variant=variant,
-            arch=defaults["arch"],
-            batch_size=defaults["batch_size"],
-            lr=defaults["lr"],
-            epochs=epochs,
-            robust_weight=args.weight,
-            epsilon=args.epsilon,
-            steps=args.steps,
-            seed=args.seed,
-            amp=device.type == "cuda",
-        )
-        result = pretrain(data, config, device=device, progress_bar=not args.no_progress)
-        _say(f"[{name}] pretrained in {result.seconds:.0f} s; evaluating ...")
-        evaluation = evaluate_encoder(
-            result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress, log=_say
-        )
-        result.save(out / f"{variant}_encoder.pt")
-        rows.append(_summary_row(name, evaluation, eval_config.epsilons, result.seconds))
-        curves[name] = [[r.to_dict() for r in evaluation.curve]]
-        robust_points[name] = [evaluation.robustness.to_dict()["robust_accuracy"]]
-        evaluations[name] = evaluation
+    runs = {
+        name: _demo_run(args, data, eval_config, epochs, robust, device, out)
+        for name, robust in (("SimCLR", False), ("SimCLR + robust-reg", True))
+    }
+    _demo_report(args, runs, eval_config, epochs, out, started)
+    return 0
+
+
+def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: bool, device, out: Path) -> tuple:
+    """One of the demo's two encoders: pretrained on the public API's loop, saved, evaluated."""
+    from .experiments.pipeline import evaluate_encoder
+    from .experiments.training import DATASET_DEFAULTS, TrainConfig, pretrain
+
+    defaults = DATASET_DEFAULTS[args.dataset]
+    config = TrainConfig(
+        method="simclr",
+        robust=robust,
+        arch=defaults["arch"],
+        batch_size=defaults["batch_size"],
+        lr=defaults["lr"],
+        epochs=epochs,
+        weight=args.weight,
+        epsilon=args.epsilon,
+        steps=args.steps,
+        seed=args.seed,
+        amp=device.type == "cuda",
+    )
+    name = "SimCLR + robust-reg" if robust else "SimCLR"
+    result = pretrain(data, config, device=device, progress_bar=not args.no_progress)
+    _say(f"[{name}] pretrained in {result.seconds:.0f} s; evaluating ...")
+    evaluation = evaluate_encoder(
+        result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress, log=_say
+    )
+    result.save(out / f"{'robust' if robust else 'plain'}_encoder.pt")
+    return evaluation, result.seconds
+
+
+def _demo_report(args: argparse.Namespace, runs: dict, eval_config, epochs: int, out: Path, started: float) -> None:
+    """The demo's table, bound reports, evaluation, plots and ``demo.json``."""
+    rows = [_summary_row(name, ev, eval_config.epsilons, seconds) for name, (ev, seconds) in runs.items()]
+    evaluations = {name: ev for name, (ev, _) in runs.items()}
     robust = evaluations["SimCLR + robust-reg"]
     samples = _samples_note(robust, "digits")
     _say("\nDownstream linear probe, attacked (accuracies under attack are estimates):\n")
@@ -216,12 +235,13 @@ def demo(args: argparse.Namespace) -> int:
     _say(f"\nPlain SimCLR, same probe protocol, for comparison:\n\n{evaluations['SimCLR'].bound}\n")
     _say(str(robust.robustness))
     _say(robust.tasks_summary())
-    plot_samples = robust.curve.reports[0].num_samples
     title = (
-        f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg (curves: first {plot_samples} test digits; "
-        "stars: robust worst case, samples as in the table)"
+        f"{args.dataset}, SimCLR, {epochs} epochs: plain vs. + robust-reg (curves: first "
+        f"{robust.curve.reports[0].num_samples} test digits; stars: robust worst case, samples as in the table)"
     )
-    plots = _plots(curves, out, title, robust_points)
+    curves = {name: [[r.to_dict() for r in ev.curve]] for name, ev in evaluations.items()}
+    points = {name: [ev.robustness.to_dict()["robust_accuracy"]] for name, ev in evaluations.items()}
+    plots = _plots(curves, out, title, points)
     summary = {
         "command": "robust-reg " + " ".join(args.argv),
         "rows": rows,
@@ -236,7 +256,6 @@ def demo(args: argparse.Namespace) -> int:
         f"(default budget: AutoAttack and Square on the first {EVALUATE_AA_SAMPLES} test digits, a few minutes on "
         "2 CPU cores; --full attacks every test digit with every attack, several times longer)"
     )
-    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -303,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline CPU demo: pretrain plain vs. robust SimCLR, probe, attack, report")
     d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
     d.add_argument("--epochs", type=_positive_int, default=30)
-    d.add_argument("--weight", type=_positive_float, default=1.0, help="weight of the regulariser (> 0)")
+    d.add_argument(
+        "--weight", type=_positive_float, default=None, help="weight of the regulariser (> 0; default: SimCLR's, 1.0)"
+    )
     d.add_argument("--epsilon", type=_positive_float, default=0.1, help="training eps (L-inf, pixel units, > 0)")
     d.add_argument("--steps", type=_count, default=3, help="ascent steps of the regulariser (>= 0)")
     d.add_argument("--seed", type=_any_int, default=0)

@@ -144,6 +144,17 @@ def _flatten(features: object, name: str) -> Tensor:
     return features.reshape(features.shape[0], -1)
 
 
+class _Anchor(NamedTuple):
+    """What one call's ascent and penalty share: the clean features as measured, the penalty's anchor (``clean``,
+    detached with ``detach_anchor``), the spread, the gather over processes and the ascent's per-sample score."""
+
+    clean: Tensor
+    h: Tensor
+    spread: Tensor
+    gather: Callable[[Tensor], Tensor]
+    score: Callable[[Tensor], Tensor]
+
+
 class RobustnessRegularizer(nn.Module):
     r"""Penalise the worst-case change of an encoder's features inside an eps-ball.
 
@@ -463,93 +474,120 @@ class RobustnessRegularizer(nn.Module):
         self._check_positive(x, positive, features)
         _check_start(start, x)
         if memory is not None or index is not None or geometry is not None:
-            index = self._check_memory(memory, index, start, x, geometry)
+            self._check_memory(memory, index, start)
             origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)  # what the perturbation is from
-            start, kept = self._memory_start(memory, index, origin, geometry)
+            fill = (lambda: self.threat.random_start(origin)) if self.random_start else None
+            start = memory.read(index, origin, geometry, fill=fill)  # samples not stored yet start as configured
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
-            switched = active_stochastic_layers(module, self.stochastic_modules)
-            if self.batch_norm == "running":
-                switched += [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training]
-            for layer in switched:
-                layer.training = False  # restored by preserved_state
-            if features is not None and switched:
+            switched = self._make_deterministic(module)
+            if switched and features is not None:
                 self._warn_recompute(switched)
-                features = None
-            reuse = features is None and start is None and self._clean_pass_is_first_iterate(x)
+                features = None  # computed with those layers on: recomputed without them
+            first = self._first_iterate(x) if features is None and start is None else None
             if features is None:
-                if reuse:
-                    # Starting at x, the ascent's first forward *is* the clean pass: run it once,
-                    # keeping the graph the penalty needs, and take the first step's gradient from it.
-                    pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
-                    delta = torch.zeros_like(pixels, requires_grad=True)
-                    features = encoder(self.threat.to_model(pixels + delta))
-                else:
-                    features = encoder(x)
-                if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
-                    raise ValueError("encoder(x) returned non-finite features")
-            clean = self._measure(_flatten(features, "features"))
-            h = clean.detach() if self.detach_anchor else clean
-            gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
-            h_all = gather(h)
-            spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
-            target = h.detach()
-            if positive is not None:
-                _check_widths(target, positive, "encoder(x)")
-            ascent_target = target if positive is None else self._measure(_flatten(positive, "positive")).detach()
-            # Scaling the inner objective by the spread keeps its gradients O(1)
-            # whatever the feature scale (helps fp16 autocast); argmax unchanged.
-            spread_d = spread.detach()
-            scale = torch.where(spread_d > 0, 1.0 / spread_d.clamp_min(torch.finfo(spread_d.dtype).tiny), 1.0)
-
-            def score(z: Tensor) -> Tensor:
-                if self.ascent == "instance":
-                    return _instance_confusion(z, target)
-                return (z - ascent_target).pow(2).sum(dim=1) * scale
-
-            def objective(inputs: Tensor) -> Tensor:
-                return score(self._measure(_flatten(encoder(inputs), "encoder output")))
-
-            if reuse:
-                (grad,) = torch.autograd.grad(score(clean).sum(), delta, retain_graph=True)
-                alpha = _step_length(self.threat, self.steps, self.step_size)
-                delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
-                x_adv = _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha)
-            else:
-                x_adv = projected_gradient_ascent(
-                    objective,
-                    x,
-                    self.threat,
-                    steps=self.steps,
-                    step_size=self.step_size,
-                    random_start=self.random_start,
-                    start=start,
-                )
+                features = self._clean_pass(encoder, x, first)
+            anchor = self._anchor(features, positive)
+            x_adv = self._inner_max(encoder, x, anchor, start, first)
             adv_features = encoder(x_adv)
-            z = self._measure(_flatten(adv_features, "encoder output"))
-            if z.shape != h.shape:
-                raise ValueError(
-                    f"encoder output on perturbed inputs has shape {tuple(z.shape)}, expected {tuple(h.shape)}"
-                )
-            per_sample = (z - h).pow(2).sum(dim=1)
-            deviation = gather(per_sample).mean()
-            value = deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny) if self.relative else deviation
+            value, deviation, per_sample = self._penalty(adv_features, anchor)
         if memory is not None:  # where each ascent ended, for the next visit of the sample
-            memory._write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry, previous=kept)
+            memory.write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
             mean_deviation=per_sample.detach().sqrt().mean(),
-            variance=spread.detach(),
+            variance=anchor.spread.detach(),
         )
-        if return_adversarial:
-            return RegularizerOutput(value, x_adv, adv_features)
-        return value
+        return RegularizerOutput(value, x_adv, adv_features) if return_adversarial else value
+
+    def _make_deterministic(self, module: nn.Module) -> list[nn.Module]:
+        """Put random layers (and BatchNorm with ``batch_norm="running"``) in eval mode for this call's passes
+        (restored by ``preserved_state``); the layers switched."""
+        switched = active_stochastic_layers(module, self.stochastic_modules)
+        if self.batch_norm == "running":
+            switched += [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training]
+        for layer in switched:
+            layer.training = False
+        return switched
+
+    def _first_iterate(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(pixels, delta)`` when the clean forward can double as the ascent's first one (it starts at ``x``)."""
+        if self.random_start or self.steps == 0 or self.epsilon == 0 or not torch.is_grad_enabled() or x.requires_grad:
+            return None
+        pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
+        return pixels, torch.zeros_like(pixels, requires_grad=True)
+
+    def _clean_pass(self, encoder: Callable[[Tensor], Tensor], x: Tensor, first: tuple[Tensor, Tensor] | None):
+        """``encoder(x)``, checked; through the ascent's first iterate when it starts at ``x`` (one pass for both)."""
+        features = encoder(x) if first is None else encoder(self.threat.to_model(first[0] + first[1]))
+        if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
+            raise ValueError("encoder(x) returned non-finite features")
+        return features
+
+    def _anchor(self, features: Tensor, positive: Tensor | None) -> _Anchor:
+        """The clean features as measured, the penalty's anchor, the spread and the ascent's score."""
+        clean = self._measure(_flatten(features, "features"))
+        h = clean.detach() if self.detach_anchor else clean
+        gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
+        h_all = gather(h)
+        spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+        target = h.detach()
+        if positive is not None:
+            _check_widths(target, positive, "encoder(x)")
+        ascent_target = target if positive is None else self._measure(_flatten(positive, "positive")).detach()
+        # Scaling the inner objective by the spread keeps its gradients O(1) whatever the feature scale (helps fp16
+        # autocast); argmax unchanged.
+        spread_d = spread.detach()
+        scale = torch.where(spread_d > 0, 1.0 / spread_d.clamp_min(torch.finfo(spread_d.dtype).tiny), 1.0)
+
+        def score(z: Tensor) -> Tensor:
+            if self.ascent == "instance":
+                return _instance_confusion(z, target)
+            return (z - ascent_target).pow(2).sum(dim=1) * scale
+
+        return _Anchor(clean, h, spread, gather, score)
+
+    def _inner_max(
+        self, encoder: Callable, x: Tensor, anchor: _Anchor, start: Tensor | None, first: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        """The deviation-maximising inputs (model space, detached): projected ascent on the anchor's score."""
+
+        def objective(inputs: Tensor) -> Tensor:
+            return anchor.score(self._measure(_flatten(encoder(inputs), "encoder output")))
+
+        if first is None:
+            return projected_gradient_ascent(
+                objective,
+                x,
+                self.threat,
+                steps=self.steps,
+                step_size=self.step_size,
+                random_start=self.random_start,
+                start=start,
+            )
+        pixels, delta = first  # the clean pass was the first iterate: its gradient is the first step's
+        (grad,) = torch.autograd.grad(anchor.score(anchor.clean).sum(), delta, retain_graph=True)
+        alpha = _step_length(self.threat, self.steps, self.step_size)
+        delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
+        return _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha)
+
+    def _penalty(self, adv_features: Tensor, anchor: _Anchor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(value, mean squared deviation, per-sample squared deviation)`` of the perturbed features."""
+        z = self._measure(_flatten(adv_features, "encoder output"))
+        if z.shape != anchor.h.shape:
+            raise ValueError(
+                f"encoder output on perturbed inputs has shape {tuple(z.shape)}, expected {tuple(anchor.h.shape)}"
+            )
+        per_sample = (z - anchor.h).pow(2).sum(dim=1)
+        deviation = anchor.gather(per_sample).mean()
+        if not self.relative:
+            return deviation, deviation, per_sample
+        return deviation / anchor.spread.clamp_min(torch.finfo(anchor.spread.dtype).tiny), deviation, per_sample
 
     @staticmethod
-    def _check_memory(
-        memory: object, index: object, start: Tensor | None, x: Tensor, geometry: object = None
-    ) -> Tensor:
+    def _check_memory(memory: object, index: object, start: Tensor | None) -> None:
+        """The warm start's arguments belong together (their values are checked by ``memory.read``)."""
         if memory is None:
             name = "index" if index is not None else "geometry"
             raise ValueError(f"{name} is only used with memory=; pass memory=PerturbationMemory(...) too")
@@ -559,29 +597,6 @@ class RobustnessRegularizer(nn.Module):
             raise ValueError("memory needs index=: each sample's index in the training set (the dataset yields it)")
         if start is not None:
             raise ValueError("pass either start= or memory= (which supplies the start), not both")
-        return memory.check(index, x, geometry)
-
-    def _memory_start(
-        self, memory: PerturbationMemory, index: Tensor, origin: Tensor, geometry: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """The stored perturbations (through each view's crop with ``geometry``; samples without one start as
-        configured: a draw in the ball around the clean pixels ``origin``, or zero) and the rows as the memory
-        keeps them, for the write-back."""
-        rows, stored, kept = memory._read(index, origin, geometry)
-        if not self.random_start or bool(stored.all()):
-            return rows, kept
-        draw = self.threat.random_start(origin)
-        return torch.where(stored.view(-1, *([1] * (origin.dim() - 1))), rows, draw.to(rows.dtype)), kept
-
-    def _clean_pass_is_first_iterate(self, x: Tensor) -> bool:
-        """Whether the clean forward can double as the ascent's first one (it starts at ``x``)."""
-        return (
-            not self.random_start
-            and self.steps > 0
-            and self.epsilon > 0
-            and torch.is_grad_enabled()
-            and not x.requires_grad
-        )
 
     def _warn_recompute(self, switched: list[nn.Module]) -> None:
         if self._warned_stochastic:

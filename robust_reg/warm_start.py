@@ -13,6 +13,7 @@ perturbation in image coordinates and moves it with the crop, as ATTA does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -189,6 +190,7 @@ class PerturbationMemory:
         self._data: Tensor | None = None
         self._stored: Tensor | None = None  # which slots hold a perturbation
         self._frame: str | None = None  # "view" or "image" (with geometry), fixed at the first write
+        self._last_read: tuple | None = None  # (index, geometry, checked index, rows as kept) of the last read
 
     def __repr__(self) -> str:
         shape = None if self._data is None else tuple(self._data.shape[1:])
@@ -273,10 +275,29 @@ class PerturbationMemory:
                 raise ValueError(f"index must be below num_samples={self.num_samples}, got {high}")
         return index.long()
 
-    def read(self, index: Tensor, like: Tensor, geometry: Tensor | None = None) -> Tensor:
-        """The stored perturbations of ``index`` (zeros where none is stored), on ``like``'s device and dtype;
-        with ``geometry``, seen through each view's crop."""
-        return self._read(self.check(index, like, geometry), like, geometry)[0]
+    def read(
+        self,
+        index: Tensor,
+        like: Tensor,
+        geometry: Tensor | None = None,
+        *,
+        fill: Tensor | Callable[[], Tensor] | None = None,
+    ) -> Tensor:
+        """The stored perturbations of ``index``, on ``like``'s device and dtype; with ``geometry``, seen
+        through each view's crop. Samples with nothing stored get zeros, or ``fill``'s rows (a tensor like
+        ``like``, or a callable making one, called only if some sample has nothing stored).
+
+        Validates ``index`` and ``geometry`` (see :meth:`check`). A :meth:`write` with the same ``index``
+        and ``geometry`` objects right after reuses this read's checks and rows (the warm start's
+        read-ascend-write round costs one gather and one check).
+        """
+        checked = self.check(index, like, geometry)
+        rows, stored, kept = self._read(checked, like, geometry)
+        self._last_read = (index, geometry, checked, kept)
+        if fill is None or bool(stored.all()):
+            return rows
+        fill = fill() if callable(fill) else fill
+        return torch.where(stored.view(-1, *([1] * (like.dim() - 1))), rows, fill.to(rows.dtype))
 
     def is_stored(self, index: Tensor) -> Tensor:
         """Per entry of ``index`` (a 1-D integer tensor), whether a perturbation is stored for it."""
@@ -316,6 +337,11 @@ class PerturbationMemory:
         if not isinstance(perturbation, Tensor) or not perturbation.is_floating_point():
             got = perturbation.dtype if isinstance(perturbation, Tensor) else type(perturbation).__name__
             raise TypeError(f"perturbation must be a floating-point tensor, got {got}")
+        last, self._last_read = self._last_read, None
+        if last is not None and last[0] is index and last[1] is geometry and last[3] is not None:
+            if last[3].shape == perturbation.shape:  # what the read of this batch checked and gathered
+                self._write(last[2], perturbation, geometry, previous=last[3])
+                return
         self._write(self.check(index, perturbation, geometry), perturbation, geometry)
 
     def _write(
@@ -350,7 +376,7 @@ class PerturbationMemory:
 
     def reset(self) -> None:
         """Forget every stored perturbation (and the allocation)."""
-        self._data = self._stored = self._frame = None
+        self._data = self._stored = self._frame = self._last_read = None
 
     def state_dict(self) -> dict[str, Any]:
         """The stored perturbations, for a checkpoint (``None`` before the first write)."""
@@ -378,4 +404,4 @@ class PerturbationMemory:
         if data is not None:
             device = self.device or data.device
             data, stored = data.to(device=device, dtype=self.dtype), stored.to(device=device, dtype=torch.bool)
-        self._data, self._stored, self._frame = data, stored, state["frame"]
+        self._data, self._stored, self._frame, self._last_read = data, stored, state["frame"], None

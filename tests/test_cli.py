@@ -13,7 +13,7 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("lightly")
 
 import robust_reg.experiments.data as data_module  # noqa: E402
-import robust_reg.experiments.ssl as ssl_module  # noqa: E402
+import robust_reg.experiments.training as training_module  # noqa: E402
 from robust_reg.cli import UsageError  # noqa: E402
 from robust_reg.cli import main as cli  # noqa: E402
 from robust_reg.experiments.models import build_encoder  # noqa: E402
@@ -28,7 +28,7 @@ def no_work(monkeypatch):
         raise AssertionError("the command did work before rejecting its arguments")
 
     monkeypatch.setattr(data_module, "load_dataset", forbidden)
-    monkeypatch.setattr(ssl_module, "pretrain", forbidden)
+    monkeypatch.setattr(training_module, "pretrain", forbidden)
 
 
 @pytest.fixture

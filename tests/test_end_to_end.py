@@ -148,9 +148,9 @@ def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
 @pytest.mark.parametrize(
     "dataset, extra, variant, weight",
     [
-        ("fake", [], "robust", 1.0),
-        ("digits", ["--method", "byol"], "robust", 0.05),  # each method's recommended weight by default
-        ("digits", ["--target", "backbone", "--adversarial-view"], "advview", 1.0),
+        ("fake", [], True, 1.0),
+        ("digits", ["--method", "byol"], True, 0.05),  # each method's recommended weight by default
+        ("digits", ["--robust-weight", "0"], False, 1.0),  # plain SSL
     ],
 )
 def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_path, dataset, extra, variant, weight):
@@ -160,8 +160,8 @@ def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_pat
     checkpoint = tmp_path / "encoder.pt"
     pretrain_example.main(["--dataset", dataset, "--epochs", "1", "--steps", "1", "--out", str(checkpoint), *extra])
     record = torch.load(checkpoint, weights_only=True)
-    assert record["dataset"] == dataset and record["config"]["variant"] == variant
-    assert record["config"]["robust_weight"] == weight
+    assert record["dataset"] == dataset and record["config"]["robust"] == variant
+    assert record["config"]["weight"] == weight
     args = ["evaluate", str(checkpoint), "--no-autoattack", "--pgd-steps", "2", "--test-samples", "64"]
     code = cli([*args, "--no-progress", "--out", str(tmp_path)])
     evaluation = json.loads((tmp_path / "encoder_evaluation.json").read_text())
@@ -243,13 +243,13 @@ def test_compare_rejects_an_unknown_candidate_name(name):
 
 def _tiny_simclr():
     """SimCLR on a linear backbone over 4x4 one-channel images: fast enough for one step per test."""
-    from robust_reg.experiments.ssl import build_model
+    from harness import build_model
 
     return build_model("simclr", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8)), (1, 4, 4))
 
 
 def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
-    from robust_reg.experiments.ssl import SimCLR
+    from robust_reg.experiments.training import SimCLR
 
     model = _tiny_simclr()
     assert isinstance(model, SimCLR)
@@ -261,8 +261,9 @@ def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
 
 
 def test_late_start_trains_plain_epochs_before_the_robust_term():
+    from harness import PretrainConfig, pretrain
+
     from robust_reg.experiments.data import load_dataset
-    from robust_reg.experiments.ssl import PretrainConfig, pretrain
 
     data = load_dataset("digits").subset(train=128, test=50)
     config = PretrainConfig(variant="robust", epochs=4, robust_start=0.5)
@@ -271,7 +272,7 @@ def test_late_start_trains_plain_epochs_before_the_robust_term():
 
 
 def test_epsilon_ramp_grows_the_training_eps_to_its_value():
-    from robust_reg.experiments.ssl import PretrainConfig, scheduled
+    from harness import PretrainConfig, scheduled
 
     config = PretrainConfig(variant="robust", epochs=10, epsilon=0.1, epsilon_ramp=0.3)
     eps = [scheduled(config, epoch).epsilon for epoch in range(10)]
@@ -280,15 +281,16 @@ def test_epsilon_ramp_grows_the_training_eps_to_its_value():
 
 @pytest.mark.parametrize("field", ["robust_start", "epsilon_ramp"])
 def test_schedule_fractions_outside_zero_one_are_refused(field):
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match=field):
         PretrainConfig(**{field: 1.0})
 
 
 def test_the_robust_step_without_random_start_runs_one_forward_fewer():
+    from harness import PretrainConfig, regularizer_for, step_loss
+
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     forwards, calls = {}, []
     for random_start in (True, False):
@@ -306,8 +308,9 @@ def test_the_robust_step_without_random_start_runs_one_forward_fewer():
 
 
 def _penalty_term(penalty: str, seed: int = 0):
+    from harness import PretrainConfig, regularizer_for, step_loss
+
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     torch.manual_seed(seed)
     model = _tiny_simclr()
@@ -340,15 +343,16 @@ def test_both_penalties_add_the_embedding_and_the_backbone_terms_of_the_same_asc
     [dict(variant="reg"), dict(variant="robust", adversarial_views=2), dict(variant="robust", penalty="features")],
 )
 def test_a_penalty_the_step_cannot_measure_is_refused_by_name(settings):
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match="penalty"):
         PretrainConfig(**{"penalty": "backbone", **settings})
 
 
 def test_the_positive_anchor_penalty_runs_no_clean_pass_of_the_perturbed_view():
+    from harness import PretrainConfig, regularizer_for, step_loss
+
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, regularizer_for, step_loss
 
     torch.manual_seed(0)
     model = _tiny_simclr()
@@ -367,14 +371,14 @@ def test_the_positive_anchor_penalty_runs_no_clean_pass_of_the_perturbed_view():
 
 
 def test_steps_from_grows_the_ascent_steps_over_equal_parts_of_the_epochs():
-    from robust_reg.experiments.ssl import PretrainConfig, scheduled
+    from harness import PretrainConfig, scheduled
 
     config = PretrainConfig(variant="robust", epochs=6, steps=3, steps_from=1)
     assert [scheduled(config, epoch).steps for epoch in range(6)] == [1, 1, 2, 2, 3, 3]
 
 
 def test_steps_from_above_steps_is_refused_by_name():
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match="steps_from"):
         PretrainConfig(variant="robust", steps=3, steps_from=4)
@@ -399,7 +403,7 @@ def test_the_kl_penalty_compares_the_clean_and_adversarial_softmax_over_the_othe
 
 
 def test_the_kl_penalty_is_refused_for_byol_by_name():
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match="penalty='kl'"):
         PretrainConfig(method="byol", variant="robust", penalty="kl")
@@ -407,10 +411,11 @@ def test_the_kl_penalty_is_refused_for_byol_by_name():
 
 @pytest.mark.parametrize("detach_anchor", [False, True])
 @pytest.mark.parametrize("warp", [False, True])
-def test_the_warm_start_steps_first_visit_is_the_recommended_step(detach_anchor, warp):
+def test_thewarm_start_steps_first_visit_is_the_recommended_step(detach_anchor, warp):
+    from harness import PretrainConfig, regularizer_for, step_loss, warm_start_step
+
     from robust_reg import PerturbationMemory, crop_geometry
     from robust_reg.attacks import ThreatModel
-    from robust_reg.experiments.ssl import PretrainConfig, _warm_start_step, regularizer_for, step_loss
 
     torch.manual_seed(0)
     model = _tiny_simclr()
@@ -422,7 +427,7 @@ def test_the_warm_start_steps_first_visit_is_the_recommended_step(detach_anchor,
     torch.manual_seed(1)
     memory, index = PerturbationMemory(), torch.arange(6)
     geometry = {"geometry": crop_geometry(torch.tensor([[0, 0, 3, 3]] * 6), (4, 4))} if warp else {}
-    warm_loss, warm_term = _warm_start_step(model, reg, x0, x1, config, memory=memory, index=index, **geometry)
+    warm_loss, warm_term = warm_start_step(model, reg, x0, x1, config, memory=memory, index=index, **geometry)
     assert warm_term == pytest.approx(term, rel=1e-5)
     torch.testing.assert_close(warm_loss, loss)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -434,8 +439,9 @@ def test_the_warm_start_steps_first_visit_is_the_recommended_step(detach_anchor,
 def _warm_starts(monkeypatch, **settings) -> tuple[list, list, list]:
     """A 2-epoch warm-start run on 128 digits (two batches per epoch). Per regulariser call: what the memory
     held for the batch before it (seen through the crops when warped), where the ascent ended, the keywords."""
+    import harness as ssl
+
     from robust_reg import RobustnessRegularizer
-    from robust_reg.experiments import ssl
     from robust_reg.experiments.data import load_dataset
 
     held, ends, calls = [], [], []
@@ -492,14 +498,14 @@ def test_the_experiments_keep_the_warm_start_in_one_package_memory_with_the_crop
     [dict(variant="acl"), dict(variant="robust", penalty="kl"), dict(variant="robust", ascent="instance")],
 )
 def test_warm_start_where_the_step_cannot_carry_a_perturbation_is_refused_by_name(settings):
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match="warm_start"):
         PretrainConfig(warm_start=True, **settings)
 
 
 def test_warm_warp_without_warm_start_is_refused_by_name():
-    from robust_reg.experiments.ssl import PretrainConfig
+    from harness import PretrainConfig
 
     with pytest.raises(ValueError, match="warm_warp"):
         PretrainConfig(variant="robust", warm_warp=False)

@@ -21,7 +21,7 @@ augment = T.Compose([T.RandomResizedCrop(8, scale=(0.6, 1.0), antialias=True), T
 def batches(steps: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
     """``steps`` shuffled batches of real digit images ``(N, 1, 8, 8)`` in ``[0, 1]``."""
     images = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
-    for step in range(steps):
+    for _ in range(steps):
         order = torch.randperm(images.shape[0])[:batch_size]
         yield images[order]
 

@@ -1,6 +1,7 @@
-"""Reference experiments: data, encoders, augmentations and SSL training loops.
+"""Recipe code behind the ``robust-reg`` command and ``examples/``: data, encoders, augmentations,
+the SimCLR/BYOL pretraining loop on the public API (:mod:`.training`) and the evaluation pipeline.
 
-Used by the ``robust-reg`` command, ``examples/`` and ``benchmarks/``. This is
-recipe code on top of the library, not part of its core API; it needs the
-``examples`` extra (lightly, torchvision, mlxtend, scikit-learn).
+Not part of the library's core API; it needs the ``examples`` extra (lightly, torchvision,
+mlxtend, scikit-learn). The screening harness with every measured variant lives in
+``benchmarks/harness.py``, outside the wheel.
 """

@@ -1,7 +1,9 @@
-"""SimCLR and BYOL from lightly's building blocks, and the pretraining loop.
+"""The screening harness: every pretraining variant the benchmarks measured, on the package's loop.
 
-The loop is a plain PyTorch loop, written the way a lightly user writes one.
-The regulariser is the one added line in :func:`step_loss`. Variants:
+Not shipped in the wheel: ``benchmarks/compare.py`` and ``benchmarks/overhead.py`` use it
+(they run from this folder). The models and the loop are the package's
+(:mod:`robust_reg.experiments.training`); this module adds the configurations that only the
+benchmarks use, including those that lost on MNIST (they may matter on natural images). Variants:
 
 - ``plain``: the SSL loss alone.
 - ``reg``: SSL loss + ``weight * RobustnessRegularizer(...)`` on view 0, reusing its features.
@@ -21,128 +23,34 @@ The regulariser is the one added line in :func:`step_loss`. Variants:
 
 from __future__ import annotations
 
-import copy
-import math
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._state import preserved_state
-from .._utils import progress
-from ..attacks import ThreatModel, projected_gradient_ascent
-from ..methods import METHOD_SETTINGS
-from ..regularizer import RegularizerOutput, RobustnessRegularizer
-from ..warm_start import PerturbationMemory
-from .augment import BatchAugment, default_augment
-from .data import ImageData, batches
-from .models import build_encoder, feature_dim
+from robust_reg import (
+    PerturbationMemory,
+    RegularizerOutput,
+    RobustnessRegularizer,
+    ThreatModel,
+    projected_gradient_ascent,
+)
+from robust_reg._state import preserved_state
+from robust_reg.experiments.augment import BatchAugment
+from robust_reg.experiments.data import ImageData
+from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, PretrainResult, build_model
+from robust_reg.experiments.training import pretrain as _pretrain
+from robust_reg.methods import METHOD_SETTINGS
 
-METHODS = ("simclr", "byol")
+__all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain"]
+
 VARIANTS = ("plain", "reg", "advview", "robust", "acl")
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
 
-# The recommended configuration per method (variant "robust"), as measured in benchmarks/compare.py:
-# for BYOL the adversarial view carries the robustness and the penalty costs clean accuracy, so its
-# weight is small (weights 0-0.3 side by side: README, "Results").
+# The recommended weight per method (variant "robust"): the package's table.
 RECOMMENDED_WEIGHT = {name: METHOD_SETTINGS[name].weight for name in METHODS}
-
-# Per-dataset training defaults of the examples and benchmarks.
-DATASET_DEFAULTS = {
-    "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
-    "digits": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
-    "fake": dict(arch="cnn", epochs=2, batch_size=64, lr=1e-3, epsilon=0.1),
-    "cifar10": dict(arch="resnet18", epochs=200, batch_size=512, lr=2e-3, epsilon=8 / 255),
-}
-
-
-class _SSLModel(nn.Module):
-    """``forward`` is the embedding the loss compares: ``embed(backbone(x))``."""
-
-    backbone: nn.Module
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.embed(self.backbone(x))
-
-    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
-        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
-
-
-def _alternatives(z: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return z if isinstance(z, tuple) else (z,)
-
-
-class SimCLR(_SSLModel):
-    """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""
-
-    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
-        super().__init__()
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
-
-        self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(dim, hidden_dim, out_dim)
-        self.criterion = NTXentLoss(temperature=0.5)
-
-    def embed(self, h: Tensor) -> Tensor:
-        """The embedding the loss compares, from backbone features."""
-        return self.projection_head(h.flatten(start_dim=1))
-
-    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        """``embeddings[0]`` may be a tuple of view-0 embeddings (clean and adversarial): their losses are averaged."""
-        z0s, z1 = _alternatives(embeddings[0]), embeddings[1]
-        return sum(self.criterion(z0, z1) for z0 in z0s) / len(z0s)
-
-    def after_step(self, progress: float) -> None:
-        pass
-
-
-class BYOL(_SSLModel):
-    """BYOL (Grill et al. 2020): predict a momentum encoder's projection of the other view."""
-
-    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
-        super().__init__()
-        from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
-
-        self.backbone = backbone
-        self.projection_head = BYOLProjectionHead(dim, hidden_dim, out_dim)
-        self.prediction_head = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
-        self.backbone_momentum = copy.deepcopy(backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
-        self.criterion = NegativeCosineSimilarity()
-        self.momentum = 0.99
-
-    def embed(self, h: Tensor) -> Tensor:
-        """The embedding the loss compares (the prediction), from backbone features."""
-        return self.prediction_head(self.projection_head(h.flatten(start_dim=1)))
-
-    def _target(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1))
-
-    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        """``views`` feed the momentum branch (the targets), ``embeddings`` are the online predictions;
-        ``embeddings[0]`` may be a tuple of view-0 predictions (clean and adversarial): their losses are averaged."""
-        p0s, p1 = _alternatives(embeddings[0]), embeddings[1]
-        t0, t1 = (self._target(x) for x in views)
-        return 0.5 * (sum(self.criterion(p0, t1) for p0 in p0s) / len(p0s) + self.criterion(p1, t0))
-
-    def after_step(self, progress: float) -> None:
-        from lightly.models.utils import update_momentum
-
-        # Cosine schedule of the momentum from 0.99 to 1, as in BYOL.
-        m = 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
-        update_momentum(self.backbone, self.backbone_momentum, m=m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
 
 @dataclass
@@ -292,35 +200,6 @@ class PretrainConfig:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
 
-@dataclass
-class PretrainResult:
-    """The trained encoder and what happened while training it."""
-
-    encoder: nn.Module
-    model: nn.Module
-    config: PretrainConfig
-    dataset: str
-    seconds: float
-    steps: int
-    history: list[dict] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
-
-    def save(self, path: str | Path) -> Path:
-        """Save the encoder with its architecture, dataset and config (see ``pipeline.load_checkpoint``)."""
-        from .pipeline import save_checkpoint
-
-        return save_checkpoint(
-            path, self.encoder, arch=self.config.arch, dataset=self.dataset, config=self.summary()["config"]
-        )
-
-
-def build_model(method: str, backbone: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
-    dim = feature_dim(backbone, image_shape)
-    return (SimCLR if method == "simclr" else BYOL)(backbone, dim)
-
-
 def pretrain(
     data: ImageData,
     config: PretrainConfig,
@@ -328,65 +207,39 @@ def pretrain(
     device: str | torch.device = "cpu",
     augment: BatchAugment | None = None,
     progress_bar: bool = True,
-    log: Callable[[str], None] | None = None,
+    log: Any = None,
 ) -> PretrainResult:
-    """Pretrain an encoder on ``data.x_train`` (labels unused) with the configured method and variant."""
-    torch.manual_seed(config.seed)
+    """Pretrain with the configured method and variant: the package's loop with this harness's step."""
     device = torch.device(device)
-    backbone = build_encoder(config.arch, data.image_shape[0])
-    model = build_model(config.method, backbone, data.image_shape).to(device)
-    augment = augment or default_augment(data.name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, data.x_train.shape[0] // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    generator = torch.Generator().manual_seed(config.seed)
-    result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
-    indices = torch.arange(data.x_train.shape[0])
     # The package's own memory: in image coordinates moved with the crops (warm_warp), else as the view saw it.
     memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device) if config.warm_start else None
-    start = time.perf_counter()
-    step = 0
-    model.train()
-    for epoch in progress(range(config.epochs), enabled=progress_bar, desc=f"{config.method}/{config.variant}"):
-        sums = {"loss": 0.0, "reg": 0.0, "n": 0}
-        epoch_config = scheduled(config, epoch)
-        reg = regularizer_for(epoch_config)
-        acl_threat = ThreatModel(epoch_config.epsilon, norm=config.norm)
-        # Labels are unused: the batches carry each image's index (for the warm start's memory).
-        for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
-            x = x.to(device, non_blocking=True)
-            with autocast:
-                if memory is None or epoch_config.variant != "robust":
-                    loss, reg_value = step_loss(model, reg, acl_threat, augment(x), augment(x), epoch_config)
-                else:
-                    (x0, theta), x1 = augment(x, return_theta=True), augment(x)
-                    warm = {"memory": memory, "index": index.to(device)}
-                    if config.warm_warp:
-                        warm["geometry"] = theta
-                    loss, reg_value = _warm_start_step(model, reg, x0, x1, epoch_config, **warm)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            model.after_step(step / total)
-            sums["loss"] += loss.item()
-            sums["reg"] += reg_value
-            sums["n"] += 1
-        record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "reg": sums["reg"] / max(sums["n"], 1)}
-        result.history.append(record)
-        if log is not None:
-            log(f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    result.seconds = time.perf_counter() - start
-    result.steps = step
-    model.eval()
-    return result
+    step = harness_step(config, memory)
+    return _pretrain(data, config, device=device, augment=augment, progress_bar=progress_bar, log=log, step=step)
+
+
+def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = None):
+    """The package loop's ``step`` for ``config``: each epoch's schedule, its regulariser, the variant's loss."""
+    current: dict[str, Any] = {}
+
+    def step(model: nn.Module, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
+        if current.get("epoch") != epoch:
+            epoch_config = scheduled(config, epoch)
+            current.update(
+                epoch=epoch,
+                config=epoch_config,
+                reg=regularizer_for(epoch_config),
+                threat=ThreatModel(epoch_config.epsilon, norm=config.norm),
+            )
+        epoch_config, reg = current["config"], current["reg"]
+        if memory is None or epoch_config.variant != "robust":
+            return step_loss(model, reg, current["threat"], augment(x), augment(x), epoch_config)
+        (x0, theta), x1 = augment(x, return_theta=True), augment(x)
+        warm = {"memory": memory, "index": index}
+        if config.warm_warp:
+            warm["geometry"] = theta
+        return warm_start_step(model, reg, x0, x1, epoch_config, **warm)
+
+    return step
 
 
 def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
@@ -562,7 +415,7 @@ def _positive_anchor_step(
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
-def _warm_start_step(
+def warm_start_step(
     model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, **warm: Any
 ) -> tuple[Tensor, float]:
     """The recommended step with view 0's ascent warm-started from the regulariser's ``memory=``/``index=``

@@ -1,0 +1,274 @@
+"""SimCLR and BYOL from lightly's building blocks, and the pretraining loop of the demo and the examples.
+
+The loop is a plain PyTorch loop, written the way a lightly user writes one, and its robust
+step is the package's public API and nothing else: ``RobustnessRegularizer(epsilon)`` (the
+recommended form) on the embedding the SSL loss compares, whose adversarial embedding replaces
+view 0's in the loss, with the method's weight from :func:`robust_reg.method_settings`. So the
+demo measures what users get. The screening harness (every variant that was measured, ACL
+baselines) lives in ``benchmarks/harness.py`` and reuses this loop with its own step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import progress
+from ..methods import method_settings
+from ..regularizer import RobustnessRegularizer
+from .augment import BatchAugment, default_augment
+from .data import ImageData, batches
+from .models import build_encoder, feature_dim
+
+METHODS = ("simclr", "byol")
+
+# Per-dataset training defaults of the demo, the examples and the benchmarks.
+DATASET_DEFAULTS = {
+    "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "digits": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
+    "fake": dict(arch="cnn", epochs=2, batch_size=64, lr=1e-3, epsilon=0.1),
+    "cifar10": dict(arch="resnet18", epochs=200, batch_size=512, lr=2e-3, epsilon=8 / 255),
+}
+
+
+class _SSLModel(nn.Module):
+    """``forward`` is the embedding the loss compares: ``embed(backbone(x))``."""
+
+    backbone: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.backbone(x))
+
+    def loss_from_features(self, views: tuple[Tensor, Tensor], features: tuple[Tensor, Tensor]) -> Tensor:
+        return self.loss_from_embeddings(views, (self.embed(features[0]), self.embed(features[1])))
+
+
+def _alternatives(z: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return z if isinstance(z, tuple) else (z,)
+
+
+class SimCLR(_SSLModel):
+    """SimCLR (Chen et al. 2020): NT-Xent on projections of two views."""
+
+    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(dim, hidden_dim, out_dim)
+        self.criterion = NTXentLoss(temperature=0.5)
+
+    def embed(self, h: Tensor) -> Tensor:
+        """The embedding the loss compares, from backbone features."""
+        return self.projection_head(h.flatten(start_dim=1))
+
+    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """``embeddings[0]`` may be a tuple of view-0 embeddings (clean and adversarial): their losses are averaged."""
+        z0s, z1 = _alternatives(embeddings[0]), embeddings[1]
+        return sum(self.criterion(z0, z1) for z0 in z0s) / len(z0s)
+
+    def after_step(self, progress: float) -> None:
+        pass
+
+
+class BYOL(_SSLModel):
+    """BYOL (Grill et al. 2020): predict a momentum encoder's projection of the other view."""
+
+    def __init__(self, backbone: nn.Module, dim: int, *, hidden_dim: int = 512, out_dim: int = 128) -> None:
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(dim, hidden_dim, out_dim)
+        self.prediction_head = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+        self.momentum = 0.99
+
+    def embed(self, h: Tensor) -> Tensor:
+        """The embedding the loss compares (the prediction), from backbone features."""
+        return self.prediction_head(self.projection_head(h.flatten(start_dim=1)))
+
+    def _target(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1))
+
+    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """``views`` feed the momentum branch (the targets), ``embeddings`` are the online predictions;
+        ``embeddings[0]`` may be a tuple of view-0 predictions (clean and adversarial): their losses are averaged."""
+        p0s, p1 = _alternatives(embeddings[0]), embeddings[1]
+        t0, t1 = (self._target(x) for x in views)
+        return 0.5 * (sum(self.criterion(p0, t1) for p0 in p0s) / len(p0s) + self.criterion(p1, t0))
+
+    def after_step(self, progress: float) -> None:
+        from lightly.models.utils import update_momentum
+
+        # Cosine schedule of the momentum from 0.99 to 1, as in BYOL.
+        m = 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        update_momentum(self.backbone, self.backbone_momentum, m=m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one pretraining run of the demo or the examples.
+
+    Attributes:
+        method: ``simclr`` or ``byol``.
+        robust: Add the package's default regulariser (``False``: plain SSL).
+        arch: Encoder architecture (``cnn`` or ``resnet18``).
+        epochs: Passes over the training images.
+        batch_size: Images per step (two views each).
+        lr: AdamW learning rate (cosine schedule).
+        weight_decay: AdamW weight decay.
+        weight: Weight of the regulariser (``None``: the method's, :func:`robust_reg.method_settings`).
+        epsilon: Radius of the threat ball (pixel units).
+        norm: ``linf`` or ``l2``.
+        steps: Ascent steps of the regulariser.
+        seed: Seed of initialisation, shuffling and augmentation.
+        amp: bfloat16 autocast (on CUDA).
+    """
+
+    method: str = "simclr"
+    robust: bool = True
+    arch: str = "cnn"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    weight: float | None = None
+    epsilon: float = 0.1
+    norm: str = "linf"
+    steps: int = 3
+    seed: int = 0
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.weight is None:
+            object.__setattr__(self, "weight", method_settings(self.method).weight)
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class PretrainResult:
+    """The trained encoder and what happened while training it."""
+
+    encoder: nn.Module
+    model: nn.Module
+    config: Any
+    dataset: str
+    seconds: float
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
+
+    def save(self, path: str | Path) -> Path:
+        """Save the encoder with its architecture, dataset and config (see ``pipeline.load_checkpoint``)."""
+        from .pipeline import save_checkpoint
+
+        return save_checkpoint(
+            path, self.encoder, arch=self.config.arch, dataset=self.dataset, config=self.summary()["config"]
+        )
+
+
+def build_model(method: str, backbone: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
+    dim = feature_dim(backbone, image_shape)
+    return (SimCLR if method == "simclr" else BYOL)(backbone, dim)
+
+
+#: ``step(model, x, index, epoch, augment) -> (loss, regulariser value)``: one training step's loss.
+Step = Callable[[nn.Module, Tensor, Tensor, int, BatchAugment], tuple[Tensor, float]]
+
+
+def recommended_step(config: TrainConfig) -> Step:
+    """Plain SSL, or SSL + the package default through the public API (what the README's quick start does)."""
+    reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+
+    def step(model: nn.Module, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
+        x0, x1 = augment(x), augment(x)
+        z0, z1 = model(x0), model(x1)
+        if not config.robust:
+            return model.loss_from_embeddings((x0, x1), (z0, z1)), 0.0
+        out = reg(model, x0, features=z0, positive=z1.detach())
+        # Views feed BYOL's momentum targets: they stay clean.
+        loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.weight * out.loss
+        return loss, out.loss.item()
+
+    return step
+
+
+def pretrain(
+    data: ImageData,
+    config: Any,
+    *,
+    device: str | torch.device = "cpu",
+    augment: BatchAugment | None = None,
+    progress_bar: bool = True,
+    log: Callable[[str], None] | None = None,
+    step: Step | None = None,
+) -> PretrainResult:
+    """Pretrain an encoder on ``data.x_train`` (labels unused).
+
+    ``config`` gives ``method``, ``arch``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
+    ``seed`` and ``amp`` (a :class:`TrainConfig`, or the benchmarks' richer config); ``step``
+    computes each batch's loss (default: :func:`recommended_step` of a :class:`TrainConfig`).
+    """
+    torch.manual_seed(config.seed)
+    device = torch.device(device)
+    backbone = build_encoder(config.arch, data.image_shape[0])
+    model = build_model(config.method, backbone, data.image_shape).to(device)
+    augment = augment or default_augment(data.name)
+    step = step or recommended_step(config)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    total = config.epochs * max(1, data.x_train.shape[0] // config.batch_size)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    generator = torch.Generator().manual_seed(config.seed)
+    result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    indices = torch.arange(data.x_train.shape[0])
+    start = time.perf_counter()
+    model.train()
+    for epoch in progress(range(config.epochs), enabled=progress_bar, desc=config.method):
+        sums = [0.0, 0.0, 0]
+        # Labels are unused: the batches carry each image's index (for a warm start's memory).
+        for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
+            with autocast:
+                loss, reg_value = step(model, x.to(device, non_blocking=True), index.to(device), epoch, augment)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            result.steps += 1
+            model.after_step(result.steps / total)
+            sums = [sums[0] + loss.item(), sums[1] + reg_value, sums[2] + 1]
+        record = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1), "reg": sums[1] / max(sums[2], 1)}
+        result.history.append(record)
+        if log is not None:
+            log(f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
