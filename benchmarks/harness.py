@@ -40,7 +40,7 @@ from robust_reg import (
 from robust_reg._state import preserved_state
 from robust_reg.experiments.augment import BatchAugment
 from robust_reg.experiments.data import ImageData
-from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, PretrainResult, build_model
+from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method
 from robust_reg.experiments.training import pretrain as _pretrain
 from robust_reg.methods import METHOD_SETTINGS
 
@@ -147,8 +147,7 @@ class PretrainConfig:
     amp: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_method(self.method)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant in ("reg", "advview") and not self.robust_weight > 0:
@@ -200,21 +199,13 @@ class PretrainConfig:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
 
-def pretrain(
-    data: ImageData,
-    config: PretrainConfig,
-    *,
-    device: str | torch.device = "cpu",
-    augment: BatchAugment | None = None,
-    progress_bar: bool = True,
-    log: Any = None,
-) -> PretrainResult:
-    """Pretrain with the configured method and variant: the package's loop with this harness's step."""
+def pretrain(data: ImageData, config: PretrainConfig, *, device: str | torch.device = "cpu", **options: Any):
+    """Pretrain with the configured method and variant: the package's loop (``options``: its ``augment``,
+    ``progress_bar``, ``log``) with this harness's step."""
     device = torch.device(device)
     # The package's own memory: in image coordinates moved with the crops (warm_warp), else as the view saw it.
     memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device) if config.warm_start else None
-    step = harness_step(config, memory)
-    return _pretrain(data, config, device=device, augment=augment, progress_bar=progress_bar, log=log, step=step)
+    return _pretrain(data, config, device=device, step=harness_step(config, memory), **options)
 
 
 def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = None):

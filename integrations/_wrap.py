@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel
-from robust_reg._state import preserved_state
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -144,46 +143,27 @@ class RobustTrainingStep:
     def __init__(
         self,
         module: nn.Module,
-        *,
-        encoder: str,
-        key: str | int | None,
-        view: ViewGetter,
-        view_description: str,
-        positive_view: ViewGetter | None,
-        positive_description: str,
+        config: AdapterConfig,
         regularizer: RobustnessRegularizer,
-        weight: float,
-        adversarial_view: bool,
-        log: bool,
-        framework: str,
-        memory: PerturbationMemory | None = None,
-        index: ViewGetter | None = None,
-        index_description: str = "index(batch)",
-        epsilon_ramp: float = 0.0,
-        geometry: ViewGetter | None = None,
-        assumed_normalization: str | None = None,
+        memory: PerturbationMemory | None,
     ) -> None:
         self.module = module
-        # Set when the inputs' normalisation was assumed, not given: checked against the first batch.
-        self.assumed_normalization = assumed_normalization
+        self.config = config
         self.function = type(module).training_step
-        self.encoder = encoder
-        self.key = key
-        self.view = view
-        self.view_description = view_description
-        self.positive_view = positive_view
-        self.positive_description = positive_description
+        self.encoder, self.key, self.framework = config.encoder, config.key, config.framework
+        self.view, self.view_description, self.positive_view, self.positive_description = _default_views(
+            config.view, config.positive_view, config.views_field
+        )
+        if regularizer.ascent != "positive":
+            self.positive_view = None
         self.regularizer = regularizer
-        self.weight = float(weight)
-        self.adversarial_view = bool(adversarial_view)
-        self.log = bool(log)
-        self.framework = framework
-        self.memory = memory
-        self.index = index
-        self.index_description = index_description
-        self.geometry = geometry
-        self.epsilon_ramp = float(epsilon_ramp)
+        self.weight, self.log, self.epsilon_ramp = config.weight, config.log, config.epsilon_ramp
+        self.adversarial_view = config.embedding if config.adversarial_view is None else config.adversarial_view
+        self.memory, self.geometry = memory, config.geometry
+        self.index, self.index_description = config.index_getter()
         self.threat = regularizer.threat  # the full ball; with epsilon_ramp the regulariser's grows to it
+        # Set when the inputs' normalisation was assumed, not given: checked against the first batch.
+        self.assumed_normalization = config.assumed_normalization
         self._warned = False
         functools.update_wrapper(self, self.function)
         self.__signature__ = inspect.signature(self.function.__get__(module))
@@ -344,7 +324,7 @@ class RobustTrainingStep:
         try:
             warm["index"] = self.memory.check(warm["index"], x, crops[0] if crops else None)
             for view_crops in (crops or ())[1:]:  # the other view's: the index is checked once
-                self.memory._check_geometry(view_crops, x)
+                self.memory.check_geometry(view_crops, x)
         except (TypeError, ValueError) as err:
             names = "index=" + (" or geometry=" if self.geometry is not None else "")
             raise type(err)(
@@ -538,39 +518,110 @@ def _add_to_loss(output: Any, term: Tensor) -> Any:
     )
 
 
-def robustify_module(
-    module: nn.Module,
-    *,
-    framework: str,
-    encoder: str,
-    key: str | int | None,
-    view: ViewGetter | None,
-    positive_view: ViewGetter | None,
-    views_field: int,
-    threat: ThreatModel,
-    weight: float,
-    adversarial_view: bool | None,
-    log: bool,
-    regularizer_options: Mapping[str, Any],
-    warm_start: bool | PerturbationMemory = False,
-    index: ViewGetter | None = None,
-    default_index: tuple[ViewGetter, str] | None = None,
-    epsilon_ramp: float = 0.0,
-    geometry: ViewGetter | None = None,
-    assumed_normalization: str | None = None,
-) -> nn.Module:
-    """Validate, build the regulariser, and install the wrapped ``training_step``.
+def _callable_or_none(name: str, value: object, what: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable(batch) -> {what}, got {type(value).__name__}")
 
-    ``encoder="forward"`` (the embedding the SSL loss compares) defaults to the
-    recommended configuration: features L2-normalised, ``ascent="positive"``,
-    adversarial view on. A submodule path (the backbone form) defaults to raw
-    features, ``ascent="deviation"``, no adversarial view. ``view=None``: the
-    first view of ``batch[views_field]`` (and ``positive_view``, read only with
-    ``ascent="positive"``, the second). ``warm_start``: ``True`` (a new
-    :class:`~robust_reg.PerturbationMemory`) or a memory, with ``index`` (or the
-    framework's ``default_index``) reading each batch's sample indices, and
-    optionally ``geometry`` each view's crop (the memory then moves with it).
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The settings of one robustified module, validated once; both adapters build one.
+
+    ``encoder="forward"`` (the embedding the SSL loss compares) gets the regulariser's recommended
+    form and the adversarial view; a submodule path the paper's form (``form="backbone"``) and no
+    adversarial view. ``view=None``: ``batch[views_field][0]`` (and ``positive_view``, read with
+    ``ascent="positive"``, ``[1]``). ``warm_start``: ``True`` (a new
+    :class:`~robust_reg.PerturbationMemory`) or a memory, with ``index`` (or the framework's
+    ``default_index``) reading each batch's sample indices, and optionally ``geometry`` each view's
+    crops. ``assumed_normalization``: a description of the normalisation assumed (not given), checked
+    against the first batch.
     """
+
+    framework: str
+    threat: ThreatModel
+    encoder: str = _FORWARD
+    key: str | int | None = None
+    view: ViewGetter | None = None
+    positive_view: ViewGetter | None = None
+    views_field: int = 0
+    weight: float = 1.0
+    adversarial_view: bool | None = None
+    log: bool = True
+    regularizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    warm_start: bool | PerturbationMemory = False
+    index: ViewGetter | None = None
+    default_index: tuple[ViewGetter, str] | None = None
+    epsilon_ramp: float = 0.0
+    geometry: ViewGetter | None = None
+    assumed_normalization: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.encoder, str) or not self.encoder:
+            raise TypeError(f"encoder must be 'forward' or the dotted path of a submodule, got {self.encoder!r}")
+        if self.key is not None and (isinstance(self.key, bool) or not isinstance(self.key, (str, int))):
+            raise TypeError(f"key must be None, a str or an int, got {type(self.key).__name__}")
+        for name in ("view", "positive_view", "index"):
+            _callable_or_none(name, getattr(self, name), "Tensor")
+        _callable_or_none("geometry", self.geometry, "Tensor of crops")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+            raise ValueError(f"weight must be a finite number >= 0, got {w!r}")
+        r = self.epsilon_ramp
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(f"epsilon_ramp must be a number in [0, 1) (a share of the epochs), got {r!r}")
+        unknown = set(self.regularizer_options) - set(REGULARIZER_KEYS)
+        if unknown:
+            raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
+        self._check_warm_start()
+
+    def _check_warm_start(self) -> None:
+        if self.warm_start is False or self.warm_start is None:
+            for name in ("index", "geometry"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}= is read only with warm_start; pass warm_start=True too")
+        elif not isinstance(self.warm_start, (bool, PerturbationMemory)):
+            raise TypeError(f"warm_start must be a bool or a PerturbationMemory, got {type(self.warm_start).__name__}")
+        elif self.index is None and self.default_index is None:
+            raise ValueError(
+                "warm_start needs index=<callable(batch) -> Tensor>: each sample's index in the training set, which "
+                "the dataset must yield (e.g. a dataset returning (views, target, index) and index=lambda b: b[2])"
+            )
+
+    @property
+    def embedding(self) -> bool:
+        """Whether the encoder is the module's forward: the embedding the SSL loss compares."""
+        return self.encoder == _FORWARD
+
+    def regularizer(self) -> RobustnessRegularizer:
+        """A new regulariser: the recommended form on the embedding, the paper's on a submodule."""
+        options = {"form": "embedding" if self.embedding else "backbone", **self.regularizer_options}
+        regularizer = RobustnessRegularizer.from_threat_model(self.threat, **options)
+        if regularizer.ascent == "positive" and self.view is not None and self.positive_view is None:
+            raise ValueError(
+                "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "
+                "view= given, pass positive_view=<callable(batch) -> Tensor> (the other view) too, or choose "
+                "ascent='instance'"
+            )
+        return regularizer
+
+    def memory(self) -> PerturbationMemory | None:
+        """The warm start's memory (a new one for ``warm_start=True``)."""
+        if isinstance(self.warm_start, PerturbationMemory):
+            return self.warm_start
+        return PerturbationMemory() if self.warm_start else None
+
+    def index_getter(self) -> tuple[ViewGetter | None, str]:
+        """The sample-index getter and its description (``None`` without a warm start)."""
+        if self.warm_start is False or self.warm_start is None:
+            return None, ""
+        if self.index is not None:
+            return self.index, getattr(self.index, "__name__", "index(batch)")
+        return self.default_index
+
+
+def robustify_module(module: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Validate the module against ``config``, build the regulariser, and install the wrapped ``training_step``
+    (and, with a warm start, the checkpoint hooks that carry its memory)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module (a LightningModule), got {type(module).__name__}")
     if isinstance(module.__dict__.get("training_step"), RobustTrainingStep):
@@ -580,56 +631,9 @@ def robustify_module(
         )
     if not callable(getattr(type(module), "training_step", None)):
         raise TypeError(f"{type(module).__name__} has no training_step to add the regulariser to")
-    if not isinstance(encoder, str) or not encoder:
-        raise TypeError(f"encoder must be 'forward' or the dotted path of a submodule, got {encoder!r}")
-    resolve_target(module, encoder)
-    if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
-        raise TypeError(f"key must be None, a str or an int, got {type(key).__name__}")
-    for name, getter in (("view", view), ("positive_view", positive_view)):
-        if getter is not None and not callable(getter):
-            raise TypeError(f"{name} must be a callable(batch) -> Tensor, got {type(getter).__name__}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    if isinstance(epsilon_ramp, bool) or not isinstance(epsilon_ramp, (int, float)) or not 0 <= epsilon_ramp < 1:
-        raise ValueError(f"epsilon_ramp must be a number in [0, 1) (a share of the epochs), got {epsilon_ramp!r}")
-    unknown = set(regularizer_options) - set(REGULARIZER_KEYS)
-    if unknown:
-        raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
-    embedding = encoder == _FORWARD
-    # The recommended configuration on the embedding; the paper's form on a backbone submodule.
-    options = {"form": "embedding" if embedding else "backbone", **regularizer_options}
-    regularizer = RobustnessRegularizer.from_threat_model(threat, **options)
-    view, view_description, positive_view, positive_description = _default_views(view, positive_view, views_field)
-    if regularizer.ascent == "positive" and positive_view is None:
-        raise ValueError(
-            "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "
-            "view= given, pass positive_view=<callable(batch) -> Tensor> (the other view) too, or choose "
-            "ascent='instance'"
-        )
-    if adversarial_view is None:
-        adversarial_view = embedding
-    memory, index, index_description = _warm_start(warm_start, index, default_index, geometry)
-    step = RobustTrainingStep(
-        module,
-        encoder=encoder,
-        key=key,
-        view=view,
-        view_description=view_description,
-        positive_view=positive_view if regularizer.ascent == "positive" else None,
-        positive_description=positive_description,
-        regularizer=regularizer,
-        weight=weight,
-        adversarial_view=adversarial_view,
-        log=log,
-        framework=framework,
-        memory=memory,
-        index=index,
-        index_description=index_description,
-        epsilon_ramp=epsilon_ramp,
-        geometry=geometry,
-        assumed_normalization=assumed_normalization,
-    )
-    object.__setattr__(module, "training_step", step)
+    resolve_target(module, config.encoder)
+    memory = config.memory()
+    object.__setattr__(module, "training_step", RobustTrainingStep(module, config, config.regularizer(), memory))
     if memory is not None:
         for hook in _CHECKPOINT_HOOKS:
             if callable(getattr(type(module), hook, None)):  # a LightningModule: checkpoints carry the memory
@@ -657,39 +661,6 @@ class _MemoryCheckpointHook:
         elif CHECKPOINT_KEY in checkpoint:
             self.memory.load_state_dict(checkpoint[CHECKPOINT_KEY])
         return result
-
-
-def _warm_start(
-    warm_start: object,
-    index: ViewGetter | None,
-    default_index: tuple[ViewGetter, str] | None,
-    geometry: ViewGetter | None = None,
-) -> tuple[PerturbationMemory | None, ViewGetter | None, str]:
-    """The memory and the index getter (with its description) of ``warm_start``/``index``, validated with
-    ``geometry``."""
-    if index is not None and not callable(index):
-        raise TypeError(f"index must be a callable(batch) -> Tensor of sample indices, got {type(index).__name__}")
-    if geometry is not None and not callable(geometry):
-        raise TypeError(f"geometry must be a callable(batch) -> Tensor of crops, got {type(geometry).__name__}")
-    if warm_start is False or warm_start is None:
-        for name, given in (("index", index), ("geometry", geometry)):
-            if given is not None:
-                raise ValueError(f"{name}= is read only with warm_start; pass warm_start=True too")
-        return None, None, ""
-    if warm_start is True:
-        memory = PerturbationMemory()
-    elif isinstance(warm_start, PerturbationMemory):
-        memory = warm_start
-    else:
-        raise TypeError(f"warm_start must be a bool or a PerturbationMemory, got {type(warm_start).__name__}")
-    if index is not None:
-        return memory, index, getattr(index, "__name__", "index(batch)")
-    if default_index is None:
-        raise ValueError(
-            "warm_start needs index=<callable(batch) -> Tensor>: each sample's index in the training set, which "
-            "the dataset must yield (e.g. a dataset returning (views, target, index) and index=lambda b: b[2])"
-        )
-    return memory, *default_index
 
 
 def robust_step(module: nn.Module) -> RobustTrainingStep | None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from robust_reg import PerturbationMemory, ThreatModel, method_settings
 
-from ._wrap import UNSET, resolve_threat, robust_step, robustify_module
+from ._wrap import UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified"]
 
@@ -205,15 +205,14 @@ def robustify(
     if weight is None:
         settings = method_settings(module) if isinstance(module, nn.Module) else None
         weight = 1.0 if settings is None else settings.weight
-    return robustify_module(
-        module,
+    config = AdapterConfig(
         framework="lightly",
+        threat=threat,
         encoder=encoder,
         key=key,
         view=view,
         positive_view=positive_view,
         views_field=0,  # lightly: (views, targets, filenames)
-        threat=threat,
         weight=weight,
         adversarial_view=adversarial_view,
         log=log,
@@ -224,6 +223,7 @@ def robustify(
         geometry=geometry,
         assumed_normalization="lightly's default IMAGENET_NORMALIZE" if assumed else None,
     )
+    return robustify_module(module, config)
 
 
 def is_robustified(module: nn.Module) -> bool:

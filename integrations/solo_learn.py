@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from robust_reg import ThreatModel, method_settings
 from robust_reg.methods import METHOD_SETTINGS
 
-from ._wrap import REGULARIZER_KEYS, UNSET, resolve_threat, robust_step, robustify_module
+from ._wrap import REGULARIZER_KEYS, UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
 
 __all__ = ["robustify", "is_robustified", "solo_normalization", "EMBEDDING_KEYS"]
 
@@ -189,26 +189,15 @@ def robustify(
     """
     if cfg is None:
         cfg = getattr(method, "cfg", None)
-    settings = _config_block(cfg)
-    explicit = {"epsilon": epsilon, "weight": weight, "normalize": normalize}
-    settings.update({k: v for k, v in explicit.items() if v is not UNSET})
+    explicit = {"epsilon": epsilon, "weight": weight, "normalize": normalize, **options}
     if mean is not None or std is not None:
-        settings.update(mean=mean, std=std)
-    unknown = set(options) - set(_OPTION_KEYS)
-    if unknown:
-        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    settings.update(options)
+        explicit.update(mean=mean, std=std)
+    settings = _settings(cfg, explicit)
     if not settings.pop("enabled", True):
         return method
     _check_solo_method(method)
-
-    normalize, mean, std = settings.pop("normalize", UNSET), settings.pop("mean", None), settings.pop("std", None)
-    weight, log = settings.pop("weight", _recommended_weight(method)), settings.pop("log", True)
-    adversarial_view = settings.pop("adversarial_view", None)
-    encoder = settings.pop("encoder", "forward")
-    key = settings.pop("key", None)
-    warm_start = settings.pop("warm_start", False)
-    epsilon_ramp = settings.pop("epsilon_ramp", 0.0)
+    adapter = {name: settings.pop(name) for name in _ADAPTER_KEYS if name in settings and name != "enabled"}
+    normalize, mean, std = adapter.pop("normalize", UNSET), adapter.pop("mean", None), adapter.pop("std", None)
     # What is left are the regulariser's keys; epsilon, norm and bounds go to the threat model.
     threat = resolve_threat(
         settings,
@@ -217,27 +206,32 @@ def robustify(
         std=std,
         default=lambda eps, norm, bounds: ThreatModel.from_solo_config(cfg, epsilon=eps, norm=norm, bounds=bounds),
     )
-    if encoder == "forward" and key is None:
-        key = _embedding_key(method)
-    return robustify_module(
-        method,
+    if adapter.get("encoder", "forward") == "forward" and adapter.get("key") is None:
+        adapter["key"] = _embedding_key(method)
+    adapter.setdefault("weight", _recommended_weight(method))
+    config = AdapterConfig(
         framework="solo-learn",
-        encoder=encoder,
-        key=key,
+        threat=threat,
         view=view,
         positive_view=positive_view,
         views_field=1,  # solo-learn: [indexes, [crops...], targets], large crops first
-        threat=threat,
-        weight=weight,
-        adversarial_view=adversarial_view,
-        log=log,
         regularizer_options=settings,
-        warm_start=warm_start,
         index=index,
         default_index=(_solo_indexes, "batch[0]"),
-        epsilon_ramp=epsilon_ramp,
         geometry=geometry,
+        **adapter,
     )
+    return robustify_module(method, config)
+
+
+def _settings(cfg: Any, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The config block's settings, overridden by the keyword arguments given (``UNSET`` ones are not)."""
+    unknown = set(explicit) - set(_OPTION_KEYS)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    settings = _config_block(cfg)
+    settings.update({k: v for k, v in explicit.items() if v is not UNSET})
+    return settings
 
 
 def _solo_indexes(batch: Any) -> Tensor:

@@ -12,6 +12,7 @@ and measure what the representation guarantees downstream with
 the bound, attack accuracies) are estimates of a worst case, and named so.
 """
 
+from ._state import preserved_state
 from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
 from .methods import MethodSettings, method_settings
@@ -37,6 +38,7 @@ __all__ = [
     "linear_head_lipschitz",
     "method_settings",
     "pgd_attack",
+    "preserved_state",
     "projected_gradient_ascent",
     "robustness_curve",
 ]

@@ -47,6 +47,15 @@ def preserved_state(module: nn.Module, *, eval_mode: bool = False) -> Iterator[N
     Args:
         module: The model to protect.
         eval_mode: Put the whole model in eval mode inside the block.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+        >>> with torch.no_grad(), preserved_state(model):
+        ...     _ = model(torch.randn(8, 4))  # batch statistics, running statistics untouched
+        >>> model[1].num_batches_tracked.item(), model.training
+        (0, True)
     """
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]

@@ -416,6 +416,21 @@ class _Recorder:
         self.adversarial: dict = {}
         self.clock = time.perf_counter()
 
+    def evaluation(self, threats: list[ThreatModel], skipped: list[str]) -> RobustnessEvaluation:
+        """What was recorded, without the sanity checks."""
+        return RobustnessEvaluation(
+            threats[0].norm,
+            len(self.x),
+            self.correct["clean", None].float().mean().item(),
+            tuple(self.results),
+            (),
+            tuple(skipped),
+            tuple(t.epsilon for t in threats),
+            self.ctx.num_classes,
+            self.correct,
+            self.adversarial,
+        )
+
     def run(self, attack, threat: ThreatModel) -> None:
         if any(r.attack == attack.name and _close(r.epsilon, threat.epsilon) for r in self.results):
             return  # the same attack at the same eps: never twice
@@ -509,11 +524,7 @@ def evaluate_robustness(
         >>> ev.robust_accuracy(0.1) <= ev.accuracy("PGD-5", 0.1) <= ev.clean_accuracy
         True
     """
-    if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
-        raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
-    threats = [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
-    for threat in threats:
-        check_radius(threat.epsilon, threat.norm, threat.bounds, "epsilons")
+    threats = _threats(epsilons, norm, bounds, mean, std)
     attacks = _attacks_from_flags(deprecated) if deprecated else (default_attacks() if attacks is None else attacks)
     runnable, skipped = _available(attacks)
     strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
@@ -521,43 +532,24 @@ def evaluate_robustness(
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     threats[0].check_inputs(x, "x")
-    check_radius_fits(max(threats, key=lambda t: t.epsilon), x, "epsilons")
+    strongest = max(threats, key=lambda t: t.epsilon)
+    check_radius_fits(strongest, x, "epsilons")
     x, y = x.to(module_device(model)), y.to(module_device(model)).long()
     ctx = _Context(int(num_classes or int(y.max().item()) + 1), batch_size, seed, progress_bar)
     if large_epsilon is None:
         span = threats[0].bounds[1] - threats[0].bounds[0]
         large_epsilon = span if threats[0].norm == "linf" else span * math.sqrt(x[0].numel())
-    big = ThreatModel(large_epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-    strongest = max(threats, key=lambda t: t.epsilon)
+    big = replace(threats[0], epsilon=float(large_epsilon))
     # torch.manual_seed reseeds every CUDA device too: fork all of them, so the caller's state survives.
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda_devices), preserved_state(model, eval_mode=True):
         torch.manual_seed(seed)
         record = _Recorder(model, x, y, ctx, keep_adversarial, log)
-        for attack in runnable:
-            for threat in threats:
-                record.run(attack, threat)
-        for attack, threat in ((strong, strongest), (main, big)):
+        for attack, threat in [(a, t) for a in runnable for t in threats] + [(strong, strongest), (main, big)]:
             if attack is not None:
                 record.run(attack, threat)
-        probe_x, probe_y = x[:batch_size], y[:batch_size]
-        model_checks = [
-            outputs_are_deterministic(model, probe_x),
-            outputs_are_logits(model, probe_x),
-            gradients_are_nonzero(model, probe_x, probe_y),
-        ]
-    ev = RobustnessEvaluation(
-        threats[0].norm,
-        len(x),
-        record.correct["clean", None].float().mean().item(),
-        tuple(record.results),
-        (),
-        tuple(skipped),
-        tuple(t.epsilon for t in threats),
-        ctx.num_classes,
-        record.correct,
-        record.adversarial,
-    )
+        model_checks = _model_checks(model, x[:batch_size], y[:batch_size])
+    ev = record.evaluation(threats, skipped)
     checks = standard_checks(
         ev,
         main=main.name,
@@ -568,3 +560,18 @@ def evaluate_robustness(
         blackbox=["Square"],
     )
     return replace(ev, checks=tuple(checks + model_checks))
+
+
+def _threats(epsilons: Sequence[float], norm: str, bounds, mean, std) -> list[ThreatModel]:
+    """One threat model per reported eps, each checked for a unit mistake."""
+    if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
+        raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
+    threats = [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
+    for threat in threats:
+        check_radius(threat.epsilon, threat.norm, threat.bounds, "epsilons")
+    return threats
+
+
+def _model_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[SanityCheck]:
+    """The checks on the model itself: deterministic outputs, logits, non-zero input gradients."""
+    return [outputs_are_deterministic(model, x), outputs_are_logits(model, x), gradients_are_nonzero(model, x, y)]

@@ -236,7 +236,7 @@ class PerturbationMemory:
                 "use one PerturbationMemory per view size"
             )
         if geometry is not None:
-            self._check_geometry(geometry, x)
+            self.check_geometry(geometry, x)
         frame = "view" if geometry is None else "image"
         if self._frame is not None and frame != self._frame:
             raise ValueError(
@@ -247,8 +247,9 @@ class PerturbationMemory:
         return index
 
     @staticmethod
-    def _check_geometry(geometry: object, x: Tensor) -> None:
-        """``geometry`` validated against the batch ``x`` (see :meth:`check`)."""
+    def check_geometry(geometry: object, x: Tensor) -> None:
+        """Raise naming ``geometry`` unless it holds one finite, non-empty crop of the image batch ``x`` per sample
+        (see :meth:`check`, which also checks the indices)."""
         if not isinstance(geometry, Tensor) or not geometry.is_floating_point():
             got = geometry.dtype if isinstance(geometry, Tensor) else type(geometry).__name__
             raise TypeError(f"geometry must be a floating-point (N, 2, 3) tensor (crop_geometry), got {got}")

@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "robust_reg.probe",
     "robust_reg.evaluation",
     "robust_reg.methods",
+    "robust_reg._state",
 ]
 
 

@@ -194,49 +194,93 @@ def evaluate_encoder(
     config = config or EvalConfig.for_dataset(data.name)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder = encoder.to(device).eval()
-    x_test = data.x_test[: config.test_samples]
+    sets = label_sets(data, config.label_sets or ("class",))
     tasks: dict[str, RobustnessEvaluation] = {}
     heads: dict[str, nn.Linear] = {}
-    sets = label_sets(data, config.label_sets or ("class",))
-    for i, (name, (y_train, y_test, k)) in enumerate(sets.items()):
-        heads[name] = fit_linear_probe(
+    for i, (name, labels) in enumerate(sets.items()):
+        # The first label set gets the full attack list; the others the main PGD (their own probes' checks run).
+        heads[name], tasks[name] = _probe_and_attack(
             encoder,
-            _loader(data.x_train, y_train),
-            k,
-            weight_decay=config.probe_weight_decay,
+            data,
+            name,
+            labels,
+            config,
+            full=i == 0,
             device=device,
             progress_bar=progress_bar,
-        )
-        if log is not None:
-            log(f"  linear probe for '{name}' ({k} classes) fitted on {data.x_train.shape[0]} clean training samples")
-        # The first label set gets the full attack list; the others the main PGD (their own probes' checks run).
-        tasks[name] = evaluate_robustness(
-            LinearProbeClassifier(encoder, heads[name]).eval(),
-            x_test,
-            y_test[: config.test_samples],
-            epsilons=config.epsilons,
-            attacks=config.attacks() if i == 0 else [PGD(config.pgd_steps)],
-            norm=config.norm,
-            check_steps=config.check_steps if i == 0 else config.pgd_steps,
-            num_classes=k,
             seed=seed,
-            progress_bar=progress_bar,
             log=log,
-            keep_adversarial=i == 0,
         )
     first = next(iter(tasks))
-    robustness, head = tasks[first], heads[first]
+    curve = _bound_curve(encoder, heads[first], tasks[first], data, sets[first][1], config, device, progress_bar, log)
+    return EncoderEvaluation(tasks[first], curve, max(config.epsilons), heads[first], tasks)
+
+
+def _probe_and_attack(
+    encoder: nn.Module,
+    data: ImageData,
+    name: str,
+    labels: tuple[torch.Tensor, torch.Tensor, int],
+    config: EvalConfig,
+    *,
+    full: bool,
+    device: torch.device,
+    progress_bar: bool,
+    seed: int,
+    log: Callable[[str], None] | None,
+) -> tuple[nn.Linear, RobustnessEvaluation]:
+    """One label set: its linear probe on clean training features, then its attacks on the test set."""
+    y_train, y_test, k = labels
+    head = fit_linear_probe(
+        encoder,
+        _loader(data.x_train, y_train),
+        k,
+        weight_decay=config.probe_weight_decay,
+        device=device,
+        progress_bar=progress_bar,
+    )
+    if log is not None:
+        log(f"  linear probe for '{name}' ({k} classes) fitted on {data.x_train.shape[0]} clean training samples")
+    evaluation = evaluate_robustness(
+        LinearProbeClassifier(encoder, head).eval(),
+        data.x_test[: config.test_samples],
+        y_test[: config.test_samples],
+        epsilons=config.epsilons,
+        attacks=config.attacks() if full else [PGD(config.pgd_steps)],
+        norm=config.norm,
+        check_steps=config.check_steps if full else config.pgd_steps,
+        num_classes=k,
+        seed=seed,
+        progress_bar=progress_bar,
+        log=log,
+        keep_adversarial=full,
+    )
+    return head, evaluation
+
+
+def _bound_curve(
+    encoder: nn.Module,
+    head: nn.Linear,
+    robustness: RobustnessEvaluation,
+    data: ImageData,
+    y_test: torch.Tensor,
+    config: EvalConfig,
+    device: torch.device,
+    progress_bar: bool,
+    log: Callable[[str], None] | None,
+) -> RobustnessCurve:
+    """The bound over ``curve_epsilons`` (and the main eps) on the first ``curve_samples`` test samples."""
     m = config.curve_samples
-    main_epsilon = max(config.epsilons)
-    curve_epsilons = sorted(set(config.curve_epsilons) | {main_epsilon})
-    y_curve = sets[first][1][: config.test_samples][:m]  # the first label set's, as its probe
+    curve_epsilons = sorted(set(config.curve_epsilons) | {max(config.epsilons)})
+    x_curve = data.x_test[: config.test_samples][:m]
+    y_curve = y_test[: config.test_samples][:m]  # the first label set's, as its probe
     # The bound's PGD at a reported eps is the evaluation's own attack (same steps): reused, not re-run.
     pgd = f"PGD-{config.pgd_steps}"
     reused = {e: a[:m] for e in curve_epsilons if (a := robustness.adversarial_inputs(pgd, e)) is not None}
     curve = robustness_curve(
         encoder,
         head,
-        _loader(x_test[:m].to(device), y_curve.to(device)),
+        _loader(x_curve.to(device), y_curve.to(device)),
         curve_epsilons,
         norm=config.norm,
         steps=config.pgd_steps,
@@ -246,7 +290,7 @@ def evaluate_encoder(
     if log is not None:
         n = curve.reports[0].num_samples
         log(f"  bound curve at eps {', '.join(f'{e:g}' for e in curve_epsilons)} on the first {n} test samples")
-    return EncoderEvaluation(robustness, curve, main_epsilon, head, tasks)
+    return curve
 
 
 def save_checkpoint(

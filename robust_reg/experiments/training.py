@@ -123,6 +123,12 @@ class BYOL(_SSLModel):
         update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
 
+def check_method(method: str) -> None:
+    """Raise naming ``method`` unless the loop builds it."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one pretraining run of the demo or the examples.
@@ -158,8 +164,7 @@ class TrainConfig:
     amp: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_method(self.method)
         if self.weight is None:
             object.__setattr__(self, "weight", method_settings(self.method).weight)
         if not self.weight >= 0:
