@@ -45,7 +45,7 @@ from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_en
 from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
-from harness import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain  # noqa: E402
+from harness import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain, training_defaults  # noqa: E402
 
 METHODS = {
     "simclr": ("simclr", "plain"),
@@ -81,7 +81,8 @@ BUDGET_TOLERANCE = 0.05  # a run within 5 % of the budget already is an equal-bu
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="mnist5k", choices=sorted(DATASET_DEFAULTS))
+    p.add_argument("--dataset", default="mnist5k", choices=[*sorted(DATASET_DEFAULTS), "npz"])
+    p.add_argument("--data-path", help="the .npz of --dataset npz or cifar10-subset (../shared/cifar10-subset/...)")
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
     p.add_argument(
@@ -191,12 +192,12 @@ def parse_method(name: str) -> tuple[str, str, dict]:
     return method, variant, overrides
 
 
-def light_eval(dataset: str, eval_config: EvalConfig) -> EvalConfig:
+def light_eval(data, eval_config: EvalConfig) -> EvalConfig:
     """Budget and screening runs: PGD (no AutoAttack, no stronger PGD) and the bound at the reported eps only.
 
     They answer "what robustness does the same time (or this setting) buy"; the main table holds the full evaluation.
     """
-    light = EvalConfig.for_dataset(dataset, autoattack=False, curve_epsilons=(max(eval_config.epsilons),))
+    light = EvalConfig.for_data(data, autoattack=False, curve_epsilons=(max(eval_config.epsilons),))
     light.epsilons = eval_config.epsilons
     light.check_steps = light.pgd_steps = eval_config.pgd_steps
     light.curve_samples = eval_config.curve_samples
@@ -230,7 +231,7 @@ def split_methods(text: str) -> list[str]:
 
 def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
     method, variant, overrides = parse_method(name)
-    d = DATASET_DEFAULTS[args.dataset]
+    d = training_defaults(data)
     weight = args.robust_weight
     if weight is None:
         weight = RECOMMENDED_WEIGHT[method] if variant == "robust" else 1.0
@@ -474,13 +475,13 @@ def main(argv: list[str] | None = None) -> dict:
         references = budgets(names, args.budget_reference)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
-    epochs = args.epochs or DATASET_DEFAULTS[args.dataset]["epochs"]
-    eval_config = EvalConfig.for_dataset(args.dataset, autoattack=False if args.no_autoattack else None)
+    data = load_dataset(args.dataset, root=args.data_root, download=args.download, path=args.data_path)
+    epochs = args.epochs or training_defaults(data)["epochs"]
+    eval_config = EvalConfig.for_data(data, autoattack=False if args.no_autoattack else None)
     aa_samples = args.aa_samples or (1000 if device.type == "cuda" else 200)
     eval_config.autoattack_samples = eval_config.square_samples = aa_samples
     if args.light_eval:
-        eval_config = light_eval(args.dataset, eval_config)
+        eval_config = light_eval(data, eval_config)
     seeds = args.seeds
     if args.quick:
         data = data.subset(train=512, test=200)

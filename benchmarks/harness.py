@@ -40,11 +40,11 @@ from robust_reg import (
 from robust_reg._state import preserved_state
 from robust_reg.experiments.augment import BatchAugment
 from robust_reg.experiments.data import ImageData
-from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method
+from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method, training_defaults
 from robust_reg.experiments.training import pretrain as _pretrain
 from robust_reg.methods import METHOD_SETTINGS
 
-__all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain"]
+__all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain", "training_defaults"]
 
 VARIANTS = ("plain", "reg", "advview", "robust", "acl")
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")

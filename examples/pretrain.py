@@ -4,6 +4,11 @@
     python examples/pretrain.py --dataset mnist5k --method simclr --out runs/simclr_reg.pt
     python examples/pretrain.py --dataset mnist5k --method simclr --robust-weight 0 --out runs/simclr_plain.pt
 
+    # your own arrays (x_train, y_train, x_test, y_test in an .npz), e.g. the offline CIFAR-10 subset
+    python examples/pretrain.py --dataset cifar10-subset --data-path ../shared/cifar10-subset/cifar10_subset.npz \
+        --out runs/subset_simclr_reg.pt
+    robust-reg evaluate runs/subset_simclr_reg.pt --data-path ../shared/cifar10-subset/cifar10_subset.npz
+
     # GPU, the usual robust-SSL protocol: CIFAR-10, ResNet-18, eps 8/255 L-inf (bf16 autocast on CUDA)
     python examples/pretrain.py --dataset cifar10 --download --method simclr --epochs 200 \
         --out runs/cifar10_simclr_reg.pt
@@ -27,7 +32,7 @@ import torch
 
 from robust_reg import method_settings
 from robust_reg.experiments.data import DATASETS, load_dataset
-from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, TrainConfig, pretrain
+from robust_reg.experiments.training import METHODS, TrainConfig, pretrain, training_defaults
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     p.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     p.add_argument("--data-root", default="datasets")
+    p.add_argument(
+        "--data-path",
+        help="--dataset npz / cifar10-subset: an .npz with x_train, y_train, x_test, y_test (see load_npz)",
+    )
     p.add_argument("--method", default="simclr", choices=METHODS)
     p.add_argument(
         "--robust-weight",
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="checkpoint path (default runs/<dataset>_<method>_<plain|robust>.pt)")
     args = p.parse_args(argv)
 
-    d = DATASET_DEFAULTS[args.dataset]
+    data = load_dataset(args.dataset, root=args.data_root, download=args.download, path=args.data_path)
+    d = training_defaults(data)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.robust_weight is not None and args.robust_weight < 0:
         p.error(f"--robust-weight must be >= 0, got {args.robust_weight}")
@@ -77,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
         amp=device.type == "cuda" and not args.no_amp,
     )
     variant = "robust" if robust else "plain"
-    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
     print(f"pretraining {config.method}/{variant} on {args.dataset} ({data.x_train.shape[0]} images) on {device}")
     result = pretrain(data, config, device=device, log=print)
     out = args.out or f"runs/{args.dataset}_{args.method}_{variant}.pt"

@@ -275,15 +275,20 @@ def evaluate(args: argparse.Namespace) -> int:
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise UsageError("--dataset is needed: the checkpoint does not name its dataset")
+    if dataset in ("npz", "cifar10-subset") and args.data_path is None:
+        raise UsageError(f"--dataset {dataset} reads an .npz file: pass --data-path FILE")
     if not args.download and not dataset_available(dataset, args.data_root):
         raise UsageError(f"--dataset {dataset} is not under --data-root {args.data_root}; pass --download to fetch it")
-    data = load_dataset(dataset, root=args.data_root, download=args.download)
+    try:
+        data = load_dataset(dataset, root=args.data_root, download=args.download, path=args.data_path)
+    except ValueError as err:  # a file that is not the arrays it should be: one line, naming it
+        raise UsageError(str(err)) from err
     overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
     if args.epsilons:
         overrides["epsilons"] = tuple(args.epsilons)
     if args.no_autoattack:
         overrides["autoattack"] = False
-    config = EvalConfig.for_dataset(dataset, **overrides)
+    config = EvalConfig.for_data(data, **overrides)
     n_test = data.x_test.shape[0] if args.test_samples is None else min(args.test_samples, data.x_test.shape[0])
     expensive = n_test if args.full else min(args.aa_samples or EVALUATE_AA_SAMPLES, n_test)
     config.autoattack_samples = config.square_samples = expensive
@@ -348,11 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint from robust-reg demo / examples/pretrain.py, or a state_dict")
     e.add_argument("--arch", choices=["cnn", "resnet18"], help="needed for a bare state_dict")
     e.add_argument("--in-channels", type=_positive_int, help="needed for a bare state_dict")
-    e.add_argument("--dataset", choices=["mnist5k", "digits", "fake", "cifar10"], help="default: the checkpoint's")
+    e.add_argument(
+        "--dataset",
+        choices=["mnist5k", "digits", "fake", "cifar10", "cifar10-subset", "npz"],
+        help="default: the checkpoint's; npz and cifar10-subset read --data-path",
+    )
+    e.add_argument(
+        "--data-path",
+        help="an .npz with x_train, y_train, x_test, y_test (uint8 NHWC or float NCHW in [0, 1]; integer labels)",
+    )
     e.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     e.add_argument("--data-root", default="datasets")
     e.add_argument(
-        "--epsilons", type=_positive_float, nargs="+", help="default: 0.05 0.1 (digits), 4/255 8/255 (CIFAR-10)"
+        "--epsilons", type=_positive_float, nargs="+", help="default: 0.05 0.1 (digits), 4/255 8/255 (RGB images)"
     )
     e.add_argument("--norm", default="linf", choices=["linf", "l2"])
     e.add_argument("--pgd-steps", type=_positive_int, default=20)

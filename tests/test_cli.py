@@ -168,3 +168,10 @@ def test_evaluate_help_states_the_default_budget(capsys):
         cli(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Default budget" in text and "--full" in text
+
+
+@pytest.mark.parametrize("dataset", ["npz", "cifar10-subset"])
+def test_evaluate_names_data_path_for_a_dataset_read_from_a_file(checkpoint, tmp_path, capsys, dataset):
+    line = rejected(["evaluate", str(checkpoint), "--dataset", dataset, "--out", str(tmp_path / "out")], capsys)
+    assert f"--dataset {dataset}" in line and "--data-path FILE" in line
+    assert not (tmp_path / "out").exists()

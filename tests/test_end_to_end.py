@@ -533,3 +533,30 @@ def test_a_budget_reference_that_cannot_set_a_budget_is_refused_by_name(names, r
     compare = load_compare()
     with pytest.raises(ValueError, match="--budget-reference"):
         compare.budgets(names, [reference])
+
+
+def test_arrays_the_user_has_train_and_evaluate_through_an_npz(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8),
+        y_train=np.arange(96) % 3,
+        x_test=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
+        y_test=np.arange(32) % 3,
+    )
+    spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
+    pretrain_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_example)
+    checkpoint = tmp_path / "mine.pt"
+    argv = ["--dataset", "npz", "--data-path", str(path), "--epochs", "1", "--steps", "1", "--batch-size", "32"]
+    pretrain_example.main([*argv, "--out", str(checkpoint)])
+    assert torch.load(checkpoint, weights_only=True)["dataset"] == "npz"
+    args = ["evaluate", str(checkpoint), "--data-path", str(path), "--no-autoattack", "--pgd-steps", "2"]
+    code = cli([*args, "--no-progress", "--out", str(tmp_path)])
+    evaluation = json.loads((tmp_path / "mine_evaluation.json").read_text())
+    assert code == (0 if evaluation["robustness"]["passed"] else 3)
+    assert evaluation["robustness"]["robust_accuracy"][-1]["epsilon"] == 8 / 255  # natural images: 8/255
+    assert list(evaluation["tasks"]) == ["class"]

@@ -87,8 +87,11 @@ def _gray(x: Tensor) -> Tensor:
     return (x * weights).sum(dim=1, keepdim=True)
 
 
-def default_augment(dataset: str) -> BatchAugment:
-    """The augmentation used for a dataset: digits are not flipped, CIFAR-10 gets the SimCLR recipe."""
-    if dataset == "cifar10":
+def default_augment(kind: str) -> BatchAugment:
+    """The augmentation of a data kind (or a dataset's name): digits are not flipped, natural images (CIFAR-10,
+    a subset, other RGB sets) get the SimCLR recipe."""
+    from .data import DATASET_KINDS
+
+    if DATASET_KINDS.get(kind, kind) in ("cifar10", "natural"):
         return BatchAugment(scale=(0.2, 1.0), flip=0.5, jitter=0.4, jitter_p=0.8, gray_p=0.2)
     return BatchAugment(scale=(0.4, 1.0), ratio=(0.8, 1.25), flip=0.0, jitter=0.4, jitter_p=0.8, gray_p=0.0)

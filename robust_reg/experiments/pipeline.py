@@ -14,7 +14,7 @@ from torch import nn
 from ..bound import BoundReport, RobustnessCurve, robustness_curve
 from ..evaluation import PGD, AutoAttack, LinearProbeClassifier, RobustnessEvaluation, Square, evaluate_robustness
 from ..probe import fit_linear_probe
-from .data import ImageData, batches
+from .data import CIFAR10_CLASSES, DATASET_KINDS, KINDS, ImageData, batches
 from .models import ARCHITECTURES, build_encoder
 
 
@@ -67,19 +67,24 @@ class EvalConfig:
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> EvalConfig:
-        """The usual protocol: eps 8/255 L-inf on CIFAR-10, 0.1 on digits."""
-        if dataset == "cifar10":
-            base = dict(
-                epsilons=(4 / 255, 8 / 255),
-                curve_epsilons=(0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255),
+        """The usual protocol of a data kind (or a named dataset's kind): eps 8/255 L-inf on natural images,
+        0.1 on digits (0.05 on sklearn's 8x8 ones), and the kind's label sets."""
+        kind = DATASET_KINDS.get(dataset, dataset)
+        if kind not in KINDS:
+            raise ValueError(f"dataset must be a dataset name or one of the kinds {KINDS}, got {dataset!r}")
+        base: dict[str, Any] = {"label_sets": LABEL_SETS[kind]}
+        if kind != "digits":
+            base.update(
+                epsilons=(4 / 255, 8 / 255), curve_epsilons=(0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255)
             )
         elif dataset == "digits":
-            base = dict(epsilons=(0.05, 0.1), curve_epsilons=(0.0, 0.05, 0.1, 0.15, 0.2))
-        else:
-            base = {}
-        if dataset in ("mnist5k", "digits", "fake"):
-            base["label_sets"] = ("digit", "parity", "digit>=5")
+            base.update(epsilons=(0.05, 0.1), curve_epsilons=(0.0, 0.05, 0.1, 0.15, 0.2))
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def for_data(cls, data: ImageData, **overrides: Any) -> EvalConfig:
+        """:meth:`for_dataset` of a loaded dataset: its name's protocol, else its kind's (an ``npz`` file)."""
+        return cls.for_dataset(data.name if data.name in DATASET_KINDS else data.kind, **overrides)
 
 
 @dataclass
@@ -154,18 +159,44 @@ def _main_pgd(ev: RobustnessEvaluation) -> str:
     return next(r.attack for r in ev.results if r.attack.startswith("PGD-"))
 
 
+# Each kind's downstream tasks on the same images (the first: the dataset's own labels, fully evaluated).
+LABEL_SETS = {
+    "digits": ("digit", "parity", "digit>=5"),
+    "cifar10": ("class", "animal-vs-vehicle", "coarse4"),
+    "natural": ("class",),
+}
+_VEHICLES = ("airplane", "automobile", "ship", "truck")
+# coarse4: land vehicles, other vehicles, mammals, other animals.
+_COARSE4 = {"automobile": 0, "truck": 0, "airplane": 1, "ship": 1, "cat": 2, "deer": 2, "dog": 2, "horse": 2}
+
+
+def _cifar_map(groups: dict[str, int], default: int) -> torch.Tensor:
+    return torch.tensor([groups.get(c, default) for c in CIFAR10_CLASSES])
+
+
 def label_sets(data: ImageData, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    """Label sets of the same images, as ``(y_train, y_test, num_classes)``: ``class`` (the dataset's
-    labels; ``digit`` on digit datasets), ``parity`` (label mod 2) and ``class>=5`` (``digit>=5``)."""
+    """Label sets of the same images, as ``(y_train, y_test, num_classes)``.
+
+    ``class`` (the dataset's labels; ``digit`` on digits), ``parity`` (label mod 2) and ``class>=5``
+    (``digit>=5``) on digits; on CIFAR-10's classes ``animal-vs-vehicle`` (2 classes) and ``coarse4``
+    (land vehicles: automobile, truck; other vehicles: airplane, ship; mammals: cat, deer, dog,
+    horse; other animals: bird, frog).
+    """
+    vehicle = _cifar_map(dict.fromkeys(_VEHICLES, 1), 0)
     makers = {
         "class": lambda y: (y, data.num_classes),
         "parity": lambda y: (y % 2, 2),
         "class>=5": lambda y: ((y >= 5).long(), 2),
+        "animal-vs-vehicle": lambda y: (vehicle[y], 2),
+        "coarse4": lambda y: (_cifar_map(_COARSE4, 3)[y], 4),
     }
     makers.update(digit=makers["class"], **{"digit>=5": makers["class>=5"]})  # the same sets, named for digits
     unknown = [n for n in names if n not in makers]
     if unknown:
         raise ValueError(f"label_sets must be among {tuple(makers)}, got {unknown}")
+    cifar_only = [n for n in names if n in ("animal-vs-vehicle", "coarse4") and data.kind != "cifar10"]
+    if cifar_only:
+        raise ValueError(f"label sets {cifar_only} group CIFAR-10's classes; {data.name} is of kind {data.kind!r}")
     sets = {}
     for name in names:
         (train, k), (test, _) = makers[name](data.y_train), makers[name](data.y_test)
@@ -191,7 +222,7 @@ def evaluate_encoder(
 
     ``log`` receives one line per finished stage (probe, each attack, the curve), whatever ``progress_bar``.
     """
-    config = config or EvalConfig.for_dataset(data.name)
+    config = config or EvalConfig.for_data(data)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder = encoder.to(device).eval()
     sets = label_sets(data, config.label_sets or ("class",))
