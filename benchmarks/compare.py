@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--arch", default=None, choices=["cnn", "resnet18"])
+    p.add_argument("--arch", default=None, choices=["cnn", "cnn-wide", "resnet18"])
     p.add_argument("--epsilon", type=float, default=None, help="training eps (default: the main evaluation eps)")
     p.add_argument(
         "--robust-weight",

@@ -36,6 +36,7 @@ from robust_reg import (
     RobustnessRegularizer,
     ThreatModel,
     projected_gradient_ascent,
+    ramped_epsilon,
 )
 from robust_reg._state import preserved_state
 from robust_reg.experiments.augment import BatchAugment
@@ -43,6 +44,7 @@ from robust_reg.experiments.data import ImageData
 from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method, training_defaults
 from robust_reg.experiments.training import pretrain as _pretrain
 from robust_reg.methods import METHOD_SETTINGS
+from robust_reg.regularizer import _relative, _spread
 
 __all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain", "training_defaults"]
 
@@ -241,9 +243,9 @@ def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
     if config.steps_from is not None:
         counts = config.steps - config.steps_from + 1
         config = replace(config, steps=config.steps_from + counts * epoch // config.epochs, steps_from=None)
-    ramp = round(config.epsilon_ramp * config.epochs)
-    if ramp and epoch < ramp:
-        return replace(config, epsilon=config.epsilon * (epoch + 1) / (ramp + 1))
+    epsilon = ramped_epsilon(config.epsilon, epoch, config.epochs, config.epsilon_ramp)
+    if epsilon != config.epsilon:
+        return replace(config, epsilon=epsilon)
     return config
 
 
@@ -366,8 +368,7 @@ def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = F
     z, h = features.flatten(start_dim=1).float(), anchor.flatten(start_dim=1).float()
     if normalize:
         z, h = F.normalize(z, dim=1), F.normalize(h, dim=1)
-    spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
-    return (z - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
+    return _relative((z - h).pow(2).sum(dim=1).mean(), _spread(h))
 
 
 def _kl_penalty_step(

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilon", type=float, default=None, help="L-inf/L2 radius in pixel units")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
-    p.add_argument("--arch", default=None, choices=["cnn", "resnet18"])
+    p.add_argument("--arch", default=None, choices=["cnn", "cnn-wide", "resnet18"])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

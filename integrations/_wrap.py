@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state, ramped_epsilon
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -298,8 +298,7 @@ class RobustTrainingStep:
                 "robust_reg: epsilon_ramp grows eps over a share of the epochs, so it needs the module attached to "
                 "a Trainer with max_epochs set; pass epsilon_ramp=0 to train at a constant eps"
             )
-        r, epoch = round(self.epsilon_ramp * max_epochs), trainer.current_epoch
-        epsilon = self.threat.epsilon * (epoch + 1) / (r + 1) if epoch < r else self.threat.epsilon
+        epsilon = ramped_epsilon(self.threat.epsilon, trainer.current_epoch, max_epochs, self.epsilon_ramp)
         if epsilon != self.regularizer.threat.epsilon:
             self.regularizer.threat = dataclasses.replace(self.threat, epsilon=epsilon)
 

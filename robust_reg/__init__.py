@@ -18,7 +18,7 @@ from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lip
 from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
-from .warm_start import PerturbationMemory, crop_geometry
+from .warm_start import PerturbationMemory, crop_geometry, ramped_epsilon
 
 __version__ = "0.1.0"
 
@@ -40,5 +40,6 @@ __all__ = [
     "pgd_attack",
     "preserved_state",
     "projected_gradient_ascent",
+    "ramped_epsilon",
     "robustness_curve",
 ]

@@ -265,7 +265,6 @@ def evaluate(args: argparse.Namespace) -> int:
     out = _output_folder(args.out)
     if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
-    from .experiments.data import dataset_available, load_dataset
     from .experiments.pipeline import CheckpointError, EvalConfig, evaluate_encoder, load_checkpoint
 
     try:
@@ -273,16 +272,7 @@ def evaluate(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise UsageError(str(err)) from err
     dataset = args.dataset or meta.get("dataset")
-    if dataset is None:
-        raise UsageError("--dataset is needed: the checkpoint does not name its dataset")
-    if dataset in ("npz", "cifar10-subset") and args.data_path is None:
-        raise UsageError(f"--dataset {dataset} reads an .npz file: pass --data-path FILE")
-    if not args.download and not dataset_available(dataset, args.data_root):
-        raise UsageError(f"--dataset {dataset} is not under --data-root {args.data_root}; pass --download to fetch it")
-    try:
-        data = load_dataset(dataset, root=args.data_root, download=args.download, path=args.data_path)
-    except ValueError as err:  # a file that is not the arrays it should be: one line, naming it
-        raise UsageError(str(err)) from err
+    data = _evaluation_data(args, dataset)
     overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
     if args.epsilons:
         overrides["epsilons"] = tuple(args.epsilons)
@@ -320,10 +310,31 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0 if evaluation.robustness.passed else 3
 
 
+def _evaluation_data(args: argparse.Namespace, dataset: str | None):
+    """The dataset ``evaluate`` attacks on, or a :class:`UsageError` naming the flag that is missing or wrong."""
+    from .experiments.data import dataset_available, load_dataset
+
+    if dataset is None:
+        raise UsageError("--dataset is needed: the checkpoint does not name its dataset")
+    if dataset in ("npz", "cifar10-subset") and args.data_path is None:
+        raise UsageError(f"--dataset {dataset} reads an .npz file: pass --data-path FILE")
+    if not args.download and not dataset_available(dataset, args.data_root):
+        raise UsageError(f"--dataset {dataset} is not under --data-root {args.data_root}; pass --download to fetch it")
+    try:
+        return load_dataset(dataset, root=args.data_root, download=args.download, path=args.data_path)
+    except ValueError as err:  # a file that is not the arrays it should be: one line, naming it
+        raise UsageError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robust-reg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_evaluate(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="offline CPU demo: pretrain plain vs. robust SimCLR, probe, attack, report")
     d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
     d.add_argument("--epochs", type=_positive_int, default=30)
@@ -340,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments")
     d.set_defaults(func=demo)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="robust downstream evaluation of a saved encoder",
@@ -351,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     e.add_argument("checkpoint", help="a checkpoint from robust-reg demo / examples/pretrain.py, or a state_dict")
-    e.add_argument("--arch", choices=["cnn", "resnet18"], help="needed for a bare state_dict")
+    e.add_argument("--arch", choices=["cnn", "cnn-wide", "resnet18"], help="needed for a bare state_dict")
     e.add_argument("--in-channels", type=_positive_int, help="needed for a bare state_dict")
     e.add_argument(
         "--dataset",
@@ -383,7 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")
     e.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
     e.set_defaults(func=evaluate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,16 @@ def _instance_confusion(z: Tensor, anchors: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=1) - logits.diagonal()
 
 
+def _spread(h: Tensor) -> Tensor:
+    """``sigma ** 2``: the mean squared distance of the features to their mean."""
+    return (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+
+
+def _relative(deviation: Tensor, spread: Tensor) -> Tensor:
+    """The regulariser's value: the mean squared deviation over the spread (a spread of 0 counts as tiny)."""
+    return deviation / spread.clamp_min(torch.finfo(spread.dtype).tiny)
+
+
 def _check_widths(features: Tensor, positive: Tensor, source: str) -> None:
     """``positive`` must be the same embedding as the features (same head): one clear error naming both widths."""
     width, other = features.shape[1], positive[0].numel()
@@ -262,7 +272,8 @@ class RobustnessRegularizer(nn.Module):
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
         - features: ``(N, ...)``, the encoder's output on ``x``; flattened per sample.
-        - Output: scalar.
+        - Output: a :class:`RegularizerOutput` whose ``loss`` is a scalar (the scalar alone with
+          ``return_adversarial=False``).
 
     Raises:
         ValueError: At construction, for a negative or non-finite ``epsilon``, an
@@ -530,8 +541,7 @@ class RobustnessRegularizer(nn.Module):
         clean = self._measure(_flatten(features, "features"))
         h = clean.detach() if self.detach_anchor else clean
         gather = _all_gather if self.gather_distributed and _distributed() else (lambda t: t)
-        h_all = gather(h)
-        spread = (h_all - h_all.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()
+        spread = _spread(gather(h))
         target = h.detach()
         if positive is not None:
             _check_widths(target, positive, "encoder(x)")
@@ -581,9 +591,7 @@ class RobustnessRegularizer(nn.Module):
             )
         per_sample = (z - anchor.h).pow(2).sum(dim=1)
         deviation = anchor.gather(per_sample).mean()
-        if not self.relative:
-            return deviation, deviation, per_sample
-        return deviation / anchor.spread.clamp_min(torch.finfo(anchor.spread.dtype).tiny), deviation, per_sample
+        return (_relative(deviation, anchor.spread) if self.relative else deviation), deviation, per_sample
 
     @staticmethod
     def _check_memory(memory: object, index: object, start: Tensor | None) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PerturbationMemory", "crop_geometry"]
+__all__ = ["PerturbationMemory", "crop_geometry", "ramped_epsilon"]
 
 
 def crop_geometry(boxes: Tensor, image_size: tuple[int, int] | Tensor, flipped: Tensor | None = None) -> Tensor:
@@ -88,6 +88,22 @@ def crop_geometry(boxes: Tensor, image_size: tuple[int, int] | Tensor, flipped: 
     theta[:, 1, 1] = height / size[:, 0]
     theta[:, 1, 2] = (2 * top + height) / size[:, 0] - 1
     return theta
+
+
+def ramped_epsilon(epsilon: float, epoch: int, epochs: int, ramp: float) -> float:
+    """The training eps of ``epoch`` (0-based) when eps grows linearly over a share ``ramp`` of ``epochs``.
+
+    Epoch ``e`` of the first ``r = round(ramp * epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``,
+    later epochs at ``epsilon`` (``ramp=0``: always ``epsilon``). Part of the measured warm-start form
+    (``ramp=0.3``): a warm start carries perturbations between epochs, and a small early ball keeps
+    the first epochs' from being far off.
+
+    Examples:
+        >>> [round(ramped_epsilon(0.1, e, epochs=10, ramp=0.3), 3) for e in range(5)]
+        [0.025, 0.05, 0.075, 0.1, 0.1]
+    """
+    r = round(ramp * epochs)
+    return epsilon * (epoch + 1) / (r + 1) if epoch < r else epsilon
 
 
 def _to_view(stored: Tensor, geometry: Tensor) -> Tensor:

@@ -54,3 +54,25 @@ def test_integrations_install_as_a_subpackage():
     import robust_reg.integrations
 
     assert robust_reg.integrations.__name__ == "robust_reg.integrations"
+
+
+def _function_lengths():
+    """``(lines without the docstring, "path:line name")`` of every function in the shipped code."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("robust_reg", "integrations"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    doc = node.body[0] if node.body else None
+                    if isinstance(doc, ast.Expr) and isinstance(getattr(doc, "value", None), ast.Constant):
+                        lines -= doc.end_lineno - doc.lineno + 1
+                    yield lines, f"{path.relative_to(root)}:{node.lineno} {node.name}"
+
+
+def test_every_shipped_function_stays_under_60_lines_without_its_docstring():
+    long = sorted((n, where) for n, where in _function_lengths() if n >= 60)
+    assert not long, f"split these: {long}"
