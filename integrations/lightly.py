@@ -83,8 +83,8 @@ def robustify(
     deviation, distance and spread are logged under ``robust_reg/``.
 
     Recommended (the default): ``encoder="forward"``, the embedding the SSL loss
-    compares, with ``normalize_features=True``, ``ascent="positive"`` and
-    ``adversarial_view=True``. With ``ascent="positive"`` the adapter watches
+    compares, with the regulariser's default form (normalised, ``ascent="positive"``)
+    and ``adversarial_view=True``. With ``ascent="positive"`` the adapter watches
     the two views ``batch[0][0]`` and ``batch[0][1]``: the first the step
     encodes gives the positive (its clean embedding), the second is perturbed
     away from it. Measured on MNIST: see the README's Results for
@@ -156,10 +156,10 @@ def robustify(
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
             0 (default): constant. 0.3 is part of the measured warm-start form.
         **regularizer_options: ``norm``, ``steps``, ``step_size``,
-            ``random_start``, ``relative``, ``bounds``, ``normalize_features``
-            (default: on for ``encoder="forward"``, off otherwise), ``ascent``
-            (default: ``"positive"`` for ``encoder="forward"``, ``"deviation"``
-            otherwise): as in :class:`~robust_reg.RobustnessRegularizer`.
+            ``random_start``, ``relative``, ``bounds``, ``form`` (default:
+            ``"embedding"`` for ``encoder="forward"``, ``"backbone"`` for a
+            submodule), ``normalize_features``, ``ascent``, ...: as in
+            :class:`~robust_reg.RobustnessRegularizer`.
 
     Returns:
         The same module.

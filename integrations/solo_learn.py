@@ -128,7 +128,7 @@ def robustify(
     method's own ``cfg``), overridden by keyword arguments. The keys are those
     of :func:`robust_reg.integrations.lightly.robustify`: ``epsilon``,
     ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
-    ``relative``, ``bounds``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
+    ``relative``, ``bounds``, ``form``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the
     lightly adapter: a share of ``max_epochs`` over which eps grows), and ``mean``/``std``/``normalize`` to
     override the normalisation; plus ``enabled: false`` to leave the method as
