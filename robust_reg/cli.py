@@ -22,6 +22,8 @@ from .methods import method_settings
 # ``robust-reg evaluate`` without --full: what finishes in a few minutes on 2 CPU cores for the demo's encoder.
 EVALUATE_AA_SAMPLES = 200
 EVALUATE_CURVE_SAMPLES = 500
+# Measured on 2 CPU cores (docs/protocols.md), for the help text.
+PROTOCOL_COST = "on 2 CPU cores with the small CNN and 4,660 CIFAR-10 training images: ALF ~TBD, AFF ~TBD"
 
 
 class UsageError(Exception):
@@ -51,6 +53,15 @@ _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 _count = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 _any_int = _number(int, lambda v: True, "an integer")
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    from .experiments.pipeline import PROTOCOLS
+
+    modes = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    if not modes or any(m not in PROTOCOLS for m in modes):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of {', '.join(PROTOCOLS)}, got {text!r}")
+    return modes if "slf" in modes else ("slf", *modes)  # the probe is always fitted: the bound and tasks need it
 
 
 def _device(name: str) -> torch.device:
@@ -284,6 +295,9 @@ def evaluate(args: argparse.Namespace) -> int:
     config.autoattack_samples = config.square_samples = expensive
     config.curve_samples = n_test if args.full else min(EVALUATE_CURVE_SAMPLES, n_test)
     config.test_samples = args.test_samples
+    config.protocols, config.finetune_schedule = args.protocol, args.finetune_schedule
+    config.finetune_epochs = args.finetune_epochs
+    config.corruptions, config.embedding_attack = not args.no_corruptions, not args.no_embedding_attack
     out.mkdir(parents=True, exist_ok=True)
     _say(
         f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): PGD-{config.pgd_steps} on {n_test} test "
@@ -293,6 +307,8 @@ def evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)
     _say(str(evaluation.robustness))
     _say(evaluation.tasks_summary())
+    _say(f"\nFine-tuning modes on '{next(iter(evaluation.tasks))}' ({config.finetune_schedule} schedule):\n")
+    _say(evaluation.protocols_summary())
     _say("")
     _say(str(evaluation.bound))
     _say("")
@@ -391,6 +407,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--full", action="store_true", help="every attack on every test sample (paper-style, slow)")
     e.add_argument("--no-autoattack", action="store_true")
     e.add_argument("--test-samples", type=_positive_int, default=None, help="use only the first N test samples")
+    e.add_argument(
+        "--protocol",
+        type=_protocols,
+        default=("slf",),
+        help=f"fine-tuning modes, comma-separated: slf (linear probe), alf (adversarial linear), aff (TRADES full "
+        f"fine-tuning); {PROTOCOL_COST}",
+    )
+    e.add_argument(
+        "--finetune-schedule",
+        choices=["cpu", "paper"],
+        default="cpu",
+        help="alf/aff schedule: cpu (ALF 10 epochs PGD-10, AFF 5 epochs PGD-5) or paper (25 epochs, PGD-10)",
+    )
+    e.add_argument("--finetune-epochs", type=_positive_int, default=None, help="override the schedule's epochs")
+    e.add_argument("--no-corruptions", action="store_true", help="skip the CIFAR-10-C-style corruption accuracy")
+    e.add_argument("--no-embedding-attack", action="store_true", help="skip the label-free embedding attack")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--out", default="robust-reg-eval")
     e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")

@@ -560,3 +560,59 @@ def test_arrays_the_user_has_train_and_evaluate_through_an_npz(tmp_path):
     assert code == (0 if evaluation["robustness"]["passed"] else 3)
     assert evaluation["robustness"]["robust_accuracy"][-1]["epsilon"] == 8 / 255  # natural images: 8/255
     assert list(evaluation["tasks"]) == ["class"]
+
+
+@pytest.fixture
+def tiny_npz_checkpoint(tmp_path):
+    """A 1-epoch encoder trained on a tiny random RGB .npz, and the file."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
+        y_train=np.arange(64) % 3,
+        x_test=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
+        y_test=np.arange(24) % 3,
+    )
+    spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
+    pretrain_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_example)
+    checkpoint = tmp_path / "tiny.pt"
+    argv = ["--dataset", "npz", "--data-path", str(path), "--epochs", "1", "--steps", "1", "--batch-size", "32"]
+    pretrain_example.main([*argv, "--out", str(checkpoint)])
+    return checkpoint, path
+
+
+def test_evaluate_scores_slf_alf_and_aff_in_one_table(tiny_npz_checkpoint, tmp_path, capsys):
+    checkpoint, path = tiny_npz_checkpoint
+    args = ["evaluate", str(checkpoint), "--data-path", str(path), "--no-autoattack", "--pgd-steps", "2"]
+    args += ["--protocol", "slf,alf,aff", "--finetune-epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    code = cli(args)
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "tiny_evaluation.json").read_text())
+    assert code in (0, 3)
+    table = printed[printed.index("Fine-tuning modes") :]
+    assert [line.split()[0] for line in table.splitlines()[4:7]] == ["slf", "alf", "aff"]
+    assert list(record["protocols"]) == ["slf", "alf", "aff"]
+    for mode in record["protocols"].values():
+        assert mode["seconds"] >= 0 and mode["robustness"]["robust_accuracy"]
+        assert 0 <= mode["corruptions"]["mean_accuracy"] <= 1
+    embedding = record["embedding_attack"]
+    assert embedding["mean_relative_deviation"] >= embedding["random_mean_relative_deviation"]
+    assert 0 <= embedding["knn_changed"] <= 1
+
+
+def test_evaluate_states_the_cost_of_each_protocol_in_its_help(capsys):
+    with pytest.raises(SystemExit):
+        cli(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ALF" in text and "AFF" in text and "2 CPU cores" in text
+
+
+def test_an_unknown_protocol_is_refused_by_name(tiny_npz_checkpoint, capsys):
+    checkpoint, path = tiny_npz_checkpoint
+    with pytest.raises(SystemExit) as exit:
+        cli(["evaluate", str(checkpoint), "--data-path", str(path), "--protocol", "slf,xyz"])
+    assert exit.value.code == 2 and "--protocol" in capsys.readouterr().err

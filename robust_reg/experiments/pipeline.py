@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,24 @@ import torch
 from torch import nn
 
 from ..bound import BoundReport, RobustnessCurve, robustness_curve
+from ..corruptions import CorruptionAccuracy, corruption_accuracy
+from ..embedding_attack import EmbeddingAttack, embedding_attack
 from ..evaluation import PGD, AutoAttack, LinearProbeClassifier, RobustnessEvaluation, Square, evaluate_robustness
-from ..probe import fit_linear_probe
+from ..finetune import (
+    AFF_CPU,
+    AFF_PAPER,
+    ALF_CPU,
+    ALF_PAPER,
+    FinetuneSchedule,
+    adversarial_finetune,
+    fit_adversarial_linear_probe,
+)
+from ..probe import extract_features, fit_linear_probe
 from .data import CIFAR10_CLASSES, DATASET_KINDS, KINDS, ImageData, batches
 from .models import ARCHITECTURES, build_encoder
+
+PROTOCOLS = ("slf", "alf", "aff")
+_SCHEDULES = {"cpu": {"alf": ALF_CPU, "aff": AFF_CPU}, "paper": {"alf": ALF_PAPER, "aff": AFF_PAPER}}
 
 
 @dataclass
@@ -38,6 +53,14 @@ class EvalConfig:
         label_sets: Downstream tasks on the same test images, each with its own probe
             (see :func:`label_sets`); the first is the dataset's own labels and gets
             the full evaluation, the others clean and PGD accuracy.
+        protocols: Fine-tuning modes scored with the full attack list on the first label set:
+            ``slf`` (the linear probe, always run), ``alf`` (adversarially trained head on the
+            frozen encoder), ``aff`` (TRADES on encoder and head); see :mod:`robust_reg.finetune`.
+        finetune_schedule: ``cpu`` (short, the default) or ``paper`` (the DynACL authors' 25 epochs).
+        finetune_epochs: Override the schedule's epochs (its learning-rate milestones scale with them).
+        corruptions: Score each mode on CIFAR-10-C-style corruptions of the test images.
+        embedding_attack: Run the label-free embedding attack on the encoder (and its k-NN reading).
+        knn_k: Neighbours of the k-NN reading.
     """
 
     epsilons: tuple[float, ...] = (0.05, 0.1)
@@ -53,6 +76,28 @@ class EvalConfig:
     curve_samples: int | None = 500
     probe_weight_decay: float = 1e-4
     label_sets: tuple[str, ...] = ("class", "parity", "class>=5")
+    protocols: tuple[str, ...] = ("slf",)
+    finetune_schedule: str = "cpu"
+    finetune_epochs: int | None = None
+    corruptions: bool = True
+    embedding_attack: bool = True
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols!r}")
+        if self.finetune_schedule not in _SCHEDULES:
+            raise ValueError(f"finetune_schedule must be one of {tuple(_SCHEDULES)}, got {self.finetune_schedule!r}")
+
+    def schedule(self, mode: str) -> FinetuneSchedule:
+        """The fine-tuning schedule of ``alf`` or ``aff``, with ``finetune_epochs`` applied."""
+        base = _SCHEDULES[self.finetune_schedule][mode]
+        if self.finetune_epochs is None:
+            return base
+        n = self.finetune_epochs
+        milestones = tuple(sorted({max(1, min(n, round(m * n / base.epochs))) for m in base.milestones}))
+        return replace(base, epochs=n, milestones=milestones)
 
     def attacks(self) -> list:
         """The attack specs: PGD, then AutoAttack and Square (``autoattack=None``: if torchattacks is installed)."""
@@ -97,6 +142,11 @@ class EncoderEvaluation:
         main_epsilon: The largest of the reported eps; :attr:`bound` is taken there.
         head: The fitted linear probe.
         tasks: Per label set, the robustness of its own probe (the first is ``robustness``).
+        protocols: Per fine-tuning mode (``slf`` is ``robustness``), the first label set's evaluation.
+        protocol_seconds: Per mode, the seconds its fine-tuning took (``slf``: the probe fit).
+        corruptions: Per mode, the accuracy on corrupted test images.
+        embedding: The label-free embedding attack at :attr:`main_epsilon`.
+        knn_changed: The fraction of test samples whose k-NN prediction the embedding attack changed.
     """
 
     robustness: RobustnessEvaluation
@@ -104,6 +154,33 @@ class EncoderEvaluation:
     main_epsilon: float
     head: nn.Linear = field(repr=False)
     tasks: dict[str, RobustnessEvaluation] = field(default_factory=dict, repr=False)
+    protocols: dict[str, RobustnessEvaluation] = field(default_factory=dict, repr=False)
+    protocol_seconds: dict[str, float] = field(default_factory=dict, repr=False)
+    corruptions: dict[str, CorruptionAccuracy] = field(default_factory=dict, repr=False)
+    embedding: EmbeddingAttack | None = field(default=None, repr=False)
+    knn_changed: float | None = None
+
+    def protocols_summary(self) -> str:
+        """One row per fine-tuning mode: clean, robust (per-sample worst case) at each eps, corruptions, cost."""
+        epsilons = self.robustness.epsilons
+        head = f"{'mode':<5} {'clean':>7} " + " ".join(f"{'robust @' + format(e, '.4g'):>15}" for e in epsilons)
+        head += f" {'corruptions':>12} {'fine-tune':>10}"
+        lines = [head, "-" * len(head)]
+        for mode, ev in self.protocols.items():
+            cells = [f"{'n/a' if (r := ev.robust_accuracy(e)) is None else f'{100 * r:.1f} %':>15}" for e in epsilons]
+            corr = self.corruptions.get(mode)
+            corr_cell = "n/a" if corr is None else f"{100 * corr.mean_accuracy:.1f} %"
+            lines.append(
+                f"{mode:<5} {100 * ev.clean_accuracy:>6.1f}% "
+                + " ".join(cells)
+                + f" {corr_cell:>12} {self.protocol_seconds.get(mode, 0.0):>8.0f} s"
+            )
+        lines.append("robust: per-sample worst case over clean and every attack (estimates); fine-tune: seconds")
+        if self.embedding is not None:
+            lines.append(str(self.embedding))
+            if self.knn_changed is not None:
+                lines.append(f"k-NN predictions changed by that attack: {100 * self.knn_changed:.1f} % of test samples")
+        return "\n".join(lines)
 
     def task_robust_accuracy(self, epsilon: float) -> dict[str, float | None]:
         """Per label set, the per-sample worst case over clean and the main PGD at ``epsilon`` (all test samples).
@@ -151,6 +228,20 @@ class EncoderEvaluation:
                     "passed": ev.passed,
                 }
                 for name, ev in self.tasks.items()
+            },
+            "protocols": {
+                mode: {
+                    "seconds": self.protocol_seconds.get(mode),
+                    "robustness": ev.to_dict(),
+                    "corruptions": None if mode not in self.corruptions else self.corruptions[mode].to_dict(),
+                }
+                for mode, ev in self.protocols.items()
+            },
+            "embedding_attack": None
+            if self.embedding is None
+            else {
+                **self.embedding.to_dict(),
+                "knn_changed": self.knn_changed,
             },
         }
 
@@ -220,7 +311,10 @@ def evaluate_encoder(
 ) -> EncoderEvaluation:
     """Fit a linear probe on clean training features, then attack ``probe(encoder(x))`` on the test set.
 
-    ``log`` receives one line per finished stage (probe, each attack, the curve), whatever ``progress_bar``.
+    Then, as ``config`` asks: the other fine-tuning modes (ALF, AFF) on the first
+    label set, each attacked the same way; every mode on corrupted test images;
+    the label-free embedding attack. ``log`` receives one line per finished stage
+    (probe, each attack, the curve, each mode), whatever ``progress_bar``.
     """
     config = config or EvalConfig.for_data(data)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
@@ -228,9 +322,10 @@ def evaluate_encoder(
     sets = label_sets(data, config.label_sets or ("class",))
     tasks: dict[str, RobustnessEvaluation] = {}
     heads: dict[str, nn.Linear] = {}
+    fit_seconds: dict[str, float] = {}
     for i, (name, labels) in enumerate(sets.items()):
         # The first label set gets the full attack list; the others the main PGD (their own probes' checks run).
-        heads[name], tasks[name] = _probe_and_attack(
+        heads[name], tasks[name], fit_seconds[name] = _probe_and_attack(
             encoder,
             data,
             name,
@@ -244,7 +339,10 @@ def evaluate_encoder(
         )
     first = next(iter(tasks))
     curve = _bound_curve(encoder, heads[first], tasks[first], data, sets[first][1], config, device, progress_bar, log)
-    return EncoderEvaluation(tasks[first], curve, max(config.epsilons), heads[first], tasks)
+    ev = EncoderEvaluation(tasks[first], curve, max(config.epsilons), heads[first], tasks)
+    ev.protocols["slf"], ev.protocol_seconds["slf"] = tasks[first], fit_seconds[first]
+    _other_protocols(ev, encoder, data, sets[first], config, device=device, seed=seed, log=log)
+    return ev
 
 
 def _probe_and_attack(
@@ -259,9 +357,10 @@ def _probe_and_attack(
     progress_bar: bool,
     seed: int,
     log: Callable[[str], None] | None,
-) -> tuple[nn.Linear, RobustnessEvaluation]:
-    """One label set: its linear probe on clean training features, then its attacks on the test set."""
+) -> tuple[nn.Linear, RobustnessEvaluation, float]:
+    """One label set: its linear probe on clean training features (and the fit's seconds), then its attacks."""
     y_train, y_test, k = labels
+    start = time.perf_counter()
     head = fit_linear_probe(
         encoder,
         _loader(data.x_train, y_train),
@@ -270,10 +369,17 @@ def _probe_and_attack(
         device=device,
         progress_bar=progress_bar,
     )
+    seconds = time.perf_counter() - start
     if log is not None:
         log(f"  linear probe for '{name}' ({k} classes) fitted on {data.x_train.shape[0]} clean training samples")
-    evaluation = evaluate_robustness(
-        LinearProbeClassifier(encoder, head).eval(),
+    model = LinearProbeClassifier(encoder, head).eval()
+    return head, _attack(model, data, y_test, k, config, full, seed, log, progress_bar), seconds
+
+
+def _attack(model, data: ImageData, y_test, k: int, config: EvalConfig, full: bool, seed, log, progress_bar=False):
+    """The evaluation of one downstream classifier: the full attack list, or the main PGD alone."""
+    return evaluate_robustness(
+        model,
         data.x_test[: config.test_samples],
         y_test[: config.test_samples],
         epsilons=config.epsilons,
@@ -286,7 +392,79 @@ def _probe_and_attack(
         log=log,
         keep_adversarial=full,
     )
-    return head, evaluation
+
+
+class _Shuffled:
+    """Training batches in a fresh seeded order each pass, with the fine-tuning augmentation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return batches(self.x, self.y, self.batch_size, shuffle=True, generator=self.generator)
+
+
+def _crop_flip(flip: bool, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The papers' fine-tuning augmentation: a random crop after zero padding (4 px at 32 px), flips if ``flip``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        pad = max(1, h // 8)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        top, left = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
+        out = torch.stack([padded[i, :, t : t + h, s : s + w] for i, (t, s) in enumerate(zip(top, left))])
+        if flip:
+            mirror = (torch.rand(n, generator=g) < 0.5).view(-1, 1, 1, 1).to(x.device)
+            out = torch.where(mirror, out.flip(3), out)
+        return out
+
+    return augment
+
+
+def _finetune(mode: str, encoder: nn.Module, data: ImageData, y_train, k: int, config: EvalConfig, device, seed: int):
+    """The classifier a fine-tuning mode (``alf`` or ``aff``) builds on the encoder."""
+    schedule = config.schedule(mode)
+    common = dict(
+        epsilon=max(config.epsilons),
+        norm=config.norm,
+        schedule=schedule,
+        augment=_crop_flip(flip=data.kind != "digits", seed=seed),  # digits are not mirror-symmetric
+        device=device,
+    )
+    loader = _Shuffled(data.x_train, y_train, schedule.batch_size, seed)
+    if mode == "alf":
+        return LinearProbeClassifier(encoder, fit_adversarial_linear_probe(encoder, loader, k, **common)).eval()
+    return adversarial_finetune(encoder, loader, k, **common)
+
+
+def _other_protocols(ev: EncoderEvaluation, encoder, data: ImageData, labels, config: EvalConfig, *, device, seed, log):
+    """ALF and AFF (as asked) on the first label set, every mode's corruption accuracy, the embedding attack."""
+    y_train, y_test, k = labels
+    models = {"slf": LinearProbeClassifier(encoder, ev.head).eval()}
+    for mode in (m for m in config.protocols if m != "slf"):
+        start = time.perf_counter()
+        models[mode] = _finetune(mode, encoder, data, y_train, k, config, device, seed)
+        ev.protocol_seconds[mode] = time.perf_counter() - start
+        if log is not None:
+            log(f"  {mode.upper()} ({config.finetune_schedule} schedule) trained in {ev.protocol_seconds[mode]:.0f} s")
+        ev.protocols[mode] = _attack(models[mode], data, y_test, k, config, True, seed, log)
+    x_test, y_test = data.x_test[: config.test_samples], y_test[: config.test_samples]
+    if config.corruptions:
+        for mode, model in models.items():
+            ev.corruptions[mode] = corruption_accuracy(model, x_test, y_test, seed=seed)
+        if log is not None:
+            cells = ", ".join(f"{m} {100 * c.mean_accuracy:.1f} %" for m, c in ev.corruptions.items())
+            log(f"  corruptions ({len(ev.corruptions['slf'].accuracies)} corruption x severity sets): {cells}")
+    if config.embedding_attack:
+        eps, steps = max(config.epsilons), config.pgd_steps
+        x = x_test.to(device)
+        ev.embedding = embedding_attack(encoder, x, epsilon=eps, norm=config.norm, steps=steps, seed=seed)
+        train_features, _ = extract_features(encoder, _loader(data.x_train, y_train), device=device)
+        ev.knn_changed = ev.embedding.knn_changed(train_features.cpu(), y_train, k=min(config.knn_k, len(y_train)))
+        if log is not None:
+            log(f"  {ev.embedding}")
 
 
 def _bound_curve(
