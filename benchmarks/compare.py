@@ -7,8 +7,11 @@ On the same data, encoder, augmentations, seeds and epochs, pretrain
                         (normalised projection), its adversarial embedding fed to the loss
     simclr+reg          the paper's form: the regulariser on the backbone features
     simclr+reg+advview  backbone form + its deviation-maximising view fed to the SSL loss
-    simclr-acl          adversarial contrastive baseline (ACL/RoCL style: PGD-5 on the SSL loss)
-    byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.05), byol-acl,
+    simclr-acl-lite     reduced adversarial contrastive baseline (ACL/RoCL style: PGD-5 on the SSL
+                        loss, view 0 only, one BatchNorm, no clean term)
+    simclr-acl-ds       ACL as published (dual BatchNorm, both views attacked, clean + adversarial terms)
+    simclr-dynacl       DynACL (ACL-DS + annealed augmentation + the clean-to-adversarial loss weights)
+    byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.05), byol-acl-lite,
     byol+reg, byol+reg+advview   the same with BYOL
 
 then fit a linear probe on frozen clean features and attack it: clean accuracy,
@@ -52,10 +55,12 @@ METHODS = {
     "simclr+robust-reg": ("simclr", "robust"),
     "simclr+reg": ("simclr", "reg"),
     "simclr+reg+advview": ("simclr", "advview"),
-    "simclr-acl": ("simclr", "acl"),
+    "simclr-acl-lite": ("simclr", "acl"),
+    "simclr-acl-ds": ("simclr", "acl-ds"),
+    "simclr-dynacl": ("simclr", "dynacl"),
     "byol": ("byol", "plain"),
     "byol+robust-reg": ("byol", "robust"),
-    "byol-acl": ("byol", "acl"),
+    "byol-acl-lite": ("byol", "acl"),
     "byol+reg": ("byol", "reg"),
     "byol+reg+advview": ("byol", "advview"),
 }
@@ -69,12 +74,24 @@ ALIASES = {
     "weight": "robust_weight",
 }
 # The default run: the package default against the baseline per method, plus the paper's backbone form.
-DEFAULT_METHODS = ("simclr", "simclr+robust-reg", "simclr+reg", "simclr-acl", "byol", "byol+robust-reg", "byol-acl")
+DEFAULT_METHODS = (
+    "simclr",
+    "simclr+robust-reg",
+    "simclr+reg",
+    "simclr-acl-lite",
+    "simclr-acl-ds",
+    "simclr-dynacl",
+    "byol",
+    "byol+robust-reg",
+    "byol-acl-lite",
+)
+# Rows named before the faithful ACL existed: read as their new names (results files keep what they say).
+RENAMED = {"simclr-acl": "simclr-acl-lite", "byol-acl": "byol-acl-lite"}
 # Equal wall-clock budget: each reference (the recommended configuration) sets the time its rivals get.
 BUDGETS = {
-    "simclr+robust-reg": ("simclr-acl", "simclr-acl[acl_steps=3]"),
-    "byol+robust-reg": ("byol-acl",),
-    "simclr+robust-reg[eps=0.15]": ("simclr-acl[eps=0.15]",),
+    "simclr+robust-reg": ("simclr-acl-lite", "simclr-acl-lite[acl_steps=3]", "simclr-acl-ds", "simclr-dynacl"),
+    "byol+robust-reg": ("byol-acl-lite",),
+    "simclr+robust-reg[eps=0.15]": ("simclr-acl-lite[eps=0.15]",),
 }
 BUDGET_TOLERANCE = 0.05  # a run within 5 % of the budget already is an equal-budget run
 
@@ -129,6 +146,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="screening: score every run as the budget runs are (PGD only: no AutoAttack, no stronger PGD; "
         "the bound at the main eps only)",
     )
+    p.add_argument(
+        "--protocols",
+        default="slf",
+        help="fine-tuning modes scored for every run, comma-separated: slf, alf, aff (robust_reg.finetune)",
+    )
+    p.add_argument("--finetune-schedule", default="cpu", choices=["cpu", "paper"], help="the ALF/AFF schedule")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="override the ALF/AFF schedule's epochs")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: subset of data, 1 epoch, 1 seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
@@ -167,8 +191,9 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def parse_method(name: str) -> tuple[str, str, dict]:
-    """``(ssl method, variant, PretrainConfig overrides)`` of a row name such as ``simclr-acl[eps=0.15]``."""
+    """``(ssl method, variant, PretrainConfig overrides)`` of a row name such as ``simclr-acl-lite[eps=0.15]``."""
     base, bracket, rest = name.partition("[")
+    base = RENAMED.get(base, base)
     if base not in METHODS or (bracket and not rest.endswith("]")):
         raise ValueError(
             f"unknown method {name!r}: use one of {list(METHODS)}, optionally followed by [field=value,...]"
@@ -197,11 +222,18 @@ def light_eval(data, eval_config: EvalConfig) -> EvalConfig:
 
     They answer "what robustness does the same time (or this setting) buy"; the main table holds the full evaluation.
     """
-    light = EvalConfig.for_data(data, autoattack=False, curve_epsilons=(max(eval_config.epsilons),))
+    light = EvalConfig.for_data(
+        data, autoattack=False, curve_epsilons=(max(eval_config.epsilons),), corruptions=False, embedding_attack=False
+    )
     light.epsilons = eval_config.epsilons
     light.check_steps = light.pgd_steps = eval_config.pgd_steps
     light.curve_samples = eval_config.curve_samples
     return light
+
+
+def budget_evaluation(args: argparse.Namespace, data, eval_config: EvalConfig) -> EvalConfig:
+    """How the equal-budget runs are scored: the full evaluation with ``--budget-full-eval``, else the screening one."""
+    return eval_config if args.budget_full_eval else light_eval(data, eval_config)
 
 
 def budgets(names: list[str], extra: list[str]) -> dict[str, tuple[str, ...]]:
@@ -226,7 +258,8 @@ def budgets(names: list[str], extra: list[str]) -> dict[str, tuple[str, ...]]:
 
 def split_methods(text: str) -> list[str]:
     """Split ``--methods`` at the commas outside brackets."""
-    return [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip()]
+    names = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip()]
+    return [RENAMED.get(n.partition("[")[0], n.partition("[")[0]) + "".join(n.partition("[")[1:]) for n in names]
 
 
 def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
@@ -318,8 +351,67 @@ def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
             row[f"robust@{eps:g}"] = [_robust(r, eps) for r in rs]
             row[f"pgd@{eps:g}"] = [_acc(r, pgd, eps) for r in rs]
             row[f"aa@{eps:g}"] = [_acc(r, "AutoAttack", eps) for r in rs]
+        row.update(_protocol_columns(rs, max(epsilons)))
         rows.append(row)
     return rows
+
+
+def _protocol_columns(runs: list[dict], eps: float) -> dict:
+    """Per fine-tuning mode: clean, robust, corruption accuracy and cost; the embedding attack (results from 0.2)."""
+    cols: dict = {}
+    for mode in dict.fromkeys(m for r in runs for m in r.get("protocols", {})):
+        scored = [r["protocols"].get(mode) for r in runs]
+        cols[f"{mode}:clean"] = [p and p["robustness"]["clean_accuracy"] for p in scored]
+        cols[f"{mode}:robust"] = [p and _robust({"robustness": p["robustness"]}, eps) for p in scored]
+        cols[f"{mode}:corruptions"] = [p and p["corruptions"] and p["corruptions"]["mean_accuracy"] for p in scored]
+        cols[f"{mode}:seconds"] = [p and p["seconds"] for p in scored]
+    attacks = [r.get("embedding_attack") for r in runs]
+    if any(attacks):
+        cols["emb:mean"] = [a and a["mean_relative_deviation"] for a in attacks]
+        cols["emb:p95"] = [a and a["p95_relative_deviation"] for a in attacks]
+        cols["emb:random"] = [a and a["random_mean_relative_deviation"] for a in attacks]
+        cols["emb:knn"] = [a and a["knn_changed"] for a in attacks]
+    return cols
+
+
+def protocols_markdown(rows: list[dict], eps: float) -> str:
+    """The fine-tuning modes, corruptions and embedding-attack columns, one row per method (empty if none ran)."""
+    modes = list(dict.fromkeys(k.split(":")[0] for row in rows for k in row if k.endswith(":robust")))
+    embedding = any("emb:mean" in row for row in rows)
+    if not modes and not embedding:
+        return ""
+    head = ["method"]
+    for m in modes:
+        head += [f"{m.upper()} clean (%)", f"{m.upper()} **robust** @{eps:.3g} (%)", f"{m.upper()} corruptions (%)"]
+    head += [f"{m.upper()} fine-tune (s)" for m in modes if m != "slf"]
+    if embedding:
+        head += ["emb. attack dev/σ* (mean)", "(95th pct)", "random dev/σ", "k-NN changed (%)"]
+    lines = ["### Fine-tuning modes, corruptions and the label-free embedding attack", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"]]
+        for m in modes:
+            cells += [_fmt(_known(row, f"{m}:{k}")) for k in ("clean", "robust", "corruptions")]
+        cells += [_fmt(_known(row, f"{m}:seconds"), 1.0, 0) for m in modes if m != "slf"]
+        if embedding:
+            cells += [_fmt(_known(row, f"emb:{k}"), 1.0, 3) for k in ("mean", "p95", "random")]
+            cells += [_fmt(_known(row, "emb:knn"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "SLF: linear probe on frozen clean features (the main table's); ALF: linear head trained on PGD examples "
+        "through the frozen encoder; AFF: TRADES (beta 6) on encoder and head from the pretrained weights; each "
+        "scored on the dataset's classes with the same attack list and per-sample worst case. Corruptions: mean "
+        "accuracy over the CIFAR-10-C-style corruptions of robust_reg.corruptions (STANDARD) at severities 1-5. "
+        "Embedding attack: PGD maximising the backbone features' deviation from the clean ones at the main eps, "
+        "relative to the clean features' spread σ (*a lower estimate of the worst case), beside a random point of "
+        "the ball; k-NN changed: test samples whose 20-NN prediction (training features) the attack flips.",
+    ]
+    return "\n".join(lines)
+
+
+def _known(row: dict, key: str) -> list[float]:
+    return [v for v in row.get(key, []) if v is not None]
 
 
 def markdown(
@@ -406,6 +498,9 @@ def write_outputs(report: dict, out: Path) -> str:
     aa = [r["num_samples"] for r in run["results"] if r["attack"] == "AutoAttack"]
     samples = f"{pgd} on {run['num_samples']} test images" + (f", AutoAttack on the first {aa[0]}. " if aa else ". ")
     md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
+    protocols = protocols_markdown(rows, max(epsilons))
+    if protocols:
+        md.append(protocols)
     if report["budget_runs"]:
         report["budget_summary"] = summarise(report["budget_runs"], epsilons, pgd)
         retrained = [r for r in report["budget_runs"] if not r.get("reused")]
@@ -477,7 +572,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(str(error)) from None
     data = load_dataset(args.dataset, root=args.data_root, download=args.download, path=args.data_path)
     epochs = args.epochs or training_defaults(data)["epochs"]
-    eval_config = EvalConfig.for_data(data, autoattack=False if args.no_autoattack else None)
+    modes = tuple(dict.fromkeys(["slf", *(m.strip() for m in args.protocols.split(",") if m.strip())]))
+    eval_config = EvalConfig.for_data(
+        data,
+        autoattack=False if args.no_autoattack else None,
+        protocols=modes,
+        finetune_schedule=args.finetune_schedule,
+        finetune_epochs=args.finetune_epochs,
+    )
     aa_samples = args.aa_samples or (1000 if device.type == "cuda" else 200)
     eval_config.autoattack_samples = eval_config.square_samples = aa_samples
     if args.light_eval:
@@ -546,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["epochs"] = epochs
     references = {} if args.no_budget or args.quick else references
     if references:
-        budget_eval = eval_config if args.budget_full_eval else light_eval(args.dataset, eval_config)
+        budget_eval = budget_evaluation(args, data, eval_config)
         report["budget_seconds"] = {}
         for reference in references:
             for seed in seeds:

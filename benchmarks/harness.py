@@ -15,14 +15,32 @@ benchmarks use, including those that lost on MNIST (they may matter on natural i
   its deviation-maximising embedding replaces view 0's in the SSL loss (no
   extra forward; BYOL's momentum targets stay on the clean views).
   ``adversarial_views=2`` does the same for view 1 too.
-- ``acl``: the adversarial-contrastive baseline in the style of ACL (Jiang et
-  al. 2020) / RoCL (Kim et al. 2020): view 0 is attacked with PGD on the SSL
-  loss itself and the model trains on the attacked view (BYOL's momentum
-  targets stay on the clean views).
+- ``acl``: a reduced adversarial-contrastive baseline in the style of ACL (Jiang
+  et al. 2020) / RoCL (Kim et al. 2020): view 0 alone is attacked with PGD on the
+  SSL loss, one BatchNorm, no clean term; the model trains on the attacked view
+  (BYOL's momentum targets stay on the clean views). Rows ``*-acl-lite``.
+- ``acl-ds``: ACL as published (Jiang et al. 2020, "ACL_DS"), SimCLR: dual
+  BatchNorm (one set of BatchNorm layers for clean inputs, one for adversarial
+  ones, every other weight shared), both views attacked together with PGD on
+  NT-Xent through the adversarial BatchNorm (eval mode, random start, step
+  eps / 4: 2/255 at 8/255), loss ``(clean NT-Xent + adversarial NT-Xent) / 2``; the
+  encoder evaluated downstream carries the adversarial BatchNorm.
+- ``dynacl``: DynACL (Luo, Wang and Wang 2023) on ``acl-ds``: the augmentation
+  strength annealed from 1 towards 0, refreshed every 5 % of the epochs
+  (50 of 1,000 in the paper), and the loss ``((2 - w) clean + w adv) / 2`` with
+  ``w = min(1 + k * (R / E) * 2/3, 2)`` after ``k`` refreshes of ``R`` of ``E`` epochs
+  (the authors' swap parameter 2/3). Their evaluated encoder is a momentum (EMA)
+  copy; this one is the trained encoder itself.
+
+Any variant takes ``anneal_augment=true``: the same annealed augmentation strength
+(``robust_reg.augmentation.augmentation_strength``) applied to the package's batch augmentation.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,6 +57,7 @@ from robust_reg import (
     ramped_epsilon,
 )
 from robust_reg._state import preserved_state
+from robust_reg.augmentation import augmentation_strength
 from robust_reg.experiments.augment import BatchAugment
 from robust_reg.experiments.data import ImageData
 from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method, training_defaults
@@ -48,7 +67,10 @@ from robust_reg.regularizer import _relative, _spread
 
 __all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain", "training_defaults"]
 
-VARIANTS = ("plain", "reg", "advview", "robust", "acl")
+VARIANTS = ("plain", "reg", "advview", "robust", "acl", "acl-ds", "dynacl")
+DUAL_BN = ("acl-ds", "dynacl")
+# DynACL's refresh interval as a fraction of the run (50 of 1,000 epochs) and its loss-weight swap parameter.
+DYNACL_REFRESH, DYNACL_SWAP = 0.05, 2 / 3
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
 
 # The recommended weight per method (variant "robust"): the package's table.
@@ -114,7 +136,9 @@ class PretrainConfig:
         warm_warp: With ``warm_start``: warp the carried perturbation through each view's crop (``False``:
             carry it in view coordinates, as the adapters do for a pipeline that does not expose its
             crops' geometry).
-        acl_steps: PGD steps of the ``acl`` baseline's attack.
+        acl_steps: PGD steps of the ``acl``, ``acl-ds`` and ``dynacl`` baselines' attack.
+        anneal_augment: Anneal the augmentation strength from strong to weak (DynACL's schedule; always on for
+            ``dynacl``).
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
     """
@@ -145,6 +169,7 @@ class PretrainConfig:
     warm_start: bool = False
     warm_warp: bool = True
     acl_steps: int = 5
+    anneal_augment: bool = False
     seed: int = 0
     amp: bool = False
 
@@ -197,6 +222,8 @@ class PretrainConfig:
             )
         if not self.warm_warp and not self.warm_start:
             raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
+        if self.variant in DUAL_BN and self.method != "simclr":
+            raise ValueError(f"variant {self.variant!r} is SimCLR's (ACL and DynACL as published): method 'simclr'")
         if self.clean_view_loss and self.detach_anchor:
             raise ValueError("clean_view_loss needs the clean embedding's gradient: not with detach_anchor")
 
@@ -207,7 +234,11 @@ def pretrain(data: ImageData, config: PretrainConfig, *, device: str | torch.dev
     device = torch.device(device)
     # The package's own memory: in image coordinates moved with the crops (warm_warp), else as the view saw it.
     memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device) if config.warm_start else None
-    return _pretrain(data, config, device=device, step=harness_step(config, memory), **options)
+    if config.variant not in DUAL_BN:
+        return _pretrain(data, config, device=device, step=harness_step(config, memory), **options)
+    result = _pretrain(data, config, device=device, step=harness_step(config), prepare=add_dual_batch_norm, **options)
+    keep_adversarial_batch_norm(result.model)  # the encoder evaluated downstream: ACL's adversarial branch
+    return result
 
 
 def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = None):
@@ -224,6 +255,13 @@ def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = Non
                 threat=ThreatModel(epoch_config.epsilon, norm=config.norm),
             )
         epoch_config, reg = current["config"], current["reg"]
+        if config.anneal_augment or config.variant == "dynacl":
+            strength = augmentation_strength(epoch, config.epochs, refresh=DYNACL_REFRESH)
+            if ("augment", strength) not in current:
+                current["augment", strength] = augment.with_strength(strength)
+            augment = current["augment", strength]
+        if epoch_config.variant in DUAL_BN:
+            return acl_ds_step(model, current["threat"], augment(x), augment(x), epoch_config, epoch)
         if memory is None or epoch_config.variant != "robust":
             return step_loss(model, reg, current["threat"], augment(x), augment(x), epoch_config)
         (x0, theta), x1 = augment(x, return_theta=True), augment(x)
@@ -437,3 +475,73 @@ def _contrastive_attack(
 
     with preserved_state(model):
         return projected_gradient_ascent(objective, x0, threat, steps=steps)
+
+
+class _DualBatchNorm(nn.Module):
+    """One BatchNorm layer for clean inputs and a copy for adversarial ones (ACL's dual BN); ``route[0]`` picks."""
+
+    def __init__(self, bn: nn.Module, route: list[bool]) -> None:
+        super().__init__()
+        self.clean, self.adversarial, self.route = bn, copy.deepcopy(bn), route
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.adversarial if self.route[0] else self.clean)(x)
+
+
+def _batch_norms(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                yield parent, name, child
+
+
+def add_dual_batch_norm(model: nn.Module) -> None:
+    """Give every BatchNorm of ``model`` an adversarial twin (before the optimizer sees the parameters)."""
+    route = [False]
+    model._dual_bn_route = route
+    for parent, name, bn in _batch_norms(model):
+        setattr(parent, name, _DualBatchNorm(bn, route))
+
+
+@contextmanager
+def adversarial_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Route ``model``'s dual BatchNorm layers to their adversarial twins inside the block."""
+    route = model._dual_bn_route
+    route[0] = True
+    try:
+        yield
+    finally:
+        route[0] = False
+
+
+def keep_adversarial_batch_norm(model: nn.Module) -> None:
+    """Replace each dual BatchNorm by its adversarial twin: a plain model (the encoder evaluated downstream)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _DualBatchNorm):
+                setattr(parent, name, child.adversarial)
+
+
+def dynacl_weight(epoch: int, epochs: int) -> float:
+    """DynACL's weight of the adversarial term after ``epoch // R`` refreshes of ``R = 5 %`` of the epochs."""
+    every = max(1, round(DYNACL_REFRESH * epochs))
+    return min(1.0 + (epoch // every) * (every / epochs) * DYNACL_SWAP, 2.0)
+
+
+def acl_ds_step(
+    model: nn.Module, threat: ThreatModel, x0: Tensor, x1: Tensor, config: PretrainConfig, epoch: int
+) -> tuple[Tensor, float]:
+    """ACL (dual BN, both views attacked, clean + adversarial NT-Xent); DynACL's weights for ``dynacl``."""
+    n = x0.shape[0]
+
+    def objective(v: Tensor) -> Tensor:
+        return model.loss_from_embeddings((v[:n], v[n:]), (model(v[:n]), model(v[n:]))).expand(2 * n)
+
+    with adversarial_batch_norm(model), preserved_state(model, eval_mode=True):  # the authors attack in eval mode
+        x = torch.cat([x0, x1])
+        adv = projected_gradient_ascent(objective, x, threat, steps=config.acl_steps, step_size=threat.epsilon / 4)
+    clean = model.loss_from_embeddings((x0, x1), (model(x0), model(x1)))
+    with adversarial_batch_norm(model):
+        robust = model.loss_from_embeddings((adv[:n], adv[n:]), (model(adv[:n]), model(adv[n:])))
+    w = dynacl_weight(epoch, config.epochs) if config.variant == "dynacl" else 1.0
+    return ((2 - w) * clean + w * robust) / 2, 0.0

@@ -35,10 +35,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from robust_reg import PerturbationMemory, ThreatModel, method_settings
+from robust_reg.augmentation import augmentation_strength
 
 from ._wrap import UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
 
-__all__ = ["robustify", "is_robustified"]
+__all__ = ["robustify", "is_robustified", "annealed_augmentation"]
 
 
 def _lightly_default(epsilon: float, norm: str, bounds: tuple[float, float]) -> ThreatModel:
@@ -229,3 +230,52 @@ def robustify(
 def is_robustified(module: nn.Module) -> bool:
     """Whether :func:`robustify` has been applied to ``module``."""
     return robust_step(module) is not None
+
+
+def annealed_augmentation(set_strength: Callable[[float], Any], *, refresh: float = 0.05, final: float = 0.0):
+    """A Lightning callback that anneals the augmentation from strong to weak (DynACL's schedule).
+
+    At the start of every training epoch it calls ``set_strength(s)`` with
+    :func:`robust_reg.augmentation.augmentation_strength` of that epoch and the
+    trainer's ``max_epochs``; ``set_strength`` rebuilds the views' transform at
+    that strength (lightly's transforms are built once, so the callback cannot
+    scale them itself). DataLoader workers must not be persistent, so that each
+    epoch's workers see the new transform.
+
+    Args:
+        set_strength: Called with the strength in ``(final, 1]`` once per epoch.
+        refresh: The fraction of the run between two changes of strength.
+        final: The strength the schedule falls towards.
+
+    Returns:
+        A ``pytorch_lightning.Callback`` (``lightning.pytorch`` if that is what is installed).
+
+    Raises:
+        ValueError: At the first epoch, if the trainer has no ``max_epochs``.
+
+    Examples:
+        >>> from lightly.transforms import SimCLRTransform
+        >>> def set_strength(s):  # doctest: +SKIP
+        ...     dataset.transform = SimCLRTransform(
+        ...         input_size=32, cj_strength=0.5 * s, cj_prob=0.8 * s, random_gray_scale=0.2 * s,
+        ...         min_scale=1 - 0.92 * s)
+        >>> callback = annealed_augmentation(print)
+        >>> type(callback).__name__
+        'AnnealedAugmentation'
+    """
+    if not callable(set_strength):
+        raise TypeError(f"set_strength must be callable, got {type(set_strength).__name__}")
+    augmentation_strength(0, 1, refresh=refresh, final=final)  # checks refresh and final before training
+    try:
+        from pytorch_lightning import Callback
+    except ImportError:  # the unified package
+        from lightning.pytorch import Callback
+
+    class AnnealedAugmentation(Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            epochs = trainer.max_epochs
+            if not isinstance(epochs, int) or epochs < 1:
+                raise ValueError(f"annealed_augmentation needs Trainer(max_epochs=N), got max_epochs={epochs!r}")
+            set_strength(augmentation_strength(trainer.current_epoch, epochs, refresh=refresh, final=final))
+
+    return AnnealedAugmentation()

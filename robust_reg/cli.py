@@ -113,6 +113,10 @@ def _summary_row(name: str, evaluation, epsilons, seconds: float | None) -> dict
     worst = evaluation.worst_task(main)
     row[f"worst task @{main:g}"] = None if worst is None else f"{100 * worst[1]:.1f} % ({worst[0]})"
     row["R/sigma @main eps"] = evaluation.bound.relative_deviation
+    if "slf" in evaluation.corruptions:
+        row["corruptions"] = evaluation.corruptions["slf"].mean_accuracy
+    if evaluation.embedding is not None:
+        row["emb. attack dev/sigma"] = evaluation.embedding.mean
     row["train_seconds"] = seconds
     row["sanity checks"] = "passed" if rob.passed else "FAILED"
     return row
@@ -133,7 +137,7 @@ def _cell(key: str, value) -> str:
         return value
     if key == "train_seconds":
         return f"{value:.0f} s"
-    if key.startswith("R/"):
+    if "sigma" in key:
         return f"{value:.3f}"
     return f"{100 * value:.1f} %"
 
@@ -407,6 +411,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--full", action="store_true", help="every attack on every test sample (paper-style, slow)")
     e.add_argument("--no-autoattack", action="store_true")
     e.add_argument("--test-samples", type=_positive_int, default=None, help="use only the first N test samples")
+    _add_protocol_options(e)
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--out", default="robust-reg-eval")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")
+    e.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
+    e.set_defaults(func=evaluate)
+
+
+def _add_protocol_options(e: argparse.ArgumentParser) -> None:
+    """``evaluate``'s fine-tuning modes, corruptions and embedding attack."""
     e.add_argument(
         "--protocol",
         type=_protocols,
@@ -423,11 +437,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--finetune-epochs", type=_positive_int, default=None, help="override the schedule's epochs")
     e.add_argument("--no-corruptions", action="store_true", help="skip the CIFAR-10-C-style corruption accuracy")
     e.add_argument("--no-embedding-attack", action="store_true", help="skip the label-free embedding attack")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--out", default="robust-reg-eval")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")
-    e.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
-    e.set_defaults(func=evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,8 +211,8 @@ def test_a_table_whose_rows_have_different_seed_counts_names_each_rows_count(tmp
 
 def test_compare_candidate_names_set_pretrain_config_fields():
     compare = load_compare()
-    names = compare.split_methods("simclr,simclr+robust-reg[steps=2,step=0.05],byol-acl[eps=0.15]")
-    assert names == ["simclr", "simclr+robust-reg[steps=2,step=0.05]", "byol-acl[eps=0.15]"]
+    names = compare.split_methods("simclr,simclr+robust-reg[steps=2,step=0.05],byol-acl-lite[eps=0.15]")
+    assert names == ["simclr", "simclr+robust-reg[steps=2,step=0.05]", "byol-acl-lite[eps=0.15]"]
     assert compare.parse_method(names[1]) == ("simclr", "robust", {"steps": 2, "step_size": 0.05})
     assert compare.parse_method("byol+robust-reg[clean_view_loss=true,weight=0.5]") == (
         "byol",
@@ -226,7 +226,7 @@ def test_compare_candidate_names_set_pretrain_config_fields():
     [
         (True, "Scored with the full evaluation of the table above."),
         (False, "Scored with PGD only"),
-        (["simclr-acl"], "(AutoAttack too): simclr-acl; the others with PGD only."),
+        (["simclr-acl-lite"], "(AutoAttack too): simclr-acl-lite; the others with PGD only."),
     ],
 )
 def test_the_budget_note_says_how_the_retrained_runs_were_scored(full_eval, says):
@@ -514,9 +514,9 @@ def test_warm_warp_without_warm_start_is_refused_by_name():
 def test_a_budget_reference_gives_its_methods_acl_rows_its_training_time_as_their_budget():
     compare = load_compare()
     candidate = "simclr+robust-reg[warm_start=true,steps=2]"
-    names = [candidate, "simclr-acl", "byol+robust-reg", "byol-acl"]
+    names = [candidate, "simclr-acl-lite", "byol+robust-reg", "byol-acl-lite"]
     assert compare.budgets(names, [candidate]) == {
-        "byol+robust-reg": ("byol-acl",),
+        "byol+robust-reg": ("byol-acl-lite",),
         candidate: compare.BUDGETS["simclr+robust-reg"],
     }
 
@@ -524,9 +524,9 @@ def test_a_budget_reference_gives_its_methods_acl_rows_its_training_time_as_thei
 @pytest.mark.parametrize(
     "names, reference",
     [
-        (["simclr-acl"], "simclr+robust-reg[steps=2]"),  # not a row of the run
-        (["simclr+reg", "simclr-acl"], "simclr+reg"),  # not a robust-reg row
-        (["simclr+robust-reg", "simclr+robust-reg[steps=2]", "simclr-acl"], "simclr+robust-reg[steps=2]"),
+        (["simclr-acl-lite"], "simclr+robust-reg[steps=2]"),  # not a row of the run
+        (["simclr+reg", "simclr-acl-lite"], "simclr+reg"),  # not a robust-reg row
+        (["simclr+robust-reg", "simclr+robust-reg[steps=2]", "simclr-acl-lite"], "simclr+robust-reg[steps=2]"),
     ],
 )
 def test_a_budget_reference_that_cannot_set_a_budget_is_refused_by_name(names, reference):
@@ -616,3 +616,17 @@ def test_an_unknown_protocol_is_refused_by_name(tiny_npz_checkpoint, capsys):
     with pytest.raises(SystemExit) as exit:
         cli(["evaluate", str(checkpoint), "--data-path", str(path), "--protocol", "slf,xyz"])
     assert exit.value.code == 2 and "--protocol" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_budget_runs_evaluation_is_built_from_the_loaded_data(full):
+    from robust_reg.experiments.data import load_dataset
+    from robust_reg.experiments.pipeline import EvalConfig
+
+    compare = load_compare()
+    data = load_dataset("digits")
+    config = EvalConfig.for_data(data)
+    args = compare.parse_args(["--dataset", "digits", *(["--budget-full-eval"] if full else [])])
+    budget = compare.budget_evaluation(args, data, config)
+    assert (budget is config) == full
+    assert full or (budget.autoattack is False and not budget.corruptions and budget.epsilons == config.epsilons)

@@ -24,6 +24,9 @@ class BatchAugment(nn.Module):
         jitter: Strength of brightness/contrast/saturation jitter (0 disables).
         jitter_p: Probability of applying the jitter.
         gray_p: Probability of converting to grayscale (RGB only).
+        strength: Scales the jitter, its probability, grayscale's probability and how small a crop may be
+            (smallest area ``1 - (1 - scale[0]) * strength``), as DynACL's annealed augmentation; flips stay.
+            See :func:`robust_reg.augmentation.augmentation_strength` and :meth:`with_strength`.
     """
 
     def __init__(
@@ -35,10 +38,20 @@ class BatchAugment(nn.Module):
         jitter: float = 0.4,
         jitter_p: float = 0.8,
         gray_p: float = 0.2,
+        strength: float = 1.0,
     ) -> None:
         super().__init__()
-        self.scale, self.ratio, self.flip = scale, ratio, flip
-        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        self.base = dict(scale=scale, ratio=ratio, flip=flip, jitter=jitter, jitter_p=jitter_p, gray_p=gray_p)
+        self.strength = strength
+        self.scale = scale if strength == 1 else (1 - (1 - scale[0]) * strength, scale[1])
+        self.ratio, self.flip = ratio, flip
+        self.jitter, self.jitter_p, self.gray_p = jitter * strength, jitter_p * strength, gray_p * strength
+
+    def with_strength(self, strength: float) -> BatchAugment:
+        """The same augmentation at another strength (1: as built)."""
+        return BatchAugment(**self.base, strength=strength)
 
     def forward(self, x: Tensor, *, return_theta: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Augment a batch; with ``return_theta`` also return each view's crop as ``(N, 2, 3)``

@@ -239,17 +239,22 @@ def pretrain(
     progress_bar: bool = True,
     log: Callable[[str], None] | None = None,
     step: Step | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder on ``data.x_train`` (labels unused).
 
     ``config`` gives ``method``, ``arch``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
     ``seed`` and ``amp`` (a :class:`TrainConfig`, or the benchmarks' richer config); ``step``
-    computes each batch's loss (default: :func:`recommended_step` of a :class:`TrainConfig`).
+    computes each batch's loss (default: :func:`recommended_step` of a :class:`TrainConfig`);
+    ``prepare`` may change the model's layers before the optimizer takes its parameters.
     """
     torch.manual_seed(config.seed)
     device = torch.device(device)
     backbone = build_encoder(config.arch, data.image_shape[0])
-    model = build_model(config.method, backbone, data.image_shape).to(device)
+    model = build_model(config.method, backbone, data.image_shape)
+    if prepare is not None:
+        prepare(model)
+    model = model.to(device)
     augment = augment or default_augment(data.kind)
     step = step or recommended_step(config)
     optimizer = torch.optim.AdamW(
