@@ -11,6 +11,7 @@ On the same data, encoder, augmentations, seeds and epochs, pretrain
                         loss, view 0 only, one BatchNorm, no clean term)
     simclr-acl-ds       ACL as published (dual BatchNorm, both views attacked, clean + adversarial terms)
     simclr-dynacl       DynACL (ACL-DS + annealed augmentation + the clean-to-adversarial loss weights)
+    simclr-dynacl++     DynACL + its LP-AFT post-processing (pseudo labels, probe, TRADES), timed as training
     byol, byol+robust-reg (normalised prediction, momentum targets clean, weight 0.05), byol-acl-lite,
     byol+reg, byol+reg+advview   the same with BYOL
 
@@ -58,6 +59,7 @@ METHODS = {
     "simclr-acl-lite": ("simclr", "acl"),
     "simclr-acl-ds": ("simclr", "acl-ds"),
     "simclr-dynacl": ("simclr", "dynacl"),
+    "simclr-dynacl++": ("simclr", "dynacl"),  # with lp_aft (PRESETS)
     "byol": ("byol", "plain"),
     "byol+robust-reg": ("byol", "robust"),
     "byol-acl-lite": ("byol", "acl"),
@@ -81,15 +83,24 @@ DEFAULT_METHODS = (
     "simclr-acl-lite",
     "simclr-acl-ds",
     "simclr-dynacl",
+    "simclr-dynacl++",
     "byol",
     "byol+robust-reg",
     "byol-acl-lite",
 )
+# Rows that are another row with fields set.
+PRESETS = {"simclr-dynacl++": {"lp_aft": True}}
 # Rows named before the faithful ACL existed: read as their new names (results files keep what they say).
 RENAMED = {"simclr-acl": "simclr-acl-lite", "byol-acl": "byol-acl-lite"}
 # Equal wall-clock budget: each reference (the recommended configuration) sets the time its rivals get.
 BUDGETS = {
-    "simclr+robust-reg": ("simclr-acl-lite", "simclr-acl-lite[acl_steps=3]", "simclr-acl-ds", "simclr-dynacl"),
+    "simclr+robust-reg": (
+        "simclr-acl-lite",
+        "simclr-acl-lite[acl_steps=3]",
+        "simclr-acl-ds",
+        "simclr-dynacl",
+        "simclr-dynacl++",
+    ),
     "byol+robust-reg": ("byol-acl-lite",),
     "simclr+robust-reg[eps=0.15]": ("simclr-acl-lite[eps=0.15]",),
 }
@@ -200,7 +211,7 @@ def parse_method(name: str) -> tuple[str, str, dict]:
         )
     method, variant = METHODS[base]
     fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-    overrides: dict = {}
+    overrides: dict = dict(PRESETS.get(base, {}))
     for item in filter(None, rest[:-1].split(",")):
         key, equals, text = item.partition("=")
         key = ALIASES.get(key.strip(), key.strip())
@@ -234,6 +245,13 @@ def light_eval(data, eval_config: EvalConfig) -> EvalConfig:
 def budget_evaluation(args: argparse.Namespace, data, eval_config: EvalConfig) -> EvalConfig:
     """How the equal-budget runs are scored: the full evaluation with ``--budget-full-eval``, else the screening one."""
     return eval_config if args.budget_full_eval else light_eval(data, eval_config)
+
+
+def epochs_in_budget(run: dict, seconds: float, epochs: int) -> int:
+    """The epochs of ``run``'s configuration that fit in ``seconds`` (a post-processing stage is a fixed cost)."""
+    post = run.get("post_seconds", 0.0)
+    per_epoch = (run["train_seconds"] - post) / epochs
+    return max(1, round((seconds - post) / per_epoch))
 
 
 def budgets(names: list[str], extra: list[str]) -> dict[str, tuple[str, ...]]:
@@ -294,7 +312,8 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
         "method": name,
         "seed": seed,
         "epochs": config.epochs,  # a [epochs=N] candidate overrides the run's epochs
-        "train_seconds": result.seconds,
+        "train_seconds": result.seconds,  # post-processing (lp_aft) included
+        "post_seconds": sum(h.get("seconds", 0.0) for h in result.history if h.get("stage")),
         "train_steps": result.steps,
         "eval_seconds": time.perf_counter() - start,
         "history": result.history,
@@ -663,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
                         report["budget_runs"].append({**same, "reused": True})
                         continue
-                    budget_epochs = max(1, round(seconds / (same["train_seconds"] / epochs)))
+                    budget_epochs = epochs_in_budget(same, seconds, epochs)
                     print(f"[compare] budget {seconds:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
                     run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
                     report["budget_runs"].append(run)

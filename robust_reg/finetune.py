@@ -230,6 +230,7 @@ def adversarial_finetune(
     bounds: tuple[float, float] = (0.0, 1.0),
     augment: Callable[[Tensor], Tensor] | None = None,
     device: str | torch.device | None = None,
+    head: nn.Linear | None = None,
 ) -> LinearProbeClassifier:
     """AFF: TRADES on a copy of the encoder and a new linear head, from the pretrained weights.
 
@@ -251,6 +252,8 @@ def adversarial_finetune(
         bounds: Valid pixel range.
         augment: Applied to each training batch (e.g. random crops and flips).
         device: Where to train (default: the encoder's device).
+        head: Start from (a copy of) this head instead of zeros, e.g. a linear probe: linear probing then
+            full fine-tuning (LP-FT, as DynACL++'s LP-AFT).
 
     Returns:
         A :class:`~robust_reg.evaluation.LinearProbeClassifier` (the fine-tuned copy and its head) in eval mode.
@@ -275,9 +278,14 @@ def adversarial_finetune(
     threat = _threat(epsilon, norm, bounds, mean, std)
     device = torch.device(device) if device is not None else module_device(encoder)
     dim = extract_features(encoder, [next(iter(loader))], device=device)[0].shape[1]
-    head = nn.Linear(dim, num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+    if head is None:
+        head = nn.Linear(dim, num_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    elif not isinstance(head, nn.Linear) or (head.in_features, head.out_features) != (dim, num_classes):
+        raise ValueError(f"head must be an nn.Linear({dim}, {num_classes}) for these features, got {head!r}")
+    else:
+        head = copy.deepcopy(head)
     model = LinearProbeClassifier(copy.deepcopy(encoder), head).to(device)
     model.requires_grad_(True)
     opt, scheduler = schedule.optimizer(model.parameters())

@@ -134,3 +134,16 @@ def test_anneal_augment_gives_each_epoch_its_strength(monkeypatch):
     config = PretrainConfig(variant="plain", epochs=3, batch_size=16, anneal_augment=True)
     pretrain(tiny_data(), config, progress_bar=False)
     assert strengths == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
+def test_lp_aft_post_processing_is_timed_into_the_training_time_and_changes_the_encoder(monkeypatch):
+    import harness
+
+    from robust_reg.finetune import FinetuneSchedule
+
+    monkeypatch.setattr(harness, "LP_AFT", FinetuneSchedule(epochs=1, lr=0.01, steps=1, batch_size=16))
+    config = PretrainConfig(variant="plain", epochs=1, batch_size=16, lp_aft=True)
+    result = pretrain(tiny_data(), config, progress_bar=False)
+    stage = result.history[-1]
+    assert stage["stage"] == "lp-aft" and 0 < stage["seconds"] <= result.seconds
+    assert result.encoder is not result.model.backbone  # the fine-tuned copy is what gets evaluated

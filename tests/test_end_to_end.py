@@ -630,3 +630,19 @@ def test_the_budget_runs_evaluation_is_built_from_the_loaded_data(full):
     budget = compare.budget_evaluation(args, data, config)
     assert (budget is config) == full
     assert full or (budget.autoattack is False and not budget.corruptions and budget.epsilons == config.epsilons)
+
+
+def test_a_post_processing_stage_is_a_fixed_cost_in_the_equal_budget_epochs():
+    compare = load_compare()
+    plain = {"train_seconds": 300.0}
+    post = {"train_seconds": 300.0, "post_seconds": 100.0}
+    assert compare.epochs_in_budget(plain, 150.0, 30) == 15
+    assert compare.epochs_in_budget(post, 150.0, 30) == 8  # (150 - 100) s at 200 / 30 s per epoch
+    assert compare.epochs_in_budget(post, 50.0, 30) == 1
+
+
+def test_dynacl_plus_plus_is_dynacl_with_its_post_processing():
+    compare = load_compare()
+    assert compare.parse_method("simclr-dynacl++") == ("simclr", "dynacl", {"lp_aft": True})
+    assert compare.parse_method("simclr-acl") == ("simclr", "acl", {})  # the reduced row's old name still reads
+    assert compare.split_methods("simclr-acl,byol-acl[eps=0.1]") == ["simclr-acl-lite", "byol-acl-lite[eps=0.1]"]

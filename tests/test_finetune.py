@@ -197,3 +197,18 @@ def test_the_paper_schedules_are_the_dynacl_authors_settings():
     assert (AFF_PAPER.epochs, AFF_PAPER.lr, AFF_PAPER.milestones, AFF_PAPER.steps) == (25, 0.1, (15, 20), 10)
     assert ALF_PAPER.weight_decay == AFF_PAPER.weight_decay == 2e-4
     assert ALF_CPU.epochs < ALF_PAPER.epochs
+
+
+def test_aff_can_start_from_a_probe_and_leaves_that_probe_unchanged():
+    encoder = small_cnn()
+    x, y = images()
+    probe = fit_linear_probe(encoder, batches(x, y, 8), 3)
+    before = snapshot(probe)
+    model = adversarial_finetune(encoder, batches(x, y, 8), 3, epsilon=8 / 255, schedule=FAST, head=probe)
+    assert unchanged(probe, before) and model.head is not probe
+
+
+def test_aff_refuses_a_head_of_the_wrong_shape_by_name():
+    x, y = images()
+    with pytest.raises(ValueError, match="head"):
+        adversarial_finetune(small_cnn(), batches(x, y, 8), 3, epsilon=8 / 255, schedule=FAST, head=nn.Linear(5, 3))
