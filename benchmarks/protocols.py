@@ -63,7 +63,9 @@ def schedule_of(spec: str):
     if rest:
         fields = dict(kv.split("=") for kv in rest[0].split(";"))
         types = {f.name: f.type for f in dataclasses.fields(schedule)}
-        typed = {k: (int(v) if types[k] in ("int", int) else float(v)) for k, v in fields.items()}
+        typed: dict = {
+            k: (int(v) if types[k] in ("int", int) else float(v)) for k, v in fields.items() if k != "milestones"
+        }
         if "milestones" in fields:
             typed["milestones"] = tuple(int(m) for m in fields["milestones"].split("/") if m)
         schedule = dataclasses.replace(schedule, **typed)
@@ -96,6 +98,7 @@ def main(argv=None) -> dict:
     config = EvalConfig.for_data(data)
     epsilons, eps = list(config.epsilons), max(config.epsilons)
     attacks = [PGD(20)] + ([] if args.no_autoattack else [AutoAttack(samples=args.aa_samples)])
+    schedules = [schedule_of(s) for s in args.schedules.split(",")]  # a typo fails before any work
     rows = []
 
     start = time.perf_counter()
@@ -103,7 +106,7 @@ def main(argv=None) -> dict:
     rows.append({"mode": "slf", "schedule": "L-BFGS probe", "seconds": time.perf_counter() - start})
     rows[-1].update(score(LinearProbeClassifier(encoder, head).eval(), data, epsilons, attacks, args.seed))
     print(rows[-1], flush=True)
-    for label, mode, schedule in (schedule_of(s) for s in args.schedules.split(",")):
+    for label, mode, schedule in schedules:
         loader = _Shuffled(data.x_train, data.y_train, schedule.batch_size, args.seed)
         common = dict(epsilon=eps, schedule=schedule, augment=_crop_flip(data.kind != "digits", args.seed))
         start = time.perf_counter()
