@@ -535,24 +535,30 @@ def test_a_budget_reference_that_cannot_set_a_budget_is_refused_by_name(names, r
         compare.budgets(names, [reference])
 
 
-def test_arrays_the_user_has_train_and_evaluate_through_an_npz(tmp_path):
+def pretrained_on_random_npz(tmp_path, name: str, n_train: int, n_test: int):
+    """An .npz of random RGB images with 3 classes, and a 1-epoch checkpoint trained on it by the example."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    path = tmp_path / "mine.npz"
+    path = tmp_path / f"{name}.npz"
     np.savez(
         path,
-        x_train=rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8),
-        y_train=np.arange(96) % 3,
-        x_test=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
-        y_test=np.arange(32) % 3,
+        x_train=rng.integers(0, 256, (n_train, 16, 16, 3), dtype=np.uint8),
+        y_train=np.arange(n_train) % 3,
+        x_test=rng.integers(0, 256, (n_test, 16, 16, 3), dtype=np.uint8),
+        y_test=np.arange(n_test) % 3,
     )
     spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
     pretrain_example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain_example)
-    checkpoint = tmp_path / "mine.pt"
+    checkpoint = tmp_path / f"{name}.pt"
     argv = ["--dataset", "npz", "--data-path", str(path), "--epochs", "1", "--steps", "1", "--batch-size", "32"]
     pretrain_example.main([*argv, "--out", str(checkpoint)])
+    return checkpoint, path
+
+
+def test_arrays_the_user_has_train_and_evaluate_through_an_npz(tmp_path):
+    checkpoint, path = pretrained_on_random_npz(tmp_path, "mine", 96, 32)
     assert torch.load(checkpoint, weights_only=True)["dataset"] == "npz"
     args = ["evaluate", str(checkpoint), "--data-path", str(path), "--no-autoattack", "--pgd-steps", "2"]
     code = cli([*args, "--no-progress", "--out", str(tmp_path)])
@@ -565,24 +571,7 @@ def test_arrays_the_user_has_train_and_evaluate_through_an_npz(tmp_path):
 @pytest.fixture
 def tiny_npz_checkpoint(tmp_path):
     """A 1-epoch encoder trained on a tiny random RGB .npz, and the file."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
-        y_train=np.arange(64) % 3,
-        x_test=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
-        y_test=np.arange(24) % 3,
-    )
-    spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
-    pretrain_example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain_example)
-    checkpoint = tmp_path / "tiny.pt"
-    argv = ["--dataset", "npz", "--data-path", str(path), "--epochs", "1", "--steps", "1", "--batch-size", "32"]
-    pretrain_example.main([*argv, "--out", str(checkpoint)])
-    return checkpoint, path
+    return pretrained_on_random_npz(tmp_path, "tiny", 64, 24)
 
 
 def test_evaluate_scores_slf_alf_and_aff_in_one_table(tiny_npz_checkpoint, tmp_path, capsys):
