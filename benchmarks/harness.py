@@ -279,7 +279,9 @@ def lp_aft(encoder: nn.Module, data: ImageData, config: PretrainConfig, device: 
     k = data.num_classes
     clusters = KMeans(n_clusters=k, n_init=10, random_state=config.seed).fit_predict(features.cpu().numpy())
     pseudo = torch.as_tensor(clusters, dtype=torch.long)
-    probe = fit_linear_probe(encoder, _loader(data.x_train, pseudo), k, device=device)
+    # A strongly decayed probe: the L-BFGS optimum on small-spread features has a norm that makes TRADES at
+    # lr 0.1 diverge (NaN on MNIST); the authors' probe is 10 SGD epochs from zero, also small.
+    probe = fit_linear_probe(encoder, _loader(data.x_train, pseudo), k, weight_decay=1e-2, device=device)
     loader = _Shuffled(data.x_train, pseudo, LP_AFT.batch_size, config.seed)
     augment = _crop_flip(data.kind != "digits", config.seed)
     model = adversarial_finetune(

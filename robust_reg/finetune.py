@@ -261,6 +261,7 @@ def adversarial_finetune(
 
     Raises:
         ValueError: For a bad ``num_classes``, ``epsilon``, ``norm`` or ``beta``, or labels out of range.
+        FloatingPointError: If the loss diverges (too large a learning rate for the head's scale).
 
     Examples:
         >>> import torch
@@ -291,7 +292,7 @@ def adversarial_finetune(
     model.requires_grad_(True)
     opt, scheduler = schedule.optimizer(model.parameters())
     with torch.enable_grad():
-        for _ in range(schedule.epochs):
+        for epoch in range(schedule.epochs):
             for x, y in _batches(loader, device, augment):
                 _check_labels(y, num_classes)
                 model.eval()
@@ -302,7 +303,13 @@ def adversarial_finetune(
                 opt.zero_grad(set_to_none=True)
                 logits = model(x)
                 robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-                (F.cross_entropy(logits, y) + beta * robust).backward()
+                loss = F.cross_entropy(logits, y) + beta * robust
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"AFF's TRADES loss became {loss.item()} in epoch {epoch}: lower schedule.lr "
+                        f"(now {schedule.lr}) or start from a head with smaller weights"
+                    )
+                loss.backward()
                 opt.step()
             scheduler.step()
     model.zero_grad(set_to_none=True)

@@ -212,3 +212,13 @@ def test_aff_refuses_a_head_of_the_wrong_shape_by_name():
     x, y = images()
     with pytest.raises(ValueError, match="head"):
         adversarial_finetune(small_cnn(), batches(x, y, 8), 3, epsilon=8 / 255, schedule=FAST, head=nn.Linear(5, 3))
+
+
+def test_a_diverging_aff_fails_with_the_fix_instead_of_returning_nan_weights():
+    encoder = small_cnn()
+    x, y = images()
+    huge = nn.Linear(4, 3)
+    with torch.no_grad():
+        huge.weight.fill_(1e30)
+    with pytest.raises(FloatingPointError, match="schedule.lr"):
+        adversarial_finetune(encoder, batches(x, y, 8), 3, epsilon=8 / 255, schedule=FAST, head=huge)
