@@ -184,7 +184,8 @@ def embedding_attack(
                 return (flat(encoder(inputs)) - h).pow(2).sum(dim=1)
 
             x_adv = projected_gradient_ascent(deviation, xb, threat, steps=steps, step_size=step_size, keep_best=True)
-            x_rand = threat.to_model(threat.to_pixels(xb) + threat.random_start(threat.to_pixels(xb)))
+            pixels = threat.to_pixels(xb)
+            x_rand = threat.to_model(pixels + threat.random_start(pixels))
             with torch.no_grad():
                 clean.append(h.float().cpu())
                 adv.append(flat(encoder(x_adv)).float().cpu())
