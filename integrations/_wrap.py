@@ -85,7 +85,7 @@ def resolve_threat(
     """The threat model of the views: ``epsilon``/``norm``/``bounds`` popped from ``options``, the
     normalisation from the one source given, else ``default(epsilon, norm, bounds)``.
 
-    Sources: ``mean``/``std``; ``transform`` (:meth:`ThreatModel.from_transform`); ``normalize``
+    Sources: ``mean``/``std``; ``transform`` (``ThreatModel.from_transform``); ``normalize``
     (``None``: raw pixels, or ``{"mean": ..., "std": ...}`` as lightly writes it). Both adapters
     use this, with their framework's default.
     """
@@ -375,7 +375,7 @@ class _Target(nn.Module):
 
 
 class _Capture:
-    """The temporary ``forward`` of the target during one training step (see :class:`RobustTrainingStep`)."""
+    """The temporary ``forward`` of the target during one training step (see ``RobustTrainingStep``)."""
 
     def __init__(
         self,
@@ -530,7 +530,7 @@ class AdapterConfig:
     form and the adversarial view; a submodule path the paper's form (``form="backbone"``) and no
     adversarial view. ``view=None``: ``batch[views_field][0]`` (and ``positive_view``, read with
     ``ascent="positive"``, ``[1]``). ``warm_start``: ``True`` (a new
-    :class:`~robust_reg.PerturbationMemory`) or a memory, with ``index`` (or the framework's
+    ``PerturbationMemory``) or a memory, with ``index`` (or the framework's
     ``default_index``) reading each batch's sample indices, and optionally ``geometry`` each view's
     crops. ``assumed_normalization``: a description of the normalisation assumed (not given), checked
     against the first batch.
@@ -646,7 +646,7 @@ _CHECKPOINT_HOOKS = ("on_save_checkpoint", "on_load_checkpoint")
 
 class _MemoryCheckpointHook:
     """A module's ``on_save_checkpoint``/``on_load_checkpoint``, run unchanged, plus the warm start's memory:
-    saved under :data:`CHECKPOINT_KEY` (outside the ``state_dict``, so the unmodified class still loads the
+    saved under ``CHECKPOINT_KEY`` (outside the ``state_dict``, so the unmodified class still loads the
     checkpoint) and restored from it when a robustified module resumes."""
 
     def __init__(self, module: nn.Module, hook: str, memory: PerturbationMemory) -> None:

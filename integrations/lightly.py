@@ -3,8 +3,8 @@
 lightly ships losses, heads and transforms; its users write their own
 LightningModule (``self.backbone``, the views in ``batch[0]``, a
 ``training_step`` returning the loss; see lightly's
-``examples/pytorch_lightning/simclr.py``). :func:`robustify` adds the
-:class:`~robust_reg.RobustnessRegularizer` to every training step's loss
+``examples/pytorch_lightning/simclr.py``). ``robustify`` adds the
+``RobustnessRegularizer`` to every training step's loss
 without touching that ``training_step``::
 
     model = SimCLR()                                  # your module, unchanged
@@ -30,7 +30,7 @@ A plain PyTorch loop needs no adapter::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -38,6 +38,9 @@ from robust_reg import PerturbationMemory, ThreatModel, method_settings
 from robust_reg.augmentation import augmentation_strength
 
 from ._wrap import UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback
 
 __all__ = ["robustify", "is_robustified", "annealed_augmentation"]
 
@@ -88,11 +91,10 @@ def robustify(
     and ``adversarial_view=True``. With ``ascent="positive"`` the adapter watches
     the two views ``batch[0][0]`` and ``batch[0][1]``: the first the step
     encodes gives the positive (its clean embedding), the second is perturbed
-    away from it. Measured on MNIST: see the README's Results for
-    where it stands against adversarial contrastive training at equal cost. For
-    BYOL ``weight=0.05``: its adversarial view carries the robustness and a larger weight costs clean
-    accuracy (README, Results). The backbone form (``encoder="backbone"``) is the paper's: it
-    lowers the quantity the bound of :func:`~robust_reg.estimate_bound` uses.
+    away from it (how it compares with adversarial contrastive training: docs,
+    Results). For BYOL ``weight=0.05``: its adversarial view carries the robustness and a
+    larger weight costs clean accuracy. The backbone form (``encoder="backbone"``) is the paper's: it
+    lowers the quantity the bound of ``estimate_bound`` uses.
 
     The module is changed in place and returned. No parameter, buffer or
     submodule is added: ``state_dict()`` keeps exactly its keys, and checkpoints
@@ -102,7 +104,7 @@ def robustify(
         module: The LightningModule instance (any ``nn.Module`` with ``training_step``).
         epsilon: Radius of the threat ball, pixel units of ``[0, 1]`` images.
         weight: Multiplier of the regulariser in the loss. ``None`` (default): the
-            method's from :data:`robust_reg.METHOD_SETTINGS`, found by the module's
+            method's from ``robust_reg.METHOD_SETTINGS``, found by the module's
             class name (``BYOL`` -> 0.05, ``SimCLR`` -> 1.0), else 1.0.
         encoder: ``"forward"`` (default): the module's own forward, whose output
             is the embedding the SSL loss compares (lightly's examples return the
@@ -129,13 +131,12 @@ def robustify(
             trains on it. Default: on for ``encoder="forward"``, off otherwise.
         log: Log the regulariser's statistics through ``self.log``.
         warm_start: Start each sample's ascent where it ended the last time the
-            sample was drawn (ATTA; :class:`~robust_reg.PerturbationMemory`):
+            sample was drawn (ATTA; ``PerturbationMemory``):
             ``True`` keeps a new memory on the views' device, or pass your own
             (e.g. ``PerturbationMemory(len(dataset), device="cpu")``). Needs
-            ``index``. Measured on MNIST (README, Results): SimCLR with ``steps=2``,
-            ``step_size=epsilon / 2``, ``detach_anchor=True`` and ``epsilon_ramp=0.3``
-            trains in 0.68x PGD-5 adversarial contrastive training's time and beats
-            it at equal time (+1.1 PGD-20, +2.2 AutoAttack); BYOL gained nothing.
+            ``index``. The measured form (docs: Warm start) is SimCLR with
+            ``steps=2``, ``step_size=epsilon / 2``, ``detach_anchor=True`` and
+            ``epsilon_ramp=0.3``; it gained nothing for BYOL.
             Memory: one view-sized tensor per training sample. Lightning
             checkpoints carry it beside the ``state_dict`` (key
             ``"robust_reg_warm_start"``) and a run resumed with ``ckpt_path=``
@@ -144,13 +145,11 @@ def robustify(
             index in the training set, a 1-D integer tensor (lightly's datasets do
             not yield it: return it from your dataset, e.g. as a third field).
         geometry: With ``warm_start`` (optional): ``callable(batch)`` returning
-            each view's crops as :func:`~robust_reg.crop_geometry` builds them from
+            each view's crops as ``crop_geometry`` builds them from
             the boxes your crop transform drew: a pair of ``(N, 2, 3)`` tensors,
             the view's and the positive view's (one tensor without a positive).
             The memory then keeps each perturbation in image coordinates and moves
-            it with the next crop: on MNIST (SimCLR, the settings above, 3 seeds)
-            +3.8 PGD-20 / +5.8 AutoAttack over PGD-5 adversarial contrastive
-            training at equal time (README, Results; BYOL: no gain). Without it the
+            it with the next crop, the stronger form measured (docs: Warm start). Without it the
             memory keeps the perturbation as the view saw it.
         epsilon_ramp: Share of the epochs (of the Trainer's ``max_epochs``) over
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
@@ -160,7 +159,7 @@ def robustify(
             ``random_start``, ``relative``, ``bounds``, ``form`` (default:
             ``"embedding"`` for ``encoder="forward"``, ``"backbone"`` for a
             submodule), ``normalize_features``, ``ascent``, ...: as in
-            :class:`~robust_reg.RobustnessRegularizer`.
+            ``RobustnessRegularizer``.
 
     Returns:
         The same module.
@@ -228,15 +227,17 @@ def robustify(
 
 
 def is_robustified(module: nn.Module) -> bool:
-    """Whether :func:`robustify` has been applied to ``module``."""
+    """Whether ``robustify`` has been applied to ``module``."""
     return robust_step(module) is not None
 
 
-def annealed_augmentation(set_strength: Callable[[float], Any], *, refresh: float = 0.05, final: float = 0.0):
+def annealed_augmentation(
+    set_strength: Callable[[float], Any], *, refresh: float = 0.05, final: float = 0.0
+) -> Callback:
     """A Lightning callback that anneals the augmentation from strong to weak (DynACL's schedule).
 
     At the start of every training epoch it calls ``set_strength(s)`` with
-    :func:`robust_reg.augmentation.augmentation_strength` of that epoch and the
+    ``robust_reg.augmentation.augmentation_strength`` of that epoch and the
     trainer's ``max_epochs``; ``set_strength`` rebuilds the views' transform at
     that strength (lightly's transforms are built once, so the callback cannot
     scale them itself). DataLoader workers must not be persistent, so that each

@@ -16,7 +16,7 @@ config and one line to ``main_pretrain.py``::
     robustify(model, cfg=cfg)
 
 By default the regulariser works on the embedding the method's loss compares
-(the entry of ``forward``'s output dict named in :data:`EMBEDDING_KEYS`,
+(the entry of ``forward``'s output dict named in ``EMBEDDING_KEYS``,
 L2-normalised), and the deviation-maximising embedding replaces the clean one
 in the loss (the adversarial view, no extra forward). The search moves the
 perturbed crop's embedding away from the other large crop's clean one
@@ -59,7 +59,7 @@ _SOLO_METHODS = (
     "WMSE",
 )
 #: The entry of each method's ``forward`` output that its SSL loss compares, from
-#: :data:`robust_reg.METHOD_SETTINGS`. A method not listed (or a subclass that changes what its loss
+#: ``robust_reg.METHOD_SETTINGS``. A method not listed (or a subclass that changes what its loss
 #: compares) needs ``key=``.
 EMBEDDING_KEYS = {name: METHOD_SETTINGS[name.lower()].solo_key for name in _SOLO_METHODS}
 
@@ -101,7 +101,7 @@ def _config_block(cfg: Any) -> dict[str, Any]:
 def solo_normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The (mean, std) solo-learn's transform pipeline applies for this config (``None``: no normalisation).
 
-    Read through :meth:`robust_reg.ThreatModel.from_solo_config`, so it follows whatever solo-learn does.
+    Read through ``robust_reg.ThreatModel.from_solo_config``, so it follows whatever solo-learn does.
     """
     threat = ThreatModel.from_solo_config(cfg, epsilon=0.0)
     return (threat.mean, threat.std) if threat.normalized else None
@@ -126,7 +126,7 @@ def robustify(
 
     Settings come from the ``robust_reg`` block of ``cfg`` (default: the
     method's own ``cfg``), overridden by keyword arguments. The keys are those
-    of :func:`robust_reg.integrations.lightly.robustify`: ``epsilon``,
+    of ``robust_reg.integrations.lightly.robustify``: ``epsilon``,
     ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
     ``relative``, ``bounds``, ``form``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the
@@ -135,19 +135,18 @@ def robustify(
     it is.
 
     ``warm_start: true`` starts each sample's ascent where it ended the last time
-    the sample was drawn (ATTA; :class:`~robust_reg.PerturbationMemory`), read
+    the sample was drawn (ATTA; ``PerturbationMemory``), read
     by the batch's ``indexes`` (``batch[0]``), so it needs no other change. The
     memory holds one large-crop-sized tensor per training sample on the views'
     device (CIFAR-10 at 32x32: 0.6 GB); pass ``warm_start=PerturbationMemory(...,
     device="cpu", dtype=torch.float16)`` to keep it elsewhere. Checkpoints carry
     it beside the ``state_dict`` (key ``"robust_reg_warm_start"``), and a run
-    resumed from one restores it. Measured on MNIST
-    (README, Results): SimCLR with ``steps: 2``, ``step_size: eps / 2``,
-    ``detach_anchor: true`` and ``epsilon_ramp: 0.3`` beats PGD-5 adversarial contrastive
-    training at equal time (+1.1 PGD-20, +2.2 AutoAttack, in 0.68x its time); BYOL gained nothing.
+    resumed from one restores it. The measured form (docs: Warm start) is
+    SimCLR with ``steps: 2``, ``step_size: eps / 2``, ``detach_anchor: true`` and
+    ``epsilon_ramp: 0.3``; it gained nothing for BYOL.
 
     Default (recommended): ``encoder: forward`` with the method's embedding key
-    from :data:`EMBEDDING_KEYS` (SimCLR ``z``, BYOL ``p``, MoCo v3 ``q``, ...),
+    from ``EMBEDDING_KEYS`` (SimCLR ``z``, BYOL ``p``, MoCo v3 ``q``, ...),
     normalised, ``ascent: positive``, with the adversarial view; ``encoder: backbone`` for the
     backbone form. With ``ascent: positive`` the two large crops ``batch[1][0]``
     and ``batch[1][1]`` are watched: the first the method encodes gives the
@@ -166,13 +165,13 @@ def robustify(
         index: With ``warm_start``: ``callable(batch) -> Tensor``, each sample's
             index in the training set (default ``batch[0]``, solo-learn's ``indexes``).
         geometry: With ``warm_start`` (optional): ``callable(batch)`` returning the
-            two large crops' boxes as :func:`~robust_reg.crop_geometry` builds them
+            two large crops' boxes as ``crop_geometry`` builds them
             (the view's and the positive view's), so the memory moves each
             perturbation with the crop. solo-learn's own pipelines do not report
             their crops; a dataset of yours that does can pass them here.
         epsilon: Radius of the threat ball, pixel units (default 8/255).
         weight: Multiplier of the regulariser (default: the method's from
-            :data:`robust_reg.METHOD_SETTINGS`, BYOL 0.05, others 1.0).
+            ``robust_reg.METHOD_SETTINGS``, BYOL 0.05, others 1.0).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).
         std: Per-channel std of the inputs.
         normalize: ``None`` for raw ``[0, 1]`` inputs, or ``{"mean": ..., "std": ...}``.
@@ -247,7 +246,7 @@ def _solo_class(method: nn.Module) -> type | None:
 
 
 def _recommended_weight(method: nn.Module) -> float:
-    """The method's weight from :data:`robust_reg.METHOD_SETTINGS` (1.0 for a method not in it)."""
+    """The method's weight from ``robust_reg.METHOD_SETTINGS`` (1.0 for a method not in it)."""
     cls = _solo_class(method)
     return 1.0 if cls is None else method_settings(cls).weight
 
@@ -277,5 +276,5 @@ def _check_solo_method(method: Any) -> None:
 
 
 def is_robustified(method: nn.Module) -> bool:
-    """Whether :func:`robustify` has been applied to ``method``."""
+    """Whether ``robustify`` has been applied to ``method``."""
     return robust_step(method) is not None

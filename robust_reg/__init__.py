@@ -8,7 +8,7 @@ Add one loss term to any SSL training loop (``model`` outputs what the SSL loss 
     loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss
 
 and measure what the representation guarantees downstream with
-:func:`estimate_bound`. Numbers that come from gradient ascent (the regulariser,
+``estimate_bound``. Numbers that come from gradient ascent (the regulariser,
 the bound, attack accuracies) are estimates of a worst case, and named so.
 """
 
@@ -20,7 +20,7 @@ from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
 from .warm_start import PerturbationMemory, crop_geometry, ramped_epsilon
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BoundReport",

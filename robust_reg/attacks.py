@@ -4,11 +4,11 @@ One engine serves two purposes. The regulariser's inner maximisation pushes an
 encoder's features as far as possible from their clean value; the evaluation
 attack (PGD-k, Madry et al. 2018, "Towards Deep Learning Models Resistant to
 Adversarial Attacks") pushes a classifier's cross-entropy up. Both are
-:func:`projected_gradient_ascent` on a per-sample objective.
+``projected_gradient_ascent`` on a per-sample objective.
 
 The ball is always measured in pixel units of ``[0, 1]`` images. Data that was
 normalised with a per-channel ``mean``/``std`` before the model is handled by a
-:class:`ThreatModel`: the ascent runs in pixel space and only the model sees
+``ThreatModel``: the ascent runs in pixel space and only the model sees
 normalised inputs, so an L2 ball stays a ball (it would be an ellipsoid in
 normalised space).
 
@@ -449,7 +449,7 @@ def _ascend(
     keep_best: bool = False,
 ) -> Tensor:
     """``steps`` projected ascent steps of length ``alpha`` from ``pixels + delta`` (pixel space);
-    returns the end point in model space, detached. The loop of :func:`projected_gradient_ascent`."""
+    returns the end point in model space, detached. The loop of ``projected_gradient_ascent``."""
     best_delta = best_value = None
     n = pixels.shape[0]
     for _ in range(steps):

@@ -2,12 +2,12 @@
 
 Luo, Wang and Wang (ICLR 2023) found that adversarial contrastive learning
 gains robustness when the augmentation strength falls from strong to weak over
-training, refreshed in steps (every 50 of 1,000 epochs). :func:`augmentation_strength`
+training, refreshed in steps (every 50 of 1,000 epochs). ``augmentation_strength``
 gives that strength for any epoch count; the pipeline applies it by scaling its
 augmentation's magnitudes and probabilities (colour jitter, its probability,
 grayscale's probability, and the crop's smallest area ``1 - (1 - min_scale) * s``;
 flips stay). The package's batch augmentation takes it as ``strength``, the lightly
-adapter's :class:`~robust_reg.integrations.lightly.AnnealedAugmentation` callback
+adapter's ``AnnealedAugmentation`` callback
 hands it to a function that rebuilds a transform each epoch, and a plain loop
 calls it once per epoch.
 """

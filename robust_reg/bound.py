@@ -111,7 +111,7 @@ class BoundReport:
 
 @dataclass(frozen=True)
 class RobustnessCurve:
-    """:class:`BoundReport` s over several eps; prints as one table."""
+    """``BoundReport`` s over several eps; prints as one table."""
 
     reports: tuple[BoundReport, ...]
 
@@ -223,11 +223,11 @@ def estimate_bound(
         progress_bar: Show a progress bar.
         adversarial_inputs: PGD examples already found for the loader's samples, in
             order (e.g. ``RobustnessEvaluation.adversarial_inputs("PGD-20", eps)`` from
-            :func:`~robust_reg.evaluation.evaluate_robustness` with the same steps): used
+            ``evaluate_robustness`` with the same steps): used
             instead of running the attack again.
 
     Returns:
-        A :class:`BoundReport`.
+        A ``BoundReport``.
 
     Raises:
         TypeError: If ``head`` is not an ``nn.Linear`` and ``lipschitz`` is not given.
@@ -294,7 +294,7 @@ def _lipschitz_of(head: nn.Module, lipschitz: float | None) -> tuple[float, list
 
 @dataclass
 class _Totals:
-    """Running sums over the batches of :func:`estimate_bound`."""
+    """Running sums over the batches of ``estimate_bound``."""
 
     weight: Tensor | None
     n: int = 0
@@ -384,10 +384,10 @@ def robustness_curve(
     adversarial_inputs: Mapping[float, Tensor] | None = None,
     **kwargs,
 ) -> RobustnessCurve:
-    """:func:`estimate_bound` at each eps in ``epsilons`` (same keyword arguments).
+    """``estimate_bound`` at each eps in ``epsilons`` (same keyword arguments).
 
     ``adversarial_inputs`` maps an eps to PGD examples already found for the
-    loader's samples (see :func:`estimate_bound`); the other eps run the attack.
+    loader's samples (see ``estimate_bound``); the other eps run the attack.
 
     Examples:
         >>> import torch

@@ -334,7 +334,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluation_data(args: argparse.Namespace, dataset: str | None):
-    """The dataset ``evaluate`` attacks on, or a :class:`UsageError` naming the flag that is missing or wrong."""
+    """The dataset ``evaluate`` attacks on, or a ``UsageError`` naming the flag that is missing or wrong."""
     from .experiments.data import dataset_available, load_dataset
 
     if dataset is None:

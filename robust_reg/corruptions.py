@@ -12,7 +12,7 @@ external asset or ImageMagick, with CIFAR-10-C's per-severity parameters:
 
 Not implemented: glass, motion, snow, frost, elastic and spatter. Corruption
 accuracy is reported as the mean over the standard ones implemented (the first
-ten of :data:`STANDARD`), so it is comparable in kind with CIFAR-10-C's mean,
+ten of ``STANDARD``), so it is comparable in kind with CIFAR-10-C's mean,
 not equal to it. Every draw comes from a private generator seeded by ``seed``:
 results are reproducible and the caller's RNG is untouched. Outputs are
 quantised to 8 bits as CIFAR-10-C's files are, and stay in ``[0, 1]``.
@@ -257,7 +257,7 @@ def corrupt(pixels: Tensor, corruption: str, severity: int, *, seed: int = 0) ->
 
     Args:
         pixels: ``(N, C, H, W)`` images in ``[0, 1]`` (1 or 3 channels; any memory format).
-        corruption: A name of :data:`CORRUPTIONS`.
+        corruption: A name of ``CORRUPTIONS``.
         severity: 1 (mildest) to 5.
         seed: Seed of the corruption's randomness (a private generator: the global RNG is untouched).
 
@@ -354,7 +354,7 @@ def corruption_accuracy(
         model: Maps model-space inputs to logits; run in eval mode, its state restored.
         x: Test inputs in model space (normalised with ``mean``/``std`` if given; pixels in ``[0, 1]``).
         y: Test labels.
-        corruptions: Names from :data:`CORRUPTIONS` (default :data:`STANDARD`); colour-only ones are
+        corruptions: Names from ``CORRUPTIONS`` (default ``STANDARD``); colour-only ones are
             skipped on grayscale images (listed in ``skipped``).
         severities: Severities to run.
         mean: Normalisation mean already applied to ``x``.
@@ -363,7 +363,7 @@ def corruption_accuracy(
         seed: Seed of the corruptions (each corruption and severity draws from its own generator).
 
     Returns:
-        A :class:`CorruptionAccuracy`.
+        A ``CorruptionAccuracy``.
 
     Raises:
         ValueError: For an unknown corruption or severity, or pixels outside ``[0, 1]``.

@@ -1,6 +1,6 @@
 """A label-free attack on the representation itself, and a cheap task-level reading of it.
 
-:func:`embedding_attack` runs PGD that maximises how far the encoder's features
+``embedding_attack`` runs PGD that maximises how far the encoder's features
 move from the clean ones (the deviation ascent of the bound, run as an
 evaluation at a fixed budget). It needs no labels and no head: it measures the
 encoder for every task at once. Deviations are reported relative to the
@@ -10,7 +10,7 @@ same size is measured beside it as a floor. The deviations are lower
 estimates of the worst case (an ascent finds a point of the ball, not its
 maximum).
 
-:meth:`EmbeddingAttack.knn_changed` reads the same attack at task level: the
+``EmbeddingAttack.knn_changed`` reads the same attack at task level: the
 fraction of test samples whose k-NN prediction (k = 20, cosine similarity,
 similarity-weighted votes, on training features and labels) changes.
 """
@@ -153,7 +153,7 @@ def embedding_attack(
         seed: Seed of the random starts and of the random-perturbation floor.
 
     Returns:
-        An :class:`EmbeddingAttack`.
+        An ``EmbeddingAttack``.
 
     Raises:
         ValueError: For a bad ``epsilon``, ``norm`` or ``steps``, or inputs outside ``bounds``.

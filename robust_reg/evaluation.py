@@ -2,19 +2,19 @@
 
 The protocol of the robust-SSL literature: freeze the encoder, fit a linear
 probe on clean features, attack ``head(encoder(x))``. Attacks are small spec
-objects composed in a list: :class:`PGD` (this package's attack engine),
-:class:`AutoAttack` (Croce & Hein 2020, through torchattacks' maintained
+objects composed in a list: ``PGD`` (this package's attack engine),
+``AutoAttack`` (Croce & Hein 2020, through torchattacks' maintained
 implementation, the optional ``autoattack`` extra) and the black-box
-:class:`Square`. Each produces a per-sample record of which samples it failed
+``Square``. Each produces a per-sample record of which samples it failed
 to break.
 
-The headline number is :meth:`RobustnessEvaluation.robust_accuracy`: as in
+The headline number is ``RobustnessEvaluation.robust_accuracy``: as in
 AutoAttack's standard protocol, a sample counts as robust at an eps only if it
 is classified correctly clean *and* under every attack run at that eps (on the
 samples all of them attacked). Per-attack accuracies stay available as detail.
 
 Every evaluation runs the gradient-masking checks of
-:mod:`robust_reg.sanity_checks` and flags a failure loudly.
+``robust_reg.sanity_checks`` and flags a failure loudly.
 
 All attack accuracies are estimates: an attack finds adversarial examples, it
 does not prove none exist, so they are upper estimates of true robust accuracy.
@@ -302,7 +302,7 @@ class RobustnessEvaluation:
         return AttackAccuracy(name, epsilon, robust.float().mean().item(), m)
 
     def robust_accuracy(self, epsilon: float, attacks: Sequence[str] | None = None) -> float | None:
-        """The headline number: the fraction of samples no attack broke at ``epsilon`` (see :meth:`worst_case`)."""
+        """The headline number: the fraction of samples no attack broke at ``epsilon`` (see ``worst_case``)."""
         worst = self.worst_case(epsilon, attacks)
         return None if worst is None else worst.accuracy
 
@@ -476,18 +476,18 @@ def evaluate_robustness(
 ) -> RobustnessEvaluation:
     """Attack a classifier with a list of attacks at each eps; the per-sample worst case; sanity checks.
 
-    Each attack runs once per eps. For the checks, the first :class:`PGD` of the
+    Each attack runs once per eps. For the checks, the first ``PGD`` of the
     list (the main one; PGD-20 if the list has none) also runs at a very large
     eps, and ``PGD(check_steps)`` at the largest eps unless the list already has
-    it. All of them count towards :meth:`RobustnessEvaluation.robust_accuracy`.
+    it. All of them count towards ``RobustnessEvaluation.robust_accuracy``.
 
     Args:
-        model: Maps inputs (model space) to logits; e.g. :class:`LinearProbeClassifier`.
+        model: Maps inputs (model space) to logits; e.g. ``LinearProbeClassifier``.
         x: Test inputs in model space (normalised with ``mean``/``std`` if given).
         y: Test labels.
         epsilons: Radii to evaluate (pixel units).
         attacks: Attack specs, e.g. ``[PGD(20), AutoAttack(samples=200), Square(queries=1000)]``.
-            Default: :func:`default_attacks` (AutoAttack and Square only if torchattacks is installed).
+            Default: ``default_attacks`` (AutoAttack and Square only if torchattacks is installed).
         norm: ``"linf"`` or ``"l2"``.
         check_steps: Steps of the stronger PGD of the "more steps" check.
         large_epsilon: The eps at which accuracy must fall to about 0 (default:
@@ -502,12 +502,12 @@ def evaluate_robustness(
         progress_bar: Show progress bars.
         log: Called with one line per finished attack (accuracy, samples, seconds), e.g. ``print``.
         keep_adversarial: Keep every attack's adversarial inputs (``adversarial_inputs``), e.g. for
-            :func:`~robust_reg.estimate_bound` to reuse.
+            ``estimate_bound`` to reuse.
         **deprecated: The 0.1.0 flags ``pgd_steps``, ``autoattack``, ``autoattack_samples``, ``square``,
             ``square_queries``, ``square_samples`` (a ``DeprecationWarning``; use ``attacks``).
 
     Returns:
-        A :class:`RobustnessEvaluation`; ``print`` it for a table that flags failed checks.
+        A ``RobustnessEvaluation``; ``print`` it for a table that flags failed checks.
 
     Raises:
         ImportError: If a required AutoAttack or Square spec is given without torchattacks.

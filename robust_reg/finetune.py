@@ -4,15 +4,15 @@ The RobustSSL benchmark and the ACL / AdvCL / DynACL / DeACL papers score a
 pretrained encoder three ways:
 
 - **SLF**, standard linear fine-tuning: a linear head on the frozen encoder's
-  clean features (:func:`~robust_reg.fit_linear_probe`).
-- **ALF**, adversarial linear fine-tuning (:func:`fit_adversarial_linear_probe`):
+  clean features (``fit_linear_probe``).
+- **ALF**, adversarial linear fine-tuning (``fit_adversarial_linear_probe``):
   the same head, trained on adversarial inputs crafted in pixel space through
   the frozen encoder (its BatchNorm in eval mode).
-- **AFF**, adversarial full fine-tuning (:func:`adversarial_finetune`): TRADES
+- **AFF**, adversarial full fine-tuning (``adversarial_finetune``): TRADES
   (Zhang et al. 2019, beta 6 as in the papers) on encoder and head together,
   starting from the pretrained weights.
 
-Each takes a :class:`FinetuneSchedule`. The ``*_PAPER`` schedules are the
+Each takes a ``FinetuneSchedule``. The ``*_PAPER`` schedules are the
 DynACL authors' finetuning settings (Luo, Wang and Wang, ICLR 2023: SGD with
 momentum 0.9 and weight decay 2e-4, 25 epochs, PGD-10 with step 2/255 at
 8/255); the ``*_CPU`` ones are shorter, for a small encoder on a CPU. Neither
@@ -147,7 +147,7 @@ def fit_adversarial_linear_probe(
         num_classes: Number of classes.
         epsilon: Radius of the training attack (pixel units).
         norm: ``"linf"`` or ``"l2"``.
-        schedule: Epochs, SGD settings and PGD steps (default :data:`ALF_CPU`; the papers': :data:`ALF_PAPER`).
+        schedule: Epochs, SGD settings and PGD steps (default ``ALF_CPU``; the papers': ``ALF_PAPER``).
         mean: Normalisation mean already applied to the inputs.
         std: Normalisation std already applied to the inputs.
         bounds: Valid pixel range.
@@ -247,7 +247,7 @@ def adversarial_finetune(
         epsilon: Radius of the training attack (pixel units).
         norm: ``"linf"`` or ``"l2"``.
         beta: TRADES' weight of the robustness term (6 in the papers).
-        schedule: Epochs, SGD settings and PGD steps (default :data:`AFF_CPU`; the papers': :data:`AFF_PAPER`).
+        schedule: Epochs, SGD settings and PGD steps (default ``AFF_CPU``; the papers': ``AFF_PAPER``).
         mean: Normalisation mean already applied to the inputs.
         std: Normalisation std already applied to the inputs.
         bounds: Valid pixel range.
@@ -257,7 +257,7 @@ def adversarial_finetune(
             full fine-tuning (LP-FT, as DynACL++'s LP-AFT).
 
     Returns:
-        A :class:`~robust_reg.evaluation.LinearProbeClassifier` (the fine-tuned copy and its head) in eval mode.
+        A ``LinearProbeClassifier`` (the fine-tuned copy and its head) in eval mode.
 
     Raises:
         ValueError: For a bad ``num_classes``, ``epsilon``, ``norm`` or ``beta``, or labels out of range.

@@ -57,7 +57,7 @@ METHOD_SETTINGS.update({name: MethodSettings(1.0, *what, measured=False) for nam
 def method_settings(method: str | type | nn.Module) -> MethodSettings | None:
     """The settings of ``method`` (a name such as ``"byol"``, or a class or instance named after one).
 
-    Returns ``None`` for a method not in :data:`METHOD_SETTINGS`.
+    Returns ``None`` for a method not in ``METHOD_SETTINGS``.
 
     Examples:
         >>> method_settings("BYOL").weight

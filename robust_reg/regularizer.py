@@ -42,7 +42,7 @@ _BATCH_NORM_MODES = ("batch", "running")
 
 
 class RegularizerOutput(NamedTuple):
-    """What :class:`RobustnessRegularizer` returns with ``return_adversarial=True``.
+    """What ``RobustnessRegularizer`` returns with ``return_adversarial=True``.
 
     Attributes:
         loss: The regulariser value, a scalar carrying gradients to the encoder.
@@ -71,7 +71,7 @@ class RegularizerOutput(NamedTuple):
 class RegularizerStats:
     """Detached statistics of the last call, for logging (no extra compute).
 
-    The names are those of :class:`~robust_reg.BoundReport`: ``mean_deviation`` is
+    The names are those of ``BoundReport``: ``mean_deviation`` is
     ``R_eps``, ``variance`` is ``sigma ** 2``; the value with ``relative=True`` is
     ``mean_squared_deviation / variance``.
 
@@ -92,7 +92,7 @@ class RegularizerStats:
 
     @property
     def relative_deviation(self) -> Tensor:
-        """``mean_deviation / sigma``, as :attr:`BoundReport.relative_deviation <robust_reg.BoundReport>`."""
+        """``mean_deviation / sigma``, as ``BoundReport.relative_deviation <robust_reg.BoundReport>``."""
         return self.mean_deviation / self.variance.sqrt()
 
     deviation = renamed("mean_squared_deviation")
@@ -166,13 +166,13 @@ class _Anchor(NamedTuple):
 
 
 class RobustnessRegularizer(nn.Module):
-    r"""Penalise the worst-case change of an encoder's features inside an eps-ball.
+    """Penalise the worst-case change of an encoder's features inside an eps-ball.
 
-    For a batch :math:`x_1..x_n` with clean features :math:`h_i = f(x_i)`:
+    For a batch ``x_1..x_n`` with clean features ``h_i = f(x_i)``, their mean ``h̄`` and
+    ``sg`` the stop-gradient::
 
-    .. math::
-        r = \frac{\tfrac1n \sum_i \|f(x_i + \delta_i) - h_i\|^2}{\tfrac1n \sum_i \|h_i - \bar h\|^2},
-        \qquad \delta_i \approx \arg\max_{\delta \in B} \|f(x_i + \delta) - \mathrm{sg}(h_i)\|^2
+        r = mean_i ||f(x_i + δ_i) - h_i||² / mean_i ||h_i - h̄||²,
+        δ_i ≈ argmax_{δ in B} ||f(x_i + δ) - sg(h_i)||²
 
     The argmax is ``steps`` iterations of projected gradient ascent, so ``r`` is
     an *estimate* (a lower estimate of the worst case). Gradients flow through
@@ -195,8 +195,7 @@ class RobustnessRegularizer(nn.Module):
       eval mode instead (their running statistics, the network a downstream head
       sees); the clean anchor is then computed the same way, so ``features``
       from a train-mode pass are recomputed (one extra forward, said once by a
-      warning). Measured side by side in ``benchmarks/compare.py`` (README,
-      "Results"): the default stays.
+      warning). Measured side by side (docs: Results): the default stays.
     - No parameter ``.grad`` is written by the ascent; every submodule's mode and
       every ``requires_grad`` flag is restored bit for bit, also when the
       encoder raises.
@@ -211,10 +210,8 @@ class RobustnessRegularizer(nn.Module):
         random_start: Start the ascent from a uniform draw in the ball. ``False``
             starts it at ``x``; when ``features`` is not given, the clean pass is
             then the ascent's first forward (one forward fewer per call). Not with
-            ``ascent="deviation"``, whose gradient is zero at ``x``. Measured for
-            SimCLR with ``detach_anchor`` (~0.82x the training time, 3 seeds,
-            ``benchmarks/results/compare-mnist5k-cheap-anchor/``): level under
-            PGD-20 but about 2 points lower under AutoAttack, so the recommended
+            ``ascent="deviation"``, whose gradient is zero at ``x``. Cheaper, and
+            measured weaker under AutoAttack (docs: Results), so the recommended
             configuration keeps the random start.
         relative: Divide by the batch spread of the clean features (recommended).
             ``False`` returns the raw mean squared deviation. A batch whose clean
@@ -230,7 +227,7 @@ class RobustnessRegularizer(nn.Module):
             ascent searching away from the other view's embedding (``positive=``
             required at each call). ``"backbone"``: the paper's form, the
             backbone's raw features with the deviation ascent, the quantity
-            ``R_eps`` that :func:`~robust_reg.estimate_bound` measures (no
+            ``R_eps`` that ``estimate_bound`` measures (no
             ``positive``); measured far weaker as a training signal.
         normalize_features: L2-normalise each sample's flattened features before
             measuring deviation and spread, the way a cosine-based SSL loss
@@ -254,11 +251,9 @@ class RobustnessRegularizer(nn.Module):
             features only, pulling them toward the anchor, and the spread is a
             constant. The value is unchanged. When nothing else uses the clean pass
             (the adversarial embedding replaces the clean one in the SSL loss), its
-            backward is skipped. Measured (``benchmarks/results/screen-mnist5k/``,
-            2 seeds): SimCLR 9 % less training time at the same robust accuracy;
-            BYOL collapses (87 % clean, 57 % / 8 % PGD-20; with ``ascent="positive"``
-            89 % clean, 55 % robust; at weight 0.05, 92 % / 70 %), because the clean
-            prediction of the perturbed view then gets no gradient at all. Off by default.
+            backward is skipped. Cheaper for SimCLR at the same measured robustness;
+            it collapses BYOL, whose clean prediction of the perturbed view then
+            gets no gradient at all (docs: Results). Off by default.
 
         ascent: What the inner ascent maximises (``None``: from ``form``).
             ``"positive"``: the squared distance to ``positive=`` (the other
@@ -272,7 +267,7 @@ class RobustnessRegularizer(nn.Module):
     Shape:
         - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
         - features: ``(N, ...)``, the encoder's output on ``x``; flattened per sample.
-        - Output: a :class:`RegularizerOutput` whose ``loss`` is a scalar (the scalar alone with
+        - Output: a ``RegularizerOutput`` whose ``loss`` is a scalar (the scalar alone with
           ``return_adversarial=False``).
 
     Raises:
@@ -297,7 +292,7 @@ class RobustnessRegularizer(nn.Module):
             was given).
         TypeError: For integer inputs or features, a non-callable encoder, a
             ``start`` or ``geometry`` that is not a floating-point tensor, a
-            ``memory`` that is not a :class:`~robust_reg.PerturbationMemory` or
+            ``memory`` that is not a ``PerturbationMemory`` or
             an ``index`` that is not an integer tensor.
 
     Examples:
@@ -318,7 +313,7 @@ class RobustnessRegularizer(nn.Module):
         >>> float(reg.last_stats.value) >= 0
         True
 
-        The paper's form on the backbone (what :func:`~robust_reg.estimate_bound` measures)::
+        The paper's form on the backbone (what ``estimate_bound`` measures)::
 
         >>> paper = RobustnessRegularizer(epsilon=0.1, form="backbone")
         >>> h = backbone(x0)
@@ -449,7 +444,7 @@ class RobustnessRegularizer(nn.Module):
                 ``DistributedDataParallel`` wrapper.
             x: The (augmented) batch, in the space the encoder takes.
             features: ``encoder(x)`` if already computed (reused, not recomputed).
-            return_adversarial: Return a :class:`RegularizerOutput` with the
+            return_adversarial: Return a ``RegularizerOutput`` with the
                 deviation-maximising inputs and their features (already computed,
                 so free); ``False`` returns the value alone.
             positive: With ``ascent="positive"`` (required there, refused
@@ -463,7 +458,7 @@ class RobustnessRegularizer(nn.Module):
                 kept per sample by the training loop: ``out.adversarial_inputs - x``,
                 or with ``mean``/``std`` the difference of both mapped back by
                 ``reg.threat.to_pixels``.
-            memory: A :class:`~robust_reg.PerturbationMemory`: the warm start kept
+            memory: A ``PerturbationMemory``: the warm start kept
                 for you. The ascent starts at ``x + memory[index]`` (samples not
                 stored yet start as configured) and the perturbation it ends at, in pixel
                 units, is written back once the call has succeeded. Not with
@@ -471,13 +466,13 @@ class RobustnessRegularizer(nn.Module):
             index: With ``memory`` (required there, refused otherwise): each
                 sample's index in the training set, a 1-D integer tensor.
             geometry: With ``memory`` (optional): each view's crop of its image,
-                ``(N, 2, 3)`` matrices from :func:`~robust_reg.crop_geometry`. The
+                ``(N, 2, 3)`` matrices from ``crop_geometry``. The
                 memory then keeps each perturbation in image coordinates and moves
                 it with the crop (what the measured +2 form does); give it with
                 every call on that memory or with none.
 
         Returns:
-            A :class:`RegularizerOutput`: ``out.loss`` goes into the loss,
+            A ``RegularizerOutput``: ``out.loss`` goes into the loss,
             ``out.adversarial_features`` into the SSL loss as the view's embedding.
             With ``return_adversarial=False``, the value (scalar) alone.
         """

@@ -13,7 +13,7 @@ Evaluating Adversarial Robustness") and AutoAttack's own pre-flight checks
 - the outputs look like logits, not probabilities (softmax before the loss flattens gradients);
 - the input gradients are not zero.
 
-Each returns a :class:`SanityCheck`. A check that cannot run (its attack was
+Each returns a ``SanityCheck``. A check that cannot run (its attack was
 not run) says why, with ``ran=False``, instead of vanishing.
 """
 
@@ -156,7 +156,7 @@ def standard_checks(
     large_epsilon_max_accuracy: float,
     blackbox: Sequence[str],
 ) -> list[SanityCheck]:
-    """The record-based checks :func:`~robust_reg.evaluation.evaluate_robustness` runs."""
+    """The record-based checks ``evaluate_robustness`` runs."""
     checks = [
         accuracy_vanishes_at_large_epsilon(ev, main, large_epsilon, large_epsilon_max_accuracy),
         accuracy_falls_with_epsilon(ev, main),

@@ -4,10 +4,10 @@ Reference: H. Zheng, Z. Zhang, J. Gu, H. Lee, A. Prakash, "Efficient Adversarial
 Training with Transferable Adversarial Examples" (ATTA), CVPR 2020. Adversarial
 perturbations found for a sample stay adversarial for it one epoch later, so an
 ascent that starts where the last one ended needs fewer steps for the same
-strength. :class:`PerturbationMemory` keeps one perturbation per training
-sample; :class:`~robust_reg.RobustnessRegularizer` reads and updates it when
+strength. ``PerturbationMemory`` keeps one perturbation per training
+sample; ``RobustnessRegularizer`` reads and updates it when
 called with ``memory=`` and ``index=``. With random crops, pass each view's crop
-too (``geometry=``, built by :func:`crop_geometry`): the memory then keeps the
+too (``geometry=``, built by ``crop_geometry``): the memory then keeps the
 perturbation in image coordinates and moves it with the crop, as ATTA does.
 """
 
@@ -24,10 +24,10 @@ __all__ = ["PerturbationMemory", "crop_geometry", "ramped_epsilon"]
 
 
 def crop_geometry(boxes: Tensor, image_size: tuple[int, int] | Tensor, flipped: Tensor | None = None) -> Tensor:
-    """Each view's crop as the ``(N, 2, 3)`` matrices :class:`PerturbationMemory` takes as ``geometry=``.
+    """Each view's crop as the ``(N, 2, 3)`` matrices ``PerturbationMemory`` takes as ``geometry=``.
 
     A matrix maps the view's normalised coordinates to its image's, as
-    :func:`torch.nn.functional.affine_grid` reads it (``align_corners=False``):
+    ``torch.nn.functional.affine_grid`` reads it (``align_corners=False``):
     ``grid_sample(image, affine_grid(theta, view_shape))`` is the crop resized to
     the view (bilinear). Give the crops as torchvision's
     ``RandomResizedCrop.get_params`` returns them, ``(top, left, height, width)``
@@ -128,7 +128,7 @@ def _to_image(delta: Tensor, geometry: Tensor, previous: Tensor) -> Tensor:
 class PerturbationMemory:
     """One perturbation per training sample, in pixel units, where its last ascent ended.
 
-    Pass it to :class:`~robust_reg.RobustnessRegularizer` with each batch's
+    Pass it to ``RobustnessRegularizer`` with each batch's
     sample indices (``reg(..., memory=memory, index=index)``): the ascent starts
     at ``x + memory[index]`` (projected onto the ball) instead of a random draw,
     and the perturbation it ends at is stored back. Samples not stored yet start
@@ -137,12 +137,10 @@ class PerturbationMemory:
 
     Where it is kept: without ``geometry``, as the view saw it, so the next
     epoch's crop of the same image gets it as it is. With ``geometry=`` (each
-    view's crop, :func:`crop_geometry`) in image coordinates: it is read through
+    view's crop, ``crop_geometry``) in image coordinates: it is read through
     the new view's crop and written back where the view covered the image (the
-    rest of the image keeps what it held). On MNIST (SimCLR, 3 seeds, the
-    README's Results) the moved form was 0.8 PGD-20 and 0.8-1.5 AutoAttack
-    points ahead of the unmoved one at equal epochs, and 3.8 / 5.8 ahead of
-    PGD-5 adversarial contrastive training at equal time. A memory keeps one
+    rest of the image keeps what it held). The moved form is the stronger one
+    measured (docs: Results). A memory keeps one
     frame: pass ``geometry`` with every call or with none.
 
     The memory is allocated at the first write, with the shape of one sample of
@@ -154,7 +152,7 @@ class PerturbationMemory:
     process keeps the samples it saw; a sample that another process drew last
     epoch starts from this process's older entry (still projected onto the ball).
     It is not part of any ``state_dict`` of the model: in a plain loop save
-    :meth:`state_dict` yourself to resume warm; the adapters' ``warm_start``
+    ``state_dict`` yourself to resume warm; the adapters' ``warm_start``
     puts it in Lightning checkpoints (beside the ``state_dict``) and restores
     it on resume.
 
@@ -265,7 +263,7 @@ class PerturbationMemory:
     @staticmethod
     def check_geometry(geometry: object, x: Tensor) -> None:
         """Raise naming ``geometry`` unless it holds one finite, non-empty crop of the image batch ``x`` per sample
-        (see :meth:`check`, which also checks the indices)."""
+        (see ``check``, which also checks the indices)."""
         if not isinstance(geometry, Tensor) or not geometry.is_floating_point():
             got = geometry.dtype if isinstance(geometry, Tensor) else type(geometry).__name__
             raise TypeError(f"geometry must be a floating-point (N, 2, 3) tensor (crop_geometry), got {got}")
@@ -304,7 +302,7 @@ class PerturbationMemory:
         through each view's crop. Samples with nothing stored get zeros, or ``fill``'s rows (a tensor like
         ``like``, or a callable making one, called only if some sample has nothing stored).
 
-        Validates ``index`` and ``geometry`` (see :meth:`check`). A :meth:`write` with the same ``index``
+        Validates ``index`` and ``geometry`` (see ``check``). A ``write`` with the same ``index``
         and ``geometry`` objects right after reuses this read's checks and rows (the warm start's
         read-ascend-write round costs one gather and one check).
         """
@@ -400,7 +398,7 @@ class PerturbationMemory:
         return {"num_samples": self.num_samples, "data": self._data, "stored": self._stored, "frame": self._frame}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (moved to ``device`` and ``dtype`` if set).
+        """Restore ``state_dict``'s output (moved to ``device`` and ``dtype`` if set).
 
         Raises:
             ValueError: If ``state`` is not such a dict, or was saved with another ``num_samples``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,15 @@ def test_wheel_installs_integrations_as_a_subpackage_only(wheel_files):
 def test_wheel_ships_no_tests_examples_or_benchmarks(wheel_files):
     tops = {name.split("/")[0] for name in wheel_files}
     assert tops <= {"robust_reg", *{n.split("/")[0] for n in wheel_files if ".dist-info" in n.split("/")[0]}}
+
+
+def test_wheel_ships_the_py_typed_marker(wheel_files):
+    assert "robust_reg/py.typed" in wheel_files
+
+
+def test_the_wheels_version_is_the_packages_single_version(wheel_files):
+    import robust_reg
+
+    assert f"robust_reg-{robust_reg.__version__}.dist-info/METADATA" in wheel_files
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert not re.search(r'^version = "', pyproject, re.M), "one version: robust_reg.__version__"

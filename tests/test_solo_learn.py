@@ -287,3 +287,12 @@ def test_a_warm_started_methods_checkpoint_carries_its_memory(tmp_path):
     restored = robustify(SimCLR(cfg), cfg=cfg)
     restored.on_load_checkpoint(torch.load(tmp_path / "warm.ckpt", weights_only=False))  # what a resumed fit calls
     assert restored.training_step.memory.is_stored(torch.arange(32)).tolist() == [True] * 16 + [False] * 16
+
+
+def test_the_solo_learn_page_runs_as_written(tmp_path):
+    from solo.methods import METHODS
+    from test_docs import run_page
+
+    namespace = run_page("guides/solo-learn.md", {"METHODS": METHODS, "cfg": small_cfg("simclr")})
+    assert is_robustified(namespace["model"])
+    trainer(tmp_path).fit(namespace["model"], loader())

@@ -26,7 +26,7 @@ class BatchAugment(nn.Module):
         gray_p: Probability of converting to grayscale (RGB only).
         strength: Scales the jitter, its probability, grayscale's probability and how small a crop may be
             (smallest area ``1 - (1 - scale[0]) * strength``), as DynACL's annealed augmentation; flips stay.
-            See :func:`robust_reg.augmentation.augmentation_strength` and :meth:`with_strength`.
+            See ``robust_reg.augmentation.augmentation_strength`` and ``with_strength``.
     """
 
     def __init__(

@@ -108,14 +108,14 @@ def load_dataset(
         download: Allow torchvision to download CIFAR-10 (never needed for the others).
         seed: Seed of the train/test split (``mnist5k``, ``digits``) or of the data (``fake``).
         fake_size: Number of samples of ``fake`` (train and test together).
-        path: The ``.npz`` file of ``npz`` and ``cifar10-subset`` (see :func:`load_npz`).
+        path: The ``.npz`` file of ``npz`` and ``cifar10-subset`` (see ``load_npz``).
 
     Returns:
-        An :class:`ImageData`.
+        An ``ImageData``.
 
     Raises:
         ValueError: For an unknown name, or ``npz``/``cifar10-subset`` without ``path``
-            or with a file :func:`load_npz` refuses.
+            or with a file ``load_npz`` refuses.
     """
     if name in ("npz", "cifar10-subset"):
         if path is None:

@@ -37,7 +37,7 @@ def resnet18_cifar(in_channels: int = 3) -> nn.Sequential:
 
 
 def wide_conv_encoder(in_channels: int = 3) -> nn.Sequential:
-    """:func:`conv_encoder` at twice the width (64): about 4x its multiply-adds, output ``(N, 256, 1, 1)``."""
+    """``conv_encoder`` at twice the width (64): about 4x its multiply-adds, output ``(N, 256, 1, 1)``."""
     return conv_encoder(in_channels, width=64)
 
 

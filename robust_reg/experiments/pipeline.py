@@ -51,11 +51,11 @@ class EvalConfig:
         curve_samples: Test samples of the robustness curve (``None``: all).
         probe_weight_decay: L2 penalty of the linear probe (the same for every method).
         label_sets: Downstream tasks on the same test images, each with its own probe
-            (see :func:`label_sets`); the first is the dataset's own labels and gets
+            (see ``label_sets``); the first is the dataset's own labels and gets
             the full evaluation, the others clean and PGD accuracy.
         protocols: Fine-tuning modes scored with the full attack list on the first label set:
             ``slf`` (the linear probe, always run), ``alf`` (adversarially trained head on the
-            frozen encoder), ``aff`` (TRADES on encoder and head); see :mod:`robust_reg.finetune`.
+            frozen encoder), ``aff`` (TRADES on encoder and head); see ``robust_reg.finetune``.
         finetune_schedule: ``cpu`` (short, the default) or ``paper`` (the DynACL authors' 25 epochs).
         finetune_epochs: Override the schedule's epochs (its learning-rate milestones scale with them).
         corruptions: Score each mode on CIFAR-10-C-style corruptions of the test images.
@@ -128,7 +128,7 @@ class EvalConfig:
 
     @classmethod
     def for_data(cls, data: ImageData, **overrides: Any) -> EvalConfig:
-        """:meth:`for_dataset` of a loaded dataset: its name's protocol, else its kind's (an ``npz`` file)."""
+        """``for_dataset`` of a loaded dataset: its name's protocol, else its kind's (an ``npz`` file)."""
         return cls.for_dataset(data.name if data.name in DATASET_KINDS else data.kind, **overrides)
 
 
@@ -139,13 +139,13 @@ class EncoderEvaluation:
     Attributes:
         robustness: Clean, PGD, AutoAttack and Square accuracy with the sanity checks.
         curve: Bound reports over ``curve_epsilons`` (PGD accuracy, adversarial loss, bound).
-        main_epsilon: The largest of the reported eps; :attr:`bound` is taken there.
+        main_epsilon: The largest of the reported eps; ``bound`` is taken there.
         head: The fitted linear probe.
         tasks: Per label set, the robustness of its own probe (the first is ``robustness``).
         protocols: Per fine-tuning mode (``slf`` is ``robustness``), the first label set's evaluation.
         protocol_seconds: Per mode, the seconds its fine-tuning took (``slf``: the probe fit).
         corruptions: Per mode, the accuracy on corrupted test images.
-        embedding: The label-free embedding attack at :attr:`main_epsilon`.
+        embedding: The label-free embedding attack at ``main_epsilon``.
         knn_changed: The fraction of test samples whose k-NN prediction the embedding attack changed.
     """
 
@@ -210,7 +210,7 @@ class EncoderEvaluation:
 
     @property
     def bound(self) -> BoundReport:
-        """The bound report at :attr:`main_epsilon`."""
+        """The bound report at ``main_epsilon``."""
         return min(self.curve.reports, key=lambda r: abs(r.epsilon - self.main_epsilon))
 
     def to_dict(self) -> dict:
@@ -505,7 +505,7 @@ def _bound_curve(
 def save_checkpoint(
     path: str | Path, encoder: nn.Module, *, arch: str, dataset: str, config: dict | None = None
 ) -> Path:
-    """Save an encoder so that :func:`load_checkpoint` (``weights_only=True``) can rebuild it."""
+    """Save an encoder so that ``load_checkpoint`` (``weights_only=True``) can rebuild it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     in_channels = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -530,7 +530,7 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict]:
     """Rebuild an encoder from a checkpoint, loaded with ``weights_only=True``.
 
-    Accepts a file written by :func:`save_checkpoint` or a bare ``state_dict``
+    Accepts a file written by ``save_checkpoint`` or a bare ``state_dict``
     (then ``arch`` and ``in_channels`` must be given).
 
     Returns:
@@ -574,7 +574,7 @@ def load_checkpoint(
 
 
 def _check_layout(path: Path, state: dict, encoder: nn.Module, arch: str, in_channels: int) -> None:
-    """Raise :class:`CheckpointError` naming the first keys or shapes that do not fit ``arch``."""
+    """Raise ``CheckpointError`` naming the first keys or shapes that do not fit ``arch``."""
     expected = encoder.state_dict()
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]

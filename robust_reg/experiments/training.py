@@ -3,7 +3,7 @@
 The loop is a plain PyTorch loop, written the way a lightly user writes one, and its robust
 step is the package's public API and nothing else: ``RobustnessRegularizer(epsilon)`` (the
 recommended form) on the embedding the SSL loss compares, whose adversarial embedding replaces
-view 0's in the loss, with the method's weight from :func:`robust_reg.method_settings`. So the
+view 0's in the loss, with the method's weight from ``robust_reg.method_settings``. So the
 demo measures what users get. The screening harness (every variant that was measured, ACL
 baselines) lives in ``benchmarks/harness.py`` and reuses this loop with its own step.
 """
@@ -150,7 +150,7 @@ class TrainConfig:
         batch_size: Images per step (two views each).
         lr: AdamW learning rate (cosine schedule).
         weight_decay: AdamW weight decay.
-        weight: Weight of the regulariser (``None``: the method's, :func:`robust_reg.method_settings`).
+        weight: Weight of the regulariser (``None``: the method's, ``robust_reg.method_settings``).
         epsilon: Radius of the threat ball (pixel units).
         norm: ``linf`` or ``l2``.
         steps: Ascent steps of the regulariser.
@@ -244,8 +244,8 @@ def pretrain(
     """Pretrain an encoder on ``data.x_train`` (labels unused).
 
     ``config`` gives ``method``, ``arch``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
-    ``seed`` and ``amp`` (a :class:`TrainConfig`, or the benchmarks' richer config); ``step``
-    computes each batch's loss (default: :func:`recommended_step` of a :class:`TrainConfig`);
+    ``seed`` and ``amp`` (a ``TrainConfig``, or the benchmarks' richer config); ``step``
+    computes each batch's loss (default: ``recommended_step`` of a ``TrainConfig``);
     ``prepare`` may change the model's layers before the optimizer takes its parameters.
     """
     torch.manual_seed(config.seed)
