@@ -19,7 +19,7 @@ replaces the clean one in the loss (the adversarial view, at no extra forward).
 ``encoder="backbone"`` regularises the backbone features instead (the quantity
 of the bound).
 
-A plain PyTorch loop needs no adapter::
+A plain PyTorch loop needs no adapter:
 
     reg = RobustnessRegularizer(epsilon=8 / 255)
     z0, z1 = model(x0), model(x1)

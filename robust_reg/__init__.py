@@ -1,6 +1,6 @@
 """robust-reg: task-agnostic adversarial robustness for self-supervised representations.
 
-Add one loss term to any SSL training loop (``model`` outputs what the SSL loss compares)::
+Add one loss term to any SSL training loop (``model`` outputs what the SSL loss compares):
 
     reg = RobustnessRegularizer(epsilon=8 / 255)          # the recommended form, nothing else to set
     z0, z1 = model(x0), model(x1)

@@ -308,7 +308,13 @@ def evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _say(
         f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): PGD-{config.pgd_steps} on {n_test} test "
-        f"samples, AutoAttack and Square on the first {expensive}, curve and bound on the first "
+        f"samples, "
+        + (
+            "no AutoAttack or Square (--no-autoattack)"
+            if args.no_autoattack
+            else f"AutoAttack and Square on the first {expensive}"
+        )
+        + ", curve and bound on the first "
         f"{config.curve_samples}{' (--full)' if args.full else ''}"
     )
     evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)

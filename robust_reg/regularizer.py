@@ -169,7 +169,7 @@ class RobustnessRegularizer(nn.Module):
     """Penalise the worst-case change of an encoder's features inside an eps-ball.
 
     For a batch ``x_1..x_n`` with clean features ``h_i = f(x_i)``, their mean ``h̄`` and
-    ``sg`` the stop-gradient::
+    ``sg`` the stop-gradient:
 
         r = mean_i ||f(x_i + δ_i) - h_i||² / mean_i ||h_i - h̄||²,
         δ_i ≈ argmax_{δ in B} ||f(x_i + δ) - sg(h_i)||²
@@ -297,7 +297,7 @@ class RobustnessRegularizer(nn.Module):
 
     Examples:
         The recommended form (the default): regularise what the SSL loss compares,
-        and feed the loss the adversarial embedding::
+        and feed the loss the adversarial embedding:
 
         >>> import torch
         >>> from torch import nn
@@ -313,7 +313,7 @@ class RobustnessRegularizer(nn.Module):
         >>> float(reg.last_stats.value) >= 0
         True
 
-        The paper's form on the backbone (what ``estimate_bound`` measures)::
+        The paper's form on the backbone (what ``estimate_bound`` measures):
 
         >>> paper = RobustnessRegularizer(epsilon=0.1, form="backbone")
         >>> h = backbone(x0)

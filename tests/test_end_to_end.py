@@ -156,7 +156,9 @@ def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
         ("digits", ["--robust-weight", "0"], False, 1.0),  # plain SSL
     ],
 )
-def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_path, dataset, extra, variant, weight):
+def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(
+    tmp_path, capsys, dataset, extra, variant, weight
+):
     spec = importlib.util.spec_from_file_location("pretrain_example", ROOT / "examples" / "pretrain.py")
     pretrain_example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain_example)
@@ -166,9 +168,12 @@ def test_pretrain_example_writes_a_checkpoint_the_evaluate_example_reads(tmp_pat
     assert record["dataset"] == dataset and record["config"]["robust"] == variant
     assert record["config"]["weight"] == weight
     args = ["evaluate", str(checkpoint), "--no-autoattack", "--pgd-steps", "2", "--test-samples", "64"]
+    capsys.readouterr()
     code = cli([*args, "--no-progress", "--out", str(tmp_path)])
     evaluation = json.loads((tmp_path / "encoder_evaluation.json").read_text())
     assert code == (0 if evaluation["robustness"]["passed"] else 3)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "no AutoAttack or Square (--no-autoattack)" in header  # the header promises only what runs
 
 
 def test_demo_evaluates_three_label_sets_each_with_its_own_probe(demo_dir):
