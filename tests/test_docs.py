@@ -199,3 +199,22 @@ def test_the_lightly_page_runs_as_written(tmp_path):
 
     assert is_robustified(namespace["model"])
     assert namespace["trainer"].global_step == 2
+
+
+def test_the_fine_tuning_modes_page_runs_as_written():
+    namespace = _labelled(n=32)
+    x, y = torch.rand(64, 3, 32, 32), torch.arange(64) % 10
+    namespace.update(encoder=namespace.pop("backbone"), train_loader=[(x[:32], y[:32])], x_test=x[32:], y_test=y[32:])
+    before = [p.detach().clone() for p in namespace["encoder"].parameters()]
+    run_page("protocols.md", namespace)
+    assert not _changed(before, namespace["encoder"])  # ALF and AFF leave the caller's encoder as it was
+    assert namespace["foggy"].shape == namespace["x_test"].shape
+
+
+def test_the_peers_page_runs_as_written():
+    pl = pytest.importorskip("pytorch_lightning")
+    torch.manual_seed(0)
+    namespace = {"epochs": 3, "loader": [(torch.rand(4, 3, 32, 32), None)], "pl": pl, "dataset": type("D", (), {})()}
+    namespace = run_page("peers.md", namespace)
+    assert namespace["x1"].shape == (4, 3, 32, 32)
+    assert len(namespace["trainer"].callbacks) > 0
