@@ -429,6 +429,26 @@ def protocols_markdown(rows: list[dict], eps: float) -> str:
     return "\n".join(lines)
 
 
+def _eps_label(eps: float) -> str:
+    """8/255 for the usual natural-image radii, else the number."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if eps < 0.1 and abs(steps - round(steps)) < 1e-3 else f"{eps:g}"
+
+
+def headline_markdown(rows: list[dict], budget_rows: list[dict], eps: float, pgd: str) -> str:
+    """The compact table the README shows: plain SSL at its epochs, then every row of the equal budget."""
+    plain = [row for row in rows if parse_method(row["method"])[1] == "plain"]
+    label = _eps_label(eps)
+    head = ["method", "epochs", "train time (s)", "clean (%)", f"**robust** @{label} (%)"]
+    head += ["AutoAttack (%)", f"{pgd} (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for row in plain + budget_rows:
+        cells = [row["method"], str(row["epochs"]), _fmt(row["train_seconds"], 1.0, 0), _fmt(row["clean"])]
+        cells += [_fmt(row[f"{k}@{eps:g}"]) for k in ("robust", "aa", "pgd")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _known(row: dict, key: str) -> list[float]:
     return [v for v in row.get(key, []) if v is not None]
 
@@ -529,6 +549,8 @@ def write_outputs(report: dict, out: Path) -> str:
         note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)
+        headline = headline_markdown(rows, report["budget_summary"], max(epsilons), pgd)
+        (out / "headline.md").write_text(headline + "\n")
     md.append(
         f"Command: `{report['command']}` — {report['elapsed_seconds']:.0f} s in all on {report['device']}, "
         f"torch {report['torch']}."
