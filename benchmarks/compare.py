@@ -436,13 +436,15 @@ def _eps_label(eps: float) -> str:
 
 
 def headline_markdown(rows: list[dict], budget_rows: list[dict], eps: float, pgd: str) -> str:
-    """The compact table the README shows: plain SSL at its epochs, then every row of the equal budget."""
-    plain = [row for row in rows if parse_method(row["method"])[1] == "plain"]
+    """The compact table the README shows: plain SSL and the robust-reg rows at their epochs (whose training
+    time sets the budget), then every peer retrained for the equal budget."""
+    own = [row for row in rows if parse_method(row["method"])[1] in ("plain", "robust")]
+    peers = [row for row in budget_rows if parse_method(row["method"])[1] not in ("plain", "robust")]
     label = _eps_label(eps)
     head = ["method", "epochs", "train time (s)", "clean (%)", f"**robust** @{label} (%)"]
     head += ["AutoAttack (%)", f"{pgd} (%)"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for row in plain + budget_rows:
+    for row in own + peers:
         cells = [row["method"], str(row["epochs"]), _fmt(row["train_seconds"], 1.0, 0), _fmt(row["clean"])]
         cells += [_fmt(row[f"{k}@{eps:g}"]) for k in ("robust", "aa", "pgd")]
         lines.append("| " + " | ".join(cells) + " |")

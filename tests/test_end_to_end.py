@@ -645,15 +645,18 @@ def test_dynacl_plus_plus_is_dynacl_with_its_post_processing():
     assert compare.split_methods("simclr-acl,byol-acl[eps=0.1]") == ["simclr-acl-lite", "byol-acl-lite[eps=0.1]"]
 
 
-def test_the_headline_table_shows_plain_ssl_and_every_equal_budget_row(tmp_path):
+def test_the_headline_table_shows_our_rows_and_every_peer_at_the_equal_budget(tmp_path):
     compare = load_compare()
     report = compare.main(["--quick", "--no-progress", "--methods", "simclr", "--seeds", "0", "--out", str(tmp_path)])
     (run,) = report["runs"]
     rival = {**copy.deepcopy(run), "method": "simclr-dynacl", "epochs": 12}
     reference = {**copy.deepcopy(run), "method": "simclr+robust-reg"}
-    rows = compare.summarise([run, reference], [4 / 255, 8 / 255], "PGD-20")
+    candidate = {**copy.deepcopy(run), "method": "simclr+robust-reg[anneal_augment=true]"}
+    same = {**copy.deepcopy(run), "method": "simclr-dynacl"}
+    rows = compare.summarise([run, reference, candidate, same], [4 / 255, 8 / 255], "PGD-20")
     budget = compare.summarise([reference, rival], [4 / 255, 8 / 255], "PGD-20")
     table = compare.headline_markdown(rows, budget, 8 / 255, "PGD-20").splitlines()
     assert "**robust** @8/255 (%)" in table[0]
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| simclr", "| simclr+robust-reg", "| simclr-dynacl"]
-    assert table[4].split(" | ")[1] == "12"
+    names = [line.split(" | ")[0][2:] for line in table[2:]]
+    assert names == ["simclr", "simclr+robust-reg", "simclr+robust-reg[anneal_augment=true]", "simclr-dynacl"]
+    assert table[-1].split(" | ")[1] == "12"  # the peer at its equal-budget epochs, not its 30-epoch run
