@@ -306,16 +306,14 @@ def evaluate(args: argparse.Namespace) -> int:
     config.finetune_epochs = args.finetune_epochs
     config.corruptions, config.embedding_attack = not args.no_corruptions, not args.no_embedding_attack
     out.mkdir(parents=True, exist_ok=True)
+    attacks = (
+        "no AutoAttack or Square (--no-autoattack)"
+        if args.no_autoattack
+        else f"AutoAttack and Square on the first {expensive}"
+    )
     _say(
         f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): PGD-{config.pgd_steps} on {n_test} test "
-        f"samples, "
-        + (
-            "no AutoAttack or Square (--no-autoattack)"
-            if args.no_autoattack
-            else f"AutoAttack and Square on the first {expensive}"
-        )
-        + ", curve and bound on the first "
-        f"{config.curve_samples}{' (--full)' if args.full else ''}"
+        f"samples, {attacks}, curve and bound on the first {config.curve_samples}{' (--full)' if args.full else ''}"
     )
     evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)
     _say(str(evaluation.robustness))
