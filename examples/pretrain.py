@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in channels-last memory format")
     p.add_argument("--out", default=None, help="checkpoint path (default runs/<dataset>_<method>_<plain|robust>.pt)")
     args = p.parse_args(argv)
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         seed=args.seed,
         amp=device.type == "cuda" and not args.no_amp,
+        channels_last=args.channels_last,
     )
     variant = "robust" if robust else "plain"
     print(f"pretraining {config.method}/{variant} on {args.dataset} ({data.x_train.shape[0]} images) on {device}")

@@ -166,3 +166,22 @@ def test_autoattack_runs_fab_on_channels_last_inputs_and_agrees_with_contiguous(
     for attack in ("clean", "PGD-5", "AutoAttack", "Square"):
         assert torch.equal(plain.correct(attack, 1 / 255), fast.correct(attack, 1 / 255)), attack
     assert fast.robust_accuracy(1 / 255) > 0
+
+
+def test_pretraining_in_channels_last_gives_the_contiguous_losses():
+    from dataclasses import replace
+
+    from robust_reg.experiments.data import load_dataset
+    from robust_reg.experiments.training import TrainConfig, pretrain
+
+    data = load_dataset("fake", fake_size=40)  # 32 training images: one step per epoch
+    config = TrainConfig(method="simclr", epochs=2, batch_size=32, epsilon=0.1, seed=0)
+    plain = pretrain(data, config, progress_bar=False)
+    fast = pretrain(data, replace(config, channels_last=True), progress_bar=False)
+    # The first conv of a grayscale input is ambiguous (one channel): look at one with several.
+    conv = next(m for m in fast.encoder.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=CL) and not conv.weight.is_contiguous()
+    # The first step's loss (before any update) to float tolerance, the second's (after one update)
+    # a little looser: Adam's first step and PGD's sign steps turn rounding into whole steps.
+    assert fast.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-5)
+    assert fast.history[1]["loss"] == pytest.approx(plain.history[1]["loss"], rel=1e-3)
