@@ -249,8 +249,7 @@ def pretrain(
 
     ``config`` gives ``method``, ``arch``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
     ``seed``, ``amp`` and optionally ``channels_last`` (a ``TrainConfig``, or the benchmarks'
-    richer config); ``step``
-    computes each batch's loss (default: ``recommended_step`` of a ``TrainConfig``);
+    richer config); ``step`` computes each batch's loss (default: ``recommended_step`` of a ``TrainConfig``);
     ``prepare`` may change the model's layers before the optimizer takes its parameters.
     """
     torch.manual_seed(config.seed)
@@ -279,8 +278,8 @@ def pretrain(
         sums = [0.0, 0.0, 0]
         # Labels are unused: the batches carry each image's index (for a warm start's memory).
         for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
             with autocast:
-                x = x.to(device, non_blocking=True, memory_format=memory_format)
                 loss, reg_value = step(model, x, index.to(device), epoch, augment)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
