@@ -29,9 +29,9 @@ log "1. step cost (plain / robust-reg / ACL) on $MODELS"
 python benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" ${QUICK:+--repeats 2 --warmup 1} \
     --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
 
-log "2. ResNet-18 on the subset, $EPOCHS epochs, bf16 + channels-last"
 ARCH=resnet18
 [ -n "$QUICK" ] && ARCH=cnn
+log "2. $ARCH on the subset, $EPOCHS epochs, bf16 + channels-last"
 for weight in 0 1; do
     python examples/pretrain.py --dataset cifar10-subset --data-path "$DATA" --arch "$ARCH" \
         --epochs "$EPOCHS" --batch-size 256 --lr 2e-3 --epsilon 0.0313725 --robust-weight "$weight" \
