@@ -168,20 +168,33 @@ def test_autoattack_runs_fab_on_channels_last_inputs_and_agrees_with_contiguous(
     assert fast.robust_accuracy(1 / 255) > 0
 
 
-def test_pretraining_in_channels_last_gives_the_contiguous_losses():
+def test_pretraining_in_channels_last_gives_the_contiguous_loss_and_gradients():
     from dataclasses import replace
 
     from robust_reg.experiments.data import load_dataset
-    from robust_reg.experiments.training import TrainConfig, pretrain
+    from robust_reg.experiments.training import TrainConfig, pretrain, recommended_step
 
     data = load_dataset("fake", fake_size=40)  # 32 training images: one step per epoch
     config = TrainConfig(method="simclr", epochs=2, batch_size=32, epsilon=0.1, seed=0)
-    plain = pretrain(data, config, progress_bar=False)
-    fast = pretrain(data, replace(config, channels_last=True), progress_bar=False)
+
+    def first_gradients(config):
+        inner, grads = recommended_step(config), {}
+
+        def step(model, x, index, epoch, augment):
+            if epoch == 1 and not grads:  # the first step's gradients, not yet zeroed by the second
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            return inner(model, x, index, epoch, augment)
+
+        return pretrain(data, config, progress_bar=False, step=step), grads
+
+    plain, plain_grads = first_gradients(config)
+    fast, fast_grads = first_gradients(replace(config, channels_last=True))
     # The first conv of a grayscale input is ambiguous (one channel): look at one with several.
     conv = next(m for m in fast.encoder.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=CL) and not conv.weight.is_contiguous()
-    # The first step's loss (before any update) to float tolerance, the second's (after one update)
-    # a little looser: Adam's first step and PGD's sign steps turn rounding into whole steps.
     assert fast.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-5)
-    assert fast.history[1]["loss"] == pytest.approx(plain.history[1]["loss"], rel=1e-3)
+    # Later losses are not compared: Adam's first step (about lr * sign(grad)) and PGD's sign steps turn
+    # rounding differences into whole steps, by an amount that depends on the CPU's kernels.
+    assert plain_grads and plain_grads.keys() == fast_grads.keys()
+    for name, grad in plain_grads.items():
+        assert (fast_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
