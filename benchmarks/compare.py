@@ -149,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="METHOD",
         help="a candidate row (e.g. 'simclr+robust-reg[steps=2]') whose training time also sets an equal budget "
-        "for its SSL method's ACL rows, as the recommended configuration's does (repeatable)",
+        "for its SSL method's ACL rows, as the recommended configuration's does (repeatable; with both in one "
+        "run, each ACL row is retrained for each budget and the tables name whose budget a row had)",
     )
     p.add_argument(
         "--light-eval",
@@ -266,12 +267,25 @@ def budgets(names: list[str], extra: list[str]) -> dict[str, tuple[str, ...]]:
         method, variant, _ = parse_method(name)
         if variant != "robust":
             raise ValueError(f"--budget-reference {name!r} is not a robust-reg row")
-        rivals = BUDGETS[f"{method}+robust-reg"]
-        # Budget runs are named by their row: one reference per rival and run.
-        if any(rival in names and rival in taken for taken in found.values() for rival in rivals):
-            raise ValueError(f"--budget-reference {name!r}: its ACL rows already have another reference's budget")
-        found.setdefault(name, rivals)
+        # Each budget run records its reference, so a rival may be retrained for several references.
+        found.setdefault(name, BUDGETS[f"{method}+robust-reg"])
     return found
+
+
+def _rivals(reference: str) -> tuple[str, ...]:
+    return BUDGETS.get(reference) or BUDGETS.get(f"{parse_method(reference)[0]}+robust-reg", ())
+
+
+def label_budget_runs(report: dict) -> dict:
+    """Give every budget run its ``budget_reference``; files written before it existed had one reference per
+    rival, read from their ``budget_seconds``."""
+    references = list(report.get("budget_seconds", {}))
+    for run in report.get("budget_runs", []):
+        if "budget_reference" in run:
+            continue
+        owners = [ref for ref in references if run["method"] == ref or run["method"] in _rivals(ref)]
+        run["budget_reference"] = owners[0] if len(owners) == 1 else None
+    return report
 
 
 def split_methods(text: str) -> list[str]:
@@ -351,10 +365,12 @@ def _relative_deviation(run: dict) -> float:
 
 def summarise(runs: list[dict], epsilons: list[float], pgd: str) -> list[dict]:
     rows = []
-    for name in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == name]
+    for name, reference in dict.fromkeys((r["method"], r.get("budget_reference")) for r in runs):
+        rs = [r for r in runs if r["method"] == name and r.get("budget_reference") == reference]
+        shared = len({r.get("budget_reference") for r in runs if r["method"] == name}) > 1
         row = {
             "method": name,
+            "label": f"{name} (budget of {reference})" if shared and reference != name else name,
             "seeds": len(rs),
             "epochs": "–".join(str(e) for e in sorted({min(r["epochs"] for r in rs), max(r["epochs"] for r in rs)})),
             "clean": [r["robustness"]["clean_accuracy"] for r in rs],
@@ -408,7 +424,7 @@ def protocols_markdown(rows: list[dict], eps: float) -> str:
     lines = ["### Fine-tuning modes, corruptions and the label-free embedding attack", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["method"]]
+        cells = [row.get("label", row["method"])]
         for m in modes:
             cells += [_fmt(_known(row, f"{m}:{k}")) for k in ("clean", "robust", "corruptions")]
         cells += [_fmt(_known(row, f"{m}:seconds"), 1.0, 0) for m in modes if m != "slf"]
@@ -445,7 +461,8 @@ def headline_markdown(rows: list[dict], budget_rows: list[dict], eps: float, pgd
     head += ["AutoAttack (%)", f"{pgd} (%)"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for row in own + peers:
-        cells = [row["method"], str(row["epochs"]), _fmt(row["train_seconds"], 1.0, 0), _fmt(row["clean"])]
+        cells = [row.get("label", row["method"]), str(row["epochs"]), _fmt(row["train_seconds"], 1.0, 0)]
+        cells += [_fmt(row["clean"])]
         cells += [_fmt(row[f"{k}@{eps:g}"]) for k in ("robust", "aa", "pgd")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -470,7 +487,8 @@ def markdown(
     # Merged runs may hold more seeds for some rows than for others: say so where it happens.
     mixed = len({row["seeds"] for row in rows}) > 1
     for row in rows:
-        name = f"{row['method']} ({row['seeds']} seed{'s' * (row['seeds'] != 1)})" if mixed else row["method"]
+        name = row.get("label", row["method"])
+        name = f"{name} ({row['seeds']} seed{'s' * (row['seeds'] != 1)})" if mixed else name
         cells = [name, str(row["epochs"]), _fmt(row["clean"])]
         cells += [_fmt(row[f"robust@{eps:g}"]) for eps in epsilons]
         for eps in epsilons:
@@ -601,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render:
         out = Path(args.out) if args.out else Path(args.render[0]).parent
         out.mkdir(parents=True, exist_ok=True)
-        report = merge_reports([json.loads(Path(p).read_text()) for p in args.render])
+        report = merge_reports([label_budget_runs(json.loads(Path(p).read_text())) for p in args.render])
         print(write_outputs(report, out))
         (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
         return report
@@ -657,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     previous_seconds = 0.0
     if args.resume:
-        done = json.loads(Path(args.resume).read_text())
+        done = label_budget_runs(json.loads(Path(args.resume).read_text()))
         report.update(runs=done["runs"], budget_runs=done.get("budget_runs", []))
         report["command"] = done["command"] + " (resumed: " + report["command"] + ")"
         previous_seconds = done.get("elapsed_seconds", 0.0)
@@ -665,8 +683,11 @@ def main(argv: list[str] | None = None) -> dict:
     encoders = out / "encoders" if args.save_encoders else None
     started = time.perf_counter() - previous_seconds
 
-    def finished(key: str, name: str, seed: int) -> bool:
-        return any(r["method"] == name and r["seed"] == seed for r in report[key])
+    def finished(key: str, name: str, seed: int, reference: str | None = None) -> bool:
+        return any(
+            r["method"] == name and r["seed"] == seed and (key == "runs" or r.get("budget_reference") == reference)
+            for r in report[key]
+        )
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
@@ -700,16 +721,16 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds = ref["train_seconds"]
                 report["budget_seconds"].setdefault(reference, {})[str(seed)] = seconds
                 for name in [reference, *(n for n in references[reference] if n in names)]:
-                    if finished("budget_runs", name, seed):
+                    if finished("budget_runs", name, seed, reference):
                         continue
                     same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
                     if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
-                        report["budget_runs"].append({**same, "reused": True})
+                        report["budget_runs"].append({**same, "reused": True, "budget_reference": reference})
                         continue
                     budget_epochs = epochs_in_budget(same, seconds, epochs)
                     print(f"[compare] budget {seconds:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
                     run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
-                    report["budget_runs"].append(run)
+                    report["budget_runs"].append({**run, "budget_reference": reference})
                     save()
         budget_note = _budget_note(report["budget_seconds"], epochs, args.budget_full_eval)
 

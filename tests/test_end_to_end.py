@@ -534,13 +534,63 @@ def test_a_budget_reference_gives_its_methods_acl_rows_its_training_time_as_thei
     [
         (["simclr-acl-lite"], "simclr+robust-reg[steps=2]"),  # not a row of the run
         (["simclr+reg", "simclr-acl-lite"], "simclr+reg"),  # not a robust-reg row
-        (["simclr+robust-reg", "simclr+robust-reg[steps=2]", "simclr-acl-lite"], "simclr+robust-reg[steps=2]"),
     ],
 )
 def test_a_budget_reference_that_cannot_set_a_budget_is_refused_by_name(names, reference):
     compare = load_compare()
     with pytest.raises(ValueError, match="--budget-reference"):
         compare.budgets(names, [reference])
+
+
+def test_a_budget_reference_beside_the_recommended_configuration_gives_the_acl_rows_both_budgets():
+    compare = load_compare()
+    candidate = "simclr+robust-reg[warm_start=true,steps=2]"
+    names = ["simclr+robust-reg", candidate, "simclr-acl-lite"]
+    rivals = compare.BUDGETS["simclr+robust-reg"]
+    assert compare.budgets(names, [candidate]) == {"simclr+robust-reg": rivals, candidate: rivals}
+
+
+def _budget_run(run: dict, method: str, reference: str | None, epochs: int) -> dict:
+    record = {**copy.deepcopy(run), "method": method, "epochs": epochs}
+    if reference is not None:
+        record["budget_reference"] = reference
+    return record
+
+
+def test_a_rival_retrained_for_two_references_is_one_row_per_reference_named_by_its_budget(tmp_path):
+    compare = load_compare()
+    report = compare.main(["--quick", "--no-progress", "--methods", "simclr", "--seeds", "0", "--out", str(tmp_path)])
+    (run,) = report["runs"]
+    candidate = "simclr+robust-reg[anneal_augment=true]"
+    runs = [
+        _budget_run(run, "simclr+robust-reg", "simclr+robust-reg", 30),
+        _budget_run(run, "simclr-dynacl", "simclr+robust-reg", 12),
+        _budget_run(run, candidate, candidate, 30),
+        _budget_run(run, "simclr-dynacl", candidate, 13),
+    ]
+    rows = compare.summarise(runs, [8 / 255], "PGD-20")
+    assert [(row["label"], row["epochs"]) for row in rows] == [
+        ("simclr+robust-reg", "30"),
+        ("simclr-dynacl (budget of simclr+robust-reg)", "12"),
+        (candidate, "30"),
+        (f"simclr-dynacl (budget of {candidate})", "13"),
+    ]
+
+
+def test_budget_runs_of_files_from_before_references_were_recorded_take_theirs_from_the_budget_times():
+    compare = load_compare()
+    candidate = "simclr+robust-reg[warm_start=true,steps=2]"
+    report = {
+        "budget_seconds": {candidate: {"0": 100.0}, "byol+robust-reg": {"0": 200.0}},
+        "budget_runs": [
+            {"method": candidate},
+            {"method": "simclr-acl-lite"},
+            {"method": "byol-acl-lite"},
+            {"method": "simclr-dynacl", "budget_reference": "simclr+robust-reg"},  # recorded: kept
+        ],
+    }
+    runs = compare.label_budget_runs(report)["budget_runs"]
+    assert [r["budget_reference"] for r in runs] == [candidate, candidate, "byol+robust-reg", "simclr+robust-reg"]
 
 
 def pretrained_on_random_npz(tmp_path, name: str, n_train: int, n_test: int):
