@@ -288,6 +288,38 @@ def label_budget_runs(report: dict) -> dict:
     return report
 
 
+def run_budgets(report: dict, references: dict, names: list[str], seeds: list[int], epochs: int, train, save) -> None:
+    """Add to ``report["budget_runs"]`` each reference's rivals at the reference's training time, per seed.
+
+    ``train(name, seed, epochs, seconds)`` trains and scores a run; ``save()`` is called after each. A run already
+    there for that reference (a resumed file) is kept; a rival already within 5 % of the budget, or already
+    trained for the same epochs under another reference of the seed (the same run again), is reused.
+    """
+    report["budget_seconds"] = {}
+    for reference in references:
+        for seed in seeds:
+            # The reference time of the same seed: its runs share the process and thread settings.
+            ref = [r for r in report["runs"] if r["method"] == reference and r["seed"] == seed][0]
+            seconds = ref["train_seconds"]
+            report["budget_seconds"].setdefault(reference, {})[str(seed)] = seconds
+            for name in [reference, *(n for n in references[reference] if n in names)]:
+                ours = [r for r in report["budget_runs"] if r["method"] == name and r["seed"] == seed]
+                if any(r.get("budget_reference") == reference for r in ours):
+                    continue
+                same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
+                budget_epochs = epochs_in_budget(same, seconds, epochs)
+                twins = [r for r in ours if r["epochs"] == budget_epochs and not r.get("reused")]
+                if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
+                    report["budget_runs"].append({**same, "reused": True, "budget_reference": reference})
+                elif twins:
+                    report["budget_runs"].append({**twins[0], "reused": True, "budget_reference": reference})
+                else:
+                    report["budget_runs"].append(
+                        {**train(name, seed, budget_epochs, seconds), "budget_reference": reference}
+                    )
+                    save()
+
+
 def split_methods(text: str) -> list[str]:
     """Split ``--methods`` at the commas outside brackets."""
     names = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip()]
@@ -531,7 +563,7 @@ def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval
         f"{epochs} epochs on the same seed ({times}), its epoch time "
         f"taken from its own {epochs}-epoch run of that seed (same process, same threads); the references' own "
         f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
-        "budget. "
+        "budget or trained for the same epochs under another reference. "
         + (
             f"Scored with the full evaluation of the table above (AutoAttack too): {', '.join(full_eval)}; the "
             "others with PGD only."
@@ -683,11 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
     encoders = out / "encoders" if args.save_encoders else None
     started = time.perf_counter() - previous_seconds
 
-    def finished(key: str, name: str, seed: int, reference: str | None = None) -> bool:
-        return any(
-            r["method"] == name and r["seed"] == seed and (key == "runs" or r.get("budget_reference") == reference)
-            for r in report[key]
-        )
+    def finished(key: str, name: str, seed: int) -> bool:
+        return any(r["method"] == name and r["seed"] == seed for r in report[key])
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
@@ -713,25 +742,12 @@ def main(argv: list[str] | None = None) -> dict:
     references = {} if args.no_budget or args.quick else references
     if references:
         budget_eval = budget_evaluation(args, data, eval_config)
-        report["budget_seconds"] = {}
-        for reference in references:
-            for seed in seeds:
-                # The reference time of the same seed: its runs share the process and thread settings.
-                ref = [r for r in report["runs"] if r["method"] == reference and r["seed"] == seed][0]
-                seconds = ref["train_seconds"]
-                report["budget_seconds"].setdefault(reference, {})[str(seed)] = seconds
-                for name in [reference, *(n for n in references[reference] if n in names)]:
-                    if finished("budget_runs", name, seed, reference):
-                        continue
-                    same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
-                    if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
-                        report["budget_runs"].append({**same, "reused": True, "budget_reference": reference})
-                        continue
-                    budget_epochs = epochs_in_budget(same, seconds, epochs)
-                    print(f"[compare] budget {seconds:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
-                    run = run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
-                    report["budget_runs"].append({**run, "budget_reference": reference})
-                    save()
+
+        def train(name: str, seed: int, budget_epochs: int, seconds: float) -> dict:
+            print(f"[compare] budget {seconds:.0f} s, seed {seed}: {name}, {budget_epochs} epochs", flush=True)
+            return run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
+
+        run_budgets(report, references, names, seeds, epochs, train, save)
         budget_note = _budget_note(report["budget_seconds"], epochs, args.budget_full_eval)
 
     report["elapsed_seconds"] = time.perf_counter() - started

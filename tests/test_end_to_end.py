@@ -593,6 +593,69 @@ def test_budget_runs_of_files_from_before_references_were_recorded_take_theirs_f
     assert [r["budget_reference"] for r in runs] == [candidate, candidate, "byol+robust-reg", "simclr+robust-reg"]
 
 
+def _budget_report(times: dict[str, float]) -> dict:
+    """A report with one 30-epoch run per row on seed 0, each trained for ``times[row]`` seconds."""
+    runs = [{"method": name, "seed": 0, "epochs": 30, "train_seconds": s} for name, s in times.items()]
+    return {"runs": runs, "budget_runs": []}
+
+
+def _fake_training(trained: list):
+    def train(name, seed, epochs, seconds):
+        trained.append((name, epochs))
+        return {"method": name, "seed": seed, "epochs": epochs, "train_seconds": seconds}
+
+    return train
+
+
+def test_each_reference_gets_its_own_budget_run_of_a_shared_rival():
+    compare = load_compare()
+    candidate = "simclr+robust-reg[steps=2]"
+    report = _budget_report({"simclr+robust-reg": 300.0, candidate: 200.0, "simclr-dynacl": 900.0})
+    references = {"simclr+robust-reg": ("simclr-dynacl",), candidate: ("simclr-dynacl",)}
+    trained = []
+    compare.run_budgets(
+        report, references, list(references) + ["simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
+    )
+    assert trained == [("simclr-dynacl", 10), ("simclr-dynacl", 7)]
+    rivals = [(r["budget_reference"], r["epochs"]) for r in report["budget_runs"] if r["method"] == "simclr-dynacl"]
+    assert rivals == [("simclr+robust-reg", 10), (candidate, 7)]
+
+
+def test_a_rival_already_trained_for_the_same_epochs_under_another_reference_is_not_trained_again():
+    compare = load_compare()
+    candidate = "simclr+robust-reg[anneal_augment=true]"
+    report = _budget_report({"simclr+robust-reg": 300.0, candidate: 302.0, "simclr-dynacl": 900.0})
+    references = {"simclr+robust-reg": ("simclr-dynacl",), candidate: ("simclr-dynacl",)}
+    trained = []
+    compare.run_budgets(
+        report, references, list(references) + ["simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
+    )
+    assert trained == [("simclr-dynacl", 10)]
+    (twin,) = [
+        r for r in report["budget_runs"] if r.get("budget_reference") == candidate and r["method"] == "simclr-dynacl"
+    ]
+    assert twin["epochs"] == 10 and twin["reused"]
+
+
+def test_a_resumed_budget_run_of_the_same_reference_is_kept():
+    compare = load_compare()
+    report = _budget_report({"simclr+robust-reg": 300.0, "simclr-dynacl": 900.0})
+    done = {
+        "method": "simclr-dynacl",
+        "seed": 0,
+        "epochs": 10,
+        "train_seconds": 301.0,
+        "budget_reference": "simclr+robust-reg",
+    }
+    report["budget_runs"].append(done)
+    trained = []
+    references = {"simclr+robust-reg": ("simclr-dynacl",)}
+    compare.run_budgets(
+        report, references, ["simclr+robust-reg", "simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
+    )
+    assert trained == [] and report["budget_runs"].count(done) == 1
+
+
 def pretrained_on_random_npz(tmp_path, name: str, n_train: int, n_test: int):
     """An .npz of random RGB images with 3 classes, and a 1-epoch checkpoint trained on it by the example."""
     import numpy as np
