@@ -607,29 +607,27 @@ def _fake_training(trained: list):
     return train
 
 
-def test_each_reference_gets_its_own_budget_run_of_a_shared_rival():
-    compare = load_compare()
-    candidate = "simclr+robust-reg[steps=2]"
-    report = _budget_report({"simclr+robust-reg": 300.0, candidate: 200.0, "simclr-dynacl": 900.0})
+def _two_budgets(candidate: str, candidate_seconds: float) -> tuple[dict, list]:
+    """The default (300 s) and ``candidate`` each setting a budget for DynACL (900 s for 30 epochs), on seed 0."""
+    report = _budget_report({"simclr+robust-reg": 300.0, candidate: candidate_seconds, "simclr-dynacl": 900.0})
     references = {"simclr+robust-reg": ("simclr-dynacl",), candidate: ("simclr-dynacl",)}
     trained = []
-    compare.run_budgets(
-        report, references, list(references) + ["simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
-    )
+    names = [*references, "simclr-dynacl"]
+    load_compare().run_budgets(report, references, names, [0], 30, _fake_training(trained), lambda: None)
+    return report, trained
+
+
+def test_each_reference_gets_its_own_budget_run_of_a_shared_rival():
+    candidate = "simclr+robust-reg[steps=2]"
+    report, trained = _two_budgets(candidate, 200.0)
     assert trained == [("simclr-dynacl", 10), ("simclr-dynacl", 7)]
     rivals = [(r["budget_reference"], r["epochs"]) for r in report["budget_runs"] if r["method"] == "simclr-dynacl"]
     assert rivals == [("simclr+robust-reg", 10), (candidate, 7)]
 
 
 def test_a_rival_already_trained_for_the_same_epochs_under_another_reference_is_not_trained_again():
-    compare = load_compare()
     candidate = "simclr+robust-reg[anneal_augment=true]"
-    report = _budget_report({"simclr+robust-reg": 300.0, candidate: 302.0, "simclr-dynacl": 900.0})
-    references = {"simclr+robust-reg": ("simclr-dynacl",), candidate: ("simclr-dynacl",)}
-    trained = []
-    compare.run_budgets(
-        report, references, list(references) + ["simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
-    )
+    report, trained = _two_budgets(candidate, 302.0)
     assert trained == [("simclr-dynacl", 10)]
     (twin,) = [
         r for r in report["budget_runs"] if r.get("budget_reference") == candidate and r["method"] == "simclr-dynacl"
