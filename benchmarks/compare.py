@@ -715,8 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
     encoders = out / "encoders" if args.save_encoders else None
     started = time.perf_counter() - previous_seconds
 
-    def finished(key: str, name: str, seed: int) -> bool:
-        return any(r["method"] == name and r["seed"] == seed for r in report[key])
+    def finished(name: str, seed: int) -> bool:
+        return any(r["method"] == name and r["seed"] == seed for r in report["runs"])
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for seed in seeds:
         for name in names:
-            if finished("runs", name, seed):
+            if finished(name, seed):
                 continue
             print(f"[compare] seed {seed}: {name}", flush=True)
             run = run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, encoders)
