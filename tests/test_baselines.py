@@ -17,6 +17,7 @@ from harness import (  # noqa: E402
     dynacl_weight,
     keep_adversarial_batch_norm,
     pretrain,
+    pseudo_label_purity,
 )
 
 from robust_reg import ThreatModel  # noqa: E402
@@ -147,3 +148,24 @@ def test_lp_aft_post_processing_is_timed_into_the_training_time_and_changes_the_
     stage = result.history[-1]
     assert stage["stage"] == "lp-aft" and 0 < stage["seconds"] <= result.seconds
     assert result.encoder is not result.model.backbone  # the fine-tuned copy is what gets evaluated
+
+
+def test_lp_aft_records_how_well_its_pseudo_labels_agree_with_the_classes(monkeypatch):
+    import harness
+
+    from robust_reg.finetune import FinetuneSchedule
+
+    monkeypatch.setattr(harness, "LP_AFT", FinetuneSchedule(epochs=1, lr=0.01, steps=1, batch_size=16))
+    result = pretrain(tiny_data(), PretrainConfig(variant="plain", epochs=1, batch_size=16, lp_aft=True))
+    assert 0.0 < result.history[-1]["pseudo_label_purity"] <= 1.0
+
+
+def test_pseudo_label_purity_is_one_when_the_clusters_are_the_classes_under_other_names():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert pseudo_label_purity(torch.tensor([2, 2, 0, 0, 1, 1]), labels) == 1.0
+
+
+def test_pseudo_label_purity_counts_each_clusters_most_common_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    # cluster 0 holds classes 0, 0, 1 (2 agree); cluster 1 holds 1, 2, 2 (2 agree)
+    assert pseudo_label_purity(torch.tensor([0, 0, 0, 1, 1, 1]), labels) == pytest.approx(4 / 6)
