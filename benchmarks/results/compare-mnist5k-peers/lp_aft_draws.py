@@ -52,10 +52,10 @@ def main() -> None:
         tuned[f"torch.manual_seed({1000 + j})"] = lp_aft(copy.deepcopy(encoder), data, config, device)
     evaluation = light_eval(data, EvalConfig.for_data(data))
     rows = []
-    for name, model in [("DynACL (no LP-AFT)", (encoder, None)), *tuned.items()]:
-        result = evaluate_encoder(model[0], data, evaluation, seed=args.seed).to_dict()["robustness"]
+    for name, (model, pseudo) in [("DynACL (no LP-AFT)", (encoder, None)), *tuned.items()]:
+        result = evaluate_encoder(model, data, evaluation, seed=args.seed).to_dict()["robustness"]
         robust = {r["epsilon"]: r["accuracy"] for r in result["robust_accuracy"]}
-        purity = None if model[1] is None else pseudo_label_purity(model[1], data.y_train)
+        purity = None if pseudo is None else pseudo_label_purity(pseudo, data.y_train)
         rows.append({"run": name, "clean": result["clean_accuracy"], "robust": robust, "purity": purity})
         print(json.dumps(rows[-1]), flush=True)
 
