@@ -175,7 +175,10 @@ def test_pretraining_in_channels_last_gives_the_contiguous_loss_and_gradients():
     from robust_reg.experiments.training import TrainConfig, pretrain, recommended_step
 
     data = load_dataset("fake", fake_size=40)  # 32 training images: one step per epoch
-    config = TrainConfig(method="simclr", epochs=2, batch_size=32, epsilon=0.1, seed=0)
+    # steps=0: the ascent is the random start alone (the same draw in either layout, tested above). With sign
+    # steps in the loop a rounding difference flips a step's sign on a few pixels, and the gradients then differ
+    # by an amount that depends on the thread count and the CPU's kernels (3.6e-3 relative on one thread).
+    config = TrainConfig(method="simclr", epochs=2, batch_size=32, epsilon=0.1, seed=0, steps=0)
 
     def first_gradients(config):
         inner, grads = recommended_step(config), {}
@@ -193,8 +196,11 @@ def test_pretraining_in_channels_last_gives_the_contiguous_loss_and_gradients():
     conv = next(m for m in fast.encoder.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=CL) and not conv.weight.is_contiguous()
     assert fast.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-5)
-    # Later losses are not compared: Adam's first step (about lr * sign(grad)) and PGD's sign steps turn
-    # rounding differences into whole steps, by an amount that depends on the CPU's kernels.
+    # Later losses are not compared: Adam's first step (about lr * sign(grad)) turns rounding differences into
+    # whole steps, by an amount that depends on the CPU's kernels.
     assert plain_grads and plain_grads.keys() == fast_grads.keys()
+    # BatchNorm's backward subtracts batch means of the incoming gradient: on 32 images this cancellation lifts
+    # float32 rounding in the conv kernels (which differ between the layouts) to ~1e-3 of the gradient, 6e-3 on
+    # one thread (measured); a layout bug (channels mixed up) moves it by O(1).
     for name, grad in plain_grads.items():
-        assert (fast_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
+        assert (fast_grads[name] - grad).norm() <= 2e-2 * grad.norm(), name
