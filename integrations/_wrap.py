@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state, ramped_epsilon
+from robust_reg.attacks import _find_normalize
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -226,6 +227,7 @@ class RobustTrainingStep:
                 f"robust_reg: the views have shape {tuple(x.shape)} but robustify() assumed {assumed} "
                 f"({channels} channels in dimension 1); {fix}"
             )
+        self._check_training_transform(fix)
         low, high = torch.aminmax(x.detach()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
         if threat.normalized and float(low) >= 0 and float(high) <= 1:
             raise ValueError(
@@ -233,6 +235,33 @@ class RobustTrainingStep:
                 f"robustify() assumed {assumed}, which would make the threat ball the wrong size; {fix}"
             )
         self.assumed_normalization = None
+
+    def _check_training_transform(self, fix: str) -> None:
+        """The transform of the trainer's training data, where it can be found, against the assumed normalisation:
+        a lightly transform normalising otherwise (e.g. mean = std = 0.5) changes the ball's size in silence."""
+        trainer = getattr(self.module, "_trainer", None)  # LightningModule.trainer raises when not attached
+        try:
+            loader = getattr(trainer, "train_dataloader", None)
+        except Exception:  # noqa: BLE001 - a trainer without a loader yet: nothing to compare
+            return
+        transform = getattr(getattr(loader, "dataset", None), "transform", None)
+        found = _find_normalize(transform)
+        threat = self.threat
+        if found is None or threat.std is None or threat.mean is None:
+            return
+        (mean, std), channels = found, max(len(threat.std), len(found[1]))
+        spread = lambda v: list(v) * channels if len(v) == 1 else list(v)  # noqa: E731
+        given, assumed = spread(mean) + spread(std), spread(threat.mean) + spread(threat.std)
+        if all(abs(a - b) <= 1e-3 for a, b in zip(given, assumed)):
+            return
+        ratios = [s / t for s, t in zip(spread(std), spread(threat.std))]
+        low, high = min(ratios) * threat.epsilon, max(ratios) * threat.epsilon
+        raise ValueError(
+            f"robust_reg: the training data's transform normalises with mean={tuple(mean)}, std={tuple(std)} but "
+            f"robustify() assumed {self.assumed_normalization} (mean={threat.mean}, std={threat.std}): the ball "
+            f"would be {255 * low:.1f}-{255 * high:.1f}/255 of the pixels instead of {255 * threat.epsilon:.1f}/255; "
+            f"{fix}"
+        )
 
     def _own_forward(self, target: nn.Module, x: Tensor, other: Tensor | None, warm: dict[str, Any]) -> Tensor:
         views = self.view_description if other is None else f"{self.view_description}, {self.positive_description}"

@@ -6,11 +6,15 @@ attack (PGD-k, Madry et al. 2018, "Towards Deep Learning Models Resistant to
 Adversarial Attacks") pushes a classifier's cross-entropy up. Both are
 ``projected_gradient_ascent`` on a per-sample objective.
 
-The ball is always measured in pixel units of ``[0, 1]`` images. Data that was
-normalised with a per-channel ``mean``/``std`` before the model is handled by a
-``ThreatModel``: the ascent runs in pixel space and only the model sees
-normalised inputs, so an L2 ball stays a ball (it would be an ellipsoid in
-normalised space).
+The radius is always a fraction of the pixel range: ``8/255`` is eight grey levels
+of 8-bit images, whether the pixels are declared ``bounds=(0, 1)`` (the default)
+or ``bounds=(0, 255)``. Data that was normalised with a per-channel
+``mean``/``std`` before the model is handled by a ``ThreatModel``: the ascent
+runs in pixel space and only the model sees normalised inputs, so an L2 ball
+stays a ball (it would be an ellipsoid in normalised space). ``ThreatModel`` is
+also where the ball is checked, once for every entry point: a radius in the
+wrong unit, an L-inf radius given as L2, raw pixels declared normalised (or the
+reverse) fail with the fix.
 
 Every number the ascent produces is a *lower estimate* of the true maximum:
 gradient ascent finds a good perturbation, not provably the best one.
@@ -18,7 +22,9 @@ gradient ascent finds a good perturbation, not provably the best one.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,33 +63,31 @@ def _check_epsilon(epsilon: float, name: str = "epsilon") -> float:
     return float(epsilon)
 
 
-def check_radius(epsilon: float, norm: str, bounds: tuple[float, float], name: str = "epsilon") -> None:
+def check_radius(epsilon: float, norm: str, name: str = "epsilon") -> None:
     """Refuse an L-inf radius above half the input range: a unit mistake (``8`` meant ``8/255``).
 
-    Such a ball lets every pixel reach almost any value, so no legitimate training or evaluation
-    radius is that large (the sanity checks' "very large eps" is internal and not checked here).
+    The radius is a fraction of the input range, so no legitimate training or evaluation radius is that
+    large: such a ball lets every pixel reach almost any value (the sanity checks' "very large eps" is
+    internal and not checked here).
     """
-    lo, hi = (float(b) for b in bounds)
-    if norm == "linf" and epsilon > (hi - lo) / 2:
+    if norm == "linf" and epsilon > 0.5:
         raise ValueError(
-            f"{name}={epsilon:g} with norm='linf' lets every pixel move by more than half the input range "
-            f"{(lo, hi)}: {name} is in pixel units of [0, 1] images. Did you mean {name}={epsilon:g}/255 = "
-            f"{epsilon / 255:.4g}? (Inputs in [0, 255]: pass bounds=(0, 255).)"
+            f"{name}={epsilon:g} with norm='linf' lets every pixel move by more than half its range: {name} is a "
+            f"fraction of the input range (eight grey levels of 8-bit images are 8/255, also with "
+            f"bounds=(0, 255)). Did you mean {name}={epsilon:g}/255 = {epsilon / 255:.4g}?"
         )
 
 
-def check_radius_fits(threat: ThreatModel, x: Tensor, name: str = "epsilon") -> None:
-    """Refuse an L2 radius beyond half the diameter of ``x``'s input box (radii of 0.5-3 are usual)."""
-    if threat.norm != "l2" or x.dim() < 2:
-        return
-    lo, hi = threat.bounds
-    limit = (hi - lo) * math.sqrt(x[0].numel()) / 2
-    if threat.epsilon > limit:
-        raise ValueError(
-            f"{name}={threat.epsilon:g} with norm='l2' exceeds half the L2 diameter ({limit:.4g}) of inputs with "
-            f"{x[0].numel()} values in {threat.bounds}: the ball holds almost every image. {name} is in pixel units "
-            "of [0, 1] images (usual L2 radii: 0.5-3); did you mean a smaller radius or norm='linf'?"
-        )
+# An L2 radius moving each of d values by less than this many grey levels (root mean square) is refused when it is
+# also exactly k/255 for a small k (an L-inf radius given as L2), and warned about below the second figure.
+_L2_LINF_LOOKALIKE_GREY = 0.5
+_L2_TINY_GREY = 0.1
+
+
+def _linf_lookalike(epsilon: float) -> int | None:
+    """``k`` if ``epsilon`` is ``k/255`` for an integer ``1 <= k <= 16`` (the L-inf radii of the literature)."""
+    k = round(epsilon * 255)
+    return k if 1 <= k <= 16 and math.isclose(epsilon * 255, k, rel_tol=1e-4) else None
 
 
 def _check_norm(norm: str) -> str:
@@ -131,19 +135,30 @@ def _find_normalize(transform: object, depth: int = 0) -> tuple[tuple[float, ...
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """The set of allowed inputs ``B(x) = {x' : ||x' - x||_p <= eps, lo <= x' <= hi}``.
+    """The set of allowed inputs ``B(x) = {x' : ||x' - x||_p <= eps * (hi - lo), lo <= x' <= hi}``.
+
+    The unit rule: ``epsilon`` is a fraction of the pixel range ``bounds``, so ``8 / 255`` is eight grey
+    levels of 8-bit images both for pixels in ``[0, 1]`` (the default) and for pixels declared
+    ``bounds=(0, 255)``; ``radius`` is the same ball in the units of ``bounds``. Every public function that
+    attacks or bounds builds its ball here, and the checks live here: at construction an L-inf radius above
+    half the range (``8`` meant ``8/255``); on a batch (``check_inputs``) an L2 radius that does not fit the
+    input size (larger than the box, or an L-inf radius such as ``8/255`` given as L2), raw pixels declared
+    normalised, normalised inputs declared raw, pixels slightly outside the range (an augmentation that
+    overshoots: clamp it), and, as a warning naming the ball it measured, inputs that fill much less of the
+    range than the declared normalisation implies.
 
     Args:
-        epsilon: Radius of the ball, in pixel units of ``[0, 1]`` images.
+        epsilon: Radius of the ball, a fraction of the pixel range (``8 / 255``).
         norm: ``"linf"`` or ``"l2"``.
         bounds: ``(lo, hi)``, the valid pixel range.
         mean: Per-channel mean already subtracted from the inputs (``None``: 0).
         std: Per-channel std the inputs were divided by (``None``: 1).
 
     Raises:
-        ValueError: If ``epsilon`` is negative or not finite, ``norm`` is unknown,
-            ``bounds`` is not an increasing pair of finite numbers, or ``std``
-            has a non-positive entry.
+        ValueError: If ``epsilon`` is negative or not finite, an L-inf
+            ``epsilon`` exceeds 0.5 (a unit mistake: ``8`` meant ``8/255``),
+            ``norm`` is unknown, ``bounds`` is not an increasing pair of finite
+            numbers, or ``std`` has a non-positive entry.
 
     Examples:
         >>> import torch
@@ -162,6 +177,7 @@ class ThreatModel:
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon))
         object.__setattr__(self, "norm", _check_norm(self.norm))
+        check_radius(self.epsilon, self.norm)
         try:
             lo, hi = (float(b) for b in self.bounds)
         except (TypeError, ValueError):
@@ -283,6 +299,17 @@ class ThreatModel:
             pixels = pixels / std
         return pixels
 
+    @property
+    def radius(self) -> float:
+        """The ball's radius in the units of ``bounds``: ``epsilon * (hi - lo)``."""
+        return self.epsilon * (self.bounds[1] - self.bounds[0])
+
+    def _with_epsilon(self, epsilon: float) -> ThreatModel:
+        """The same ball with another radius, unchecked: the sanity checks' whole-range eps."""
+        other = copy.copy(self)
+        object.__setattr__(other, "epsilon", float(epsilon))
+        return other
+
     def range_tolerance(self, dtype: torch.dtype) -> float:
         """How far outside ``bounds`` a pixel may be and still count as round-off."""
         lo, hi = self.bounds
@@ -296,17 +323,137 @@ class ThreatModel:
         p = self.to_pixels(x.detach())
         return (p.min() >= lo - tol) & (p.max() <= hi + tol)
 
-    def range_error(self, x: Tensor, name: str = "x") -> ValueError:
-        """The error for inputs outside ``bounds``, naming the argument."""
-        p = self.to_pixels(x.detach())
-        where = " after undoing mean/std" if self.normalized else ""
-        return ValueError(
-            f"{name} has values in [{p.min().item():.4g}, {p.max().item():.4g}]{where}, outside bounds "
-            f"{self.bounds}; pass the mean/std the inputs were normalised with, or set bounds"
+    def check_size(self, x: Tensor, name: str = "epsilon", *, warn: bool = True) -> None:
+        """Refuse an L2 radius that does not fit inputs shaped like ``x`` (nothing to check for L-inf).
+
+        Raises ``ValueError`` for a radius beyond half the L2 diameter of the input box (the ball holds
+        almost every image) and for an L-inf radius given as L2 (``k/255`` for ``k <= 16`` moving each
+        value by under half a grey level, root mean square); warns (naming the ball) below a tenth of
+        a grey level.
+        """
+        if self.norm != "l2" or x.dim() < 2 or x[0].numel() == 0:
+            return
+        d, eps = x[0].numel(), self.epsilon
+        limit = math.sqrt(d) / 2
+        if eps > limit:
+            raise ValueError(
+                f"{name}={eps:g} with norm='l2' exceeds half the L2 diameter ({limit:.4g}) of inputs with {d} "
+                f"values: the ball holds almost every image. {name} is a fraction of the pixel range (usual L2 "
+                "radii: 0.5 for 32x32 RGB, 1.5-2 for 28x28 digits, 3 for 224x224 RGB); did you mean a smaller "
+                "radius or norm='linf'?"
+            )
+        grey = eps / math.sqrt(d) * 255  # each value's root-mean-square move, in grey levels of 8-bit images
+        k = _linf_lookalike(eps)
+        if k is not None and grey < _L2_LINF_LOOKALIKE_GREY:
+            raise ValueError(
+                f"{name}={eps:.4g} (= {k}/255) with norm='l2' on inputs of {d} values moves each value by "
+                f"{grey:.2f} grey levels (root mean square): an L-inf radius given as L2. For an L-inf threat pass "
+                "norm='linf'; usual L2 radii are 0.5 (32x32 RGB), 1.5-2 (28x28 digits), 3 (224x224 RGB)."
+            )
+        if warn and grey < _L2_TINY_GREY:
+            warnings.warn(
+                f"{name}={eps:.4g} with norm='l2' on inputs of {d} values moves each value by {grey:.3f} grey "
+                "levels (root mean square): a very small ball, which attacks may not move at all. Usual L2 radii: "
+                "0.5 (32x32 RGB), 1.5-2 (28x28 digits), 3 (224x224 RGB).",
+                stacklevel=3,
+            )
+
+    def _extremes(self, x: Tensor) -> Tensor:
+        """Per-channel ``(min, max)`` of ``x`` in model space, shape ``(2, C)`` (``C = 1`` without per-channel
+        statistics): small, so that every data-dependent check costs the caller one host synchronisation."""
+        per_channel = max(len(self.mean or ()), len(self.std or ())) > 1
+        x = x.detach()
+        dims = [d for d in range(x.dim()) if d != 1] if per_channel else list(range(x.dim()))
+        return torch.stack([x.amin(dim=dims).float().reshape(-1), x.amax(dim=dims).float().reshape(-1)])
+
+    def _channel_values(self, values: tuple[float, ...] | None, default: float, channels: int) -> list[float]:
+        if values is None:
+            return [default] * channels
+        return list(values) * channels if len(values) == 1 else list(values)
+
+    def _check_extremes(self, extremes: Sequence[Sequence[float]], dtype: torch.dtype, name: str, warn: bool) -> None:
+        """The range checks on ``_extremes``' values, read back as Python floats."""
+        lows, highs = list(extremes[0]), list(extremes[1])
+        if any(math.isnan(v) for v in lows + highs):
+            raise ValueError(f"{name} contains NaN")
+        lo, hi = self.bounds
+        tol = self.range_tolerance(dtype)
+        mean = self._channel_values(self.mean, 0.0, len(lows))
+        std = self._channel_values(self.std, 1.0, len(lows))
+        x_lo, x_hi = min(lows), max(highs)
+        self._check_raw_declared_normalised(x_lo, x_hi, mean, std, name)
+        p_lo = min(v * s + m for v, m, s in zip(lows, mean, std))
+        p_hi = max(v * s + m for v, m, s in zip(highs, mean, std))
+        if p_lo < lo - tol or p_hi > hi + tol:
+            raise self._range_error(p_lo, p_hi, name)
+        if warn and self.normalized:
+            self._warn_if_the_range_is_unfilled(lows, highs, std, name)
+
+    def _check_raw_declared_normalised(self, x_lo: float, x_hi: float, mean, std, name: str) -> None:
+        """Inputs that fill the raw pixel range although mean/std say they were normalised (a normalised batch
+        of images has values below ``lo``: every pixel darker than the channel mean)."""
+        lo, hi = self.bounds
+        span, tol = hi - lo, self.range_tolerance(torch.float32)
+        shifts = any((lo - m) / s < lo - span / 10 for m, s in zip(mean, std))
+        if not (self.normalized and shifts and x_lo >= lo - tol and x_hi <= hi + tol and x_hi - x_lo >= span / 2):
+            return
+        ball = self.epsilon / min(std)
+        raise ValueError(
+            f"{name} has values in [{x_lo:.3g}, {x_hi:.3g}], the raw pixel range {self.bounds}, but mean/std were "
+            f"given: the ball would be measured as if they were normalised, {ball:.4g} ({255 * ball:.1f}/255) of "
+            f"your pixels instead of {self.epsilon:.4g} ({255 * self.epsilon:.1f}/255). If the model normalises "
+            "inside, pass no mean/std (the adapters: normalize=None); if the inputs are normalised, they are not "
+            "normalised with this mean/std"
         )
 
-    def check_inputs(self, x: Tensor, name: str = "x") -> None:
-        """Raise if ``x`` is not a floating batch whose channels and range fit this threat model."""
+    def _range_error(self, p_lo: float, p_hi: float, name: str) -> ValueError:
+        lo, hi = self.bounds
+        where = " after undoing mean/std" if self.normalized else ""
+        found = f"{name} has values in [{p_lo:.4g}, {p_hi:.4g}]{where}, outside bounds {self.bounds}"
+        if max(lo - p_lo, p_hi - hi) <= 0.05 * (hi - lo):
+            return ValueError(
+                f"{found}, by a little: an augmentation overshoots the range (bicubic resizing, colour jitter, "
+                f"blur); clamp the views to the range before the model, e.g. x = x.clamp({lo:g}, {hi:g})"
+            )
+        if not self.normalized:
+            return ValueError(
+                f"{found}; if the inputs were normalised, pass the mean/std they were normalised with "
+                "(mean=..., std=...), or set bounds to your pixels' range"
+            )
+        return ValueError(f"{found}; the inputs were not normalised with this mean/std: pass the ones they were")
+
+    def _warn_if_the_range_is_unfilled(self, lows, highs, std, name: str) -> None:
+        """A batch filling much less of the range than the declared normalisation gives the pixels was likely
+        normalised with a larger std (lightly's mean = std = 0.5 under an ImageNet assumption): warn, naming
+        the ball it then measures in the inputs' own pixels."""
+        span = self.bounds[1] - self.bounds[0]
+        filled = max((h - low) * s / span for low, h, s in zip(lows, highs, std))
+        if filled >= 0.6 or filled <= 0:
+            return
+        ball = self.epsilon / filled
+        warnings.warn(
+            f"{name} fills at most {100 * filled:.0f} % of the pixel range that mean={self.mean}, std={self.std} "
+            f"imply: if the inputs were normalised with other statistics (e.g. mean = std = 0.5), the ball is about "
+            f"{ball:.4g} ({255 * ball:.1f}/255) of their pixels, not {self.epsilon:.4g} "
+            f"({255 * self.epsilon:.1f}/255). Pass the mean/std (or transform=) the inputs were normalised with.",
+            stacklevel=4,
+        )
+
+    def range_error(self, x: Tensor, name: str = "x") -> ValueError:
+        """The error for inputs outside ``bounds``, naming the argument."""
+        p = self.to_pixels(x.detach().float())
+        return self._range_error(p.min().item(), p.max().item(), name)
+
+    def check_inputs(self, x: Tensor, name: str = "x", *, epsilon_name: str = "epsilon", warn: bool = True) -> None:
+        """Raise if ``x`` is not a floating batch whose size, channels and range fit this threat model.
+
+        One host synchronisation. ``warn=False`` skips the warnings (a caller that already warned once).
+        """
+        self._check_batch(x, name, epsilon_name, warn)
+        self._check_extremes(self._extremes(x).tolist(), x.dtype, name, warn)
+
+    def _check_batch(self, x: Tensor, name: str, epsilon_name: str, warn: bool) -> None:
+        """The checks of ``check_inputs`` that need no data: type, shape, channels, the L2 radius's size."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -314,12 +461,21 @@ class ThreatModel:
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
         self.check_channels(x)
-        if not bool(self.in_range(x)):
-            raise self.range_error(x, name)
+        self.check_size(x, epsilon_name, warn=warn)
+
+    def _cast_like(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """``x_adv`` (computed in float32) in ``x``'s dtype and still inside the ball: a value that rounding
+        moved further from ``x`` than it was goes one representable step back toward ``x`` (bfloat16 and
+        float16 round by up to 1/256 and 1/2048 relative, more than an 8/255 ball's edge tolerates)."""
+        if x_adv.dtype == x.dtype:
+            return x_adv
+        low = x_adv.to(x.dtype)
+        outward = (low.float() - x.float()).abs() > (x_adv.float() - x.float()).abs()
+        return torch.where(outward, torch.nextafter(low, x), low)
 
     def random_start(self, pixels: Tensor) -> Tensor:
         """A perturbation drawn uniformly from the ball, clipped to the bounds."""
-        eps = self.epsilon
+        eps = self.radius
         # Drawn in the logical (contiguous) order, not ``*_like``'s memory order: a channels-last batch gets
         # the same perturbation as its contiguous copy under the same seed.
         like = dict(dtype=pixels.dtype, device=pixels.device)
@@ -339,7 +495,7 @@ class ThreatModel:
         Clipping after the ball projection keeps the result inside the ball for
         both norms (clipping only moves coordinates towards ``pixels``).
         """
-        eps = self.epsilon
+        eps = self.radius
         if self.norm == "linf":
             delta = delta.clamp(-eps, eps)
         else:
@@ -382,7 +538,8 @@ def projected_gradient_ascent(
         x: Clean inputs, shape ``(N, ...)``, in model space.
         threat: The allowed perturbations.
         steps: Number of ascent steps; 0 returns the (random) start.
-        step_size: Step length in pixel units (default ``2.5 * epsilon / steps``).
+        step_size: Step length in the units of ``epsilon``, a fraction of the
+            pixel range (default ``2.5 * epsilon / steps``).
         random_start: Start from a uniform draw in the ball instead of ``x``.
         keep_best: Return, per sample, the iterate with the highest objective
             instead of the last one (costs one more forward).
@@ -393,6 +550,8 @@ def projected_gradient_ascent(
 
     Returns:
         The perturbed inputs in model space, detached, same shape and dtype as ``x``.
+        Half-precision inputs are perturbed in float32 and cast back inside the
+        ball (a value that rounding pushes out steps back toward ``x``).
 
     Raises:
         ValueError: If ``steps`` is negative, ``step_size`` is not positive,
@@ -412,14 +571,23 @@ def projected_gradient_ascent(
     step_size = _check_step_size(step_size)
     x = x.detach()
     _check_start(start, x)
-    pixels = threat.to_pixels(x).clamp(*threat.bounds)
+    pixels = _working_pixels(threat, x)
     if start is not None:
         delta = threat.project(pixels, start.detach().to(device=pixels.device, dtype=pixels.dtype))
     else:
         delta = threat.random_start(pixels) if random_start else torch.zeros_like(pixels)
     if steps == 0 or threat.epsilon == 0:
-        return threat.to_model(pixels + delta).detach()
-    return _ascend(objective, pixels, delta, threat, steps, _step_length(threat, steps, step_size), keep_best=keep_best)
+        return threat._cast_like(threat.to_model(pixels + delta), x).detach()
+    alpha = _step_length(threat, steps, step_size)
+    return _ascend(objective, pixels, delta, threat, steps, alpha, like=x, keep_best=keep_best)
+
+
+def _working_pixels(threat: ThreatModel, x: Tensor) -> Tensor:
+    """``x`` in pixel space, clamped to the bounds, in float32 if ``x`` is half precision (the ball's edge
+    needs more precision than bfloat16's 8 bits)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return threat.to_pixels(x).clamp(*threat.bounds)
 
 
 def _check_start(start: object, x: Tensor) -> None:
@@ -434,8 +602,9 @@ def _check_start(start: object, x: Tensor) -> None:
 
 
 def _step_length(threat: ThreatModel, steps: int, step_size: float | None) -> float:
-    """The ascent step in pixel units: ``step_size``, else ``2.5 * epsilon / steps``."""
-    return step_size if step_size is not None else 2.5 * threat.epsilon / steps
+    """The ascent step in the units of ``bounds``: ``step_size``, else ``2.5 * epsilon / steps``, times the range."""
+    span = threat.bounds[1] - threat.bounds[0]
+    return span * (step_size if step_size is not None else 2.5 * threat.epsilon / steps)
 
 
 def _ascend(
@@ -446,25 +615,31 @@ def _ascend(
     steps: int,
     alpha: float,
     *,
+    like: Tensor,
     keep_best: bool = False,
 ) -> Tensor:
-    """``steps`` projected ascent steps of length ``alpha`` from ``pixels + delta`` (pixel space);
-    returns the end point in model space, detached. The loop of ``projected_gradient_ascent``."""
+    """``steps`` projected ascent steps of length ``alpha`` from ``pixels + delta`` (pixel space); returns the
+    end point in model space, in ``like``'s dtype and inside the ball, detached. The objective sees inputs in
+    ``like``'s dtype. The loop of ``projected_gradient_ascent``."""
     best_delta = best_value = None
     n = pixels.shape[0]
+
+    def inputs(delta: Tensor) -> Tensor:
+        return threat.to_model(pixels + delta).to(like.dtype)
+
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
-            values = _per_sample(objective(threat.to_model(pixels + delta)), n)
+            values = _per_sample(objective(inputs(delta)), n)
             (grad,) = torch.autograd.grad(values.sum(), delta)
         if keep_best:
             best_delta, best_value = _keep_best(best_delta, best_value, delta.detach(), values.detach())
-        delta = threat.project(pixels, threat.ascent_step(delta.detach(), grad, alpha))
+        delta = threat.project(pixels, threat.ascent_step(delta.detach(), grad.to(delta.dtype), alpha))
     if keep_best:
         with torch.no_grad():
-            values = _per_sample(objective(threat.to_model(pixels + delta)), n)
+            values = _per_sample(objective(inputs(delta)), n)
         delta, _ = _keep_best(best_delta, best_value, delta, values)
-    return threat.to_model(pixels + delta).detach()
+    return threat._cast_like(threat.to_model(pixels + delta), like).detach()
 
 
 def _per_sample(values: Tensor, n: int) -> Tensor:

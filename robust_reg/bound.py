@@ -26,8 +26,6 @@ from .attacks import (
     ThreatModel,
     _check_step_size,
     _check_steps,
-    check_radius,
-    check_radius_fits,
     pgd_attack,
     projected_gradient_ascent,
 )
@@ -247,7 +245,6 @@ def estimate_bound(
         True
     """
     threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-    check_radius(threat.epsilon, threat.norm, threat.bounds)
     steps, step_size = _check_steps(steps), _check_step_size(step_size)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
@@ -262,8 +259,7 @@ def estimate_bound(
             if max_batches is not None and i >= max_batches:
                 break
             x, y = (t.to(device) for t in unpack_batch(batch))
-            threat.check_inputs(x, "loader inputs")
-            check_radius_fits(threat, x)
+            threat.check_inputs(x, "loader inputs", warn=i == 0)
             reused = None
             if adversarial_inputs is not None:
                 reused = adversarial_inputs[totals.n : totals.n + x.shape[0]].to(device)

@@ -52,9 +52,18 @@ def _number(kind: type, test: Callable[[float], bool], allowed: str) -> Callable
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A number, or a fraction such as ``8/255`` (how radii are written)."""
+    if text.count("/") == 1:
+        top, bottom = (float(part) for part in text.split("/"))
+        return top / bottom
+    return float(text)
+
+
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 _count = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+_radius = _number(_fraction, lambda v: v > 0, "a finite number > 0 such as 0.1 or 8/255")
 _any_int = _number(int, lambda v: True, "an integer")
 
 
@@ -81,6 +90,20 @@ def _device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
+
+
+def _check_radii(epsilons, norm: str, flag: str, x: torch.Tensor | None = None) -> None:
+    """The radii against ``ThreatModel``'s checks (a unit mistake; an L2 radius that does not fit the inputs),
+    as a one-line ``UsageError`` naming the flag, before any work."""
+    from .attacks import ThreatModel, check_radius
+
+    for eps in epsilons:
+        try:
+            check_radius(eps, norm, flag)
+            if x is not None:
+                ThreatModel(eps, norm=norm).check_size(x, flag)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def _output_folder(path: str) -> Path:
@@ -176,6 +199,7 @@ def _plots(curves: dict, out: Path, title: str, robust: dict | None = None) -> l
 
 def demo(args: argparse.Namespace) -> int:
     """Pretrain SimCLR twice (plain, + regulariser) on real MNIST digits, probe, attack, report."""
+    _check_radii([args.epsilon], "linf", "--epsilon")
     _need_examples_extra()
     device = _device(args.device)
     out = _output_folder(args.out)
@@ -283,7 +307,8 @@ def evaluate(args: argparse.Namespace) -> int:
     out = _output_folder(args.out)
     if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
-    from .experiments.pipeline import CheckpointError, EvalConfig, evaluate_encoder, load_checkpoint
+    _check_radii(args.epsilons or [], args.norm, "--epsilons")
+    from .experiments.pipeline import CheckpointError, evaluate_encoder, load_checkpoint
 
     try:
         encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
@@ -291,30 +316,10 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     dataset = args.dataset or meta.get("dataset")
     data = _evaluation_data(args, dataset)
-    overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
-    if args.epsilons:
-        overrides["epsilons"] = tuple(args.epsilons)
-    if args.no_autoattack:
-        overrides["autoattack"] = False
-    config = EvalConfig.for_data(data, **overrides)
-    n_test = data.x_test.shape[0] if args.test_samples is None else min(args.test_samples, data.x_test.shape[0])
-    expensive = n_test if args.full else min(args.aa_samples or EVALUATE_AA_SAMPLES, n_test)
-    config.autoattack_samples = config.square_samples = expensive
-    config.curve_samples = n_test if args.full else min(EVALUATE_CURVE_SAMPLES, n_test)
-    config.test_samples = args.test_samples
-    config.protocols, config.finetune_schedule = args.protocol, args.finetune_schedule
-    config.finetune_epochs = args.finetune_epochs
-    config.corruptions, config.embedding_attack = not args.no_corruptions, not args.no_embedding_attack
+    _check_channels(args.checkpoint, meta, dataset, data.x_test.shape[1])
+    config = _evaluation_config(args, data)
     out.mkdir(parents=True, exist_ok=True)
-    attacks = (
-        "no AutoAttack or Square (--no-autoattack)"
-        if args.no_autoattack
-        else f"AutoAttack and Square on the first {expensive}"
-    )
-    _say(
-        f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): PGD-{config.pgd_steps} on {n_test} test "
-        f"samples, {attacks}, curve and bound on the first {config.curve_samples}{' (--full)' if args.full else ''}"
-    )
+    _say(f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): {_evaluation_cost(args, config, data)}")
     evaluation = evaluate_encoder(encoder, data, config, device=device, progress_bar=not args.no_progress, log=_say)
     _say(str(evaluation.robustness))
     _say(evaluation.tasks_summary())
@@ -335,6 +340,56 @@ def evaluate(args: argparse.Namespace) -> int:
     _say(f"Samples: {record['samples']}.")
     _say(f"\nWrote {out / f'{name}_evaluation.json'}, {', '.join(str(p) for p in plots)}")
     return 0 if evaluation.robustness.passed else 3
+
+
+def _evaluation_config(args: argparse.Namespace, data):
+    """``evaluate``'s ``EvalConfig`` from its flags; the radii checked against the data before any work."""
+    from .experiments.pipeline import EvalConfig
+
+    overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
+    if args.epsilons:
+        overrides["epsilons"] = tuple(args.epsilons)
+    if args.no_autoattack:
+        overrides["autoattack"] = False
+    config = EvalConfig.for_data(data, **overrides)
+    _check_radii(config.epsilons, config.norm, "--epsilons", data.x_test[:1])
+    n_test = data.x_test.shape[0] if args.test_samples is None else min(args.test_samples, data.x_test.shape[0])
+    expensive = n_test if args.full else min(args.aa_samples or EVALUATE_AA_SAMPLES, n_test)
+    config.autoattack_samples = config.square_samples = expensive
+    config.curve_samples = n_test if args.full else min(EVALUATE_CURVE_SAMPLES, n_test)
+    config.test_samples = args.test_samples
+    config.protocols, config.finetune_schedule = args.protocol, args.finetune_schedule
+    config.finetune_epochs = args.finetune_epochs
+    config.corruptions, config.embedding_attack = not args.no_corruptions, not args.no_embedding_attack
+    return config
+
+
+def _evaluation_cost(args: argparse.Namespace, config, data) -> str:
+    """What ``evaluate`` will run, said before it starts (the sanity checks' attacks are a large share)."""
+    n_test = data.x_test.shape[0] if config.test_samples is None else min(config.test_samples, data.x_test.shape[0])
+    attacks = (
+        "no AutoAttack or Square (--no-autoattack)"
+        if args.no_autoattack
+        else f"AutoAttack (standard) and Square ({config.square_queries} queries) on the first "
+        f"{config.autoattack_samples}"
+    )
+    return (
+        f"PGD-{config.pgd_steps} on {n_test} test samples, {attacks}, curve and bound on the first "
+        f"{config.curve_samples}{' (--full)' if args.full else ''}; the sanity checks add PGD-{config.check_steps} "
+        f"at the largest eps and PGD-{config.pgd_steps} at the whole range on all {n_test} (together about "
+        f"{1 + config.check_steps // config.pgd_steps}x the PGD-{config.pgd_steps} cost)"
+    )
+
+
+def _check_channels(checkpoint: str, meta: dict, dataset: str, channels: int) -> None:
+    """An encoder trained on images of other channels than the dataset's: one line, before any probe."""
+    trained = meta.get("in_channels")
+    if trained is not None and int(trained) != channels:
+        source = f" ({meta['dataset']})" if meta.get("dataset") else ""
+        raise UsageError(
+            f"checkpoint {checkpoint} takes {trained}-channel images{source} but --dataset {dataset} has {channels} "
+            f"channels: pass the dataset it was trained on" + (f" (--dataset {meta['dataset']})" if source else "")
+        )
 
 
 def _evaluation_data(args: argparse.Namespace, dataset: str | None):
@@ -368,7 +423,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--weight", type=_positive_float, default=None, help="weight of the regulariser (> 0; default: SimCLR's, 1.0)"
     )
-    d.add_argument("--epsilon", type=_positive_float, default=0.1, help="training eps (L-inf, pixel units, > 0)")
+    d.add_argument(
+        "--epsilon", type=_radius, default=0.1, help="training eps (L-inf, a fraction of the pixel range, e.g. 0.1)"
+    )
     d.add_argument("--steps", type=_count, default=3, help="ascent steps of the regulariser (>= 0)")
     d.add_argument("--seed", type=_any_int, default=0)
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -405,7 +462,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
     e.add_argument("--data-root", default="datasets")
     e.add_argument(
-        "--epsilons", type=_positive_float, nargs="+", help="default: 0.05 0.1 (digits), 4/255 8/255 (RGB images)"
+        "--epsilons",
+        type=_radius,
+        nargs="+",
+        help="radii, fractions of the pixel range (8/255 is accepted); default: 0.05 0.1 (digits), 4/255 8/255 (RGB)",
     )
     e.add_argument("--norm", default="linf", choices=["linf", "l2"])
     e.add_argument("--pgd-steps", type=_positive_int, default=20)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import flat, module_device
-from .attacks import ThreatModel, check_radius, check_radius_fits, projected_gradient_ascent
+from .attacks import ThreatModel, projected_gradient_ascent
 
 __all__ = ["EmbeddingAttack", "embedding_attack", "knn_predict"]
 
@@ -167,9 +167,7 @@ def embedding_attack(
         True
     """
     threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-    check_radius(threat.epsilon, threat.norm, threat.bounds)
     threat.check_inputs(x, "x")
-    check_radius_fits(threat, x)
     device = module_device(encoder)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     clean, adv, rand = [], [], []

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, progress
-from .attacks import ThreatModel, _check_step_size, _check_steps, check_radius, check_radius_fits, pgd_attack
+from .attacks import ThreatModel, _check_step_size, _check_steps, check_radius, pgd_attack
 from .sanity_checks import (
     SanityCheck,
     gradients_are_nonzero,
@@ -105,15 +105,27 @@ class PGD:
 
 
 class _PixelModel(nn.Module):
-    """Takes ``[0, 1]`` pixels and normalises them for the model (torchattacks needs pixel inputs)."""
+    """Takes ``[0, 1]`` pixels (torchattacks' convention, whatever ``bounds`` are), maps them to the declared
+    range, normalises them and casts them to the model's input dtype."""
 
-    def __init__(self, model: nn.Module, threat: ThreatModel) -> None:
+    def __init__(self, model: nn.Module, threat: ThreatModel, dtype: torch.dtype) -> None:
         super().__init__()
         self.model = model
         self.threat = threat
+        self.dtype = dtype
 
-    def forward(self, pixels: Tensor) -> Tensor:
-        return self.model(self.threat.to_model(pixels))
+    def to_unit(self, x: Tensor) -> Tensor:
+        """Model-space inputs as ``[0, 1]`` pixels (float32 for half-precision inputs)."""
+        lo, hi = self.threat.bounds
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return ((self.threat.to_pixels(x) - lo) / (hi - lo)).clamp(0, 1).contiguous()
+
+    def to_model(self, unit: Tensor) -> Tensor:
+        lo, hi = self.threat.bounds
+        return self.threat.to_model(lo + unit * (hi - lo))
+
+    def forward(self, unit: Tensor) -> Tensor:
+        return self.model(self.to_model(unit).to(self.dtype))
 
 
 def _torchattacks():
@@ -134,14 +146,15 @@ class _TorchattacksSpec:
         raise NotImplementedError
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, ctx: _Context) -> Tensor:
-        pixel_model = _PixelModel(model, threat).eval()
+        pixel_model = _PixelModel(model, threat, x.dtype).eval()
         attack = self._build(_torchattacks(), pixel_model, threat, ctx)
         chunks = range(0, x.shape[0], ctx.batch_size)
         out = []
         for i in progress(chunks, enabled=ctx.progress_bar, desc=f"{self.name} eps={threat.epsilon:.3g}"):
             # torchattacks reshapes with .view (FAB): it needs contiguous inputs, whatever layout the caller uses.
-            pixels = threat.to_pixels(x[i : i + ctx.batch_size]).clamp(*threat.bounds).contiguous()
-            out.append(threat.to_model(attack(pixels, y[i : i + ctx.batch_size])))
+            xb = x[i : i + ctx.batch_size]
+            unit = attack(pixel_model.to_unit(xb), y[i : i + ctx.batch_size])
+            out.append(threat._cast_like(pixel_model.to_model(unit), xb))
         return torch.cat(out)
 
 
@@ -203,6 +216,9 @@ Attack = PGD | AutoAttack | Square
 class LinearProbeClassifier(nn.Module):
     """``head(flatten(encoder(x)))``: the downstream classifier that is attacked.
 
+    The features are cast to the head's dtype, so a float32 probe (``fit_linear_probe`` fits in
+    float32) sits on a bfloat16, float16 or float64 backbone as it is.
+
     Examples:
         >>> import torch
         >>> model = LinearProbeClassifier(torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 6 * 6, 10))
@@ -216,7 +232,9 @@ class LinearProbeClassifier(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x).flatten(start_dim=1))
+        features = self.encoder(x).flatten(start_dim=1)
+        weight = next(self.head.parameters(), None)
+        return self.head(features if weight is None else features.to(weight.dtype))
 
 
 @dataclass(frozen=True)
@@ -529,17 +547,15 @@ def evaluate_robustness(
     runnable, skipped = _available(attacks)
     strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
     main = next((a for a in runnable if isinstance(a, PGD)), PGD(20))
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    threats[0].check_inputs(x, "x")
+    _check_data(x, y, threats)
     strongest = max(threats, key=lambda t: t.epsilon)
-    check_radius_fits(strongest, x, "epsilons")
     x, y = x.to(module_device(model)), y.to(module_device(model)).long()
-    ctx = _Context(int(num_classes or int(y.max().item()) + 1), batch_size, seed, progress_bar)
-    if large_epsilon is None:
-        span = threats[0].bounds[1] - threats[0].bounds[0]
-        large_epsilon = span if threats[0].norm == "linf" else span * math.sqrt(x[0].numel())
-    big = replace(threats[0], epsilon=float(large_epsilon))
+    ctx = _Context(_check_labels_fit(model, x, y, num_classes), batch_size, seed, progress_bar)
+    if large_epsilon is None:  # the whole range: a fraction 1 of it (L-inf), the box's diagonal (L2)
+        large_epsilon = 1.0 if threats[0].norm == "linf" else math.sqrt(x[0].numel())
+    big = threats[0]._with_epsilon(float(large_epsilon))
+    if log is not None:
+        log(_plan(runnable, threats, strong, strongest, main, big, len(x)))
     # torch.manual_seed reseeds every CUDA device too: fork all of them, so the caller's state survives.
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda_devices), preserved_state(model, eval_mode=True):
@@ -563,13 +579,58 @@ def evaluate_robustness(
 
 
 def _threats(epsilons: Sequence[float], norm: str, bounds, mean, std) -> list[ThreatModel]:
-    """One threat model per reported eps, each checked for a unit mistake."""
+    """One threat model per reported eps, each checked for a unit mistake (named ``epsilons``)."""
     if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
-    threats = [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
-    for threat in threats:
-        check_radius(threat.epsilon, threat.norm, threat.bounds, "epsilons")
-    return threats
+    for eps in epsilons:
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and isinstance(norm, str):
+            check_radius(float(eps), norm.lower(), "epsilons")
+    return [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
+
+
+def _check_data(x: Tensor, y: Tensor, threats: list[ThreatModel]) -> None:
+    """The batch against every reported ball (``ThreatModel``'s checks), before any attack."""
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    for threat in threats[1:]:
+        threat.check_size(x, "epsilons")
+    threats[0].check_inputs(x, "x", epsilon_name="epsilons")
+
+
+def _check_labels_fit(model: nn.Module, x: Tensor, y: Tensor, num_classes: int | None) -> int:
+    """The number of classes: the model's logits, checked against ``y`` and ``num_classes`` before any attack."""
+    with torch.no_grad(), preserved_state(model, eval_mode=True):
+        logits = model(x[:2])
+    if logits.dim() != 2:
+        raise ValueError(f"model must return logits of shape (N, K), got {tuple(logits.shape)}")
+    k = logits.shape[1]
+    low, high = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+    if low < 0 or high >= k:
+        hint = f" (labels 1..{k}? subtract 1)" if (low, high) == (1, k) else ""
+        raise ValueError(
+            f"y has labels in [{low}, {high}] but the model outputs {k} logits: labels must be class indices in "
+            f"[0, {k - 1}]{hint}"
+        )
+    if num_classes is not None and num_classes != k:
+        raise ValueError(f"num_classes={num_classes} but the model outputs {k} logits")
+    return k
+
+
+def _plan(runnable, threats, strong, strongest, main, big, n: int) -> str:
+    """What the evaluation will run, printed before it starts: the checks' attacks cost as much as the rest."""
+
+    def on(attack) -> str:
+        return f"{min(n, attack.samples or n)}"
+
+    eps = ", ".join(f"{t.epsilon:.4g}" for t in threats)
+    parts = []
+    for attack in runnable:
+        what = f"{attack.name} ({attack.queries} queries)" if isinstance(attack, Square) else attack.name
+        parts.append(f"{what} on {on(attack)} samples at eps {eps}")
+    checks = [f"{main.name} at eps {big.epsilon:.4g} (the whole range) on {on(main)}"]
+    if strong is not None and strong.steps != main.steps:
+        checks.insert(0, f"{strong.name} at eps {strongest.epsilon:.4g} on {on(strong)}")
+    return f"evaluation plan: {'; '.join(parts)}; sanity checks: {'; '.join(checks)}"
 
 
 def _model_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[SanityCheck]:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, unpack_batch
-from .attacks import ThreatModel, check_radius, pgd_attack, projected_gradient_ascent
+from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .evaluation import LinearProbeClassifier
 from .probe import extract_features
 
@@ -102,9 +102,7 @@ AFF_CPU = FinetuneSchedule(epochs=10, lr=0.1, milestones=(6, 8), steps=5)
 
 
 def _threat(epsilon: float, norm: str, bounds, mean, std) -> ThreatModel:
-    threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-    check_radius(threat.epsilon, threat.norm, threat.bounds)
-    return threat
+    return ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
 
 
 def _check_classes(num_classes: int) -> None:
@@ -173,7 +171,9 @@ def fit_adversarial_linear_probe(
     _check_classes(num_classes)
     threat = _threat(epsilon, norm, bounds, mean, std)
     device = torch.device(device) if device is not None else module_device(encoder)
-    dim = extract_features(encoder, [next(iter(loader))], device=device)[0].shape[1]
+    first = next(iter(loader))
+    threat.check_inputs(unpack_batch(first)[0], "loader inputs")  # the ball against the data, before any work
+    dim = extract_features(encoder, [first], device=device)[0].shape[1]
     head = nn.Linear(dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -279,7 +279,9 @@ def adversarial_finetune(
         raise ValueError(f"beta must be a number >= 0, got {beta!r}")
     threat = _threat(epsilon, norm, bounds, mean, std)
     device = torch.device(device) if device is not None else module_device(encoder)
-    dim = extract_features(encoder, [next(iter(loader))], device=device)[0].shape[1]
+    first = next(iter(loader))
+    threat.check_inputs(unpack_batch(first)[0], "loader inputs")  # the ball against the data, before any work
+    dim = extract_features(encoder, [first], device=device)[0].shape[1]
     if head is None:
         head = nn.Linear(dim, num_classes)
         nn.init.zeros_(head.weight)

@@ -30,8 +30,7 @@ from .attacks import (
     _check_step_size,
     _check_steps,
     _step_length,
-    check_radius,
-    check_radius_fits,
+    _working_pixels,
     projected_gradient_ascent,
 )
 from .warm_start import PerturbationMemory
@@ -342,7 +341,6 @@ class RobustnessRegularizer(nn.Module):
     ) -> None:
         super().__init__()
         self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
-        check_radius(self.threat.epsilon, self.threat.norm, self.threat.bounds)
         if form not in _FORMS:
             raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
         self.form = form
@@ -370,6 +368,7 @@ class RobustnessRegularizer(nn.Module):
             raise ValueError("random_start=False with ascent='deviation' never leaves x: start at random")
         self.ascent = ascent
         self._warned_stochastic = False
+        self._warned_ball = False  # the threat's warnings (a ball that looks the wrong size): once per regulariser
         self.last_stats: RegularizerStats | None = None
 
     @classmethod
@@ -476,8 +475,8 @@ class RobustnessRegularizer(nn.Module):
             ``out.adversarial_features`` into the SSL loss as the view's embedding.
             With ``return_adversarial=False``, the value (scalar) alone.
         """
-        self._check_call(encoder, x, features)
         self._check_positive(x, positive, features)
+        self._check_call(encoder, x, features, positive)
         _check_start(start, x)
         if memory is not None or index is not None or geometry is not None:
             self._check_memory(memory, index, start)
@@ -492,7 +491,7 @@ class RobustnessRegularizer(nn.Module):
                 features = None  # computed with those layers on: recomputed without them
             first = self._first_iterate(x) if features is None and start is None else None
             if features is None:
-                features = self._clean_pass(encoder, x, first)
+                features = self._clean_pass(encoder, x, first, positive)
             anchor = self._anchor(features, positive)
             x_adv = self._inner_max(encoder, x, anchor, start, first)
             adv_features = encoder(x_adv)
@@ -521,14 +520,28 @@ class RobustnessRegularizer(nn.Module):
         """``(pixels, delta)`` when the clean forward can double as the ascent's first one (it starts at ``x``)."""
         if self.random_start or self.steps == 0 or self.epsilon == 0 or not torch.is_grad_enabled() or x.requires_grad:
             return None
-        pixels = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
+        pixels = _working_pixels(self.threat, x.detach())
         return pixels, torch.zeros_like(pixels, requires_grad=True)
 
-    def _clean_pass(self, encoder: Callable[[Tensor], Tensor], x: Tensor, first: tuple[Tensor, Tensor] | None):
-        """``encoder(x)``, checked; through the ascent's first iterate when it starts at ``x`` (one pass for both)."""
-        features = encoder(x) if first is None else encoder(self.threat.to_model(first[0] + first[1]))
-        if not bool(torch.isfinite(_flatten(features, "encoder(x)")).all()):
+    def _clean_pass(
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        x: Tensor,
+        first: tuple[Tensor, Tensor] | None,
+        positive: Tensor | None,
+    ) -> Tensor:
+        """``encoder(x)``, checked (finite; not ``positive`` itself); through the ascent's first iterate when it starts
+        at ``x`` (one pass for both)."""
+        features = encoder(x) if first is None else encoder(self.threat.to_model(first[0] + first[1]).to(x.dtype))
+        h = _flatten(features, "encoder(x)")
+        checks = [torch.isfinite(h).all()]
+        if positive is not None and positive.shape == features.shape:
+            checks.append((positive == features).all())
+        finite, *same = torch.stack(checks).tolist()  # one host synchronisation
+        if not finite:
             raise ValueError("encoder(x) returned non-finite features")
+        if same and same[0]:
+            raise _same_view_error("encoder(x)")
         return features
 
     def _anchor(self, features: Tensor, positive: Tensor | None) -> _Anchor:
@@ -575,7 +588,7 @@ class RobustnessRegularizer(nn.Module):
         (grad,) = torch.autograd.grad(anchor.score(anchor.clean).sum(), delta, retain_graph=True)
         alpha = _step_length(self.threat, self.steps, self.step_size)
         delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
-        return _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha)
+        return _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha, like=x)
 
     def _penalty(self, adv_features: Tensor, anchor: _Anchor) -> tuple[Tensor, Tensor, Tensor]:
         """``(value, mean squared deviation, per-sample squared deviation)`` of the perturbed features."""
@@ -640,30 +653,60 @@ class RobustnessRegularizer(nn.Module):
         flat = flat.float()
         return F.normalize(flat, dim=1) if self.normalize_features else flat
 
-    def _check_call(self, encoder: object, x: object, features: object) -> None:
+    def _check_call(self, encoder: object, x: object, features: object, positive: object) -> None:
+        """Every check of a call before any forward: arguments, the ball against the batch (``ThreatModel``),
+        a model with nothing to train; the data-dependent ones read back in one host synchronisation."""
         if not callable(encoder):
             raise TypeError(f"encoder must be callable (an nn.Module), got {type(encoder).__name__}")
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        self.threat._check_batch(x, "x", "epsilon", warn=not self._warned_ball)
         if self.relative and x.shape[0] < 2:
             raise ValueError(
                 "x must hold at least 2 samples with relative=True: the feature spread of one sample is undefined"
             )
-        self.threat.check_channels(x)
-        check_radius_fits(self.threat, x)
-        checks = [self.threat.in_range(x)]
+        self._check_positive(x, positive, features)
+        _check_trainable(encoder, features)
+        extremes = self.threat._extremes(x)
+        checks = [extremes.flatten()]
         if features is not None:
             h = _flatten(features, "features")
             if h.shape[0] != x.shape[0]:
                 raise ValueError(f"features has batch size {h.shape[0]} but x has {x.shape[0]}")
-            checks.append(torch.isfinite(h).all())
-        # One host synchronisation for all data-dependent checks.
-        if bool(torch.stack(checks).all()):
-            return
-        if not bool(checks[0]):
-            raise self.threat.range_error(x, "x")
-        raise ValueError("features contains non-finite values (nan or inf)")
+            if positive is features:
+                raise _same_view_error("features=")
+            checks.append(torch.isfinite(h).all()[None].float())
+            if positive is not None and positive.shape == features.shape:
+                checks.append((positive == features).all()[None].float())
+        values = torch.cat([c.to(extremes.device) for c in checks]).tolist()  # one host synchronisation
+        n = extremes.numel()
+        self.threat._check_extremes([values[: n // 2], values[n // 2 : n]], x.dtype, "x", not self._warned_ball)
+        self._warned_ball = True
+        if features is not None and not values[n]:
+            raise ValueError("features contains non-finite values (nan or inf)")
+        if len(values) > n + 1 and values[n + 1]:
+            raise _same_view_error("features=")
+
+
+def _same_view_error(source: str) -> ValueError:
+    return ValueError(
+        f"positive= equals {source}: pass the other view's embedding as positive (reg(model, x1, features=z1, "
+        "positive=z0), z0 = model(x0) of the other augmentation), not the embedding of the view being perturbed"
+    )
+
+
+def _check_trainable(encoder: object, features: object) -> None:
+    """A module with no trainable parameter (and no features carrying gradients) gives a loss with nothing to
+    train: say so at the call rather than let ``backward`` fail with 'does not require grad'."""
+    if not isinstance(encoder, nn.Module) or not torch.is_grad_enabled():
+        return
+    if isinstance(features, Tensor) and features.requires_grad:
+        return
+    if any(p.requires_grad for p in encoder.parameters()):
+        return
+    frozen = "has no parameters" if next(encoder.parameters(), None) is None else "has every parameter frozen"
+    raise ValueError(
+        f"encoder {frozen} (requires_grad=False): the regulariser's loss would train nothing and backward would "
+        "fail; pass the model being trained (unfreeze it with model.requires_grad_(True)), or call the regulariser "
+        "under torch.no_grad() to measure it only"
+    )

@@ -5,6 +5,8 @@ weak. The checks follow Athalye et al. 2018 / Carlini et al. 2019 ("On
 Evaluating Adversarial Robustness") and AutoAttack's own pre-flight checks
 (Croce & Hein 2020, ``autoattack/checks.py``):
 
+- some attack changes some prediction at the reported eps (an attack that did nothing,
+  e.g. an L-inf radius given as L2, must not read as robustness);
 - accuracy falls to about 0 at a very large eps;
 - accuracy does not rise with eps (beyond noise);
 - more PGD steps never raise accuracy (beyond noise);
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SanityCheck",
+    "attacks_change_predictions",
     "accuracy_vanishes_at_large_epsilon",
     "accuracy_falls_with_epsilon",
     "more_steps_do_not_help",
@@ -62,6 +65,31 @@ def _noise(p: float, n: int) -> float:
 
 def _not_run(name: str, why: str) -> SanityCheck:
     return SanityCheck(name, True, f"not run: {why}", ran=False)
+
+
+def attacks_change_predictions(ev: RobustnessEvaluation) -> SanityCheck:
+    """At the reported eps, at least one attack breaks at least one correctly classified sample.
+
+    Robust accuracy equal to clean accuracy under every attack at every eps means the attacks did
+    nothing: a ball far too small for its norm or units, or masked gradients; not a robust model.
+    """
+    name = "the attacks change some prediction at the reported eps"
+    clean = ev.correct("clean", 0.0)
+    if clean is None or not bool(clean.any()):
+        return _not_run(name, "no sample is classified correctly clean, so none can be broken")
+    rows = [r for r in ev.results if any(math.isclose(r.epsilon, e, rel_tol=1e-9) for e in ev.epsilons)]
+    if not rows:
+        return _not_run(name, "no attack ran at the reported eps")
+    broken = sum(int((clean[: r.num_samples] & ~ev.correct(r.attack, r.epsilon)).sum()) for r in rows)
+    eps = ", ".join(f"{e:.4g}" for e in ev.epsilons)
+    if broken:
+        return SanityCheck(name, True, f"{broken} (attack, sample) pairs broken at eps {eps}")
+    return SanityCheck(
+        name,
+        False,
+        f"no attack changed a single correct prediction at eps {eps} ({len(rows)} attack runs): the ball may be far "
+        "too small for its norm or units (an L-inf radius given as L2?), or the gradients are masked",
+    )
 
 
 def accuracy_vanishes_at_large_epsilon(
@@ -158,6 +186,7 @@ def standard_checks(
 ) -> list[SanityCheck]:
     """The record-based checks ``evaluate_robustness`` runs."""
     checks = [
+        attacks_change_predictions(ev),
         accuracy_vanishes_at_large_epsilon(ev, main, large_epsilon, large_epsilon_max_accuracy),
         accuracy_falls_with_epsilon(ev, main),
         more_steps_do_not_help(ev, main, strong, strongest_epsilon),

@@ -101,7 +101,7 @@ def test_linear_encoder_deviation_matches_eps_times_spectral_norm():
     A = torch.randn(10, 30)
     eps = 0.5
     reg = RobustnessRegularizer(
-        eps, norm="l2", steps=20, step_size=eps, relative=False, bounds=(-1e3, 1e3), form="backbone"
+        eps / 2e3, norm="l2", steps=20, step_size=eps / 2e3, relative=False, bounds=(-1e3, 1e3), form="backbone"
     )
     reg(lambda v: v @ A.T, torch.randn(64, 30))
     expected = eps * torch.linalg.matrix_norm(A, ord=2)
@@ -359,7 +359,7 @@ def test_a_start_continues_where_the_last_ascent_ended():
     # Two ascents of 2 steps each, the second warm-started, search as far as one of 4 steps.
     torch.manual_seed(0)
     encoder, x = small_cnn(), torch.rand(8, 1, 28, 28)
-    positive = encoder(x).detach()
+    positive = encoder(torch.rand(8, 1, 28, 28)).detach()  # the other view's embedding
     kwargs = dict(step_size=0.02, ascent="positive", normalize_features=True)
     short, long = (RobustnessRegularizer(0.1, steps=n, random_start=False, **kwargs, form="backbone") for n in (2, 4))
     first = short(encoder, x, positive=positive, return_adversarial=True)

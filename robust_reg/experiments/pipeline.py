@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -549,7 +550,8 @@ def load_checkpoint(
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is not what we can read
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        reason = textwrap.shorten(text.splitlines()[0], 160, placeholder=" ...") if text else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict ({reason})") from err
     if isinstance(record, dict) and "state_dict" in record and "arch" in record:
         state = record["state_dict"]
