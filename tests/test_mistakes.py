@@ -196,7 +196,7 @@ def test_the_evaluation_measures_eps_as_a_fraction_of_bounds_too():
 def test_raw_pixels_with_a_normalisation_passed_are_refused_naming_the_measured_ball():
     model = Counting(rgb_embedding_model())
     before = snapshot(model)
-    x0, x1 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)  # raw [0, 1]: the model normalises inside
+    x1 = torch.rand(8, 3, 16, 16)  # raw [0, 1]: the model normalises inside
     reg = RobustnessRegularizer(8 / 255, mean=CIFAR_MEAN, std=CIFAR_STD)
     with pytest.raises(ValueError, match=r"raw pixel range.*0\.1288 \(32\.9/255\) of your pixels instead of 0\.03137"):
         reg(model, x1, positive=torch.rand(8, 8))
@@ -245,7 +245,9 @@ def test_lightly_a_training_transform_normalising_otherwise_is_refused_naming_th
     module._trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=SimpleNamespace(transform=transform)))
     before = snapshot(module)
     views = [(torch.rand(8, 3, 16, 16) - 0.5) / 0.5 for _ in range(2)]
-    with pytest.raises(ValueError, match=r"std=\(0\.5, 0\.5, 0\.5\).*17\.\d-17\.\d/255 of the pixels instead of 8\.0/255"):
+    with pytest.raises(
+        ValueError, match=r"std=\(0\.5, 0\.5, 0\.5\).*17\.\d-17\.\d/255 of the pixels instead of 8\.0/255"
+    ):
         module.training_step((views, torch.zeros(8)), 0)
     assert_unchanged(module, before)
 
@@ -268,7 +270,9 @@ def test_an_linf_radius_given_as_l2_is_refused_by_the_evaluation():
 def test_a_very_small_l2_ball_warns_naming_its_size():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    with pytest.warns(UserWarning, match=r"epsilons=0\.01 with norm='l2' on inputs of 3072 values moves each value by 0\.046"):
+    with pytest.warns(
+        UserWarning, match=r"epsilons=0\.01 with norm='l2' on inputs of 3072 values moves each value by 0\.046"
+    ):
         evaluate_robustness(model, x, y, epsilons=[0.01], norm="l2", attacks=[PGD(2)], check_steps=3)
 
 
@@ -337,7 +341,9 @@ def test_a_probe_sits_on_a_backbone_of_another_dtype(dtype):
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 8)).to(dtype)
     x, y = torch.rand(64, 1, 4, 4, dtype=dtype), torch.randint(0, 3, (64,))
     head = fit_linear_probe(encoder, [(x, y)], num_classes=3)
-    ev = evaluate_robustness(LinearProbeClassifier(encoder, head), x, y, epsilons=[0.05], attacks=[PGD(2)], check_steps=3)
+    ev = evaluate_robustness(
+        LinearProbeClassifier(encoder, head), x, y, epsilons=[0.05], attacks=[PGD(2)], check_steps=3
+    )
     assert 0 <= ev.robust_accuracy(0.05) <= ev.clean_accuracy
 
 
