@@ -175,3 +175,85 @@ def test_evaluate_names_data_path_for_a_dataset_read_from_a_file(checkpoint, tmp
     line = rejected(["evaluate", str(checkpoint), "--dataset", dataset, "--out", str(tmp_path / "out")], capsys)
     assert f"--dataset {dataset}" in line and "--data-path FILE" in line
     assert not (tmp_path / "out").exists()
+
+
+# The trust issue's command-line cases: one line, exit status 2, nothing written, before any probe is fitted.
+
+
+@pytest.fixture
+def rgb_data(monkeypatch):
+    """``--dataset npz`` loads small 3-channel 32x32 images; the evaluation itself must never start."""
+    import robust_reg.experiments.pipeline as pipeline
+
+    data = data_module.ImageData(
+        "npz",
+        torch.rand(40, 3, 32, 32),
+        torch.arange(40) % 10,
+        torch.rand(20, 3, 32, 32),
+        torch.arange(20) % 10,
+        10,
+        kind="natural",
+    )
+    monkeypatch.setattr(data_module, "load_dataset", lambda *args, **kwargs: data)
+    monkeypatch.setattr(pipeline, "evaluate_encoder", lambda *a, **k: pytest.fail("the evaluation started"))
+    return ["--dataset", "npz", "--data-path", "unused.npz"]
+
+
+@pytest.mark.parametrize("epsilon", ["8", "0.6"])
+def test_evaluate_an_epsilon_in_the_wrong_unit_is_one_line_with_the_fix(epsilon, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = rejected(["evaluate", str(checkpoint), "--epsilons", epsilon, "--out", str(out)], capsys)
+    assert f"--epsilons={epsilon} with norm='linf'" in line and f"Did you mean --epsilons={epsilon}/255" in line
+    assert not out.exists()
+
+
+def test_demo_an_epsilon_in_the_wrong_unit_is_one_line_with_the_fix(tmp_path, capsys):
+    out = tmp_path / "out"
+    line = rejected(["demo", "--epsilon", "8", "--out", str(out)], capsys)
+    assert "--epsilon=8 with norm='linf'" in line and "Did you mean --epsilon=8/255" in line
+    assert not out.exists()
+
+
+def test_radii_are_accepted_as_fractions():
+    from robust_reg.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "x.pt", "--epsilons", "4/255", "8/255"])
+    assert args.epsilons == [4 / 255, 8 / 255]
+
+
+def test_evaluate_an_linf_radius_given_as_l2_is_one_line(checkpoint, rgb_data, tmp_path, capsys):
+    rgb = save_checkpoint(tmp_path / "rgb.pt", build_encoder("cnn", 3), arch="cnn", dataset="npz")
+    out = tmp_path / "out"
+    line = rejected(["evaluate", str(rgb), *rgb_data, "--norm", "l2", "--epsilons", "8/255", "--out", str(out)], capsys)
+    assert "--epsilons=0.03137 (= 8/255) with norm='l2'" in line and "an L-inf radius given as L2" in line
+    assert not out.exists()
+
+
+def test_evaluate_a_checkpoint_of_other_channels_than_the_dataset_is_one_line(checkpoint, rgb_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = rejected(["evaluate", str(checkpoint), *rgb_data, "--out", str(out)], capsys)  # an MNIST encoder
+    assert "takes 1-channel images (mnist5k) but --dataset npz has 3 channels" in line
+    assert "--dataset mnist5k" in line
+    assert not out.exists()
+
+
+def test_evaluate_a_python_file_as_checkpoint_is_one_line_never_cut_mid_word(tmp_path, capsys):
+    path = tmp_path / "train.py"
+    path.write_text("import torch\n\nprint('a training script, not a checkpoint: ' * 20)\n")
+    line = rejected(["evaluate", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert line.endswith(
+        "is not a robust-reg checkpoint or state_dict (a Python source file, not a file torch.save writes)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_long_load_error_is_shortened_at_a_word_boundary(tmp_path, capsys):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"PK\x03\x04" + b"not really a zip archive " * 40)  # looks like torch.save's zip, is not
+    with pytest.raises(Exception) as loading:
+        torch.load(path, weights_only=True)
+    full = str(loading.value).strip().splitlines()[0]
+    line = rejected(["evaluate", str(path), "--out", str(tmp_path / "out")], capsys)
+    kept = line.split("state_dict (", 1)[1].removesuffix(")").removesuffix(" ...")
+    assert len(full) > 160 and len(kept) < len(full)  # the case being tested: a message too long for one line
+    assert full.startswith(kept) and full[len(kept)] == " "  # cut between two words

@@ -547,6 +547,13 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch.save: a zip, or a pickle
+        what = "a Python source file" if path.suffix == ".py" else f"it starts with {magic!r}"
+        raise CheckpointError(
+            f"checkpoint {path} is not a robust-reg checkpoint or state_dict ({what}, not a file torch.save writes)"
+        )
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is not what we can read
