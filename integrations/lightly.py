@@ -102,7 +102,7 @@ def robustify(
 
     Args:
         module: The LightningModule instance (any ``nn.Module`` with ``training_step``).
-        epsilon: Radius of the threat ball, pixel units of ``[0, 1]`` images.
+        epsilon: Radius of the threat ball, a fraction of the pixel range (``8 / 255``).
         weight: Multiplier of the regulariser in the loss. ``None`` (default): the
             method's from ``robust_reg.METHOD_SETTINGS``, found by the module's
             class name (``BYOL`` -> 0.05, ``SimCLR`` -> 1.0), else 1.0.

@@ -169,7 +169,7 @@ def robustify(
             (the view's and the positive view's), so the memory moves each
             perturbation with the crop. solo-learn's own pipelines do not report
             their crops; a dataset of yours that does can pass them here.
-        epsilon: Radius of the threat ball, pixel units (default 8/255).
+        epsilon: Radius of the threat ball, a fraction of the pixel range (default 8/255).
         weight: Multiplier of the regulariser (default: the method's from
             ``robust_reg.METHOD_SETTINGS``, BYOL 0.05, others 1.0).
         mean: Per-channel mean of the inputs (default: solo-learn's, for the dataset).

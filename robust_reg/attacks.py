@@ -695,7 +695,7 @@ def pgd_attack(
         y: Integer labels ``(N,)``.
         threat: The allowed perturbations.
         steps: Number of PGD steps.
-        step_size: Step length in pixel units (default ``2.5 * epsilon / steps``).
+        step_size: Step length, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         random_start: Start from a uniform draw in the ball.
 
     Returns:

@@ -42,7 +42,7 @@ class BoundReport:
     true worst case.
 
     Attributes:
-        epsilon: Radius of the threat ball (pixel units).
+        epsilon: Radius of the threat ball, a fraction of the pixel range.
         norm: ``"linf"`` or ``"l2"``.
         steps: Ascent steps of both the attack and the deviation ascent.
         num_samples: Number of evaluated samples.
@@ -56,7 +56,11 @@ class BoundReport:
         clean_accuracy: Accuracy on clean inputs.
         adversarial_accuracy: Accuracy under the PGD attack (estimate, an upper estimate of robust accuracy).
         predicted_robust_accuracy: Fraction whose logit margins survive a feature
-            change of ``D(x)`` (margin form of the bound; estimate, ``None`` for non-linear heads).
+            change of ``D(x)`` in the worst direction for the head (the margin form of the bound,
+            through Cauchy-Schwarz: ``z_y - z_k > ||w_y - w_k|| D(x)``; estimate, ``None`` for
+            non-linear heads). It holds for a feature change of that size in *any* direction, so it
+            sits far below what an attack leaves (the attack's change is not aligned with
+            ``w_y - w_k``): a guarantee-style reading, not a forecast of the attacked accuracy.
     """
 
     epsilon: float
@@ -90,7 +94,11 @@ class BoundReport:
         rows = [
             ("clean accuracy", pct(self.clean_accuracy), ""),
             ("adversarial accuracy", pct(self.adversarial_accuracy), f"estimate: PGD-{self.steps}"),
-            ("predicted robust accuracy", pct(self.predicted_robust_accuracy), "estimate: margin > |w_y - w_k| D(x)"),
+            (
+                "predicted robust accuracy",
+                pct(self.predicted_robust_accuracy),
+                "estimate: margin > |w_y - w_k| D(x), any direction of change: far below attacked accuracy",
+            ),
             ("clean loss", f"{self.clean_loss:.4f}", ""),
             ("adversarial loss", f"{self.adversarial_loss:.4f}", f"estimate: PGD-{self.steps}"),
             ("bound  clean + L * R", f"{self.bound:.4f}", "estimate (R is estimated)"),
@@ -184,7 +192,9 @@ def estimate_bound(
     progress_bar: bool = False,
     adversarial_inputs: Tensor | None = None,
 ) -> BoundReport:
-    """Estimate the downstream bound of DESIGN §1 for ``head`` on ``encoder``.
+    """Estimate the downstream bound ``E max loss(h(f(x'))) <= E loss(h(f(x))) + L * R_eps(f)`` for ``head``.
+
+    The bound holds for every ``L``-Lipschitz head at once (docs: The bound, ``docs/guides/bound.md``).
 
     For each batch: clean loss and accuracy of ``head(encoder(x))``; a PGD-``steps``
     attack on that cross-entropy (adversarial loss and accuracy); and the estimated
@@ -203,7 +213,7 @@ def estimate_bound(
         head: Downstream head on the flattened features, usually an ``nn.Linear``.
         loader: Yields ``(x, y, ...)`` batches of test data, ``x`` normalised with
             ``mean``/``std`` if given.
-        epsilon: Radius of the threat ball in pixel units.
+        epsilon: Radius of the threat ball, a fraction of the pixel range (``8 / 255``).
         norm: ``"linf"`` or ``"l2"``.
         steps: Steps of the PGD attack and of the deviation ascent.
         step_size: Step length (default ``2.5 * epsilon / steps``).

@@ -36,7 +36,7 @@ class EmbeddingAttack:
     """What the label-free attack did to the features.
 
     Attributes:
-        epsilon: Radius of the attack (pixel units).
+        epsilon: Radius of the attack, a fraction of the pixel range.
         norm: ``"linf"`` or ``"l2"``.
         steps: PGD steps.
         sigma: Spread of the clean features (root mean squared distance to their mean).
@@ -142,7 +142,7 @@ def embedding_attack(
     Args:
         encoder: The backbone; its output is flattened per sample.
         x: Inputs in model space (normalised with ``mean``/``std`` if given).
-        epsilon: Radius of the ball (pixel units).
+        epsilon: Radius of the ball, a fraction of the pixel range (``8 / 255``).
         norm: ``"linf"`` or ``"l2"``.
         steps: PGD steps.
         step_size: Step length (default ``2.5 * epsilon / steps``).

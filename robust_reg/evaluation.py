@@ -75,7 +75,7 @@ class PGD:
 
     Args:
         steps: Ascent steps (``PGD(20)`` is "PGD-20").
-        step_size: Step length in pixel units (default ``2.5 * eps / steps``).
+        step_size: Step length, in the units of eps (default ``2.5 * eps / steps``).
         samples: Attack only the first samples (``None``: all).
     """
 
@@ -503,7 +503,7 @@ def evaluate_robustness(
         model: Maps inputs (model space) to logits; e.g. ``LinearProbeClassifier``.
         x: Test inputs in model space (normalised with ``mean``/``std`` if given).
         y: Test labels.
-        epsilons: Radii to evaluate (pixel units).
+        epsilons: Radii to evaluate, fractions of the pixel range (``8 / 255``) whatever ``bounds`` are.
         attacks: Attack specs, e.g. ``[PGD(20), AutoAttack(samples=200), Square(queries=1000)]``.
             Default: ``default_attacks`` (AutoAttack and Square only if torchattacks is installed).
         norm: ``"linf"`` or ``"l2"``.

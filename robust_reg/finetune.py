@@ -56,7 +56,7 @@ class FinetuneSchedule:
         milestones: Epochs after which the learning rate is multiplied by 0.1.
         weight_decay: SGD weight decay.
         steps: PGD steps of the inner maximisation.
-        step_size: PGD step in pixel units (``None``: ``2.5 * eps / steps``, 2/255 for PGD-10 at 8/255).
+        step_size: PGD step, in the units of eps (``None``: ``2.5 * eps / steps``, 2/255 for PGD-10 at 8/255).
         batch_size: The batch size the schedule was set for (the caller's loader decides; the CLI uses it).
 
     Raises:
@@ -143,7 +143,7 @@ def fit_adversarial_linear_probe(
         encoder: The frozen backbone; its output is flattened per sample.
         loader: Yields ``(x, y, ...)`` training batches (model space: normalised with ``mean``/``std`` if given).
         num_classes: Number of classes.
-        epsilon: Radius of the training attack (pixel units).
+        epsilon: Radius of the training attack, a fraction of the pixel range.
         norm: ``"linf"`` or ``"l2"``.
         schedule: Epochs, SGD settings and PGD steps (default ``ALF_CPU``; the papers': ``ALF_PAPER``).
         mean: Normalisation mean already applied to the inputs.
@@ -244,7 +244,7 @@ def adversarial_finetune(
         encoder: The pretrained backbone (copied).
         loader: Yields ``(x, y, ...)`` training batches (model space).
         num_classes: Number of classes.
-        epsilon: Radius of the training attack (pixel units).
+        epsilon: Radius of the training attack, a fraction of the pixel range.
         norm: ``"linf"`` or ``"l2"``.
         beta: TRADES' weight of the robustness term (6 in the papers).
         schedule: Epochs, SGD settings and PGD steps (default ``AFF_CPU``; the papers': ``AFF_PAPER``).

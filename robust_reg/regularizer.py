@@ -48,7 +48,8 @@ class RegularizerOutput(NamedTuple):
         adversarial_inputs: ``x + delta``, the deviation-maximising inputs, in
             the same (model) space and shape as ``x``, detached.
         adversarial_features: ``encoder(x + delta)``, as the encoder returned it,
-            carrying gradients; feed it to the SSL loss as an extra view.
+            carrying gradients; feed it to the SSL loss in place of the perturbed view's clean
+            embedding (``ssl_loss(z0, out.adversarial_features)``), as the recommended form does.
     """
 
     loss: Tensor
@@ -202,10 +203,11 @@ class RobustnessRegularizer(nn.Module):
     The module has no parameters.
 
     Args:
-        epsilon: Radius of the threat ball in pixel units of ``[0, 1]`` images.
+        epsilon: Radius of the threat ball, a fraction of the pixel range: ``8 / 255`` is eight
+            grey levels for pixels in ``[0, 1]`` and for pixels declared ``bounds=(0, 255)``.
         norm: ``"linf"`` (sign steps) or ``"l2"`` (normalised-gradient steps).
         steps: Ascent steps of the inner maximisation (0: random start only).
-        step_size: Ascent step in pixel units (default ``2.5 * epsilon / steps``).
+        step_size: Ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         random_start: Start the ascent from a uniform draw in the ball. ``False``
             starts it at ``x``; when ``features`` is not given, the clean pass is
             then the ascent's first forward (one forward fewer per call). Not with
