@@ -29,11 +29,20 @@ benchmarks use, including those that lost on MNIST (they may matter on natural i
   strength annealed from 1 towards 0, refreshed every 5 % of the epochs
   (50 of 1,000 in the paper), and the loss ``((2 - w) clean + w adv) / 2`` with
   ``w = min(1 + k * (R / E) * 2/3, 2)`` after ``k`` refreshes of ``R`` of ``E`` epochs
-  (the authors' swap parameter 2/3). Their evaluated encoder is a momentum (EMA)
-  copy; this one is the trained encoder itself.
+  (the authors' swap parameter 2/3). As the authors' ``train_DynACL.py`` does, view 0 goes
+  through the trained (online) encoder and view 1 through a momentum copy of it (EMA, m = 0.99,
+  no gradient, updated after each step's forwards) in both the attack and the loss, and the
+  momentum copy is the encoder evaluated downstream (``ema=false``: the online encoder alone, as
+  0.2's rows did).
+
+``acl-ds`` and ``dynacl`` train with the authors' augmentation on natural images
+(``authors_augment``: crop scale down to 0.1, hue jitter 0.1, colour jitter in a random order per
+sample; ``train_simCLR.py`` and ``train_DynACL.py``); the other rows keep the shared recipe (crop
+0.2, no hue).
 
 Any variant takes ``lp_aft=true``: DynACL++'s post-processing as a separate, timed stage after
-pretraining (k-means pseudo labels on the encoder's training features, a linear probe on them,
+pretraining (k-means pseudo labels on the encoder's training features, for ``dynacl`` the momentum
+encoder's through its clean BatchNorm as the authors' ``assign_label.py`` does; a linear probe on them,
 then TRADES adversarial full fine-tuning of encoder and probe on them: ``robust_reg.finetune``'s
 AFF with the probe as its start); its seconds count in the run's training time. Row
 ``simclr-dynacl++`` is ``simclr-dynacl[lp_aft=true]``.
@@ -77,7 +86,9 @@ __all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_mo
 
 VARIANTS = ("plain", "reg", "advview", "robust", "acl", "acl-ds", "dynacl")
 DUAL_BN = ("acl-ds", "dynacl")
-# DynACL's refresh interval as a fraction of the run (50 of 1,000 epochs) and its loss-weight swap parameter.
+# DynACL's momentum encoder (resnet18_momentum's m) and refresh interval as a fraction of the run (50 of 1,000
+# epochs) and its loss-weight swap parameter.
+DYNACL_MOMENTUM = 0.99
 DYNACL_REFRESH, DYNACL_SWAP = 0.05, 2 / 3
 # DynACL++'s adversarial fine-tuning on pseudo labels, shortened for 2 CPU cores as the evaluation's AFF_CPU
 # (the authors: 25 epochs, lr 0.1, PGD-10).
@@ -151,6 +162,10 @@ class PretrainConfig:
         lp_aft: Post-process the encoder as DynACL++ does (pseudo-label LP-AFT, timed, counted in the time).
         anneal_augment: Anneal the augmentation strength from strong to weak (DynACL's schedule; always on for
             ``dynacl``).
+        ema: ``dynacl`` only: view 1 through a momentum (EMA) copy of the encoder in the attack and the loss,
+            the copy evaluated downstream (``None``: on for ``dynacl``, the authors' method).
+        authors_augment: ``acl-ds``/``dynacl`` on natural images: the authors' augmentation
+            (:func:`authors_augment`) instead of the shared recipe (``None``: on for those variants).
         seed: Seed of initialisation, shuffling and augmentation.
         amp: Use bfloat16 autocast (on CUDA).
     """
@@ -182,6 +197,8 @@ class PretrainConfig:
     warm_warp: bool = True
     acl_steps: int = 5
     anneal_augment: bool = False
+    ema: bool | None = None
+    authors_augment: bool | None = None
     lp_aft: bool = False
     seed: int = 0
     amp: bool = False
@@ -235,6 +252,12 @@ class PretrainConfig:
             )
         if not self.warm_warp and not self.warm_start:
             raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
+        if self.ema is None:
+            self.ema = self.variant == "dynacl"
+        if self.ema and self.variant != "dynacl":
+            raise ValueError("ema (DynACL's momentum encoder) is for variant 'dynacl' only")
+        if self.authors_augment is None:
+            self.authors_augment = self.variant in DUAL_BN
         if self.variant in DUAL_BN and self.method != "simclr":
             raise ValueError(f"variant {self.variant!r} is SimCLR's (ACL and DynACL as published): method 'simclr'")
         if self.clean_view_loss and self.detach_anchor:
@@ -247,15 +270,21 @@ def pretrain(data: ImageData, config: PretrainConfig, *, device: str | torch.dev
     device = torch.device(device)
     # The package's own memory: in image coordinates moved with the crops (warm_warp), else as the view saw it.
     memory = PerturbationMemory(num_samples=data.x_train.shape[0], device=device) if config.warm_start else None
+    cluster_on = None
+    if config.authors_augment and data.kind != "digits":
+        options.setdefault("augment", authors_augment())
     if config.variant not in DUAL_BN:
         result = _pretrain(data, config, device=device, step=harness_step(config, memory), **options)
     else:
-        prepare = add_dual_batch_norm
+        prepare = add_dual_batch_norm_and_ema if config.ema else add_dual_batch_norm
         result = _pretrain(data, config, device=device, step=harness_step(config), prepare=prepare, **options)
+        if config.ema:  # the authors evaluate the momentum encoder, and cluster its clean branch for LP-AFT
+            cluster_on = batch_norm_branch(result.model.ema.backbone, "clean")
+            result.encoder = result.model.ema.backbone
         keep_adversarial_batch_norm(result.model)  # the encoder evaluated downstream: ACL's adversarial branch
     if config.lp_aft:
         start = time.perf_counter()
-        result.encoder, pseudo = lp_aft(result.encoder, data, config, device)
+        result.encoder, pseudo = lp_aft(result.encoder, data, config, device, cluster_on=cluster_on)
         seconds = time.perf_counter() - start
         result.seconds += seconds  # every baseline's cost, post-processing included, counts in the budgets
         purity = pseudo_label_purity(pseudo, data.y_train)  # after the stage: a diagnostic, not training input
@@ -271,11 +300,17 @@ def pseudo_label_purity(pseudo: Tensor, labels: Tensor) -> float:
 
 
 def lp_aft(
-    encoder: nn.Module, data: ImageData, config: PretrainConfig, device: torch.device
+    encoder: nn.Module,
+    data: ImageData,
+    config: PretrainConfig,
+    device: torch.device,
+    *,
+    cluster_on: nn.Module | None = None,
 ) -> tuple[nn.Module, Tensor]:
     """DynACL++'s post-processing: k-means pseudo labels, a linear probe on them, then TRADES on encoder and probe.
 
-    Labels are never read: the pseudo labels cluster the training features into as many groups as the
+    Labels are never read: the pseudo labels cluster the training features (of ``cluster_on``, default
+    ``encoder``: DynACL's momentum encoder through its clean BatchNorm) into as many groups as the
     dataset has classes (the authors' choice). The fine-tuning is ``robust_reg.finetune.adversarial_finetune``
     with :data:`LP_AFT` from the probe, with the crop-and-flip augmentation of the evaluation's fine-tuning.
     Returns the fine-tuned encoder and the pseudo labels.
@@ -286,7 +321,7 @@ def lp_aft(
     from robust_reg.finetune import adversarial_finetune
     from robust_reg.probe import extract_features, fit_linear_probe
 
-    features, _ = extract_features(encoder, _loader(data.x_train, data.y_train), device=device)
+    features, _ = extract_features(cluster_on or encoder, _loader(data.x_train, data.y_train), device=device)
     k = data.num_classes
     clusters = KMeans(n_clusters=k, n_init=10, random_state=config.seed).fit_predict(features.cpu().numpy())
     pseudo = torch.as_tensor(clusters, dtype=torch.long)
@@ -571,6 +606,46 @@ def add_dual_batch_norm(model: nn.Module) -> None:
         setattr(parent, name, _DualBatchNorm(bn, route))
 
 
+def add_dual_batch_norm_and_ema(model: nn.Module) -> None:
+    """Dual BatchNorm, then ``model.ema``: a momentum copy (no gradient) that routes its BatchNorm with the model."""
+    add_dual_batch_norm(model)
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    for module in ema.modules():
+        if isinstance(module, _DualBatchNorm):
+            module.route = model._dual_bn_route  # one switch for both: adversarial_batch_norm(model) routes the copy
+    model.ema = ema
+
+
+def online_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trained encoder's parameters, in the order of ``model.ema.parameters()``."""
+    return [p for name, p in model.named_parameters() if not name.startswith("ema.")]
+
+
+@torch.no_grad()
+def momentum_update(model: nn.Module, momentum: float = DYNACL_MOMENTUM) -> None:
+    """``ema = m * ema + (1 - m) * online``, parameter by parameter (BatchNorm statistics are the copy's own)."""
+    for online, ema in zip(online_parameters(model), model.ema.parameters(), strict=True):
+        ema.mul_(momentum).add_(online, alpha=1 - momentum)
+
+
+def batch_norm_branch(model: nn.Module, branch: str) -> nn.Module:
+    """A copy of ``model`` with each dual BatchNorm replaced by its ``"clean"`` or ``"adversarial"`` layer."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _DualBatchNorm):
+                setattr(parent, name, getattr(child, branch))
+    return model
+
+
+def authors_augment() -> BatchAugment:
+    """ACL's and DynACL's augmentation at full strength (``RandomResizedCrop(32, scale=(1 - 0.9 s, 1))``, flip,
+    ``ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s)`` with probability 0.8 s, grayscale 0.2 s, in that order; s = 1
+    here, DynACL's annealing lowers it). Remaining difference: ACL resizes bicubically, this bilinearly."""
+    return BatchAugment(scale=(0.1, 1.0), flip=0.5, jitter=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, random_order=True)
+
+
 @contextmanager
 def adversarial_batch_norm(model: nn.Module) -> Iterator[None]:
     """Route ``model``'s dual BatchNorm layers to their adversarial twins inside the block."""
@@ -601,15 +676,21 @@ def acl_ds_step(
 ) -> tuple[Tensor, float]:
     """ACL (dual BN, both views attacked, clean + adversarial NT-Xent); DynACL's weights for ``dynacl``."""
     n = x0.shape[0]
+    target = model.ema if config.ema else model  # DynACL: view 1 through the momentum encoder, attack and loss
+
+    def embed(v0: Tensor, v1: Tensor) -> tuple[Tensor, Tensor]:
+        return model(v0), target(v1)
 
     def objective(v: Tensor) -> Tensor:
-        return model.loss_from_embeddings((v[:n], v[n:]), (model(v[:n]), model(v[n:]))).expand(2 * n)
+        return model.loss_from_embeddings((v[:n], v[n:]), embed(v[:n], v[n:])).expand(2 * n)
 
     with adversarial_batch_norm(model), preserved_state(model, eval_mode=True):  # the authors attack in eval mode
         x = torch.cat([x0, x1])
         adv = projected_gradient_ascent(objective, x, threat, steps=config.acl_steps, step_size=threat.epsilon / 4)
-    clean = model.loss_from_embeddings((x0, x1), (model(x0), model(x1)))
+    clean = model.loss_from_embeddings((x0, x1), embed(x0, x1))
     with adversarial_batch_norm(model):
-        robust = model.loss_from_embeddings((adv[:n], adv[n:]), (model(adv[:n]), model(adv[n:])))
+        robust = model.loss_from_embeddings((adv[:n], adv[n:]), embed(adv[:n], adv[n:]))
+    if config.ema:
+        momentum_update(model)  # after the forwards, before the optimizer's step, as train_DynACL.py does
     w = dynacl_weight(epoch, config.epochs) if config.variant == "dynacl" else 1.0
     return ((2 - w) * clean + w * robust) / 2, 0.0

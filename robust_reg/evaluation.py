@@ -630,7 +630,7 @@ def _plan(runnable, threats, strong, strongest, main, big, n: int) -> str:
     checks = [f"{main.name} at eps {big.epsilon:.4g} (the whole range) on {on(main)}"]
     if strong is not None and strong.steps != main.steps:
         checks.insert(0, f"{strong.name} at eps {strongest.epsilon:.4g} on {on(strong)}")
-    return f"evaluation plan: {'; '.join(parts)}; sanity checks: {'; '.join(checks)}"
+    return f"  evaluation plan: {'; '.join(parts)}; sanity checks: {'; '.join(checks)}"
 
 
 def _model_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[SanityCheck]:

@@ -477,7 +477,6 @@ class RobustnessRegularizer(nn.Module):
             ``out.adversarial_features`` into the SSL loss as the view's embedding.
             With ``return_adversarial=False``, the value (scalar) alone.
         """
-        self._check_positive(x, positive, features)
         self._check_call(encoder, x, features, positive)
         _check_start(start, x)
         if memory is not None or index is not None or geometry is not None:

@@ -9,13 +9,17 @@ from torch import nn
 pytest.importorskip("lightly")
 
 from harness import (  # noqa: E402
+    DYNACL_MOMENTUM,
     PretrainConfig,
     _DualBatchNorm,
     acl_ds_step,
     add_dual_batch_norm,
+    add_dual_batch_norm_and_ema,
     adversarial_batch_norm,
+    authors_augment,
     dynacl_weight,
     keep_adversarial_batch_norm,
+    online_parameters,
     pretrain,
     pseudo_label_purity,
 )
@@ -169,3 +173,145 @@ def test_pseudo_label_purity_counts_each_clusters_most_common_class():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     # cluster 0 holds classes 0, 0, 1 (2 agree); cluster 1 holds 1, 2, 2 (2 agree)
     assert pseudo_label_purity(torch.tensor([0, 0, 0, 1, 1, 1]), labels) == pytest.approx(4 / 6)
+
+
+# DynACL as its authors train it (PKU-ML/DYNACL train_DynACL.py, assign_label.py; ACL's train_simCLR.py).
+
+
+def dynacl_model() -> nn.Module:
+    model = simclr()
+    add_dual_batch_norm_and_ema(model)
+    return model.train()
+
+
+def test_the_momentum_encoder_gets_no_gradient_and_moves_by_the_momentum_rule():
+    model = dynacl_model()
+    with torch.no_grad():  # make the two encoders differ, as after some training
+        for p in online_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+    online_before = [p.detach().clone() for p in online_parameters(model)]
+    ema_before = [p.detach().clone() for p in model.ema.parameters()]
+    config = PretrainConfig(variant="dynacl", epsilon=8 / 255, acl_steps=1)
+    loss, _ = acl_ds_step(model, ThreatModel(8 / 255), torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config, 0)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.ema.parameters())
+    assert any(p.grad is not None for p in online_parameters(model))
+    for ema, old_ema, old_online in zip(model.ema.parameters(), ema_before, online_before):
+        expected = DYNACL_MOMENTUM * old_ema + (1 - DYNACL_MOMENTUM) * old_online  # from the pre-step weights
+        torch.testing.assert_close(ema.detach(), expected)
+
+
+def test_dynacl_attack_and_loss_see_view_1_through_the_momentum_encoder(monkeypatch):
+    import harness
+
+    model = dynacl_model()
+    x0, x1 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    seen = {"online": [], "ema": []}
+    for name, module in (("online", model), ("ema", model.ema)):
+        real = module.forward
+        monkeypatch.setattr(module, "forward", lambda v, real=real, name=name: seen[name].append(v) or real(v))
+    attacked = {}
+    real_attack = harness.projected_gradient_ascent
+
+    def spy(objective, x, threat, **kwargs):
+        attacked["online"], attacked["ema"] = len(seen["online"]), len(seen["ema"])
+        adv = real_attack(objective, x, threat, **kwargs)
+        attacked["adv"] = adv
+        attacked["during"] = (len(seen["online"]) - attacked["online"], len(seen["ema"]) - attacked["ema"])
+        return adv
+
+    monkeypatch.setattr(harness, "projected_gradient_ascent", spy)
+    config = PretrainConfig(variant="dynacl", epsilon=8 / 255, acl_steps=2)
+    acl_ds_step(model, ThreatModel(8 / 255), x0, x1, config, epoch=0)
+    assert attacked["during"] == (2, 2)  # each ascent step: view 0 online, view 1 through the copy
+    adv = attacked["adv"]
+    loss_calls = seen["ema"][attacked["ema"] + 2 :]
+    assert torch.equal(loss_calls[0], x1) and torch.equal(loss_calls[1], adv[8:])  # the clean and adversarial loss
+    assert torch.equal(seen["online"][-2], x0) and torch.equal(seen["online"][-1], adv[:8])
+
+
+def test_the_momentum_copy_routes_its_batch_norm_with_the_model():
+    model = dynacl_model()
+    duals = [m for m in model.ema.modules() if isinstance(m, _DualBatchNorm)]
+    with adversarial_batch_norm(model):
+        model.ema(torch.rand(4, 3, 16, 16))
+    assert duals and all(d.adversarial.num_batches_tracked == 1 and d.clean.num_batches_tracked == 0 for d in duals)
+
+
+def test_dynacl_evaluates_the_momentum_encoder_and_acl_the_trained_one():
+    config = PretrainConfig(variant="dynacl", epochs=1, batch_size=16, epsilon=8 / 255, acl_steps=1)
+    result = pretrain(tiny_data(), config, progress_bar=False)
+    assert result.encoder is result.model.ema.backbone
+    assert result.summary()["config"]["ema"] is True
+    acl = pretrain(tiny_data(), PretrainConfig(variant="acl-ds", epochs=1, batch_size=16, acl_steps=1))
+    assert acl.encoder is acl.model.backbone and not hasattr(acl.model, "ema")
+
+
+def test_ema_is_dynacls_alone():
+    with pytest.raises(ValueError, match="ema"):
+        PretrainConfig(variant="acl-ds", ema=True)
+    assert PretrainConfig(variant="dynacl", ema=False).ema is False  # 0.2's rows, for comparison
+
+
+def test_lp_aft_clusters_the_momentum_encoders_clean_branch(monkeypatch):
+    import harness
+
+    from robust_reg.finetune import FinetuneSchedule
+
+    clustered = {}
+
+    class Spy:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def fit_predict(self, features):
+            clustered["features"] = torch.as_tensor(features)
+            return (torch.arange(len(features)) % self.kwargs["n_clusters"]).numpy()
+
+    import sklearn.cluster
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", Spy)
+    monkeypatch.setattr(harness, "LP_AFT", FinetuneSchedule(epochs=1, lr=0.01, steps=1, batch_size=16))
+    built = {}
+    real_branch = harness.batch_norm_branch
+
+    def branch(model, which):
+        built[which] = real_branch(model, which)
+        return built[which]
+
+    monkeypatch.setattr(harness, "batch_norm_branch", branch)
+    data = tiny_data()
+    config = PretrainConfig(variant="dynacl", epochs=1, batch_size=16, epsilon=8 / 255, acl_steps=1, lp_aft=True)
+    pretrain(data, config, progress_bar=False)
+    clean = built["clean"].eval()
+    with torch.no_grad():
+        expected = torch.cat([clean(data.x_train[i : i + 500]).flatten(1) for i in range(0, 32, 500)])
+    torch.testing.assert_close(clustered["features"], expected)
+
+
+def test_the_authors_augmentation_at_full_strength():
+    augment = authors_augment()
+    assert augment.scale == (0.1, 1.0) and augment.ratio == (3 / 4, 4 / 3) and augment.flip == 0.5
+    assert (augment.jitter, augment.hue, augment.jitter_p, augment.gray_p) == (0.4, 0.1, 0.8, 0.2)
+    assert augment.random_order
+
+
+def test_the_authors_augmentation_anneals_as_dynacl_reloads_it():
+    weak = authors_augment().with_strength(0.5)
+    assert weak.scale == pytest.approx((0.55, 1.0))  # 1 - 0.9 s
+    assert (weak.jitter, weak.hue, weak.jitter_p, weak.gray_p) == pytest.approx((0.2, 0.05, 0.4, 0.1))
+    assert weak.random_order and weak.flip == 0.5
+
+
+@pytest.mark.parametrize("variant, expected", [("acl-ds", True), ("dynacl", True), ("robust", False), ("plain", False)])
+def test_the_peers_train_with_their_authors_augmentation_and_the_rest_with_the_shared_recipe(variant, expected):
+    assert PretrainConfig(variant=variant).authors_augment is expected
+
+
+def test_hue_jitter_matches_torchvision():
+    tf = pytest.importorskip("torchvision.transforms.v2.functional")
+    from robust_reg.experiments.augment import _shift_hue
+
+    x = torch.rand(3, 3, 8, 8)
+    for shift in (0.1, -0.25):
+        torch.testing.assert_close(_shift_hue(x, torch.full((3,), shift)), tf.adjust_hue(x, shift), atol=1e-5, rtol=0)
