@@ -26,6 +26,17 @@ wall-clock budget: the median training time of the recommended configuration
     python benchmarks/compare.py --dataset cifar10 --download   # GPU, ResNet-18
     python benchmarks/compare.py --quick            # smoke run (tests use it)
 
+Every setting is chosen on a validation split: by default the runs train on the training images
+less a fixed, class-balanced 14 % held out (660 of the CIFAR-10 subset's 4,660) and are scored on
+those held-out images (``--split validation``). ``--split test`` trains on every training image and
+scores on the test images: for the record's reruns only, never with ``--light-eval`` (a screen).
+The results say which split scored them.
+
+With several seeds, each table is followed by the paired differences against a reference row
+(``--paired-reference``, default the recommended configuration): per seed, the difference in robust
+and clean accuracy (the runs share seeds), their mean and 95 % t-interval over seeds; a row is
+"above" or "below" the reference only when the interval excludes zero, else "level".
+
 Writes results.json, results.md, accuracy_vs_eps.png and bound_vs_loss.png to
 ``--out`` (default ``benchmarks/results/compare-<dataset>``).
 """
@@ -105,6 +116,44 @@ BUDGETS = {
     "simclr+robust-reg[eps=0.15]": ("simclr-acl-lite[eps=0.15]",),
 }
 BUDGET_TOLERANCE = 0.05  # a run within 5 % of the budget already is an equal-budget run
+# The validation split: the share of each class's training images held out (660 of the subset's 4,660), drawn once
+# by a generator of this seed, whatever the run's seed.
+VALIDATION_FRACTION = 660 / 4660
+VALIDATION_SEED = 20261205
+
+
+def validation_split(data):
+    """``data`` with a fixed, class-balanced share of its training images held out as the images scored.
+
+    The model trains on the rest; the test images are not used. The same images are held out in every run.
+    """
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    held = []
+    for c in range(data.num_classes):
+        members = (data.y_train == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        held.append(members[: round(VALIDATION_FRACTION * len(members))])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(data.y_train), dtype=torch.bool)
+    keep[held] = False
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[keep],
+        y_train=data.y_train[keep],
+        x_test=data.x_train[held],
+        y_test=data.y_train[held],
+    )
+
+
+def split_note(report: dict) -> str:
+    """Which images scored the report's runs."""
+    split = report.get("split")
+    if split == "validation":
+        n = report.get("validation_images", "a share")
+        return f"Scored on the validation split: {n} training images held out (never trained on), not the test images."
+    if split == "test":
+        return "Scored on the test images (a record run: no setting was chosen on them)."
+    return "Scored on the test images (a run made before the validation split existed)."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,6 +214,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--finetune-schedule", default="cpu", choices=["cpu", "paper"], help="the ALF/AFF schedule")
     p.add_argument("--finetune-epochs", type=int, default=None, help="override the ALF/AFF schedule's epochs")
+    p.add_argument(
+        "--split",
+        choices=["validation", "test"],
+        default="validation",
+        help="validation (default): train on the training images less a fixed 14 %% held out, score on those; "
+        "test: train on all of them and score on the test images (record reruns only; never with --light-eval)",
+    )
+    p.add_argument(
+        "--paired-reference",
+        default=None,
+        metavar="METHOD",
+        help="the row the paired differences are taken against (default: the recommended configuration)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run: subset of data, 1 epoch, 1 seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
@@ -588,7 +650,11 @@ def write_outputs(report: dict, out: Path) -> str:
     run = report["runs"][0]["robustness"]
     aa = [r["num_samples"] for r in run["results"] if r["attack"] == "AutoAttack"]
     samples = f"{pgd} on {run['num_samples']} test images" + (f", AutoAttack on the first {aa[0]}. " if aa else ". ")
-    md = [markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
+    md = [split_note(report), markdown(rows, epsilons, f"Same epochs — {title}", pgd, samples_note=samples)]
+    reference = report.get("paired_reference")
+    paired = paired_markdown(report["runs"], max(epsilons), reference)
+    if paired:
+        md.append(paired)
     protocols = protocols_markdown(rows, max(epsilons))
     if protocols:
         md.append(protocols)
@@ -601,6 +667,9 @@ def write_outputs(report: dict, out: Path) -> str:
         note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)
+        paired = paired_markdown(report["budget_runs"], max(epsilons), reference, "Equal budget")
+        if paired:
+            md.append(paired)
         headline = headline_markdown(rows, report["budget_summary"], max(epsilons), pgd)
         (out / "headline.md").write_text(headline + "\n")
     md.append(
@@ -629,10 +698,86 @@ def write_outputs(report: dict, out: Path) -> str:
     return text
 
 
+def paired_differences(runs: list[dict], eps: float, reference: str | None = None) -> list[dict]:
+    """Each row against ``reference`` (default: the first robust-reg row), paired by seed: per-seed differences
+    in robust and clean accuracy, their mean, the 95 % t-interval over seeds and the verdict."""
+    names = list(dict.fromkeys(r["method"] for r in runs))
+    if reference is None:
+        reference = next((n for n in names if parse_method(n)[:2] in (("simclr", "robust"), ("byol", "robust"))), None)
+    base = {r["seed"]: r for r in runs if r["method"] == reference and r.get("budget_reference") in (None, reference)}
+    if reference is None or not base:
+        return []
+    rows = []
+    for name, budget in dict.fromkeys((r["method"], r.get("budget_reference")) for r in runs):
+        if name == reference:
+            continue
+        pairs = [(r, base[r["seed"]]) for r in runs if (r["method"], r.get("budget_reference")) == (name, budget)]
+        pairs = [(a, b) for a, b in pairs if b is not None and _robust(a, eps) is not None]
+        if not pairs:
+            continue
+        robust = [_robust(a, eps) - _robust(b, eps) for a, b in pairs]
+        clean = [a["robustness"]["clean_accuracy"] - b["robustness"]["clean_accuracy"] for a, b in pairs]
+        label = name if budget in (None, name) else f"{name} (budget of {budget})"
+        rows.append(
+            {
+                "method": label,
+                "reference": reference,
+                "seeds": [a["seed"] for a, _ in pairs],
+                "robust": _interval(robust),
+                "clean": _interval(clean),
+            }
+        )
+    return rows
+
+
+def _interval(differences: list[float]) -> dict:
+    """Mean, 95 % t-interval over seeds and the verdict ("level" unless the interval excludes zero)."""
+    from scipy.stats import t
+
+    n, mean = len(differences), statistics.fmean(differences)
+    if n < 2:
+        return {"per_seed": differences, "mean": mean, "low": None, "high": None, "verdict": "level (one seed)"}
+    half = t.ppf(0.975, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    verdict = "above" if mean - half > 0 else "below" if mean + half < 0 else "level"
+    return {"per_seed": differences, "mean": mean, "low": mean - half, "high": mean + half, "verdict": verdict}
+
+
+def paired_markdown(runs: list[dict], eps: float, reference: str | None = None, title: str = "Same epochs") -> str:
+    """The paired differences as a table (empty with fewer than two seeds)."""
+    rows = paired_differences(runs, eps, reference)
+    if not rows or max(len(r["seeds"]) for r in rows) < 2:
+        return ""
+
+    def cells(d: dict) -> list[str]:
+        seeds = ", ".join(f"{100 * v:+.1f}" for v in d["per_seed"])
+        interval = "n/a" if d["low"] is None else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        return [seeds, f"{100 * d['mean']:+.1f}", interval, d["verdict"]]
+
+    head = ["method", "robust, per seed", "mean", "95 % interval", "robust", "clean, per seed", "mean", "95 % interval"]
+    head += ["clean"]
+    lines = [
+        f"#### {title}: paired differences against {rows[0]['reference']} (points, @{_eps_label(eps)})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join([row["method"], *cells(row["robust"]), *cells(row["clean"])]) + " |")
+    lines += [
+        "",
+        "Per seed, the row's accuracy minus the reference's on the same seed; the 95 % interval is the mean's "
+        "t-interval over seeds. **above**/**below** only when it excludes zero, else **level**.",
+    ]
+    return "\n".join(lines)
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report from runs of the same benchmark on other seeds (e.g. one process per seed)."""
     if len(reports) == 1:
         return reports[0]
+    splits = {report.get("split", "test") for report in reports}
+    if len(splits) > 1:
+        raise SystemExit(f"--render: the results were scored on different splits ({', '.join(sorted(splits))})")
     merged = {**reports[0], "runs": [], "budget_runs": [], "budget_seconds": {}}
     for report in reports:
         merged["runs"] += report["runs"]
@@ -663,7 +808,13 @@ def main(argv: list[str] | None = None) -> dict:
         references = budgets(names, args.budget_reference)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if args.split == "test" and args.light_eval:
+        raise SystemExit(
+            "--split test scores on the test images: a screen (--light-eval) never does; screen on --split validation"
+        )
     data = load_dataset(args.dataset, root=args.data_root, download=args.download, path=args.data_path)
+    if args.split == "validation":
+        data = validation_split(data)
     epochs = args.epochs or training_defaults(data)["epochs"]
     modes = tuple(dict.fromkeys(["slf", *(m.strip() for m in args.protocols.split(",") if m.strip())]))
     eval_config = EvalConfig.for_data(
@@ -701,6 +852,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "seeds": seeds,
         "epochs": epochs,
+        "split": args.split,
+        **({"validation_images": int(data.y_test.numel())} if args.split == "validation" else {}),
+        "paired_reference": args.paired_reference,
         "eval": eval_config.__dict__,
         "runs": [],
         "budget_runs": [],
@@ -708,6 +862,10 @@ def main(argv: list[str] | None = None) -> dict:
     previous_seconds = 0.0
     if args.resume:
         done = label_budget_runs(json.loads(Path(args.resume).read_text()))
+        if done.get("split", "test") != args.split:
+            raise SystemExit(
+                f"--resume: {args.resume} was scored on the {done.get('split', 'test')} split, not {args.split}"
+            )
         report.update(runs=done["runs"], budget_runs=done.get("budget_runs", []))
         report["command"] = done["command"] + " (resumed: " + report["command"] + ")"
         previous_seconds = done.get("elapsed_seconds", 0.0)

@@ -771,3 +771,68 @@ def test_the_headline_table_shows_our_rows_and_every_peer_at_the_equal_budget(tm
     names = [line.split(" | ")[0][2:] for line in table[2:]]
     assert names == ["simclr", "simclr+robust-reg", "simclr+robust-reg[anneal_augment=true]", "simclr-dynacl"]
     assert table[-1].split(" | ")[1] == "12"  # the peer at its equal-budget epochs, not its 30-epoch run
+
+
+# The fair-peers protocol: settings chosen on a validation split, comparisons with their uncertainty.
+
+
+def test_the_validation_split_holds_out_a_fixed_class_balanced_share_of_the_training_images():
+    from robust_reg.experiments.data import ImageData
+
+    compare = load_compare()
+    y = torch.arange(4660) % 10
+    x = torch.arange(4660, dtype=torch.float32).view(-1, 1, 1, 1)  # each image names its index
+    data = ImageData("subset", x, y, torch.zeros(846, 1, 1, 1), torch.zeros(846, dtype=torch.long), 10, "cifar10")
+    split = compare.validation_split(data)
+    assert (split.x_train.shape[0], split.x_test.shape[0]) == (4000, 660)
+    assert torch.bincount(split.y_test, minlength=10).tolist() == [66] * 10
+    held, kept = set(split.x_test.flatten().tolist()), set(split.x_train.flatten().tolist())
+    assert not held & kept and len(held | kept) == 4660  # no test image used, no training image scored
+    again = compare.validation_split(data)
+    assert torch.equal(again.x_test, split.x_test)  # the same images every run, whatever the seed
+
+
+def test_a_screen_never_scores_on_the_test_split():
+    compare = load_compare()
+    with pytest.raises(SystemExit, match="--split test scores on the test images: a screen"):
+        compare.main(["--split", "test", "--light-eval", "--methods", "simclr", "--out", "unused"])
+
+
+def test_the_results_say_which_split_scored_them():
+    compare = load_compare()
+    assert "validation split: 660 training images held out" in compare.split_note(
+        {"split": "validation", "validation_images": 660}
+    )
+    assert "a record run" in compare.split_note({"split": "test"})
+    assert "before the validation split existed" in compare.split_note({})
+
+
+def fake_run(method: str, seed: int, robust: float, clean: float) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "robustness": {"clean_accuracy": clean, "robust_accuracy": [{"epsilon": 0.1, "accuracy": robust}]},
+    }
+
+
+def test_paired_differences_call_a_row_above_or_below_only_when_the_interval_excludes_zero():
+    compare = load_compare()
+    runs = [fake_run("simclr+robust-reg", s, r, 0.4) for s, r in enumerate([0.070, 0.080, 0.075])]
+    runs += [fake_run("simclr-dynacl", s, r, 0.41) for s, r in enumerate([0.060, 0.069, 0.066])]  # below each seed
+    runs += [fake_run("simclr-acl-ds", s, r, 0.40) for s, r in enumerate([0.090, 0.060, 0.080])]  # mixed
+    rows = {r["method"]: r for r in compare.paired_differences(runs, 0.1)}
+    assert rows["simclr-dynacl"]["reference"] == "simclr+robust-reg"
+    assert rows["simclr-dynacl"]["robust"]["per_seed"] == pytest.approx([-0.010, -0.011, -0.009])
+    assert rows["simclr-dynacl"]["robust"]["verdict"] == "below"
+    assert rows["simclr-acl-ds"]["robust"]["verdict"] == "level"
+    assert rows["simclr-acl-ds"]["robust"]["low"] < 0 < rows["simclr-acl-ds"]["robust"]["high"]
+    table = compare.paired_markdown(runs, 0.1)
+    assert "paired differences against simclr+robust-reg" in table and "| below |" in table
+
+
+def test_paired_differences_pair_runs_by_seed_not_by_order():
+    compare = load_compare()
+    runs = [fake_run("simclr+robust-reg", 0, 0.10, 0.4), fake_run("simclr+robust-reg", 1, 0.20, 0.4)]
+    runs += [fake_run("simclr", 1, 0.25, 0.4), fake_run("simclr", 0, 0.15, 0.4)]
+    (row,) = compare.paired_differences(runs, 0.1)
+    assert row["seeds"] == [1, 0] and row["robust"]["per_seed"] == pytest.approx([0.05, 0.05])
