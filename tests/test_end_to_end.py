@@ -91,6 +91,18 @@ def load_compare():
     return module
 
 
+def test_compare_smoke_trains_scores_and_writes_tables_and_plots(tmp_path):
+    """The fast form of the next test (the default suite): two rows, the same outputs."""
+    compare = load_compare()
+    methods = ["simclr", "simclr+robust-reg"]
+    report = compare.main(["--quick", "--no-progress", "--methods", ",".join(methods), "--out", str(tmp_path)])
+    assert [r["method"] for r in report["runs"]] == methods and report["split"] == "validation"
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| simclr") == 2 and "**robust** @0.1" in table and "validation split" in table
+    assert is_png(tmp_path / "accuracy_vs_eps.png") and is_png(tmp_path / "bound_vs_loss.png")
+
+
+@pytest.mark.slow  # about 100 s on 2 cores: every default row; the smoke test above keeps the default suite fast
 def test_compare_quick_runs_every_method_and_writes_tables_and_plots(tmp_path):
     compare = load_compare()
     report = compare.main(["--quick", "--no-progress", "--out", str(tmp_path)])
@@ -133,6 +145,19 @@ def test_full_mnist_benchmark_meets_the_targets(tmp_path):
     assert all(row["checks_passed"] == row["seeds"] for row in rows.values())
 
 
+def test_overhead_benchmark_smoke_times_every_configuration_against_plain(tmp_path):
+    """The fast form of the next test: timing only, one repeat, no memory subprocesses."""
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    out = tmp_path / "overhead.json"
+    args = ["--models", "cnn", "--repeats", "1", "--warmup", "0", "--batch-size-cnn", "8", "--device", "cpu"]
+    overhead.main([*args, "--no-memory", "--out", str(out)])
+    cnn = json.loads(out.read_text())["models"]["cnn"]
+    assert set(cnn["time"]) == set(overhead.CONFIGS) and cnn["time_ratio"]["plain"] == 1.0
+
+
+@pytest.mark.slow  # about 80 s on 2 cores (one subprocess per configuration for the memory figures)
 def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
     spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
     overhead = importlib.util.module_from_spec(spec)
