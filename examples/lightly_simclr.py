@@ -37,7 +37,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import v2 as T2
 
-from robust_reg import crop_geometry, estimate_bound, fit_linear_probe
+from robust_reg import ThreatModel, crop_geometry, estimate_bound, fit_linear_probe
 from robust_reg.experiments.models import conv_encoder
 from robust_reg.integrations.lightly import robustify
 
@@ -228,9 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000, num_workers=args.workers)
     head = fit_linear_probe(encoder, probe_loader, num_classes=10)
     # The first 1,000 test images; the test set is normalised, so pass the mean/std: eps stays in pixel units.
-    report = estimate_bound(
-        encoder, head, test_loader, epsilon=epsilon, steps=20, mean=stats["mean"], std=stats["std"], max_batches=1
-    )
+    threat = ThreatModel(epsilon, mean=stats["mean"], std=stats["std"])
+    report = estimate_bound(encoder, head, test_loader, threat=threat, steps=20, max_batches=1)
     print(report)
 
 

@@ -45,10 +45,15 @@ def _default_views(
     return functools.partial(_view_at, field=field, index=0), f"batch[{field}][0]", positive_view, positive_description
 
 
-# The regulariser's own keywords, read from its signature (mean/std come from the adapters' normalisation;
-# epsilon, norm and bounds go to the ThreatModel).
-REGULARIZER_KEYS = tuple(
-    name for name in inspect.signature(RobustnessRegularizer.__init__).parameters if name not in ("self", "mean", "std")
+# The regulariser's own keywords, read from its signature, and bounds (the adapters build the ThreatModel from
+# epsilon, norm, bounds and their normalisation, and hand it over as threat=).
+REGULARIZER_KEYS = (
+    *(
+        name
+        for name, parameter in inspect.signature(RobustnessRegularizer.__init__).parameters.items()
+        if name not in ("self", "threat") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ),
+    "bounds",
 )
 
 
@@ -623,7 +628,7 @@ class AdapterConfig:
     def regularizer(self) -> RobustnessRegularizer:
         """A new regulariser: the recommended form on the embedding, the paper's on a submodule."""
         options = {"form": "embedding" if self.embedding else "backbone", **self.regularizer_options}
-        regularizer = RobustnessRegularizer.from_threat_model(self.threat, **options)
+        regularizer = RobustnessRegularizer(threat=self.threat, **options)
         if regularizer.ascent == "positive" and self.view is not None and self.positive_view is None:
             raise ValueError(
                 "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "

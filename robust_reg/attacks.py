@@ -513,6 +513,48 @@ class ThreatModel:
         return delta + step_size * grad / norms.clamp_min(torch.finfo(grad.dtype).tiny)
 
 
+_LEGACY_THREAT = ("mean", "std", "bounds")
+
+
+def resolve_threat(
+    threat: ThreatModel | None,
+    epsilon: float | None,
+    norm: str | None,
+    legacy: dict,
+    *,
+    where: str,
+    epsilon_name: str = "epsilon",
+    stacklevel: int = 3,
+) -> ThreatModel:
+    """The ``ThreatModel`` of a public function's ``threat=`` / ``epsilon=`` / ``norm=`` (the shorthand), with
+    0.2's ``mean=``, ``std=``, ``bounds=`` still accepted for one minor release (a ``DeprecationWarning``).
+
+    ``legacy`` holds the function's other keyword arguments: anything but those three is a ``TypeError``.
+    """
+    unknown = sorted(set(legacy) - set(_LEGACY_THREAT))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(unknown)}")
+    old = {k: legacy[k] for k in _LEGACY_THREAT if k in legacy}
+    if old:
+        spelled = ", ".join(f"{k}=" for k in old)
+        warnings.warn(
+            f"{where}({spelled}...) is deprecated since 0.3.0 and goes in 0.4.0; pass "
+            f"threat=ThreatModel({epsilon_name}, {', '.join(f'{k}=...' for k in old)})",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+    if threat is None:
+        if epsilon is None:
+            raise TypeError(f"{where}() needs {epsilon_name}= (the radius) or threat= (a ThreatModel)")
+        return ThreatModel(epsilon, norm=norm or "linf", **old)
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    clash = [name for name, value in ((epsilon_name, epsilon), ("norm", norm), *old.items()) if value is not None]
+    if clash:
+        raise TypeError(f"{where}(): {', '.join(clash)} come from threat=; do not pass them too")
+    return threat
+
+
 def projected_gradient_ascent(
     objective: Callable[[Tensor], Tensor],
     x: Tensor,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from .attacks import (
     _check_steps,
     pgd_attack,
     projected_gradient_ascent,
+    resolve_threat,
 )
 
 __all__ = ["BoundReport", "RobustnessCurve", "estimate_bound", "robustness_curve", "linear_head_lipschitz"]
@@ -178,19 +179,18 @@ def estimate_bound(
     head: nn.Module,
     loader: Iterable,
     *,
-    epsilon: float,
-    norm: str = "linf",
+    epsilon: float | None = None,
+    threat: ThreatModel | None = None,
+    norm: str | None = None,
     steps: int = 20,
     step_size: float | None = None,
     random_start: bool = True,
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0),
     lipschitz: float | None = None,
     device: str | torch.device | None = None,
     max_batches: int | None = None,
     progress_bar: bool = False,
     adversarial_inputs: Tensor | None = None,
+    **deprecated: object,
 ) -> BoundReport:
     """Estimate the downstream bound ``E max loss(h(f(x'))) <= E loss(h(f(x))) + L * R_eps(f)`` for ``head``.
 
@@ -211,19 +211,17 @@ def estimate_bound(
     Args:
         encoder: Backbone ``f``; its output is flattened per sample.
         head: Downstream head on the flattened features, usually an ``nn.Linear``.
-        loader: Yields ``(x, y, ...)`` batches of test data, ``x`` normalised with
-            ``mean``/``std`` if given.
-        epsilon: Radius of the threat ball, a fraction of the pixel range (``8 / 255``).
-        norm: ``"linf"`` or ``"l2"``.
+        loader: Yields ``(x, y, ...)`` batches of test data, ``x`` normalised as ``threat`` says.
+        epsilon: Radius of the threat ball, a fraction of the pixel range (``8 / 255``): the shorthand
+            for ``threat=ThreatModel(epsilon, norm=norm)``.
+        threat: The whole ball instead (radius, norm, the inputs' ``mean``/``std`` and ``bounds``).
+        norm: With ``epsilon``: ``"linf"`` (default) or ``"l2"``.
         steps: Steps of the PGD attack and of the deviation ascent.
         step_size: Step length (default ``2.5 * epsilon / steps``).
         random_start: Random start for both ascents. Without it the deviation
             ascent cannot leave ``x`` (the deviation's gradient is zero there), so
             ``R_eps`` rests on the PGD points' displacement alone: still a lower
             estimate, a weaker one.
-        mean: Normalisation mean already applied to ``x``.
-        std: Normalisation std already applied to ``x``.
-        bounds: Valid pixel range.
         lipschitz: Lipschitz constant of the loss in the features, required if
             ``head`` is not an ``nn.Linear``.
         device: Where to run (default: the encoder's device).
@@ -254,7 +252,8 @@ def estimate_bound(
         >>> report.adversarial_loss <= report.bound + 1e-6
         True
     """
-    threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+    threat = resolve_threat(threat, epsilon, norm, deprecated, where="estimate_bound")
+    epsilon = threat.epsilon
     steps, step_size = _check_steps(steps), _check_step_size(step_size)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
@@ -390,7 +389,8 @@ def robustness_curve(
     adversarial_inputs: Mapping[float, Tensor] | None = None,
     **kwargs,
 ) -> RobustnessCurve:
-    """``estimate_bound`` at each eps in ``epsilons`` (same keyword arguments).
+    """``estimate_bound`` at each eps in ``epsilons`` (same keyword arguments; a ``threat=`` gives the norm,
+    normalisation and bounds, its radius replaced by each eps).
 
     ``adversarial_inputs`` maps an eps to PGD examples already found for the
     loader's samples (see ``estimate_bound``); the other eps run the attack.
@@ -410,7 +410,10 @@ def robustness_curve(
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
     found = dict(adversarial_inputs or {})
     reused = lambda eps: next((v for e, v in found.items() if math.isclose(e, eps)), None)  # noqa: E731
+    threat = kwargs.pop("threat", None)
+    radius = lambda eps: {"epsilon": eps} if threat is None else {"threat": replace(threat, epsilon=eps)}  # noqa: E731
     reports = tuple(
-        estimate_bound(encoder, head, loader, epsilon=eps, adversarial_inputs=reused(eps), **kwargs) for eps in epsilons
+        estimate_bound(encoder, head, loader, **radius(eps), adversarial_inputs=reused(eps), **kwargs)
+        for eps in epsilons
     )
     return RobustnessCurve(reports)

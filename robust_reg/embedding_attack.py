@@ -17,7 +17,6 @@ similarity-weighted votes, on training features and labels) changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import flat, module_device
-from .attacks import ThreatModel, projected_gradient_ascent
+from .attacks import ThreatModel, projected_gradient_ascent, resolve_threat
 
 __all__ = ["EmbeddingAttack", "embedding_attack", "knn_predict"]
 
@@ -123,15 +122,14 @@ def embedding_attack(
     encoder: nn.Module,
     x: Tensor,
     *,
-    epsilon: float,
-    norm: str = "linf",
+    epsilon: float | None = None,
+    threat: ThreatModel | None = None,
+    norm: str | None = None,
     steps: int = 20,
     step_size: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 500,
     seed: int = 0,
+    **deprecated: object,
 ) -> EmbeddingAttack:
     """PGD on the squared deviation of the encoder's features from the clean ones; no labels needed.
 
@@ -141,14 +139,13 @@ def embedding_attack(
 
     Args:
         encoder: The backbone; its output is flattened per sample.
-        x: Inputs in model space (normalised with ``mean``/``std`` if given).
-        epsilon: Radius of the ball, a fraction of the pixel range (``8 / 255``).
-        norm: ``"linf"`` or ``"l2"``.
+        x: Inputs in model space (normalised as ``threat`` says).
+        epsilon: Radius of the ball, a fraction of the pixel range (``8 / 255``): the shorthand for
+            ``threat=ThreatModel(epsilon, norm=norm)``.
+        threat: The whole ball instead (radius, norm, the inputs' ``mean``/``std`` and ``bounds``).
+        norm: With ``epsilon``: ``"linf"`` (default) or ``"l2"``.
         steps: PGD steps.
         step_size: Step length (default ``2.5 * epsilon / steps``).
-        mean: Normalisation mean already applied to ``x``.
-        std: Normalisation std already applied to ``x``.
-        bounds: Valid pixel range.
         batch_size: Samples per attack batch.
         seed: Seed of the random starts and of the random-perturbation floor.
 
@@ -166,7 +163,7 @@ def embedding_attack(
         >>> result.mean >= result.random_mean
         True
     """
-    threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+    threat = resolve_threat(threat, epsilon, norm, deprecated, where="embedding_attack")
     threat.check_inputs(x, "x")
     device = module_device(encoder)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, progress
-from .attacks import ThreatModel, _check_step_size, _check_steps, check_radius, pgd_attack
+from .attacks import ThreatModel, _check_step_size, _check_steps, check_radius, pgd_attack, resolve_threat
 from .sanity_checks import (
     SanityCheck,
     gradients_are_nonzero,
@@ -475,15 +475,13 @@ def evaluate_robustness(
     x: Tensor,
     y: Tensor,
     *,
-    epsilons: Sequence[float],
+    epsilons: Sequence[float] | None = None,
+    threat: ThreatModel | None = None,
     attacks: Sequence[Attack] | None = None,
-    norm: str = "linf",
+    norm: str | None = None,
     check_steps: int = 100,
     large_epsilon: float | None = None,
     large_epsilon_max_accuracy: float = 0.02,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0),
     num_classes: int | None = None,
     batch_size: int = 500,
     seed: int = 0,
@@ -501,19 +499,19 @@ def evaluate_robustness(
 
     Args:
         model: Maps inputs (model space) to logits; e.g. ``LinearProbeClassifier``.
-        x: Test inputs in model space (normalised with ``mean``/``std`` if given).
+        x: Test inputs in model space (normalised as ``threat`` says).
         y: Test labels.
-        epsilons: Radii to evaluate, fractions of the pixel range (``8 / 255``) whatever ``bounds`` are.
+        epsilons: Radii to evaluate, fractions of the pixel range (``8 / 255``) whatever ``bounds`` are
+            (default with ``threat``: its radius alone).
+        threat: The ball's norm, the inputs' normalisation (``mean``/``std``) and pixel range
+            (``bounds``), as a ``ThreatModel``; its radius is replaced by each of ``epsilons``.
         attacks: Attack specs, e.g. ``[PGD(20), AutoAttack(samples=200), Square(queries=1000)]``.
             Default: ``default_attacks`` (AutoAttack and Square only if torchattacks is installed).
-        norm: ``"linf"`` or ``"l2"``.
+        norm: Without ``threat``: ``"linf"`` (default) or ``"l2"``.
         check_steps: Steps of the stronger PGD of the "more steps" check.
         large_epsilon: The eps at which accuracy must fall to about 0 (default:
             the whole valid range, 1.0 for L-inf, ``sqrt(d)`` for L2).
         large_epsilon_max_accuracy: The largest accuracy that counts as "about 0".
-        mean: Normalisation mean already applied to ``x``.
-        std: Normalisation std already applied to ``x``.
-        bounds: Valid pixel range.
         num_classes: Number of classes (default: ``y.max() + 1``).
         batch_size: Samples per attack batch.
         seed: Seed of the attacks' randomness (the caller's RNG state, CPU and CUDA, is left as it was).
@@ -521,8 +519,9 @@ def evaluate_robustness(
         log: Called with one line per finished attack (accuracy, samples, seconds), e.g. ``print``.
         keep_adversarial: Keep every attack's adversarial inputs (``adversarial_inputs``), e.g. for
             ``estimate_bound`` to reuse.
-        **deprecated: The 0.1.0 flags ``pgd_steps``, ``autoattack``, ``autoattack_samples``, ``square``,
-            ``square_queries``, ``square_samples`` (a ``DeprecationWarning``; use ``attacks``).
+        **deprecated: 0.2's ``mean``, ``std``, ``bounds`` (use ``threat``) and the 0.1.0 flags
+            ``pgd_steps``, ``autoattack``, ``autoattack_samples``, ``square``, ``square_queries``,
+            ``square_samples`` (use ``attacks``), each with a ``DeprecationWarning``.
 
     Returns:
         A ``RobustnessEvaluation``; ``print`` it for a table that flags failed checks.
@@ -542,7 +541,8 @@ def evaluate_robustness(
         >>> ev.robust_accuracy(0.1) <= ev.accuracy("PGD-5", 0.1) <= ev.clean_accuracy
         True
     """
-    threats = _threats(epsilons, norm, bounds, mean, std)
+    legacy = {k: deprecated.pop(k) for k in ("mean", "std", "bounds") if k in deprecated}
+    threats = _threats(epsilons, threat, norm, legacy)
     attacks = _attacks_from_flags(deprecated) if deprecated else (default_attacks() if attacks is None else attacks)
     runnable, skipped = _available(attacks)
     strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
@@ -578,14 +578,19 @@ def evaluate_robustness(
     return replace(ev, checks=tuple(checks + model_checks))
 
 
-def _threats(epsilons: Sequence[float], norm: str, bounds, mean, std) -> list[ThreatModel]:
+def _threats(epsilons: Sequence[float] | None, threat: ThreatModel | None, norm, legacy: dict) -> list[ThreatModel]:
     """One threat model per reported eps, each checked for a unit mistake (named ``epsilons``)."""
-    if isinstance(epsilons, (int, float)) or len(epsilons) == 0:
+    if epsilons is None and threat is not None:
+        epsilons = [threat.epsilon]
+    if epsilons is None or isinstance(epsilons, (int, float)) or len(epsilons) == 0:
         raise ValueError(f"epsilons must be a non-empty sequence of floats, got {epsilons!r}")
+    kind = threat.norm if isinstance(threat, ThreatModel) else norm or "linf"
     for eps in epsilons:
-        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and isinstance(norm, str):
-            check_radius(float(eps), norm.lower(), "epsilons")
-    return [ThreatModel(eps, norm=norm, bounds=bounds, mean=mean, std=std) for eps in epsilons]
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and isinstance(kind, str):
+            check_radius(float(eps), kind.lower(), "epsilons")
+    first = None if threat is not None else epsilons[0]
+    base = resolve_threat(threat, first, norm, legacy, where="evaluate_robustness", stacklevel=4)
+    return [replace(base, epsilon=eps) for eps in epsilons]
 
 
 def _check_data(x: Tensor, y: Tensor, threats: list[ThreatModel]) -> None:

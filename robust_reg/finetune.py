@@ -22,7 +22,7 @@ touches the caller's encoder: ALF never updates it, and AFF trains a copy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._state import preserved_state
 from ._utils import module_device, unpack_batch
-from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
+from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent, resolve_threat
 from .evaluation import LinearProbeClassifier
 from .probe import extract_features
 
@@ -101,8 +101,7 @@ ALF_CPU = FinetuneSchedule(epochs=10, lr=0.1, milestones=(6, 8), steps=5)
 AFF_CPU = FinetuneSchedule(epochs=10, lr=0.1, milestones=(6, 8), steps=5)
 
 
-def _threat(epsilon: float, norm: str, bounds, mean, std) -> ThreatModel:
-    return ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+
 
 
 def _check_classes(num_classes: int) -> None:
@@ -123,14 +122,13 @@ def fit_adversarial_linear_probe(
     loader: Iterable,
     num_classes: int,
     *,
-    epsilon: float,
-    norm: str = "linf",
+    epsilon: float | None = None,
+    threat: ThreatModel | None = None,
+    norm: str | None = None,
     schedule: FinetuneSchedule = ALF_CPU,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0),
     augment: Callable[[Tensor], Tensor] | None = None,
     device: str | torch.device | None = None,
+    **deprecated: object,
 ) -> nn.Linear:
     """ALF: a linear head trained on adversarial inputs through the frozen encoder.
 
@@ -141,14 +139,13 @@ def fit_adversarial_linear_probe(
 
     Args:
         encoder: The frozen backbone; its output is flattened per sample.
-        loader: Yields ``(x, y, ...)`` training batches (model space: normalised with ``mean``/``std`` if given).
+        loader: Yields ``(x, y, ...)`` training batches (model space: normalised as ``threat`` says).
         num_classes: Number of classes.
-        epsilon: Radius of the training attack, a fraction of the pixel range.
-        norm: ``"linf"`` or ``"l2"``.
+        epsilon: Radius of the training attack, a fraction of the pixel range (the shorthand for
+            ``threat=ThreatModel(epsilon, norm=norm)``).
+        threat: The whole ball instead (radius, norm, the inputs' ``mean``/``std`` and ``bounds``).
+        norm: With ``epsilon``: ``"linf"`` (default) or ``"l2"``.
         schedule: Epochs, SGD settings and PGD steps (default ``ALF_CPU``; the papers': ``ALF_PAPER``).
-        mean: Normalisation mean already applied to the inputs.
-        std: Normalisation std already applied to the inputs.
-        bounds: Valid pixel range.
         augment: Applied to each training batch before the attack (e.g. random crops and flips).
         device: Where to train (default: the encoder's device).
 
@@ -169,7 +166,7 @@ def fit_adversarial_linear_probe(
         Linear(in_features=8, out_features=2, bias=True)
     """
     _check_classes(num_classes)
-    threat = _threat(epsilon, norm, bounds, mean, std)
+    threat = resolve_threat(threat, epsilon, norm, deprecated, where="fit_adversarial_linear_probe")
     device = torch.device(device) if device is not None else module_device(encoder)
     first = next(iter(loader))
     threat.check_inputs(unpack_batch(first)[0], "loader inputs")  # the ball against the data, before any work
@@ -222,16 +219,15 @@ def adversarial_finetune(
     loader: Iterable,
     num_classes: int,
     *,
-    epsilon: float,
-    norm: str = "linf",
+    epsilon: float | None = None,
+    threat: ThreatModel | None = None,
+    norm: str | None = None,
     beta: float = 6.0,
     schedule: FinetuneSchedule = AFF_CPU,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0),
     augment: Callable[[Tensor], Tensor] | None = None,
     device: str | torch.device | None = None,
     head: nn.Linear | None = None,
+    **deprecated: object,
 ) -> LinearProbeClassifier:
     """AFF: TRADES on a copy of the encoder and a new linear head, from the pretrained weights.
 
@@ -244,13 +240,12 @@ def adversarial_finetune(
         encoder: The pretrained backbone (copied).
         loader: Yields ``(x, y, ...)`` training batches (model space).
         num_classes: Number of classes.
-        epsilon: Radius of the training attack, a fraction of the pixel range.
-        norm: ``"linf"`` or ``"l2"``.
+        epsilon: Radius of the training attack, a fraction of the pixel range (the shorthand for
+            ``threat=ThreatModel(epsilon, norm=norm)``).
+        threat: The whole ball instead (radius, norm, the inputs' ``mean``/``std`` and ``bounds``).
+        norm: With ``epsilon``: ``"linf"`` (default) or ``"l2"``.
         beta: TRADES' weight of the robustness term (6 in the papers).
         schedule: Epochs, SGD settings and PGD steps (default ``AFF_CPU``; the papers': ``AFF_PAPER``).
-        mean: Normalisation mean already applied to the inputs.
-        std: Normalisation std already applied to the inputs.
-        bounds: Valid pixel range.
         augment: Applied to each training batch (e.g. random crops and flips).
         device: Where to train (default: the encoder's device).
         head: Start from (a copy of) this head instead of zeros, e.g. a linear probe: linear probing then
@@ -277,7 +272,7 @@ def adversarial_finetune(
     _check_classes(num_classes)
     if not (isinstance(beta, (int, float)) and beta >= 0):
         raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-    threat = _threat(epsilon, norm, bounds, mean, std)
+    threat = resolve_threat(threat, epsilon, norm, deprecated, where="adversarial_finetune")
     device = torch.device(device) if device is not None else module_device(encoder)
     first = next(iter(loader))
     threat.check_inputs(unpack_batch(first)[0], "loader inputs")  # the ball against the data, before any work

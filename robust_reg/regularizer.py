@@ -32,6 +32,7 @@ from .attacks import (
     _step_length,
     _working_pixels,
     projected_gradient_ascent,
+    resolve_threat,
 )
 from .warm_start import PerturbationMemory
 
@@ -205,7 +206,10 @@ class RobustnessRegularizer(nn.Module):
     Args:
         epsilon: Radius of the threat ball, a fraction of the pixel range: ``8 / 255`` is eight
             grey levels for pixels in ``[0, 1]`` and for pixels declared ``bounds=(0, 255)``.
-        norm: ``"linf"`` (sign steps) or ``"l2"`` (normalised-gradient steps).
+            The shorthand for ``threat=ThreatModel(epsilon, norm=norm)``.
+        threat: The whole ball instead: a ``ThreatModel`` with the radius, the norm, the inputs'
+            normalisation (``mean``/``std``) and pixel range (``bounds``).
+        norm: With ``epsilon``: ``"linf"`` (sign steps, the default) or ``"l2"`` (normalised-gradient steps).
         steps: Ascent steps of the inner maximisation (0: random start only).
         step_size: Ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         random_start: Start the ascent from a uniform draw in the ball. ``False``
@@ -218,9 +222,6 @@ class RobustnessRegularizer(nn.Module):
             ``False`` returns the raw mean squared deviation. A batch whose clean
             features are all identical has spread 0; the value is then 0 if the
             deviation is 0 too (a constant encoder) and very large otherwise.
-        mean: Per-channel mean the inputs were normalised with (``None``: none).
-        std: Per-channel std the inputs were normalised with (``None``: none).
-        bounds: Valid pixel range ``(lo, hi)``.
         form: What is regularised, and so the defaults of ``normalize_features``
             and ``ascent``. ``"embedding"`` (default, the measured recommended
             configuration): the encoder is the model whose output the SSL loss
@@ -323,16 +324,14 @@ class RobustnessRegularizer(nn.Module):
 
     def __init__(
         self,
-        epsilon: float,
+        epsilon: float | None = None,
         *,
-        norm: str = "linf",
+        threat: ThreatModel | None = None,
+        norm: str | None = None,
         steps: int = 3,
         step_size: float | None = None,
         random_start: bool = True,
         relative: bool = True,
-        mean: float | Sequence[float] | Tensor | None = None,
-        std: float | Sequence[float] | Tensor | None = None,
-        bounds: tuple[float, float] = (0.0, 1.0),
         form: str = "embedding",
         normalize_features: bool | None = None,
         stochastic_modules: Sequence[type] = (),
@@ -340,9 +339,10 @@ class RobustnessRegularizer(nn.Module):
         gather_distributed: bool = False,
         detach_anchor: bool = False,
         ascent: str | None = None,
+        **deprecated: object,
     ) -> None:
         super().__init__()
-        self.threat = ThreatModel(epsilon, norm=norm, bounds=bounds, mean=mean, std=std)
+        self.threat = resolve_threat(threat, epsilon, norm, deprecated, where="RobustnessRegularizer")
         if form not in _FORMS:
             raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
         self.form = form
@@ -375,20 +375,16 @@ class RobustnessRegularizer(nn.Module):
 
     @classmethod
     def from_threat_model(cls, threat: ThreatModel, **options: object) -> RobustnessRegularizer:
-        """A regulariser over ``threat``'s ball (eps, norm, bounds, normalisation); ``options`` as in ``__init__``.
-
-        Examples:
-            >>> from robust_reg import ThreatModel
-            >>> threat = ThreatModel(8 / 255, mean=(0.5,), std=(0.25,))
-            >>> RobustnessRegularizer.from_threat_model(threat, steps=2).threat == threat
-            True
-        """
+        """Deprecated since 0.3.0 (goes in 0.4.0): ``RobustnessRegularizer(threat=threat, **options)``."""
+        warnings.warn(
+            "RobustnessRegularizer.from_threat_model(threat, ...) is deprecated since 0.3.0 and goes in 0.4.0; "
+            "use RobustnessRegularizer(threat=threat, ...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-        clash = {"epsilon", "norm", "bounds", "mean", "std"} & set(options)
-        if clash:
-            raise TypeError(f"{', '.join(sorted(clash))} come from the threat model; do not pass them too")
-        return cls(threat.epsilon, norm=threat.norm, bounds=threat.bounds, mean=threat.mean, std=threat.std, **options)
+        return cls(threat=threat, **options)
 
     @property
     def epsilon(self) -> float:

@@ -25,16 +25,29 @@ from helpers import assert_unchanged, small_cnn, snapshot
         (dict(epsilon=0.1, norm="l1"), ValueError, "norm"),
         (dict(epsilon=0.1, step_size=0.0), ValueError, "step_size"),
         (dict(epsilon=0.1, step_size=math.nan), ValueError, "step_size"),
-        (dict(epsilon=0.1, bounds=(1.0, 0.0)), ValueError, "bounds"),
-        (dict(epsilon=0.1, bounds=(0.0, math.inf)), ValueError, "bounds"),
-        (dict(epsilon=0.1, std=(0.5, 0.0, 0.5)), ValueError, "std"),
-        (dict(epsilon=0.1, mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), ValueError, "mean and std"),
-        (dict(epsilon=0.1, mean=(0.5, math.nan)), ValueError, "mean"),
+        (dict(), TypeError, "needs epsilon= .* or threat="),
+        (dict(epsilon=0.1, threat=ThreatModel(0.1)), TypeError, "epsilon come from threat="),
+        (dict(threat=0.1), TypeError, "threat must be a ThreatModel"),
     ],
 )
 def test_bad_constructor_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         RobustnessRegularizer(**kwargs, form="backbone")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bounds=(1.0, 0.0)), "bounds"),
+        (dict(bounds=(0.0, math.inf)), "bounds"),
+        (dict(std=(0.5, 0.0, 0.5)), "std"),
+        (dict(mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), "mean and std"),
+        (dict(mean=(0.5, math.nan)), "mean"),
+    ],
+)
+def test_a_bad_ball_is_named_by_the_threat_model(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ThreatModel(0.1, **kwargs)
 
 
 @pytest.fixture
@@ -74,7 +87,7 @@ def good_x():
 )
 def test_bad_call_arguments_are_named_and_change_nothing(model_and_state, reg_kwargs, call, error, match):
     model, before = model_and_state
-    reg = RobustnessRegularizer(0.1, **reg_kwargs, form="backbone")
+    reg = RobustnessRegularizer(threat=ThreatModel(0.1, **reg_kwargs), form="backbone")
     with pytest.raises(error, match=match):
         reg(*call(model))
     assert_unchanged(model, before)

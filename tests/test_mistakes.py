@@ -27,7 +27,7 @@ def test_an_linf_epsilon_in_the_wrong_unit_is_refused_with_the_fix(epsilon):
 
 def test_epsilon_is_a_fraction_of_the_range_so_8_is_refused_with_bounds_0_255_too():
     with pytest.raises(ValueError, match=r"epsilon is a fraction of the input range.*Did you mean epsilon=8/255"):
-        RobustnessRegularizer(8, bounds=(0, 255))
+        RobustnessRegularizer(threat=ThreatModel(8, bounds=(0, 255)))
 
 
 def test_the_bound_and_the_evaluation_refuse_the_wrong_unit_too():
@@ -178,7 +178,7 @@ def test_pixels_in_0_255_with_epsilon_8_over_255_move_by_8_grey_levels():
     model = Scaled()
     torch.manual_seed(1)
     x0, x1 = torch.rand(8, 3, 16, 16) * 255, torch.rand(8, 3, 16, 16) * 255
-    out = RobustnessRegularizer(8 / 255, bounds=(0, 255))(model, x1, positive=model(x0))
+    out = RobustnessRegularizer(threat=ThreatModel(8 / 255, bounds=(0, 255)))(model, x1, positive=model(x0))
     moved = (out.adversarial_inputs - x1).abs().max().item()
     assert 7.9 <= moved <= 8.0 + 1e-4  # eight grey levels in the declared units, not 8/255 of one
 
@@ -188,7 +188,13 @@ def test_the_evaluation_measures_eps_as_a_fraction_of_bounds_too():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     x, y = torch.rand(16, 3, 4, 4) * 255, torch.randint(0, 3, (16,))
     ev = evaluate_robustness(
-        model, x, y, epsilons=[8 / 255], attacks=[PGD(3)], check_steps=5, bounds=(0, 255), keep_adversarial=True
+        model,
+        x,
+        y,
+        threat=ThreatModel(8 / 255, bounds=(0, 255)),
+        attacks=[PGD(3)],
+        check_steps=5,
+        keep_adversarial=True,
     )
     assert (ev.adversarial_inputs("PGD-3", 8 / 255) - x).abs().max() <= 8.0 + 1e-4
 
@@ -197,7 +203,7 @@ def test_raw_pixels_with_a_normalisation_passed_are_refused_naming_the_measured_
     model = Counting(rgb_embedding_model())
     before = snapshot(model)
     x1 = torch.rand(8, 3, 16, 16)  # raw [0, 1]: the model normalises inside
-    reg = RobustnessRegularizer(8 / 255, mean=CIFAR_MEAN, std=CIFAR_STD)
+    reg = RobustnessRegularizer(threat=ThreatModel(8 / 255, mean=CIFAR_MEAN, std=CIFAR_STD))
     with pytest.raises(ValueError, match=r"raw pixel range.*0\.1288 \(32\.9/255\) of your pixels instead of 0\.03137"):
         reg(model, x1, positive=torch.rand(8, 8))
     assert model.calls == 0
@@ -208,7 +214,7 @@ def test_the_evaluation_refuses_raw_pixels_with_a_normalisation_too():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     x, y = torch.rand(16, 3, 4, 4), torch.randint(0, 3, (16,))
     with pytest.raises(ValueError, match="raw pixel range"):
-        evaluate_robustness(model, x, y, epsilons=[8 / 255], attacks=[PGD(3)], mean=CIFAR_MEAN, std=CIFAR_STD)
+        evaluate_robustness(model, x, y, threat=ThreatModel(8 / 255, mean=CIFAR_MEAN, std=CIFAR_STD), attacks=[PGD(3)])
 
 
 def test_views_normalised_with_other_statistics_warn_naming_the_measured_ball():
@@ -216,7 +222,7 @@ def test_views_normalised_with_other_statistics_warn_naming_the_measured_ball():
     model = rgb_embedding_model()
     torch.manual_seed(1)
     x0, x1 = ((torch.rand(16, 3, 16, 16) - 0.5) / 0.5 for _ in range(2))  # lightly's mean = std = 0.5
-    reg = RobustnessRegularizer(8 / 255, mean=imagenet[0], std=imagenet[1])  # the adapter's assumption
+    reg = RobustnessRegularizer(threat=ThreatModel(8 / 255, mean=imagenet[0], std=imagenet[1]))  # the assumption
     with pytest.warns(UserWarning, match=r"the ball is about 0\.068\d* \(17\.\d/255\) of their pixels, not"):
         reg(model, x1, positive=model(x0))
 
@@ -224,7 +230,7 @@ def test_views_normalised_with_other_statistics_warn_naming_the_measured_ball():
 def test_the_ball_warning_is_said_once_per_regularizer():
     model = rgb_embedding_model()
     x0, x1 = ((torch.rand(16, 3, 16, 16) - 0.5) / 0.5 for _ in range(2))
-    reg = RobustnessRegularizer(8 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    reg = RobustnessRegularizer(threat=ThreatModel(8 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

@@ -95,13 +95,18 @@ def test_reused_features_give_the_same_value_and_gradients(images, norm):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:epsilon=.* a very small ball")  # wide bounds, so nothing is clipped
 def test_linear_encoder_deviation_matches_eps_times_spectral_norm():
     # For f(x) = A x and an L2 ball the worst deviation is eps * ||A||_2 exactly.
     torch.manual_seed(0)
     A = torch.randn(10, 30)
     eps = 0.5
     reg = RobustnessRegularizer(
-        eps / 2e3, norm="l2", steps=20, step_size=eps / 2e3, relative=False, bounds=(-1e3, 1e3), form="backbone"
+        threat=ThreatModel(eps / 2e3, norm="l2", bounds=(-1e3, 1e3)),
+        steps=20,
+        step_size=eps / 2e3,
+        relative=False,
+        form="backbone",
     )
     reg(lambda v: v @ A.T, torch.randn(64, 30))
     expected = eps * torch.linalg.matrix_norm(A, ord=2)
@@ -123,7 +128,7 @@ def test_normalised_inputs_give_the_same_value_as_pixel_inputs():
     plain = seeded(lambda: RobustnessRegularizer(0.05, steps=3, form="backbone")(pixel_encoder, pixels).loss)
     normalised = seeded(
         lambda: (
-            RobustnessRegularizer(0.05, steps=3, mean=mean, std=std, form="backbone")(
+            RobustnessRegularizer(threat=threat, steps=3, form="backbone")(
                 model_space_encoder, threat.to_model(pixels)
             ).loss
         )

@@ -35,20 +35,28 @@ def test_from_transform_validates_epsilon_by_name():
         ThreatModel.from_transform(None, -1.0)
 
 
-def test_regularizer_from_threat_model_uses_the_whole_ball():
+def test_the_regularizer_takes_the_whole_ball_as_threat():
     threat = ThreatModel(0.1, norm="l2", bounds=(-1.0, 1.0), mean=(0.5,), std=(0.25,))
-    reg = RobustnessRegularizer.from_threat_model(threat, steps=2)
+    reg = RobustnessRegularizer(threat=threat, steps=2)
     assert reg.threat == threat and reg.steps == 2
 
 
-def test_regularizer_from_threat_model_refuses_a_second_epsilon():
-    with pytest.raises(TypeError, match="epsilon"):
-        RobustnessRegularizer.from_threat_model(ThreatModel(0.1), epsilon=0.2)
+def test_a_threat_and_a_second_epsilon_or_norm_are_refused():
+    with pytest.raises(TypeError, match="epsilon come from threat="):
+        RobustnessRegularizer(0.2, threat=ThreatModel(0.1))
+    with pytest.raises(TypeError, match="norm come from threat="):
+        RobustnessRegularizer(threat=ThreatModel(0.1), norm="l2")
 
 
-def test_regularizer_from_threat_model_needs_a_threat_model():
-    with pytest.raises(TypeError, match="threat"):
-        RobustnessRegularizer.from_threat_model(0.1)
+def test_the_threat_must_be_a_threat_model():
+    with pytest.raises(TypeError, match="threat must be a ThreatModel"):
+        RobustnessRegularizer(threat=0.1)
+
+
+def test_from_threat_model_still_works_and_warns_with_the_new_spelling():
+    threat = ThreatModel(0.1, mean=(0.5,), std=(0.25,))
+    with pytest.warns(DeprecationWarning, match=r"use RobustnessRegularizer\(threat=threat, ...\)"):
+        assert RobustnessRegularizer.from_threat_model(threat, steps=2).threat == threat
 
 
 def test_lightly_adapter_builds_its_ball_with_from_transform():

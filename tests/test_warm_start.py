@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, crop_geometry
+from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
 
 from helpers import Counting, small_cnn
 
@@ -17,14 +17,17 @@ def batch(n=8, seed=0):
     return small_cnn(), torch.rand(n, 1, 28, 28) * 0.8 + 0.1, torch.rand(n, 16)
 
 
-def positive_reg(**options):
-    return RobustnessRegularizer(0.1, steps=2, step_size=0.03, ascent="positive", normalize_features=True, **options)
+def positive_reg(threat=None, **options):
+    epsilon = None if threat is not None else 0.1
+    return RobustnessRegularizer(
+        epsilon, threat=threat, steps=2, step_size=0.03, ascent="positive", normalize_features=True, **options
+    )
 
 
 def test_the_memory_holds_where_each_ascent_ended_in_pixel_units():
     encoder, x, positive = batch()
     mean, std = (0.4,), (0.2,)
-    reg = positive_reg(mean=mean, std=std)
+    reg = positive_reg(threat=ThreatModel(0.1, mean=mean, std=std))
     model_x = (x - 0.4) / 0.2
     memory, index = PerturbationMemory(), torch.tensor([3, 0, 9, 4, 7, 1, 12, 5])
     out = reg(encoder, model_x, positive=positive, memory=memory, index=index)

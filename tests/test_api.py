@@ -1,0 +1,120 @@
+"""The public API's shape: one threat object taken by everything that attacks or bounds; 0.2's spellings warn."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from robust_reg import RobustnessRegularizer, ThreatModel, estimate_bound, robustness_curve
+from robust_reg.embedding_attack import embedding_attack
+from robust_reg.evaluation import PGD, evaluate_robustness
+from robust_reg.finetune import FinetuneSchedule, adversarial_finetune, fit_adversarial_linear_probe
+
+PUBLIC_MODULES = (
+    "robust_reg",
+    "robust_reg.evaluation",
+    "robust_reg.finetune",
+    "robust_reg.embedding_attack",
+    "robust_reg.bound",
+    "robust_reg.corruptions",
+    "robust_reg.probe",
+    "robust_reg.attacks",
+)
+ATTACKS_OR_BOUNDS = (
+    RobustnessRegularizer,
+    evaluate_robustness,
+    estimate_bound,
+    embedding_attack,
+    fit_adversarial_linear_probe,
+    adversarial_finetune,
+)
+
+
+def public_callables():
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", ()):
+            obj = getattr(module, attr)
+            if callable(obj):
+                yield f"{name}.{attr}", obj
+
+
+def test_no_public_signature_repeats_mean_std_and_bounds():
+    repeated = [
+        name
+        for name, obj in public_callables()
+        if {"mean", "std", "bounds"} <= set(inspect.signature(obj).parameters) and obj is not ThreatModel
+    ]
+    assert not repeated, f"these spell the threat out again: {repeated}"
+
+
+@pytest.mark.parametrize("function", ATTACKS_OR_BOUNDS, ids=lambda f: f.__name__)
+def test_everything_that_attacks_or_bounds_takes_threat_and_the_epsilon_shorthand(function):
+    parameters = inspect.signature(function).parameters
+    assert "threat" in parameters and ("epsilon" in parameters or "epsilons" in parameters)
+
+
+def linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(16, 1, 4, 4, generator=g), torch.arange(16) % 2
+
+
+OLD = dict(mean=(0.5,), std=(0.25,))
+
+
+def normalised():
+    x, y = data()
+    return (x - 0.5) / 0.25, y
+
+
+def cases():
+    schedule = FinetuneSchedule(epochs=1, lr=0.01, steps=1, batch_size=16)
+    return {
+        "RobustnessRegularizer": lambda **kw: RobustnessRegularizer(form="backbone", **kw).threat,
+        "evaluate_robustness": lambda **kw: (
+            evaluate_robustness(linear(), *normalised(), attacks=[PGD(1)], check_steps=2, **kw).clean_accuracy
+        ),
+        "estimate_bound": lambda **kw: estimate_bound(nn.Flatten(), nn.Linear(16, 2), [normalised()], steps=1, **kw),
+        "embedding_attack": lambda **kw: embedding_attack(linear()[:2], normalised()[0], steps=1, **kw).mean,
+        "fit_adversarial_linear_probe": lambda **kw: (
+            fit_adversarial_linear_probe(nn.Flatten(), [normalised()], 2, schedule=schedule, **kw).weight.shape
+        ),
+        "adversarial_finetune": lambda **kw: type(
+            adversarial_finetune(linear()[:2], [normalised()], 2, schedule=schedule, **kw)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_the_0_2_spelling_still_works_and_warns_naming_threat(name):
+    call = cases()[name]
+    epsilon = {"epsilons": [0.05]} if name == "evaluate_robustness" else {"epsilon": 0.05}
+    with pytest.warns(DeprecationWarning, match=r"deprecated since 0\.3\.0 .* threat=ThreatModel\(epsilon, mean=..."):
+        call(**epsilon, **OLD)
+    new = call(threat=ThreatModel(0.05, **OLD))
+    assert new is not None
+
+
+def test_robustness_curve_takes_a_threat_and_replaces_its_radius():
+    x, y = normalised()
+    curve = robustness_curve(nn.Flatten(), nn.Linear(16, 2), [(x, y)], [0.0, 0.05], threat=ThreatModel(0.1, **OLD))
+    assert curve.epsilons == [0.0, 0.05]
+
+
+def test_evaluate_robustness_with_a_threat_alone_reports_its_radius():
+    ev = evaluate_robustness(linear(), *normalised(), threat=ThreatModel(0.05, **OLD), attacks=[PGD(1)], check_steps=2)
+    assert ev.epsilons == (0.05,)
+
+
+def test_unknown_keywords_are_still_type_errors():
+    with pytest.raises(TypeError, match="unexpected keyword argument.*colour"):
+        estimate_bound(nn.Flatten(), nn.Linear(16, 2), [data()], epsilon=0.05, colour="red")
