@@ -41,7 +41,7 @@ from robust_reg.methods import METHOD_SETTINGS
 
 from ._wrap import REGULARIZER_KEYS, UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
 
-__all__ = ["robustify", "is_robustified", "solo_normalization", "EMBEDDING_KEYS"]
+__all__ = ["robustify", "is_robustified", "solo_normalization", "threat_from_config", "EMBEDDING_KEYS"]
 
 # solo-learn 1.0.6's method classes that robust_reg knows (read from their ``training_step``s).
 _SOLO_METHODS = (
@@ -98,12 +98,50 @@ def _config_block(cfg: Any) -> dict[str, Any]:
     return block
 
 
+def threat_from_config(
+    cfg: Any,
+    *,
+    epsilon: float | None = None,
+    norm: str | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> ThreatModel:
+    """The ball of a solo-learn pretraining config.
+
+    ``epsilon``, ``norm`` and ``bounds`` come from the arguments, else from the
+    config's ``robust_reg`` block, else 8/255, ``"linf"``, ``(0, 1)``. The
+    normalisation is what solo-learn's own ``build_transform_pipeline`` applies
+    for ``cfg.data.dataset`` and ``cfg.augmentations[0]`` (solo-learn must be
+    importable).
+
+    Raises:
+        ValueError: If ``cfg`` has no ``data.dataset`` or ``augmentations``.
+    """
+    block = getattr(cfg, "robust_reg", None) or {}
+    get = block.get if hasattr(block, "get") else (lambda k, d=None: getattr(block, k, d))
+    try:
+        dataset = cfg.data.dataset
+        augmentation = cfg.augmentations[0]
+    except (AttributeError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(
+            "cfg must be a solo-learn pretrain config with data.dataset and augmentations to tell the input "
+            f"normalisation ({err}); or build ThreatModel(epsilon, mean=..., std=...) directly"
+        ) from err
+    from solo.data.pretrain_dataloader import build_transform_pipeline
+
+    return ThreatModel.from_transform(
+        build_transform_pipeline(dataset, augmentation),
+        epsilon if epsilon is not None else get("epsilon", 8 / 255),
+        norm=norm if norm is not None else get("norm", "linf"),
+        bounds=tuple(bounds if bounds is not None else get("bounds", (0.0, 1.0))),
+    )
+
+
 def solo_normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The (mean, std) solo-learn's transform pipeline applies for this config (``None``: no normalisation).
 
-    Read through ``robust_reg.ThreatModel.from_solo_config``, so it follows whatever solo-learn does.
+    Read through ``threat_from_config``, so it follows whatever solo-learn does.
     """
-    threat = ThreatModel.from_solo_config(cfg, epsilon=0.0)
+    threat = threat_from_config(cfg, epsilon=0.0)
     return (threat.mean, threat.std) if threat.normalized else None
 
 
@@ -203,7 +241,7 @@ def robustify(
         normalize=normalize,
         mean=mean,
         std=std,
-        default=lambda eps, norm, bounds: ThreatModel.from_solo_config(cfg, epsilon=eps, norm=norm, bounds=bounds),
+        default=lambda eps, norm, bounds: threat_from_config(cfg, epsilon=eps, norm=norm, bounds=bounds),
     )
     if adapter.get("encoder", "forward") == "forward" and adapter.get("key") is None:
         adapter["key"] = _embedding_key(method)

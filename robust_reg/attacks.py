@@ -226,35 +226,16 @@ class ThreatModel:
         norm: str | None = None,
         bounds: tuple[float, float] | None = None,
     ) -> ThreatModel:
-        """The ball of a solo-learn pretraining config.
-
-        ``epsilon``, ``norm`` and ``bounds`` come from the arguments, else from the
-        config's ``robust_reg`` block, else 8/255, ``"linf"``, ``(0, 1)``. The
-        normalisation is what solo-learn's own ``build_transform_pipeline`` applies
-        for ``cfg.data.dataset`` and ``cfg.augmentations[0]`` (solo-learn must be
-        importable).
-
-        Raises:
-            ValueError: If ``cfg`` has no ``data.dataset`` or ``augmentations``.
-        """
-        block = getattr(cfg, "robust_reg", None) or {}
-        get = block.get if hasattr(block, "get") else (lambda k, d=None: getattr(block, k, d))
-        try:
-            dataset = cfg.data.dataset
-            augmentation = cfg.augmentations[0]
-        except (AttributeError, KeyError, IndexError, TypeError) as err:
-            raise ValueError(
-                "cfg must be a solo-learn pretrain config with data.dataset and augmentations to tell the input "
-                f"normalisation ({err}); or build ThreatModel(epsilon, mean=..., std=...) directly"
-            ) from err
-        from solo.data.pretrain_dataloader import build_transform_pipeline
-
-        return cls.from_transform(
-            build_transform_pipeline(dataset, augmentation),
-            epsilon if epsilon is not None else get("epsilon", 8 / 255),
-            norm=norm if norm is not None else get("norm", "linf"),
-            bounds=tuple(bounds if bounds is not None else get("bounds", (0.0, 1.0))),
+        """Deprecated since 0.3.0 (goes in 0.4.0): ``robust_reg.integrations.solo_learn.threat_from_config``."""
+        warnings.warn(
+            "ThreatModel.from_solo_config(cfg) is deprecated since 0.3.0 and goes in 0.4.0; use "
+            "robust_reg.integrations.solo_learn.threat_from_config(cfg)",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        from robust_reg.integrations.solo_learn import threat_from_config
+
+        return threat_from_config(cfg, epsilon=epsilon, norm=norm, bounds=bounds)
 
     @property
     def normalized(self) -> bool:

@@ -101,9 +101,6 @@ ALF_CPU = FinetuneSchedule(epochs=10, lr=0.1, milestones=(6, 8), steps=5)
 AFF_CPU = FinetuneSchedule(epochs=10, lr=0.1, milestones=(6, 8), steps=5)
 
 
-
-
-
 def _check_classes(num_classes: int) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -127,21 +127,30 @@ def test_normalisation_is_solo_learns_for_the_configured_dataset():
     assert solo_normalization(cfg100)[0] == pytest.approx((0.5071, 0.4865, 0.4409))
 
 
-def test_threat_model_from_a_solo_config_reads_the_block_and_solo_learns_normalisation():
-    from robust_reg import ThreatModel
+def test_threat_from_a_solo_config_reads_the_block_and_solo_learns_normalisation():
+    from robust_reg.integrations.solo_learn import threat_from_config
 
     cfg = small_cfg("simclr", **{"robust_reg.epsilon": 0.02, "robust_reg.norm": "l2"})
-    threat = ThreatModel.from_solo_config(cfg)
+    threat = threat_from_config(cfg)
     assert (threat.epsilon, threat.norm) == (0.02, "l2")
     assert threat.mean == pytest.approx((0.4914, 0.4822, 0.4465))
-    assert ThreatModel.from_solo_config(cfg, epsilon=0.1).epsilon == 0.1  # arguments win over the block
+    assert threat_from_config(cfg, epsilon=0.1).epsilon == 0.1  # arguments win over the block
 
 
-def test_the_adapter_builds_its_ball_with_threat_model_from_solo_config():
-    from robust_reg import ThreatModel
+def test_the_adapter_builds_its_ball_with_threat_from_config():
+    from robust_reg.integrations.solo_learn import threat_from_config
 
     cfg = small_cfg("simclr", **{"robust_reg.epsilon": 0.02})
-    assert robustify(SimCLR(cfg), cfg=cfg).training_step.regularizer.threat == ThreatModel.from_solo_config(cfg)
+    assert robustify(SimCLR(cfg), cfg=cfg).training_step.regularizer.threat == threat_from_config(cfg)
+
+
+def test_threat_model_from_solo_config_still_works_and_warns():
+    from robust_reg import ThreatModel
+    from robust_reg.integrations.solo_learn import threat_from_config
+
+    cfg = small_cfg("simclr")
+    with pytest.warns(DeprecationWarning, match="threat_from_config"):
+        assert ThreatModel.from_solo_config(cfg) == threat_from_config(cfg)
 
 
 def test_the_method_cfg_is_used_when_none_is_given():
