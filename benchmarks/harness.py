@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -69,6 +70,7 @@ from robust_reg import (
     RegularizerOutput,
     RobustnessRegularizer,
     ThreatModel,
+    WarmStart,
     projected_gradient_ascent,
     ramped_epsilon,
 )
@@ -368,10 +370,7 @@ def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = Non
         if memory is None or epoch_config.variant != "robust":
             return step_loss(model, reg, current["threat"], augment(x), augment(x), epoch_config)
         (x0, theta), x1 = augment(x, return_theta=True), augment(x)
-        warm = {"memory": memory, "index": index}
-        if config.warm_warp:
-            warm["geometry"] = theta
-        return warm_start_step(model, reg, x0, x1, epoch_config, **warm)
+        return warm_start_step(model, reg, x0, x1, epoch_config, memory.at(index, theta if config.warm_warp else None))
 
     return step
 
@@ -391,18 +390,24 @@ def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
 
 
 def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
-    """The regulariser of a variant: on the normalised embedding for ``robust``, on the backbone otherwise."""
-    return RobustnessRegularizer(
-        config.epsilon,
-        norm=config.norm,
-        steps=config.steps,
-        step_size=config.step_size,
-        batch_norm=config.batch_norm,
-        normalize_features=config.variant == "robust",
-        ascent=config.ascent,
-        random_start=config.random_start,
-        detach_anchor=config.detach_anchor,
-    )
+    """The regulariser of a variant: on the normalised embedding for ``robust``, on the backbone otherwise.
+
+    The screens still reach 0.2's options that lost their measurements (``batch_norm``, ``ascent``,
+    ``random_start``, ``normalize_features``) through their deprecated spelling, until 0.4 removes them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"RobustnessRegularizer\(.*deprecated", DeprecationWarning)
+        return RobustnessRegularizer(
+            config.epsilon,
+            norm=config.norm,
+            steps=config.steps,
+            step_size=config.step_size,
+            batch_norm=config.batch_norm,
+            normalize_features=config.variant == "robust",
+            ascent=config.ascent,
+            random_start=config.random_start,
+            detach_anchor=config.detach_anchor,
+        )
 
 
 def step_loss(
@@ -426,7 +431,7 @@ def step_loss(
         reg_term = reg(backbone, x0, features=h0).loss
         return model.loss_from_features((x0, x1), (h0, h1)) + config.robust_weight * reg_term, reg_term.item()
     if config.variant == "advview":
-        out = reg(backbone, x0, features=h0, return_adversarial=True)
+        out = reg(backbone, x0, features=h0)
         ssl = model.loss_from_features((out.adversarial_inputs, x1), (out.adversarial_features, h1))
         return ssl + config.robust_weight * out.loss, out.loss.item()
     return model.loss_from_features((x0, x1), (h0, h1)), 0.0
@@ -454,7 +459,7 @@ def _robust_step(
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
         positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
         features = None if z[i] is None else z[i][:k]
-        out = reg(model, x[:k], features=features, return_adversarial=True, positive=positive)
+        out = reg(model, x[:k], features=features, positive=positive)
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)
@@ -492,15 +497,15 @@ def _perturbed_view0(
     x0: Tensor,
     x1: Tensor,
     config: PretrainConfig,
-    **warm: Tensor | PerturbationMemory,
+    start: WarmStart | None = None,
 ) -> tuple[Tensor, Tensor, RegularizerOutput]:
     """The recommended step's passes for one whole adversarial view: ``(z0, z1, reg(...) on view 0)``,
-    warm-started from ``memory=``/``index=``/``geometry=`` if given (passed on)."""
+    warm-started from ``start`` (``memory.at(index, geometry)``) if given."""
     with torch.set_grad_enabled(not config.detach_anchor):
         z0 = model(x0)
     z1 = model(x1)
     positive = z1.detach() if config.ascent == "positive" else None
-    return z0, z1, reg(model, x0, features=z0, return_adversarial=True, positive=positive, **warm)
+    return z0, z1, reg(model, x0, features=z0, positive=positive, start=start)
 
 
 def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = False) -> Tensor:
@@ -549,11 +554,11 @@ def _positive_anchor_step(
 
 
 def warm_start_step(
-    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, **warm: Any
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig, start: WarmStart
 ) -> tuple[Tensor, float]:
-    """The recommended step with view 0's ascent warm-started from the regulariser's ``memory=``/``index=``
-    (and ``geometry=``: ``warm``) instead of a uniform draw."""
-    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, **warm)
+    """The recommended step with view 0's ascent warm-started from ``start`` (``memory.at(index, geometry)``)
+    instead of a uniform draw."""
+    _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start)
     loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
     return loss, out.loss.item()
 

@@ -165,7 +165,7 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
         def loss() -> torch.Tensor:
-            return warm_start_step(model, reg, x0, x1, recipe, memory=memory, index=index, **warp)[0]
+            return warm_start_step(model, reg, x0, x1, recipe, memory.at(index, warp.get("geometry")))[0]
 
     elif kind == "lightly":
         crops = [_crops(batch_size, device), _crops(batch_size, device)] if options.get("warp") else None

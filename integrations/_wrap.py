@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state, ramped_epsilon
 from robust_reg.attacks import _find_normalize
+from robust_reg.regularizer import _RESEARCH
 
 ViewGetter = Callable[[Any], Tensor]
 
@@ -54,6 +55,7 @@ REGULARIZER_KEYS = (
         if name not in ("self", "threat") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
     ),
     "bounds",
+    *_RESEARCH,  # 0.2's options that lost their measurements: still forwarded (the regulariser warns) until 0.4
 )
 
 
@@ -430,10 +432,12 @@ class _Capture:
         self.busy = False  # the regulariser's own calls go straight to the original forward
 
     def warm_for(self, inputs: Tensor) -> dict[str, Any]:
-        """The warm-start keywords for perturbing ``inputs`` (``x`` or ``other``): its own crops."""
-        if self.crops is None:
-            return self.warm
-        return {**self.warm, "geometry": self.crops[0] if _same(inputs, self.x) else self.crops[1]}
+        """The regulariser's ``start=`` for perturbing ``inputs`` (``x`` or ``other``): the memory at the batch's
+        indices, with that view's own crops (empty without a warm start)."""
+        if not self.warm:
+            return {}
+        geometry = None if self.crops is None else self.crops[0] if _same(inputs, self.x) else self.crops[1]
+        return {"start": self.warm["memory"].at(self.warm["index"], geometry)}
 
     @contextlib.contextmanager
     def installed(self):
@@ -473,7 +477,6 @@ class _Capture:
                     _Target(self.target, None, *rest, pick=step.pick),
                     inputs,
                     positive=self.positive,
-                    return_adversarial=True,
                     **self.warm_for(inputs),
                 )
             finally:
@@ -494,7 +497,6 @@ class _Capture:
                 inputs,
                 features=features,
                 positive=self.positive,
-                return_adversarial=True,
                 **self.warm_for(inputs),
             )
         finally:

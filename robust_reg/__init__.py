@@ -18,7 +18,7 @@ from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lip
 from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
 from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
-from .warm_start import PerturbationMemory, crop_geometry, ramped_epsilon
+from .warm_start import PerturbationMemory, WarmStart, crop_geometry, ramped_epsilon
 
 __version__ = "0.2.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "RobustnessCurve",
     "RobustnessRegularizer",
     "ThreatModel",
+    "WarmStart",
     "crop_geometry",
     "estimate_bound",
     "extract_features",

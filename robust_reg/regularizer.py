@@ -34,7 +34,7 @@ from .attacks import (
     projected_gradient_ascent,
     resolve_threat,
 )
-from .warm_start import PerturbationMemory
+from .warm_start import PerturbationMemory, WarmStart
 
 __all__ = ["RobustnessRegularizer", "RegularizerOutput", "RegularizerStats"]
 
@@ -113,6 +113,29 @@ def _all_gather(t: Tensor) -> Tensor:
 
 
 _ASCENTS = ("deviation", "instance", "positive")
+# 0.2's options that lost their measurements (docs: negative results), out of the public API since 0.3.0: each still
+# works, with a DeprecationWarning, until 0.4.0. What to do instead, for the warning.
+_RESEARCH = {
+    "random_start": "drop it: the random start is the measured default (starting at x was weaker under AutoAttack)",
+    "relative": "drop it: the relative value is the default (the raw deviation can be cheated by shrinking)",
+    "normalize_features": "form= sets it ('embedding': normalised, 'backbone': raw)",
+    "batch_norm": "drop it: batch statistics are the measured default ('running' was no better)",
+    "ascent": "form= sets it ('embedding': the positive ascent, 'backbone': the deviation ascent)",
+}
+
+
+def _research_options(options: dict) -> dict:
+    """Pop 0.2's research options from ``options``, warning once per call that names them."""
+    found = {name: options.pop(name) for name in list(options) if name in _RESEARCH}
+    if found:
+        advice = "; ".join(f"{name}: {_RESEARCH[name]}" for name in found)
+        warnings.warn(
+            f"RobustnessRegularizer({', '.join(f'{n}=' for n in found)}...) is deprecated since 0.3.0 and goes in "
+            f"0.4.0 ({advice})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return found
 # form -> (normalize_features, ascent) defaults. "embedding": the measured recommended configuration, on what the
 # SSL loss compares; "backbone": the paper's quantity R_eps, what estimate_bound measures.
 _FORMS = {"embedding": (True, "positive"), "backbone": (False, "deviation")}
@@ -190,13 +213,8 @@ class RobustnessRegularizer(nn.Module):
       eval-mode network that downstream heads use. If ``features`` came from a
       pass with such layers active, they are recomputed once with the layers off
       (one extra forward; a warning says so once per regulariser).
-    - **BatchNorm uses batch statistics** in train mode (``batch_norm="batch"``,
-      the default), as in the SSL loss, but its running statistics are never
-      updated by these passes. ``batch_norm="running"`` runs BatchNorm layers in
-      eval mode instead (their running statistics, the network a downstream head
-      sees); the clean anchor is then computed the same way, so ``features``
-      from a train-mode pass are recomputed (one extra forward, said once by a
-      warning). Measured side by side (docs: Results): the default stays.
+    - **BatchNorm uses batch statistics** in train mode, as in the SSL loss, but
+      its running statistics are never updated by these passes.
     - No parameter ``.grad`` is written by the ascent; every submodule's mode and
       every ``requires_grad`` flag is restored bit for bit, also when the
       encoder raises.
@@ -212,35 +230,16 @@ class RobustnessRegularizer(nn.Module):
         norm: With ``epsilon``: ``"linf"`` (sign steps, the default) or ``"l2"`` (normalised-gradient steps).
         steps: Ascent steps of the inner maximisation (0: random start only).
         step_size: Ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
-        random_start: Start the ascent from a uniform draw in the ball. ``False``
-            starts it at ``x``; when ``features`` is not given, the clean pass is
-            then the ascent's first forward (one forward fewer per call). Not with
-            ``ascent="deviation"``, whose gradient is zero at ``x``. Cheaper, and
-            measured weaker under AutoAttack (docs: Results), so the recommended
-            configuration keeps the random start.
-        relative: Divide by the batch spread of the clean features (recommended).
-            ``False`` returns the raw mean squared deviation. A batch whose clean
-            features are all identical has spread 0; the value is then 0 if the
-            deviation is 0 too (a constant encoder) and very large otherwise.
-        form: What is regularised, and so the defaults of ``normalize_features``
-            and ``ascent``. ``"embedding"`` (default, the measured recommended
+        form: What is regularised. ``"embedding"`` (default, the measured recommended
             configuration): the encoder is the model whose output the SSL loss
-            compares (SimCLR's projection, BYOL's prediction), L2-normalised, the
-            ascent searching away from the other view's embedding (``positive=``
-            required at each call). ``"backbone"``: the paper's form, the
-            backbone's raw features with the deviation ascent, the quantity
-            ``R_eps`` that ``estimate_bound`` measures (no
+            compares (SimCLR's projection, BYOL's prediction), L2-normalised as a
+            cosine-based loss compares it, the ascent searching away from the other
+            view's embedding (``positive=`` required at each call). ``"backbone"``:
+            the paper's form, the backbone's raw features with the deviation ascent,
+            the quantity ``R_eps`` that ``estimate_bound`` measures (no
             ``positive``); measured far weaker as a training signal.
-        normalize_features: L2-normalise each sample's flattened features before
-            measuring deviation and spread, the way a cosine-based SSL loss
-            (NT-Xent, BYOL, MoCo, DINO) compares its embeddings (``None``: from
-            ``form``). ``adversarial_features`` are returned as the encoder
-            returned them, not normalised.
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
-        batch_norm: ``"batch"`` (batch statistics, running statistics untouched)
-            or ``"running"`` (BatchNorm in eval mode during the regulariser's
-            passes); see the execution policy above.
         gather_distributed: Under ``torch.distributed`` (DDP), average the
             deviation and compute the spread over the global batch of all
             processes (a differentiable all-gather, as lightly's losses do), so
@@ -256,46 +255,32 @@ class RobustnessRegularizer(nn.Module):
             backward is skipped. Cheaper for SimCLR at the same measured robustness;
             it collapses BYOL, whose clean prediction of the perturbed view then
             gets no gradient at all (docs: Results). Off by default.
-
-        ascent: What the inner ascent maximises (``None``: from ``form``).
-            ``"positive"``: the squared distance to ``positive=`` (the other
-            view's embedding, passed to ``forward``, used as a constant): the
-            perturbation undoes what the SSL loss aligns. ``"deviation"``: the
-            squared feature deviation itself. ``"instance"``: the cross-entropy of
-            recognising each perturbed sample among the batch's clean features
-            (cosine / 0.5). Label-free either way; the value is the deviation
-            from the clean features at the point found.
+        **deprecated: 0.2's spellings, each with a ``DeprecationWarning`` until 0.4.0:
+            ``mean=``, ``std=``, ``bounds=`` (pass ``threat=``), and the options that
+            lost their measurements (docs: negative results): ``random_start``,
+            ``relative``, ``normalize_features``, ``batch_norm``, ``ascent``.
 
     Shape:
-        - x: ``(N, ...)``, normalised with ``mean``/``std`` if given.
+        - x: ``(N, ...)``, normalised as ``threat`` says.
         - features: ``(N, ...)``, the encoder's output on ``x``; flattened per sample.
-        - Output: a ``RegularizerOutput`` whose ``loss`` is a scalar (the scalar alone with
-          ``return_adversarial=False``).
+        - Output: a ``RegularizerOutput`` whose ``loss`` is a scalar.
 
     Raises:
-        ValueError: At construction, for a negative or non-finite ``epsilon``, an
-            L-inf ``epsilon`` above half the input range (a unit mistake: ``8``
-            meant ``8/255``), an unknown ``form``,
-            negative ``steps``, a non-positive ``step_size``, an unknown ``norm``,
-            bad ``bounds`` or ``std``, ``random_start=False`` with the deviation
-            ascent. At call time, before any work: ``positive`` missing with
-            ``ascent="positive"`` (the default form; the message gives both ways
-            forward), ``positive`` of another width than the features, an L2
-            ``epsilon`` beyond half the diameter of the input box, a batch of one with
-            ``relative=True``, inputs outside ``bounds`` (after undoing
-            ``mean``/``std``), ``mean``/``std`` with the wrong number of channels,
-            ``features`` with another batch size, non-finite ``features``, a
-            ``start`` not of ``x``'s shape or not finite, an ``index`` that
-            does not fit ``x`` (length, sign, ``num_samples``) or a view of
-            another size than the memory's, ``memory`` without ``index`` (or
-            ``index`` or ``geometry`` without it, or with ``start``), a
-            ``geometry`` not ``(N, 2, 3)``, not finite or with an empty crop,
-            or one given to a memory written without it (or missing where it
-            was given).
-        TypeError: For integer inputs or features, a non-callable encoder, a
-            ``start`` or ``geometry`` that is not a floating-point tensor, a
-            ``memory`` that is not a ``PerturbationMemory`` or
-            an ``index`` that is not an integer tensor.
+        ValueError: At construction: a negative or non-finite ``epsilon``, an
+            L-inf ``epsilon`` above 0.5 (a unit mistake: ``8`` meant ``8/255``),
+            an unknown ``form`` or ``norm``, negative ``steps``, a non-positive
+            ``step_size``. At call time, before any forward: the ball against the
+            batch (``ThreatModel.check_inputs``: inputs outside ``bounds``, raw
+            pixels declared normalised, an L-inf radius given as L2, an L2 radius
+            larger than the input box, channels that do not fit ``mean``/``std``),
+            ``positive`` missing in the embedding form (the message gives both ways
+            forward), equal to ``features`` or of another width, a batch of one,
+            ``features`` of another batch size or not finite, an encoder with no
+            trainable parameter, a ``start`` not of ``x``'s shape or not finite, a
+            warm start whose indices or crops do not fit ``x``.
+        TypeError: Neither ``epsilon`` nor ``threat`` (or both), integer inputs or
+            features, a non-callable encoder, a ``start`` that is neither a
+            floating-point tensor nor a ``PerturbationMemory.at(...)`` warm start.
 
     Examples:
         The recommended form (the default): regularise what the SSL loss compares,
@@ -330,18 +315,17 @@ class RobustnessRegularizer(nn.Module):
         norm: str | None = None,
         steps: int = 3,
         step_size: float | None = None,
-        random_start: bool = True,
-        relative: bool = True,
         form: str = "embedding",
-        normalize_features: bool | None = None,
-        stochastic_modules: Sequence[type] = (),
-        batch_norm: str = "batch",
-        gather_distributed: bool = False,
         detach_anchor: bool = False,
-        ascent: str | None = None,
+        gather_distributed: bool = False,
+        stochastic_modules: Sequence[type] = (),
         **deprecated: object,
     ) -> None:
         super().__init__()
+        research = _research_options(deprecated)
+        random_start, relative = research.get("random_start", True), research.get("relative", True)
+        normalize_features, ascent = research.get("normalize_features"), research.get("ascent")
+        batch_norm = research.get("batch_norm", "batch")
         self.threat = resolve_threat(threat, epsilon, norm, deprecated, where="RobustnessRegularizer")
         if form not in _FORMS:
             raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
@@ -426,60 +410,48 @@ class RobustnessRegularizer(nn.Module):
         x: Tensor,
         features: Tensor | None = None,
         *,
-        return_adversarial: bool = True,
         positive: Tensor | None = None,
-        start: Tensor | None = None,
-        memory: PerturbationMemory | None = None,
-        index: Tensor | None = None,
-        geometry: Tensor | None = None,
-    ) -> Tensor | RegularizerOutput:
+        start: Tensor | WarmStart | None = None,
+        **deprecated: object,
+    ) -> RegularizerOutput:
         """Estimate the regulariser on a batch.
 
         Args:
-            encoder: The backbone ``f`` (an ``nn.Module`` or any callable
-                returning ``(N, ...)`` features). Pass the bare module, not a
-                ``DistributedDataParallel`` wrapper.
+            encoder: The model ``f`` (an ``nn.Module`` or any callable returning
+                ``(N, ...)`` features): in the default form what the SSL loss compares.
+                Pass the bare module, not a ``DistributedDataParallel`` wrapper.
             x: The (augmented) batch, in the space the encoder takes.
             features: ``encoder(x)`` if already computed (reused, not recomputed).
-            return_adversarial: Return a ``RegularizerOutput`` with the
-                deviation-maximising inputs and their features (already computed,
-                so free); ``False`` returns the value alone.
-            positive: With ``ascent="positive"`` (required there, refused
-                otherwise): the features of the other view of each sample, the
-                positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
-                features away from it. Treated as a constant.
-            start: Start the ascent at ``x + start`` instead of the configured
-                start: a perturbation in pixel units, shape of ``x``, projected
-                onto the ball and the valid range. For a warm start (ATTA: Zheng
-                et al., CVPR 2020), pass where each sample's ascent ended before,
-                kept per sample by the training loop: ``out.adversarial_inputs - x``,
-                or with ``mean``/``std`` the difference of both mapped back by
-                ``reg.threat.to_pixels``.
-            memory: A ``PerturbationMemory``: the warm start kept
-                for you. The ascent starts at ``x + memory[index]`` (samples not
-                stored yet start as configured) and the perturbation it ends at, in pixel
-                units, is written back once the call has succeeded. Not with
-                ``start``.
-            index: With ``memory`` (required there, refused otherwise): each
-                sample's index in the training set, a 1-D integer tensor.
-            geometry: With ``memory`` (optional): each view's crop of its image,
-                ``(N, 2, 3)`` matrices from ``crop_geometry``. The
-                memory then keeps each perturbation in image coordinates and moves
-                it with the crop (what the measured +2 form does); give it with
-                every call on that memory or with none.
+            positive: The embedding form's (required there, refused in the backbone
+                form): the other view's embedding of each sample, the positive the
+                SSL loss aligns ``x`` with; the ascent moves ``x``'s features away
+                from it. Treated as a constant. Not ``features`` itself.
+            start: Where the ascent starts instead of a uniform draw in the ball:
+                a perturbation in pixel units, shape of ``x``, projected onto the
+                ball and the valid range; or a warm start kept for you,
+                ``memory.at(index)`` of a ``PerturbationMemory`` (ATTA: Zheng et al.,
+                CVPR 2020): each sample starts where its last ascent ended
+                (samples not stored yet at random), and where this ascent ends is
+                written back once the call has succeeded. ``memory.at(index,
+                geometry)`` with each view's crop (``crop_geometry``) keeps the
+                perturbation in image coordinates and moves it with the crop.
+            **deprecated: 0.2's ``return_adversarial=False`` (use ``out.loss``) and
+                ``memory=``, ``index=``, ``geometry=`` (use
+                ``start=memory.at(index, geometry)``), each with a
+                ``DeprecationWarning`` until 0.4.0.
 
         Returns:
             A ``RegularizerOutput``: ``out.loss`` goes into the loss,
-            ``out.adversarial_features`` into the SSL loss as the view's embedding.
-            With ``return_adversarial=False``, the value (scalar) alone.
+            ``out.adversarial_features`` into the SSL loss in place of the
+            perturbed view's clean embedding.
         """
+        start, value_only = self._legacy_call(start, deprecated)
         self._check_call(encoder, x, features, positive)
-        _check_start(start, x)
-        if memory is not None or index is not None or geometry is not None:
-            self._check_memory(memory, index, start)
-            origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)  # what the perturbation is from
-            fill = (lambda: self.threat.random_start(origin)) if self.random_start else None
-            start = memory.read(index, origin, geometry, fill=fill)  # samples not stored yet start as configured
+        warm = start if isinstance(start, WarmStart) else None
+        if warm is not None:
+            origin, start = self._read_warm_start(warm, x)
+        else:
+            _check_start(start, x)
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = self._make_deterministic(module)
@@ -493,15 +465,50 @@ class RobustnessRegularizer(nn.Module):
             x_adv = self._inner_max(encoder, x, anchor, start, first)
             adv_features = encoder(x_adv)
             value, deviation, per_sample = self._penalty(adv_features, anchor)
-        if memory is not None:  # where each ascent ended, for the next visit of the sample
-            memory.write(index, self.threat.to_pixels(x_adv.detach()) - origin, geometry)
+        if warm is not None:  # where each ascent ended, for the next visit of the sample
+            warm.memory.write(warm.index, self.threat.to_pixels(x_adv.detach()) - origin, warm.geometry)
         self.last_stats = RegularizerStats(
             value=value.detach(),
             mean_squared_deviation=deviation.detach(),
             mean_deviation=per_sample.detach().sqrt().mean(),
             variance=anchor.spread.detach(),
         )
-        return RegularizerOutput(value, x_adv, adv_features) if return_adversarial else value
+        out = RegularizerOutput(value, x_adv, adv_features)
+        return out.loss if value_only else out
+
+    def _legacy_call(self, start: object, deprecated: dict) -> tuple[object, bool]:
+        """0.2's call spellings: ``return_adversarial=`` and ``memory=``/``index=``/``geometry=`` (warned)."""
+        value_only = False
+        if "return_adversarial" in deprecated:
+            value_only = not deprecated.pop("return_adversarial")
+            warnings.warn(
+                "reg(..., return_adversarial=...) is deprecated since 0.3.0 and goes in 0.4.0: the call always "
+                "returns a RegularizerOutput; use out.loss for the value",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        legacy = {k: deprecated.pop(k) for k in ("memory", "index", "geometry") if k in deprecated}
+        if deprecated:
+            raise TypeError(f"forward() got unexpected keyword argument(s) {', '.join(sorted(deprecated))}")
+        if not legacy:
+            return start, value_only
+        warnings.warn(
+            f"reg(..., {', '.join(f'{k}=' for k in legacy)}...) is deprecated since 0.3.0 and goes in 0.4.0; pass "
+            "start=memory.at(index, geometry)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        self._check_memory(legacy.get("memory"), legacy.get("index"), start)
+        return legacy["memory"].at(legacy["index"], legacy.get("geometry")), value_only
+
+    def _read_warm_start(self, warm: WarmStart, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(origin, start)``: the clean pixels the perturbation is from, and each sample's stored perturbation
+        (a uniform draw for samples not stored yet, as without a warm start)."""
+        if not isinstance(warm.memory, PerturbationMemory):
+            raise TypeError(f"start's memory must be a PerturbationMemory, got {type(warm.memory).__name__}")
+        origin = self.threat.to_pixels(x.detach()).clamp(*self.threat.bounds)
+        fill = (lambda: self.threat.random_start(origin)) if self.random_start else None
+        return origin, warm.memory.read(warm.index, origin, warm.geometry, fill=fill)
 
     def _make_deterministic(self, module: nn.Module) -> list[nn.Module]:
         """Put random layers (and BatchNorm with ``batch_norm="running"``) in eval mode for this call's passes

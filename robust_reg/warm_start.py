@@ -5,15 +5,16 @@ Training with Transferable Adversarial Examples" (ATTA), CVPR 2020. Adversarial
 perturbations found for a sample stay adversarial for it one epoch later, so an
 ascent that starts where the last one ended needs fewer steps for the same
 strength. ``PerturbationMemory`` keeps one perturbation per training
-sample; ``RobustnessRegularizer`` reads and updates it when
-called with ``memory=`` and ``index=``. With random crops, pass each view's crop
-too (``geometry=``, built by ``crop_geometry``): the memory then keeps the
-perturbation in image coordinates and moves it with the crop, as ATTA does.
+sample; ``RobustnessRegularizer`` reads and updates it when called with
+``start=memory.at(index)``. With random crops, pass each view's crop too
+(``memory.at(index, geometry)``, built by ``crop_geometry``): the memory then keeps
+the perturbation in image coordinates and moves it with the crop, as ATTA does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,15 +126,26 @@ def _to_image(delta: Tensor, geometry: Tensor, previous: Tensor) -> Tensor:
     return image + (1 - covered) * previous
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """A batch's view of a ``PerturbationMemory``, passed as ``start=`` (made by ``PerturbationMemory.at``).
+
+    The regulariser reads each sample's stored perturbation as its ascent's start and, once the
+    call has succeeded, writes back where the ascent ended.
+    """
+
+    memory: PerturbationMemory
+    index: Tensor
+    geometry: Tensor | None = None
+
+
 class PerturbationMemory:
     """One perturbation per training sample, in pixel units, where its last ascent ended.
 
-    Pass it to ``RobustnessRegularizer`` with each batch's
-    sample indices (``reg(..., memory=memory, index=index)``): the ascent starts
-    at ``x + memory[index]`` (projected onto the ball) instead of a random draw,
-    and the perturbation it ends at is stored back. Samples not stored yet start
-    as the regulariser is configured (a uniform draw in the ball with
-    ``random_start=True``, else ``x``).
+    Pass ``start=memory.at(index)`` to ``RobustnessRegularizer`` with each batch's sample
+    indices: the ascent starts at ``x + memory[index]`` (projected onto the ball)
+    instead of a random draw, and the perturbation it ends at is stored back.
+    Samples not stored yet start as the regulariser does (a uniform draw in the ball).
 
     Where it is kept: without ``geometry``, as the view saw it, so the next
     epoch's crop of the same image gets it as it is. With ``geometry=`` (each
@@ -177,7 +189,7 @@ class PerturbationMemory:
         >>> memory = PerturbationMemory(num_samples=100)
         >>> x0, x1 = torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8)  # two views of a batch
         >>> index = torch.arange(10)  # the dataset yields each sample's index
-        >>> out = reg(model, x1, positive=model(x0), memory=memory, index=index)
+        >>> out = reg(model, x1, positive=model(x0), start=memory.at(index))
         >>> x = x1
         >>> bool(memory.read(index, x).abs().max() <= 0.1 + 1e-6)  # where each ascent ended
         True
@@ -205,6 +217,12 @@ class PerturbationMemory:
         self._stored: Tensor | None = None  # which slots hold a perturbation
         self._frame: str | None = None  # "view" or "image" (with geometry), fixed at the first write
         self._last_read: tuple | None = None  # (index, geometry, checked index, rows as kept) of the last read
+
+    def at(self, index: Tensor, geometry: Tensor | None = None) -> WarmStart:
+        """The warm start of a batch, for ``RobustnessRegularizer``'s ``start=``: ``index`` holds each
+        sample's index in the training set; ``geometry`` each view's crop (``crop_geometry``), to keep
+        the perturbation in image coordinates. Checked against the batch at the call."""
+        return WarmStart(self, index, geometry)
 
     def __repr__(self) -> str:
         shape = None if self._data is None else tuple(self._data.shape[1:])

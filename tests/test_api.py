@@ -118,3 +118,68 @@ def test_evaluate_robustness_with_a_threat_alone_reports_its_radius():
 def test_unknown_keywords_are_still_type_errors():
     with pytest.raises(TypeError, match="unexpected keyword argument.*colour"):
         estimate_bound(nn.Flatten(), nn.Linear(16, 2), [data()], epsilon=0.05, colour="red")
+
+
+def named_parameters(function) -> list[str]:
+    """The parameters a user names (``self`` and the catch-all of 0.2's deprecated spellings left out)."""
+    return [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+
+
+def test_the_regularizer_takes_at_most_9_constructor_and_5_forward_arguments():
+    constructor = named_parameters(RobustnessRegularizer.__init__)
+    forward = named_parameters(RobustnessRegularizer.forward)
+    assert len(constructor) <= 9, constructor
+    assert forward == ["encoder", "x", "features", "positive", "start"]
+
+
+def embedding_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
+
+
+def test_the_common_call_is_unchanged():
+    model, x0, x1 = embedding_model(), torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
+    z0, z1 = model(x0), model(x1)
+    out = RobustnessRegularizer(8 / 255)(model, x1, features=z1, positive=z0)
+    assert out.loss.requires_grad and out.adversarial_features.shape == z1.shape
+
+
+def test_return_adversarial_false_still_returns_the_value_and_warns():
+    model, x0, x1 = embedding_model(), torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
+    with pytest.warns(DeprecationWarning, match="use out.loss"):
+        value = RobustnessRegularizer(0.1)(model, x1, positive=model(x0).detach(), return_adversarial=False)
+    assert isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def test_memory_and_index_still_work_warn_and_match_start_memory_at():
+    from robust_reg import PerturbationMemory
+
+    model, x0, x1 = embedding_model(), torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
+    positive, index = model(x0).detach(), torch.arange(8)
+    old, new = PerturbationMemory(), PerturbationMemory()
+    torch.manual_seed(3)
+    with pytest.warns(DeprecationWarning, match=r"pass start=memory.at\(index, geometry\)"):
+        a = RobustnessRegularizer(0.1)(model, x1, positive=positive, memory=old, index=index)
+    torch.manual_seed(3)
+    b = RobustnessRegularizer(0.1)(model, x1, positive=positive, start=new.at(index))
+    assert torch.equal(a.adversarial_inputs, b.adversarial_inputs)
+    assert torch.equal(old.read(index, x1), new.read(index, x1))
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        (dict(random_start=False), "the random start is the measured default"),
+        (dict(batch_norm="running"), "batch statistics are the measured default"),
+        (dict(ascent="deviation"), "form= sets it"),
+    ],
+)
+def test_an_option_that_lost_its_measurements_still_works_and_warns_what_to_do_instead(option, says):
+    with pytest.warns(DeprecationWarning, match=says):
+        reg = RobustnessRegularizer(0.1, **option)
+    ((name, value),) = option.items()
+    assert getattr(reg, name) == value

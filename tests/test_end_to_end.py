@@ -460,8 +460,8 @@ def test_thewarm_start_steps_first_visit_is_the_recommended_step(detach_anchor, 
     loss, term = step_loss(model, reg, ThreatModel(0.1), x0, x1, config)
     torch.manual_seed(1)
     memory, index = PerturbationMemory(), torch.arange(6)
-    geometry = {"geometry": crop_geometry(torch.tensor([[0, 0, 3, 3]] * 6), (4, 4))} if warp else {}
-    warm_loss, warm_term = warm_start_step(model, reg, x0, x1, config, memory=memory, index=index, **geometry)
+    geometry = crop_geometry(torch.tensor([[0, 0, 3, 3]] * 6), (4, 4)) if warp else None
+    warm_loss, warm_term = warm_start_step(model, reg, x0, x1, config, memory.at(index, geometry))
     assert warm_term == pytest.approx(term, rel=1e-5)
     torch.testing.assert_close(warm_loss, loss)
     params = [p for p in model.parameters() if p.requires_grad]

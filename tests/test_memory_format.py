@@ -90,7 +90,7 @@ def test_warm_start_memory_with_crops_matches_the_contiguous_call():
         index = torch.arange(8)
         torch.manual_seed(2)
         for _ in range(2):  # the second call starts from what the first stored
-            value = reg(encoder, batch, memory=memory, index=index, geometry=geometry).loss
+            value = reg(encoder, batch, start=memory.at(index, geometry)).loss
         results.append((value.detach(), memory.read(index, batch.contiguous(), geometry)))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -367,9 +367,9 @@ def test_a_start_continues_where_the_last_ascent_ended():
     positive = encoder(torch.rand(8, 1, 28, 28)).detach()  # the other view's embedding
     kwargs = dict(step_size=0.02, ascent="positive", normalize_features=True)
     short, long = (RobustnessRegularizer(0.1, steps=n, random_start=False, **kwargs, form="backbone") for n in (2, 4))
-    first = short(encoder, x, positive=positive, return_adversarial=True)
-    warm = short(encoder, x, positive=positive, return_adversarial=True, start=first.adversarial_inputs - x)
-    once = long(encoder, x, positive=positive, return_adversarial=True)
+    first = short(encoder, x, positive=positive)
+    warm = short(encoder, x, positive=positive, start=first.adversarial_inputs - x)
+    once = long(encoder, x, positive=positive)
     torch.testing.assert_close(warm.adversarial_inputs, once.adversarial_inputs)
 
 

@@ -1,4 +1,4 @@
-"""PerturbationMemory and the regulariser's memory=/index=/geometry=: a warm start kept per training sample."""
+"""PerturbationMemory and the regulariser's start=memory.at(index, geometry): a warm start kept per training sample."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_the_memory_holds_where_each_ascent_ended_in_pixel_units():
     reg = positive_reg(threat=ThreatModel(0.1, mean=mean, std=std))
     model_x = (x - 0.4) / 0.2
     memory, index = PerturbationMemory(), torch.tensor([3, 0, 9, 4, 7, 1, 12, 5])
-    out = reg(encoder, model_x, positive=positive, memory=memory, index=index)
+    out = reg(encoder, model_x, positive=positive, start=memory.at(index))
     expected = reg.threat.to_pixels(out.adversarial_inputs) - x
     torch.testing.assert_close(memory.read(index, x), expected, atol=1e-6, rtol=0)
     assert expected.abs().max() > 0.05  # it moved
@@ -39,9 +39,9 @@ def test_the_memory_holds_where_each_ascent_ended_in_pixel_units():
 def test_a_memory_call_starts_where_the_stored_perturbation_says():
     encoder, x, positive = batch()
     reg, memory, index = positive_reg(), PerturbationMemory(num_samples=20), torch.arange(8) * 2
-    reg(encoder, x, positive=positive, memory=memory, index=index)
+    reg(encoder, x, positive=positive, start=memory.at(index))
     stored = memory.read(index, x)
-    warm = reg(encoder, x, positive=positive, memory=memory, index=index)
+    warm = reg(encoder, x, positive=positive, start=memory.at(index))
     given = reg(encoder, x, positive=positive, start=stored)
     assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
     torch.testing.assert_close(memory.read(index, x), given.adversarial_inputs - x, atol=1e-6, rtol=0)
@@ -54,7 +54,7 @@ def test_samples_not_stored_yet_start_as_the_regulariser_is_configured(random_st
     torch.manual_seed(5)
     plain = reg(encoder, x, positive=positive)
     torch.manual_seed(5)
-    cold = reg(encoder, x, positive=positive, memory=PerturbationMemory(), index=torch.arange(8))
+    cold = reg(encoder, x, positive=positive, start=PerturbationMemory().at(torch.arange(8)))
     assert torch.equal(cold.adversarial_inputs, plain.adversarial_inputs)
 
 
@@ -62,7 +62,7 @@ def test_the_deviation_ascent_leaves_x_on_a_samples_first_visit():
     # Its gradient is zero at x: a zero start would store zeros for ever.
     encoder, x, _ = batch()
     memory = PerturbationMemory()
-    RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, x, memory=memory, index=torch.arange(8))
+    RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, x, start=memory.at(torch.arange(8)))
     assert (memory.read(torch.arange(8), x).flatten(1).abs().amax(dim=1) > 0).all()
 
 
@@ -70,10 +70,10 @@ def test_only_the_batchs_samples_are_stored_and_the_memory_grows_to_the_largest_
     encoder, x, positive = batch()
     memory = PerturbationMemory()
     index = torch.tensor([40, 2, 3, 5, 8, 13, 21, 34])
-    positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    positive_reg()(encoder, x, positive=positive, start=memory.at(index))
     assert len(memory) == 41 and memory.sample_shape == (1, 28, 28)
     assert memory.is_stored(torch.tensor([40, 2, 0, 1, 39, 100])).tolist() == [True, True, False, False, False, False]
-    positive_reg()(encoder, x, positive=positive, memory=memory, index=index + 60)
+    positive_reg()(encoder, x, positive=positive, start=memory.at(index + 60))
     assert len(memory) == 101 and memory.is_stored(index).all() and memory.is_stored(index + 60).all()
     assert memory.nbytes == 101 * 28 * 28 * 4
 
@@ -83,7 +83,7 @@ def test_a_half_precision_memory_returns_the_batchs_dtype_within_its_precision()
     full, half, index = PerturbationMemory(), PerturbationMemory(dtype=torch.float16), torch.arange(8)
     for memory in (full, half):
         torch.manual_seed(0)
-        positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+        positive_reg()(encoder, x, positive=positive, start=memory.at(index))
     read = half.read(index, x)
     assert read.dtype == torch.float32 and half.nbytes * 2 == full.nbytes
     torch.testing.assert_close(read, full.read(index, x), atol=1e-4, rtol=1e-3)
@@ -92,7 +92,7 @@ def test_a_half_precision_memory_returns_the_batchs_dtype_within_its_precision()
 def test_the_state_dict_resumes_the_memory():
     encoder, x, positive = batch()
     memory, index = PerturbationMemory(num_samples=10), torch.arange(8)
-    positive_reg()(encoder, x, positive=positive, memory=memory, index=index)
+    positive_reg()(encoder, x, positive=positive, start=memory.at(index))
     resumed = PerturbationMemory(num_samples=10)
     resumed.load_state_dict(memory.state_dict())
     assert torch.equal(resumed.read(index, x), memory.read(index, x))
@@ -104,7 +104,7 @@ def test_the_state_dict_resumes_the_memory():
 def test_reset_forgets_every_sample():
     encoder, x, positive = batch()
     memory = PerturbationMemory()
-    positive_reg()(encoder, x, positive=positive, memory=memory, index=torch.arange(8))
+    positive_reg()(encoder, x, positive=positive, start=memory.at(torch.arange(8)))
     memory.reset()
     assert len(memory) == 0 and not memory.is_stored(torch.arange(8)).any()
 
@@ -124,6 +124,7 @@ def test_reset_forgets_every_sample():
         (torch.zeros(8, 1, 28, 28), torch.arange(8), TypeError, "memory must be a PerturbationMemory"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:reg\\(.*deprecated:DeprecationWarning")  # 0.2's spelling: its own errors too
 def test_a_bad_memory_or_index_is_refused_by_name_before_any_forward(memory, index, error, match):
     _, x, positive = batch()
     encoder = Counting(small_cnn())
@@ -145,9 +146,9 @@ def test_start_and_memory_together_are_refused():
 def test_a_view_of_another_size_than_the_stored_ones_is_refused_by_name():
     encoder, x, positive = batch()
     memory = PerturbationMemory()
-    positive_reg()(encoder, x, positive=positive, memory=memory, index=torch.arange(8))
+    positive_reg()(encoder, x, positive=positive, start=memory.at(torch.arange(8)))
     with pytest.raises(ValueError, match=r"memory holds perturbations of shape \(1, 28, 28\)"):
-        positive_reg()(encoder, x[..., :24, :24], positive=positive, memory=memory, index=torch.arange(8))
+        positive_reg()(encoder, x[..., :24, :24], positive=positive, start=memory.at(torch.arange(8)))
 
 
 class FailsAfter(nn.Module):
@@ -166,7 +167,7 @@ def test_a_call_that_fails_writes_nothing_to_the_memory():
     _, x, positive = batch()
     memory, index = PerturbationMemory(), torch.arange(8)
     with pytest.raises(RuntimeError, match="boom"):
-        positive_reg()(FailsAfter(small_cnn(), 2), x, positive=positive, memory=memory, index=index)
+        positive_reg()(FailsAfter(small_cnn(), 2), x, positive=positive, start=memory.at(index))
     assert not memory.is_stored(index).any()
 
 
@@ -264,10 +265,10 @@ def test_a_geometry_call_starts_where_the_stored_perturbation_seen_through_the_c
     encoder, x, positive = batch()
     theta = crop_geometry(BOXES, (28, 28), FLIPS)
     reg, memory, index = positive_reg(), PerturbationMemory(), torch.arange(8) + 3
-    reg(encoder, x, positive=positive, memory=memory, index=index, geometry=theta)
+    reg(encoder, x, positive=positive, start=memory.at(index, theta))
     later = crop_geometry(BOXES.roll(1, dims=0), (28, 28))  # the next epoch's crops
     through = memory.read(index, x, geometry=later)
-    warm = reg(encoder, x, positive=positive, memory=memory, index=index, geometry=later)
+    warm = reg(encoder, x, positive=positive, start=memory.at(index, later))
     given = reg(encoder, x, positive=positive, start=through)
     assert through.abs().mean() > 0.01
     assert torch.equal(warm.adversarial_inputs, given.adversarial_inputs)
@@ -277,17 +278,9 @@ def test_a_cold_geometry_call_is_the_configured_ascent():
     encoder, x, positive = batch()
     theta = crop_geometry(BOXES, (28, 28), FLIPS)
     torch.manual_seed(5)
-    plain = positive_reg()(encoder, x, positive=positive, return_adversarial=True)
+    plain = positive_reg()(encoder, x, positive=positive)
     torch.manual_seed(5)
-    cold = positive_reg()(
-        encoder,
-        x,
-        positive=positive,
-        return_adversarial=True,
-        memory=PerturbationMemory(),
-        index=torch.arange(8),
-        geometry=theta,
-    )
+    cold = positive_reg()(encoder, x, positive=positive, start=PerturbationMemory().at(torch.arange(8), theta))
     assert torch.equal(cold.adversarial_inputs, plain.adversarial_inputs)
 
 
@@ -296,11 +289,11 @@ def test_a_memory_keeps_one_frame_and_refuses_the_other_before_any_forward(first
     _, x, positive = batch()
     theta = crop_geometry(BOXES, (28, 28))
     memory, index = PerturbationMemory(), torch.arange(8)
-    positive_reg()(small_cnn(), x, positive=positive, memory=memory, index=index, geometry=theta if first else None)
+    positive_reg()(small_cnn(), x, positive=positive, start=memory.at(index, theta if first else None))
     before = memory.state_dict()["data"].clone()
     encoder = Counting(small_cnn())
     with pytest.raises(ValueError, match="pass geometry= with every call or with none"):
-        positive_reg()(encoder, x, positive=positive, memory=memory, index=index, geometry=theta if then else None)
+        positive_reg()(encoder, x, positive=positive, start=memory.at(index, theta if then else None))
     assert encoder.calls == 0 and torch.equal(memory.state_dict()["data"], before)
 
 
@@ -314,6 +307,7 @@ def test_a_memory_keeps_one_frame_and_refuses_the_other_before_any_forward(first
         (torch.zeros(8, 2, 3), None, ValueError, "geometry is only used with memory="),
     ],
 )
+@pytest.mark.filterwarnings("ignore:reg\\(.*deprecated:DeprecationWarning")  # 0.2's spelling: its own errors too
 def test_a_bad_geometry_is_refused_by_name_before_any_forward(geometry, memory, error, match):
     _, x, positive = batch()
     encoder = Counting(small_cnn())
