@@ -198,6 +198,7 @@ class RobustTrainingStep:
         target = resolve_target(module, self.encoder)
         if self.epsilon_ramp:
             self._ramp_epsilon(module)
+        batch = self._in_the_steps_layout(module, batch)
         x = self._get_view(batch, self.view, self.view_description)
         other = None
         if self.positive_view is not None:
@@ -220,6 +221,21 @@ class RobustTrainingStep:
             value = self._own_forward(target, x, other, capture.warm_for(x))
         self._log(module, x.shape[0])
         return _add_to_loss(output, self.weight * value)
+
+    def _in_the_steps_layout(self, module: nn.Module, batch: Any) -> Any:
+        """solo-learn converts each view to channels-last inside its forward; converting the batch's views first
+        makes that conversion return the very tensors read here, so the step's views are recognised by identity
+        (no value comparison, no device synchronisation). Other batches are passed on as they are."""
+        field = self.config.views_field
+        if self.framework != "solo-learn" or getattr(module, "no_channel_last", True) is not False:
+            return batch
+        if not isinstance(batch, (list, tuple)) or len(batch) <= field or not isinstance(batch[field], (list, tuple)):
+            return batch
+        views = [
+            v.to(memory_format=torch.channels_last) if isinstance(v, Tensor) and v.dim() == 4 else v
+            for v in batch[field]
+        ]
+        return type(batch)([*batch[:field], type(batch[field])(views), *batch[field + 1 :]])
 
     def _check_assumption(self, x: Tensor) -> None:
         """The first batch against the assumed normalisation, before the user's step runs (then never again)."""
@@ -536,8 +552,8 @@ def _has_trainer(module: nn.Module) -> bool:
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    """The view itself, or a copy with equal values (solo-learn converts views to channels_last)."""
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    """The view itself: recognised by identity, never by value (two equal views stay two views)."""
+    return a is b
 
 
 def _add_to_loss(output: Any, term: Tensor) -> Any:

@@ -641,3 +641,32 @@ def test_the_lightly_examples_cropped_views_report_the_crops_they_were_cut_with(
         )
         assert (cut - view).abs().mean() < 0.3 * (other - view).abs().mean()
     assert batch[2].tolist() == list(range(16))
+
+
+def test_the_views_are_recognised_by_identity_never_by_value(monkeypatch):
+    """A step that encodes a copy of the perturbed view (equal values, another tensor) before the view itself:
+    the copy is left alone and the view's own call is the one perturbed; no value is compared (no sync)."""
+    from lightly_modules import SimCLR
+
+    from robust_reg.integrations.lightly import robustify
+
+    class LogsACopyFirst(SimCLR):
+        def training_step(self, batch, batch_index):
+            (x0, x1) = batch[0]
+            self.copy_out = self.forward(x1.clone())  # e.g. a logging pass on equal values
+            z0, z1 = self.forward(x0), self.forward(x1)
+            self.z1 = z1
+            return self.criterion(z0, z1)
+
+    def no_value_comparison(*args, **kwargs):
+        raise AssertionError("the adapter compared tensors by value")
+
+    module = robustify(LogsACopyFirst(), normalize=None, log=False)
+    torch.manual_seed(0)
+    views = [torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)]
+    monkeypatch.setattr(torch, "equal", no_value_comparison)
+    module.training_step((views, torch.zeros(8)), 0).backward()
+    with torch.no_grad():
+        clean = module.forward(views[1])  # train mode, as in the step: the same batch statistics
+    torch.testing.assert_close(module.copy_out.detach(), clean, atol=1e-5, rtol=1e-5)  # the copy: a plain forward
+    assert not torch.allclose(module.z1.detach(), clean, atol=1e-3)  # the view's own call: the adversarial one
