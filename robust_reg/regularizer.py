@@ -136,6 +136,8 @@ def _research_options(options: dict) -> dict:
             stacklevel=3,
         )
     return found
+
+
 # form -> (normalize_features, ascent) defaults. "embedding": the measured recommended configuration, on what the
 # SSL loss compares; "backbone": the paper's quantity R_eps, what estimate_bound measures.
 _FORMS = {"embedding": (True, "positive"), "backbone": (False, "deviation")}

@@ -132,6 +132,13 @@ class WarmStart:
 
     The regulariser reads each sample's stored perturbation as its ascent's start and, once the
     call has succeeded, writes back where the ascent ended.
+
+    Examples:
+        >>> import torch
+        >>> memory = PerturbationMemory(num_samples=10)
+        >>> start = memory.at(torch.arange(4))
+        >>> start.memory is memory, start.index.tolist(), start.geometry
+        (True, [0, 1, 2, 3], None)
     """
 
     memory: PerturbationMemory

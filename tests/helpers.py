@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_reg import WarmStart
+
 
 def small_cnn(in_channels: int = 1, width: int = 8) -> nn.Module:
     """A conv encoder with BatchNorm (train-mode statistics matter) and a (N, C, 1, 1) output."""
@@ -93,8 +95,14 @@ def spy_on_regularizer(module: nn.Module, extra: tuple[str, ...] = ()) -> list:
     reg = module.training_step.regularizer
     original = reg.forward
 
+    def argument(kwargs: dict, name: str):
+        start = kwargs.get("start")  # a warm start's memory, index and crops travel in start=memory.at(...)
+        if name in ("memory", "index", "geometry") and isinstance(start, WarmStart):
+            return getattr(start, name)
+        return kwargs.get(name)
+
     def forward(encoder, x, **kwargs):
-        calls.append((x, kwargs.get("positive"), *(kwargs.get(name) for name in extra)))
+        calls.append((x, kwargs.get("positive"), *(argument(kwargs, name) for name in extra)))
         return original(encoder, x, **kwargs)
 
     reg.forward = forward

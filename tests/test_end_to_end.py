@@ -482,7 +482,8 @@ def _warm_starts(monkeypatch, **settings) -> tuple[list, list, list]:
     forward = RobustnessRegularizer.forward
 
     def spying(self, encoder, x, *args, **kwargs):
-        held.append(kwargs["memory"].read(kwargs["index"], x, kwargs.get("geometry")).clone())
+        warm = kwargs["start"]  # memory.at(index, geometry)
+        held.append(warm.memory.read(warm.index, x, warm.geometry).clone())
         out = forward(self, encoder, x, *args, **kwargs)
         ends.append((out.adversarial_inputs - x).detach().clone())
         calls.append(kwargs)
@@ -519,12 +520,13 @@ def test_without_the_warp_each_image_starts_exactly_where_its_view_ended(monkeyp
 @pytest.mark.parametrize("warp", [True, False])
 def test_the_experiments_keep_the_warm_start_in_one_package_memory_with_the_crops_when_warped(monkeypatch, warp):
     _, _, calls = _warm_starts(monkeypatch, warm_warp=warp)
-    memory = calls[0]["memory"]
-    assert all(call["memory"] is memory for call in calls)
+    starts = [call["start"] for call in calls]  # memory.at(index, geometry)
+    memory = starts[0].memory
+    assert all(start.memory is memory for start in starts)
     assert len(memory) == 128 and memory.is_stored(torch.arange(128)).all()
-    assert all(("geometry" in call) == warp for call in calls)
+    assert all((start.geometry is not None) == warp for start in starts)
     if warp:
-        assert all(call["geometry"].shape == (64, 2, 3) for call in calls)
+        assert all(start.geometry.shape == (64, 2, 3) for start in starts)
 
 
 @pytest.mark.parametrize(

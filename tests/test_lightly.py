@@ -646,9 +646,9 @@ def test_the_lightly_examples_cropped_views_report_the_crops_they_were_cut_with(
 def test_the_views_are_recognised_by_identity_never_by_value(monkeypatch):
     """A step that encodes a copy of the perturbed view (equal values, another tensor) before the view itself:
     the copy is left alone and the view's own call is the one perturbed; no value is compared (no sync)."""
-    from lightly_modules import SimCLR
-
     from robust_reg.integrations.lightly import robustify
+
+    from lightly_modules import SimCLR
 
     class LogsACopyFirst(SimCLR):
         def training_step(self, batch, batch_index):
