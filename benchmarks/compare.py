@@ -771,6 +771,12 @@ def paired_markdown(runs: list[dict], eps: float, reference: str | None = None, 
     return "\n".join(lines)
 
 
+def write_json(report: dict, path: Path) -> None:
+    """The report as compact JSON, without the summaries that ``--render`` derives from the runs."""
+    kept = {k: v for k, v in report.items() if k not in ("summary", "budget_summary")}
+    path.write_text(json.dumps(kept, separators=(",", ":"), default=str) + "\n")
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report from runs of the same benchmark on other seeds (e.g. one process per seed)."""
     if len(reports) == 1:
@@ -798,7 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         report = merge_reports([label_budget_runs(json.loads(Path(p).read_text())) for p in args.render])
         print(write_outputs(report, out))
-        (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+        write_json(report, out / "results.json")
         return report
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     names = split_methods(args.methods)
@@ -878,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
-        (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+        write_json(report, out / "results.json")
 
     for seed in seeds:
         for name in names:

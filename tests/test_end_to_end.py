@@ -109,7 +109,7 @@ def test_compare_quick_runs_every_method_and_writes_tables_and_plots(tmp_path):
     report = compare.main(["--quick", "--no-progress", "--out", str(tmp_path)])
     assert [r["method"] for r in report["runs"]] == list(compare.DEFAULT_METHODS)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [row["method"] for row in saved["summary"]] == list(compare.DEFAULT_METHODS)
+    assert [row["method"] for row in report["summary"]] == list(compare.DEFAULT_METHODS)
     for run in saved["runs"]:
         assert run["train_seconds"] > 0 and run["bound"]["num_samples"] > 0
         assert {c["name"] for c in run["robustness"]["checks"]} >= {"accuracy falls to ~0 at a very large eps"}
@@ -119,7 +119,7 @@ def test_compare_quick_runs_every_method_and_writes_tables_and_plots(tmp_path):
     assert main_table.count("| simclr") == len(simclr_rows) and "AutoAttack" in main_table
     assert "### Fine-tuning modes, corruptions and the label-free embedding attack" in table
     assert is_png(tmp_path / "accuracy_vs_eps.png") and is_png(tmp_path / "bound_vs_loss.png")
-    by_method = {row["method"]: row for row in saved["summary"]}
+    by_method = {row["method"]: row for row in report["summary"]}
     assert by_method["simclr+reg"]["relative_deviation"][0] < by_method["simclr"]["relative_deviation"][0]
     for run in saved["runs"]:  # the headline worst case and the three label sets, per run
         assert set(run["tasks"]) == {"digit", "parity", "digit>=5"}
