@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -49,33 +48,3 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None 
 
 def flat(features: Tensor) -> Tensor:
     return features.reshape(features.shape[0], -1)
-
-
-class renamed:  # noqa: N801 - used like ``property``
-    """A 0.1.0 attribute name kept as a deprecated alias: warns once per access and returns ``new``.
-
-    Examples:
-        >>> class Report:
-        ...     sigma = 2.0
-        ...     spread = renamed("sigma")
-        >>> import warnings
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore")
-        ...     Report().spread
-        2.0
-    """
-
-    def __init__(self, new: str) -> None:
-        self.new = new
-        self.__doc__ = f"Deprecated 0.1.0 name of ``{new}`` (same value)."
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.old = f"{owner.__name__}.{name}"
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        warnings.warn(
-            f"{self.old} is deprecated since 0.2.0; use {self.new} (same value)", DeprecationWarning, stacklevel=2
-        )
-        return getattr(obj, self.new)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._state import preserved_state
-from ._utils import flat, module_device, progress, renamed, unpack_batch
+from ._utils import flat, module_device, progress, unpack_batch
 from .attacks import (
     ThreatModel,
     _check_step_size,
@@ -79,10 +79,6 @@ class BoundReport:
     adversarial_accuracy: float
     predicted_robust_accuracy: float | None
     notes: tuple[str, ...] = field(default=())
-
-    regularizer = renamed("mean_deviation")
-    relative_regularizer = renamed("relative_deviation")
-    spread = renamed("sigma")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of all fields."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -375,33 +374,6 @@ def _predict_correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) ->
         )
 
 
-_LEGACY = ("pgd_steps", "autoattack", "autoattack_samples", "square", "square_queries", "square_samples")
-
-
-def _attacks_from_flags(legacy: dict) -> list:
-    """The attack list the 0.1.0 flags described (deprecated: pass ``attacks=``)."""
-    unknown = set(legacy) - set(_LEGACY)
-    if unknown:
-        raise TypeError(f"evaluate_robustness() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
-    warnings.warn(
-        f"evaluate_robustness({', '.join(sorted(legacy))}=...) is deprecated since 0.2.0; pass attacks=[PGD(steps=20), "
-        "AutoAttack(samples=...), Square(queries=..., samples=...)]",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    steps = legacy.get("pgd_steps", 20)
-    _check_steps(steps, "pgd_steps")
-    attacks: list = [PGD(steps)]
-    for flag, spec in (
-        ("autoattack", lambda req: AutoAttack(samples=legacy.get("autoattack_samples"), required=req)),
-        ("square", lambda req: Square(legacy.get("square_queries", 1000), legacy.get("square_samples"), req)),
-    ):
-        enabled = legacy.get(flag)
-        if enabled is not False:
-            attacks.append(spec(enabled is True))  # None: "if torchattacks is installed"
-    return attacks
-
-
 def default_attacks() -> list:
     """PGD-20, then AutoAttack and Square when torchattacks is installed (else reported skipped)."""
     return [PGD(20), AutoAttack(required=False), Square(required=False)]
@@ -519,9 +491,8 @@ def evaluate_robustness(
         log: Called with one line per finished attack (accuracy, samples, seconds), e.g. ``print``.
         keep_adversarial: Keep every attack's adversarial inputs (``adversarial_inputs``), e.g. for
             ``estimate_bound`` to reuse.
-        **deprecated: 0.2's ``mean``, ``std``, ``bounds`` (use ``threat``) and the 0.1.0 flags
-            ``pgd_steps``, ``autoattack``, ``autoattack_samples``, ``square``, ``square_queries``,
-            ``square_samples`` (use ``attacks``), each with a ``DeprecationWarning``.
+        **deprecated: 0.2's ``mean``, ``std``, ``bounds`` (use ``threat``), with a
+            ``DeprecationWarning`` until 0.4.0.
 
     Returns:
         A ``RobustnessEvaluation``; ``print`` it for a table that flags failed checks.
@@ -543,7 +514,9 @@ def evaluate_robustness(
     """
     legacy = {k: deprecated.pop(k) for k in ("mean", "std", "bounds") if k in deprecated}
     threats = _threats(epsilons, threat, norm, legacy)
-    attacks = _attacks_from_flags(deprecated) if deprecated else (default_attacks() if attacks is None else attacks)
+    if deprecated:  # 0.1.0's attack flags (pgd_steps=, autoattack=, ...) went in 0.3.0: pass attacks=
+        raise TypeError(f"evaluate_robustness() got unexpected keyword argument(s) {', '.join(sorted(deprecated))}")
+    attacks = default_attacks() if attacks is None else attacks
     runnable, skipped = _available(attacks)
     strong = PGD(_check_steps(check_steps, "check_steps")) if check_steps >= 1 else None
     main = next((a for a in runnable if isinstance(a, PGD)), PGD(20))

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
-from ._utils import renamed
 from .attacks import (
     ThreatModel,
     _ascend,
@@ -95,10 +94,6 @@ class RegularizerStats:
     def relative_deviation(self) -> Tensor:
         """``mean_deviation / sigma``, as ``BoundReport.relative_deviation <robust_reg.BoundReport>``."""
         return self.mean_deviation / self.variance.sqrt()
-
-    deviation = renamed("mean_squared_deviation")
-    distance = renamed("mean_deviation")
-    spread = renamed("variance")  # was sigma squared; BoundReport.sigma is its root
 
 
 def _distributed() -> bool:

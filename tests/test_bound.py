@@ -133,16 +133,11 @@ def test_a_custom_head_can_give_its_own_lipschitz_constant(trained):
     assert report.adversarial_loss <= report.bound + 1e-6
 
 
-def test_the_0_1_0_names_are_deprecated_aliases_of_the_same_values(trained):
+def test_the_0_1_0_names_are_gone(trained):
     encoder, head, test = trained
     report = estimate_bound(encoder, head, test, epsilon=0.1, steps=2)
-    for old, new in (
-        ("regularizer", "mean_deviation"),
-        ("relative_regularizer", "relative_deviation"),
-        ("spread", "sigma"),
-    ):
-        with pytest.warns(DeprecationWarning, match=new):
-            assert getattr(report, old) == getattr(report, new)
+    for old in ("regularizer", "relative_regularizer", "spread"):
+        assert not hasattr(report, old)
 
 
 def test_reused_adversarial_inputs_give_the_same_report_as_the_attack_that_found_them(trained):

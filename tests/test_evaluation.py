@@ -208,14 +208,10 @@ def test_worst_case_uses_only_the_samples_every_attack_attacked():
     assert (worst.num_samples, worst.accuracy) == (2, 0.5)
 
 
-def test_the_0_1_0_flags_still_work_with_a_deprecation_warning(digit_models):
+def test_the_0_1_0_flags_are_gone(digit_models):
     honest, _, x, y = digit_models
-    with pytest.warns(DeprecationWarning, match="attacks="):
-        report = evaluate_robustness(
-            honest, x, y, epsilons=[0.1], pgd_steps=4, check_steps=5, autoattack=False, square=False
-        )
-    assert report.accuracy("PGD-4", 0.1) is not None
-    assert [r.attack for r in report.results if r.epsilon == 0.1] == ["PGD-4", "PGD-5"]
+    with pytest.raises(TypeError, match="unexpected keyword argument.*pgd_steps"):
+        evaluate_robustness(honest, x, y, epsilons=[0.1], pgd_steps=4, check_steps=5)
 
 
 def test_an_unknown_keyword_is_a_type_error(digit_models):

@@ -213,15 +213,13 @@ def test_works_with_a_compiled_encoder(images):
     assert torch.allclose(eager, value, rtol=1e-4)
 
 
-def test_the_0_1_0_stats_names_are_deprecated_aliases():
+def test_the_stats_relative_deviation_is_the_mean_deviation_over_sigma():
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     reg = RobustnessRegularizer(epsilon=0.1, steps=1, form="backbone")
     reg(encoder, torch.rand(8, 1, 4, 4))
     stats = reg.last_stats
-    for old, new in (("deviation", "mean_squared_deviation"), ("distance", "mean_deviation"), ("spread", "variance")):
-        with pytest.warns(DeprecationWarning, match=new):
-            assert torch.equal(getattr(stats, old), getattr(stats, new))
+    assert not any(hasattr(stats, old) for old in ("deviation", "distance", "spread"))  # 0.1.0's names are gone
     assert torch.allclose(stats.relative_deviation, stats.mean_deviation / stats.variance.sqrt())
 
 
