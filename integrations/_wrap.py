@@ -13,7 +13,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +157,7 @@ class RobustTrainingStep:
     ) -> None:
         self.module = module
         self.config = config
-        self.function = type(module).training_step
+        self.function = type(module).training_step  # type: ignore[attr-defined]  # checked by robustify_module
         self.encoder, self.key, self.framework = config.encoder, config.key, config.framework
         self.view, self.view_description, self.positive_view, self.positive_description = _default_views(
             config.view, config.positive_view, config.views_field
@@ -350,7 +350,8 @@ class RobustTrainingStep:
                 "robust_reg: epsilon_ramp grows eps over a share of the epochs, so it needs the module attached to "
                 "a Trainer with max_epochs set; pass epsilon_ramp=0 to train at a constant eps"
             )
-        epsilon = ramped_epsilon(self.threat.epsilon, trainer.current_epoch, max_epochs, self.epsilon_ramp)
+        epoch = int(getattr(trainer, "current_epoch", 0))
+        epsilon = ramped_epsilon(self.threat.epsilon, epoch, max_epochs, self.epsilon_ramp)
         if epsilon != self.regularizer.threat.epsilon:
             self.regularizer.threat = dataclasses.replace(self.threat, epsilon=epsilon)
 
@@ -360,7 +361,10 @@ class RobustTrainingStep:
         """The warm start's keywords (the memory and each sample's index in the training set) and, with
         ``geometry``, each view's crops (aligned with ``x`` and ``other``): read from the batch and checked
         against the view before the user's step runs."""
-        warm = {"memory": self.memory, "index": self._read(batch, self.index, "index", self.index_description)}
+        memory, index = self.memory, self.index
+        if memory is None or index is None:
+            raise RuntimeError("robust_reg: a warm start needs its memory and index getter (checked by robustify)")
+        warm = {"memory": memory, "index": self._read(batch, index, "index", self.index_description)}
         crops = None
         if self.geometry is not None:
             crops = self._read(batch, self.geometry, "geometry", "geometry(batch)")
@@ -373,9 +377,9 @@ class RobustTrainingStep:
                 got = f"{len(crops)} entries" if isinstance(crops, (tuple, list)) else type(crops).__name__
                 raise ValueError(f"robust_reg: geometry= of robustify must return {expected} of crops, got {got}")
         try:
-            warm["index"] = self.memory.check(warm["index"], x, crops[0] if crops else None)
+            warm["index"] = memory.check(warm["index"], x, crops[0] if crops else None)
             for view_crops in (crops or ())[1:]:  # the other view's: the index is checked once
-                self.memory.check_geometry(view_crops, x)
+                memory.check_geometry(view_crops, x)
         except (TypeError, ValueError) as err:
             names = "index=" + (" or geometry=" if self.geometry is not None else "")
             raise type(err)(
@@ -399,10 +403,13 @@ class RobustTrainingStep:
         if not self.log or not _has_trainer(module):
             return
         stats = self.regularizer.last_stats
-        module.log("robust_reg/value", stats.value, batch_size=n)
-        module.log("robust_reg/mean_squared_deviation", stats.mean_squared_deviation, batch_size=n)
-        module.log("robust_reg/mean_deviation", stats.mean_deviation, batch_size=n)
-        module.log("robust_reg/variance", stats.variance, batch_size=n)
+        if stats is None:
+            return
+        log = cast(Any, module).log  # LightningModule.log
+        log("robust_reg/value", stats.value, batch_size=n)
+        log("robust_reg/mean_squared_deviation", stats.mean_squared_deviation, batch_size=n)
+        log("robust_reg/mean_deviation", stats.mean_deviation, batch_size=n)
+        log("robust_reg/variance", stats.variance, batch_size=n)
 
 
 class _Target(nn.Module):
@@ -481,7 +488,7 @@ class _Capture:
                     self.positive, self.waiting_for = self.step.pick(output).detach(), second
                     return output
             return self.original(inputs, *rest)
-        elif not _same(inputs, self.waiting_for):
+        elif self.waiting_for is None or not _same(inputs, self.waiting_for):
             return self.original(inputs, *rest)
         step = self.step
         if step.adversarial_view and step.key is None and not step.regularizer.random_start:
@@ -529,9 +536,9 @@ def _replace(output: Any, key: str | int | None, value: Tensor) -> Any:
     if isinstance(output, Mapping):
         updated = dict(output)
         updated[key] = value
-        return updated if isinstance(output, dict) else type(output)(updated)
+        return updated if isinstance(output, dict) else cast(Any, type(output))(updated)
     items = list(output)
-    items[key] = value
+    items[cast(int, key)] = value
     return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
 
 
@@ -562,7 +569,7 @@ def _add_to_loss(output: Any, term: Tensor) -> Any:
     if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
         updated = dict(output)
         updated["loss"] = output["loss"] + term.to(output["loss"].dtype)
-        return type(output)(updated) if not isinstance(output, dict) else updated
+        return cast(Any, type(output))(updated) if not isinstance(output, dict) else updated
     raise TypeError(
         f"robust_reg can add the regulariser only to a training_step that returns a loss tensor or a dict with "
         f"'loss'; got {type(output).__name__}"
@@ -667,7 +674,7 @@ class AdapterConfig:
             return None, ""
         if self.index is not None:
             return self.index, getattr(self.index, "__name__", "index(batch)")
-        return self.default_index
+        return self.default_index if self.default_index is not None else (None, "")
 
 
 def robustify_module(module: nn.Module, config: AdapterConfig) -> nn.Module:

@@ -270,7 +270,7 @@ def annealed_augmentation(
     try:
         from pytorch_lightning import Callback
     except ImportError:  # the unified package
-        from lightning.pytorch import Callback
+        from lightning.pytorch import Callback  # type: ignore[no-redef]
 
     class AnnealedAugmentation(Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:

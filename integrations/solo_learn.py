@@ -83,15 +83,19 @@ _OPTION_KEYS = (*REGULARIZER_KEYS, *_ADAPTER_KEYS)
 def _config_block(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}
-    block = cfg.get("robust_reg", None) if hasattr(cfg, "get") else None
-    if block is None:
+    found: Any = cfg.get("robust_reg", None) if hasattr(cfg, "get") else None
+    if found is None:
         return {}
     try:
         from omegaconf import OmegaConf
 
-        block = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+        if OmegaConf.is_config(found):
+            found = OmegaConf.to_container(found, resolve=True)
     except ImportError:  # a plain mapping
-        block = dict(block)
+        pass
+    if not isinstance(found, Mapping):
+        raise ValueError(f"the robust_reg config block must be a mapping of options, got {type(found).__name__}")
+    block: dict[str, Any] = dict(found)
     unknown = set(block) - set(_OPTION_KEYS)
     if unknown:
         raise ValueError(f"unknown key(s) in the robust_reg config block: {', '.join(sorted(unknown))}")
@@ -142,7 +146,9 @@ def solo_normalization(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] 
     Read through ``threat_from_config``, so it follows whatever solo-learn does.
     """
     threat = threat_from_config(cfg, epsilon=0.0)
-    return (threat.mean, threat.std) if threat.normalized else None
+    if threat.mean is None or threat.std is None:
+        return None
+    return tuple(threat.mean), tuple(threat.std)
 
 
 def robustify(
@@ -285,8 +291,8 @@ def _solo_class(method: nn.Module) -> type | None:
 
 def _recommended_weight(method: nn.Module) -> float:
     """The method's weight from ``robust_reg.METHOD_SETTINGS`` (1.0 for a method not in it)."""
-    cls = _solo_class(method)
-    return 1.0 if cls is None else method_settings(cls).weight
+    settings = None if (cls := _solo_class(method)) is None else method_settings(cls)
+    return 1.0 if settings is None else settings.weight
 
 
 def _embedding_key(method: nn.Module) -> str:

@@ -19,7 +19,7 @@ def active_stochastic_layers(module: nn.Module, extra: tuple[type, ...] = ()) ->
     """Submodules in training mode whose output is random: dropout of any kind, attention dropout,
     stochastic depth, drop-path, and instances of ``extra``. Layers with a drop probability of 0
     are not random."""
-    found = []
+    found: list[nn.Module] = []
     for m in module.modules():
         if not m.training:
             continue

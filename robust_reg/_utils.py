@@ -28,10 +28,10 @@ def unpack_batch(batch: Any, name: str = "loader") -> tuple[Tensor, Tensor]:
 
 def module_device(module: nn.Module, default: str | torch.device = "cpu") -> torch.device:
     """The device of a module's first parameter or buffer."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device(default)
 
 

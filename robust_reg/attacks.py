@@ -120,7 +120,8 @@ def _find_normalize(transform: object, depth: int = 0) -> tuple[tuple[float, ...
     if transform is None or depth > 6:
         return None
     if type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std"):
-        return _as_channel_tuple(transform.mean, "mean"), _as_channel_tuple(transform.std, "std")
+        mean, std = _as_channel_tuple(transform.mean, "mean"), _as_channel_tuple(transform.std, "std")
+        return None if mean is None or std is None else (mean, std)
     children: list = []
     for name in ("transforms", "transform", "view_transforms"):
         child = getattr(transform, name, None)
@@ -171,8 +172,8 @@ class ThreatModel:
     epsilon: float
     norm: str = "linf"
     bounds: tuple[float, float] = (0.0, 1.0)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    mean: Sequence[float] | None = None  # a tuple of floats once constructed
+    std: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon))
@@ -242,7 +243,7 @@ class ThreatModel:
         """Whether inputs are in normalised (model) space rather than pixel space."""
         return self.mean is not None or self.std is not None
 
-    def _channel_view(self, values: tuple[float, ...] | None, x: Tensor, name: str) -> Tensor | None:
+    def _channel_view(self, values: Sequence[float] | None, x: Tensor, name: str) -> Tensor | None:
         if values is None:
             return None
         if len(values) == 1:
@@ -347,7 +348,7 @@ class ThreatModel:
         dims = [d for d in range(x.dim()) if d != 1] if per_channel else list(range(x.dim()))
         return torch.stack([x.amin(dim=dims).float().reshape(-1), x.amax(dim=dims).float().reshape(-1)])
 
-    def _channel_values(self, values: tuple[float, ...] | None, default: float, channels: int) -> list[float]:
+    def _channel_values(self, values: Sequence[float] | None, default: float, channels: int) -> list[float]:
         if values is None:
             return [default] * channels
         return list(values) * channels if len(values) == 1 else list(values)
@@ -459,11 +460,11 @@ class ThreatModel:
         eps = self.radius
         # Drawn in the logical (contiguous) order, not ``*_like``'s memory order: a channels-last batch gets
         # the same perturbation as its contiguous copy under the same seed.
-        like = dict(dtype=pixels.dtype, device=pixels.device)
+        dtype, device = pixels.dtype, pixels.device
         if self.norm == "linf":
-            delta = torch.empty(pixels.shape, **like).uniform_(-eps, eps)
+            delta = torch.empty(pixels.shape, dtype=dtype, device=device).uniform_(-eps, eps)
         else:
-            flat = torch.randn(pixels.shape, **like).flatten(1)
+            flat = torch.randn(pixels.shape, dtype=dtype, device=device).flatten(1)
             flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
             # Radius u^(1/d) makes the draw uniform in the volume of the ball.
             radius = torch.rand(flat.shape[0], 1, dtype=flat.dtype, device=flat.device) ** (1.0 / flat.shape[1])
@@ -672,8 +673,10 @@ def _per_sample(values: Tensor, n: int) -> Tensor:
     return values
 
 
-def _keep_best(best_delta: Tensor | None, best_value: Tensor | None, delta: Tensor, values: Tensor):
-    if best_delta is None:
+def _keep_best(
+    best_delta: Tensor | None, best_value: Tensor | None, delta: Tensor, values: Tensor
+) -> tuple[Tensor, Tensor]:
+    if best_delta is None or best_value is None:
         return delta.clone(), values.clone()
     better = values >= best_value  # ties go to the later iterate, further along the ascent
     mask = better.view((-1,) + (1,) * (delta.dim() - 1))

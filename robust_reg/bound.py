@@ -302,9 +302,9 @@ class _Totals:
     clean_loss: float = 0.0
     adversarial_loss: float = 0.0
     deviation: float = 0.0
-    clean_correct: int = 0
-    adversarial_correct: int = 0
-    predicted: int = 0
+    clean_correct: float = 0
+    adversarial_correct: float = 0
+    predicted: float = 0
     feature_sum: Tensor | None = None
     feature_sq: float = 0.0
 
@@ -339,6 +339,8 @@ class _Totals:
 
     def report(self, threat: ThreatModel, steps: int, lipschitz: float, notes: list[str]) -> BoundReport:
         n = self.n
+        if self.feature_sum is None:
+            raise ValueError("loader yielded no batches")
         sigma = math.sqrt(max(self.feature_sq / n - (self.feature_sum / n).pow(2).sum().item(), 0.0))
         mean_deviation, clean_loss = self.deviation / n, self.clean_loss / n
         return BoundReport(

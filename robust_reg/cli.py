@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind: type, test: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+def _number(kind: Callable[[str], float], test: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
     def parse(text: str):
         try:
             value = kind(text)
@@ -207,7 +208,8 @@ def demo(args: argparse.Namespace) -> int:
     from .experiments.pipeline import EvalConfig
 
     if args.weight is None:
-        args.weight = method_settings("simclr").weight
+        settings = method_settings("simclr")
+        args.weight = 1.0 if settings is None else settings.weight
     data = load_dataset(args.dataset)
     eval_config = EvalConfig.for_dataset(
         args.dataset, autoattack_samples=EVALUATE_AA_SAMPLES, square_samples=EVALUATE_AA_SAMPLES, curve_samples=500
@@ -314,8 +316,7 @@ def evaluate(args: argparse.Namespace) -> int:
         encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
     except CheckpointError as err:
         raise UsageError(str(err)) from err
-    dataset = args.dataset or meta.get("dataset")
-    data = _evaluation_data(args, dataset)
+    dataset, data = _evaluation_data(args, args.dataset or meta.get("dataset"))
     _check_channels(args.checkpoint, meta, dataset, data.x_test.shape[1])
     config = _evaluation_config(args, data)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,8 +393,9 @@ def _check_channels(checkpoint: str, meta: dict, dataset: str, channels: int) ->
         )
 
 
-def _evaluation_data(args: argparse.Namespace, dataset: str | None):
-    """The dataset ``evaluate`` attacks on, or a ``UsageError`` naming the flag that is missing or wrong."""
+def _evaluation_data(args: argparse.Namespace, dataset: str | None) -> tuple[str, Any]:
+    """``(name, data)``: the dataset ``evaluate`` attacks on, or a ``UsageError`` naming the flag that is missing
+    or wrong."""
     from .experiments.data import dataset_available, load_dataset
 
     if dataset is None:
@@ -403,7 +405,7 @@ def _evaluation_data(args: argparse.Namespace, dataset: str | None):
     if not args.download and not dataset_available(dataset, args.data_root):
         raise UsageError(f"--dataset {dataset} is not under --data-root {args.data_root}; pass --download to fetch it")
     try:
-        return load_dataset(dataset, root=args.data_root, download=args.download, path=args.data_path)
+        return dataset, load_dataset(dataset, root=args.data_root, download=args.download, path=args.data_path)
     except ValueError as err:  # a file that is not the arrays it should be: one line, naming it
         raise UsageError(str(err)) from err
 

@@ -140,6 +140,7 @@ class _TorchattacksSpec:
 
     samples: int | None
     required: bool
+    name: str
 
     def _build(self, ta, pixel_model: nn.Module, threat: ThreatModel, ctx: _Context):
         raise NotImplementedError
@@ -298,6 +299,13 @@ class RobustnessEvaluation:
             (v for (a, e), v in self._correct.items() if a == attack and e is not None and _close(e, epsilon)), None
         )
 
+    def _recorded(self, attack: str, epsilon: float) -> Tensor:
+        """``correct`` of an attack that ran (its record exists)."""
+        correct = self.correct(attack, epsilon)
+        if correct is None:
+            raise KeyError(f"no per-sample record of {attack} at eps {epsilon:g}")
+        return correct
+
     def adversarial_inputs(self, attack: str, epsilon: float) -> Tensor | None:
         """The adversarial inputs an attack found (kept with ``keep_adversarial=True``), model space, CPU."""
         return next((v for (a, e), v in self._adversarial.items() if a == attack and _close(e, epsilon)), None)
@@ -312,9 +320,9 @@ class RobustnessEvaluation:
         if not rows:
             return None
         m = min(r.num_samples for r in rows)
-        robust = self.correct("clean", epsilon)[:m].clone()
+        robust = self._recorded("clean", epsilon)[:m].clone()
         for r in rows:
-            robust &= self.correct(r.attack, r.epsilon)[:m]
+            robust &= self._recorded(r.attack, r.epsilon)[:m]
         name = "worst of " + ", ".join(r.attack for r in rows)
         return AttackAccuracy(name, epsilon, robust.float().mean().item(), m)
 

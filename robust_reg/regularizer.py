@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +59,14 @@ class RegularizerOutput(NamedTuple):
     def _misused(self, *_: object) -> None:
         raise TypeError(
             "reg(...) returns a RegularizerOutput (loss, adversarial_inputs, adversarial_features), not a tensor: "
-            "add out.loss to the loss, e.g. loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss "
-            "(or call reg(..., return_adversarial=False) for the value alone)"
+            "add out.loss to the loss, e.g. loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss"
         )
 
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _misused
-    backward = item = _misused
+
+# Arithmetic and backward on the output are the tensor misuse: each says to use out.loss.
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__"):
+    setattr(RegularizerOutput, _name, RegularizerOutput._misused)
+RegularizerOutput.backward = RegularizerOutput.item = RegularizerOutput._misused  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,7 @@ class RobustnessRegularizer(nn.Module):
         self.last_stats: RegularizerStats | None = None
 
     @classmethod
-    def from_threat_model(cls, threat: ThreatModel, **options: object) -> RobustnessRegularizer:
+    def from_threat_model(cls, threat: ThreatModel, **options: Any) -> RobustnessRegularizer:
         """Deprecated since 0.3.0 (goes in 0.4.0): ``RobustnessRegularizer(threat=threat, **options)``."""
         warnings.warn(
             "RobustnessRegularizer.from_threat_model(threat, ...) is deprecated since 0.3.0 and goes in 0.4.0; "
@@ -444,22 +446,25 @@ class RobustnessRegularizer(nn.Module):
         """
         start, value_only = self._legacy_call(start, deprecated)
         self._check_call(encoder, x, features, positive)
-        warm = start if isinstance(start, WarmStart) else None
-        if warm is not None:
-            origin, start = self._read_warm_start(warm, x)
+        warm: WarmStart | None = None
+        begin: Tensor | None = None
+        if isinstance(start, WarmStart):
+            warm = start
+            origin, begin = self._read_warm_start(warm, x)
         else:
             _check_start(start, x)
+            begin = start
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
             switched = self._make_deterministic(module)
             if switched and features is not None:
                 self._warn_recompute(switched)
                 features = None  # computed with those layers on: recomputed without them
-            first = self._first_iterate(x) if features is None and start is None else None
+            first = self._first_iterate(x) if features is None and begin is None else None
             if features is None:
                 features = self._clean_pass(encoder, x, first, positive)
             anchor = self._anchor(features, positive)
-            x_adv = self._inner_max(encoder, x, anchor, start, first)
+            x_adv = self._inner_max(encoder, x, anchor, begin, first)
             adv_features = encoder(x_adv)
             value, deviation, per_sample = self._penalty(adv_features, anchor)
         if warm is not None:  # where each ascent ended, for the next visit of the sample
@@ -471,9 +476,13 @@ class RobustnessRegularizer(nn.Module):
             variance=anchor.spread.detach(),
         )
         out = RegularizerOutput(value, x_adv, adv_features)
-        return out.loss if value_only else out
+        if value_only:  # 0.2's return_adversarial=False, until 0.4.0
+            return out.loss  # type: ignore[return-value]
+        return out
 
-    def _legacy_call(self, start: object, deprecated: dict) -> tuple[object, bool]:
+    def _legacy_call(
+        self, start: Tensor | WarmStart | None, deprecated: dict[str, Any]
+    ) -> tuple[Tensor | WarmStart | None, bool]:
         """0.2's call spellings: ``return_adversarial=`` and ``memory=``/``index=``/``geometry=`` (warned)."""
         value_only = False
         if "return_adversarial" in deprecated:
@@ -603,7 +612,7 @@ class RobustnessRegularizer(nn.Module):
         return (_relative(deviation, anchor.spread) if self.relative else deviation), deviation, per_sample
 
     @staticmethod
-    def _check_memory(memory: object, index: object, start: Tensor | None) -> None:
+    def _check_memory(memory: object, index: object, start: object) -> None:
         """The warm start's arguments belong together (their values are checked by ``memory.read``)."""
         if memory is None:
             name = "index" if index is not None else "geometry"
@@ -628,7 +637,7 @@ class RobustnessRegularizer(nn.Module):
             stacklevel=3,
         )
 
-    def _check_positive(self, x: Tensor, positive: object, features: Tensor | None) -> None:
+    def _check_positive(self, x: Tensor, positive: Tensor | None, features: Tensor | None) -> None:
         if self.ascent == "positive" and positive is None:
             raise ValueError(
                 "positive= is missing: the default (recommended) form regularises the embedding the SSL loss compares "
@@ -654,7 +663,7 @@ class RobustnessRegularizer(nn.Module):
         flat = flat.float()
         return F.normalize(flat, dim=1) if self.normalize_features else flat
 
-    def _check_call(self, encoder: object, x: object, features: object, positive: object) -> None:
+    def _check_call(self, encoder: object, x: object, features: Tensor | None, positive: Tensor | None) -> None:
         """Every check of a call before any forward: arguments, the ball against the batch (``ThreatModel``),
         a model with nothing to train; the data-dependent ones read back in one host synchronisation."""
         if not callable(encoder):

@@ -80,7 +80,7 @@ def attacks_change_predictions(ev: RobustnessEvaluation) -> SanityCheck:
     rows = [r for r in ev.results if any(math.isclose(r.epsilon, e, rel_tol=1e-9) for e in ev.epsilons)]
     if not rows:
         return _not_run(name, "no attack ran at the reported eps")
-    broken = sum(int((clean[: r.num_samples] & ~ev.correct(r.attack, r.epsilon)).sum()) for r in rows)
+    broken = sum(int((clean[: r.num_samples] & ~ev._recorded(r.attack, r.epsilon)).sum()) for r in rows)
     eps = ", ".join(f"{e:.4g}" for e in ev.epsilons)
     if broken:
         return SanityCheck(name, True, f"{broken} (attack, sample) pairs broken at eps {eps}")

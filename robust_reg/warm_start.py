@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -332,12 +332,13 @@ class PerturbationMemory:
         read-ascend-write round costs one gather and one check).
         """
         checked = self.check(index, like, geometry)
-        rows, stored, kept = self._read(checked, like, geometry)
+        read, stored, kept = self._read(checked, like, geometry)
+        rows = cast(Tensor, read)  # a read with ``like`` always has rows
         self._last_read = (index, geometry, checked, kept)
         if fill is None or bool(stored.all()):
             return rows
-        fill = fill() if callable(fill) else fill
-        return torch.where(stored.view(-1, *([1] * (like.dim() - 1))), rows, fill.to(rows.dtype))
+        filled = fill() if callable(fill) else fill
+        return torch.where(stored.view(-1, *([1] * (like.dim() - 1))), rows, filled.to(rows.dtype))
 
     def is_stored(self, index: Tensor) -> Tensor:
         """Per entry of ``index`` (a 1-D integer tensor), whether a perturbation is stored for it."""
@@ -357,18 +358,19 @@ class PerturbationMemory:
 
     def _rows(self, index: Tensor, like: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """The stored rows of ``index`` as kept (zeros where none is stored) and the stored mask."""
-        if self._data is None:
+        if self._data is None or self._stored is None:
             stored = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
             return (None if like is None else torch.zeros_like(like)), stored
         if like is not None:
             self._follow(like.device)
-        index = index.to(self._data.device)
-        inside = index < self._data.shape[0]
-        clamped = index.clamp(max=self._data.shape[0] - 1)
-        stored = self._stored[clamped] & inside  # beyond the end: not stored
+        data, kept = self._data, self._stored
+        index = index.to(data.device)
+        inside = index < data.shape[0]
+        clamped = index.clamp(max=data.shape[0] - 1)
+        stored = kept[clamped] & inside  # beyond the end: not stored
         if like is None:
             return None, stored
-        rows = self._data[clamped] * stored.view(-1, *([1] * (like.dim() - 1))).to(self.dtype)
+        rows = data[clamped] * stored.view(-1, *([1] * (like.dim() - 1))).to(self.dtype)
         return rows.to(device=like.device, dtype=like.dtype), stored.to(like.device)
 
     def write(self, index: Tensor, perturbation: Tensor, geometry: Tensor | None = None) -> None:
@@ -391,10 +393,10 @@ class PerturbationMemory:
         perturbation = perturbation.detach()
         if geometry is not None:
             if previous is None:
-                previous = self._rows(index, perturbation)[0]
+                previous = cast(Tensor, self._rows(index, perturbation)[0])
             perturbation = _to_image(perturbation, geometry.to(perturbation.device), previous)
         needed = self.num_samples or (int(index.max()) + 1 if index.numel() else 0)
-        if self._data is None:
+        if self._data is None or self._stored is None:
             device = self.device or perturbation.device
             self._data = torch.zeros(needed, *perturbation.shape[1:], device=device, dtype=self.dtype)
             self._stored = torch.zeros(needed, dtype=torch.bool, device=device)
@@ -404,14 +406,15 @@ class PerturbationMemory:
             data[:old], stored[:old] = self._data, self._stored
             self._data, self._stored = data, stored
         self._follow(perturbation.device)
-        index = index.to(self._data.device)
-        self._data[index] = perturbation.to(self._data.device, self.dtype)
-        self._stored[index] = True
+        data, kept = self._data, self._stored
+        index = index.to(data.device)
+        data[index] = perturbation.to(data.device, self.dtype)
+        kept[index] = True
         self._frame = "view" if geometry is None else "image"
 
     def _follow(self, device: torch.device) -> None:
         """Without a fixed ``device`` the memory lives on the batches' device (moved once, e.g. after loading)."""
-        if self.device is None and self._data is not None and self._data.device != device:
+        if self.device is None and self._data is not None and self._stored is not None and self._data.device != device:
             self._data, self._stored = self._data.to(device), self._stored.to(device)
 
     def reset(self) -> None:

@@ -8,6 +8,7 @@ the same job on a whole batch with one ``grid_sample``. Outputs stay in
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class BatchAugment(nn.Module):
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if not 0 <= hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
-        self.base = dict(
+        self.base: dict[str, Any] = dict(
             scale=scale,
             ratio=ratio,
             flip=flip,

@@ -60,7 +60,8 @@ class ImageData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
+        channels, height, width = self.x_train.shape[1:]
+        return channels, height, width
 
     def subset(self, train: int | None = None, test: int | None = None) -> ImageData:
         """The first ``train`` / ``test`` samples (for quick runs)."""
@@ -75,20 +76,20 @@ class ImageData:
         )
 
 
-def _stratified_split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, ...]:
+def _stratified_split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rng = np.random.default_rng(seed)
-    test_idx = []
+    test_idx: list[int] = []
     for c in np.unique(y.numpy()):
         idx = np.flatnonzero(y.numpy() == c)
         rng.shuffle(idx)
         test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
     test_mask = np.zeros(len(y), dtype=bool)
     test_mask[test_idx] = True
-    train_idx = np.flatnonzero(~test_mask)
-    rng.shuffle(train_idx)
-    test_idx = np.flatnonzero(test_mask)
-    rng.shuffle(test_idx)  # the sources are sorted by class: any prefix must be a fair sample
-    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    train_order = np.flatnonzero(~test_mask)
+    rng.shuffle(train_order)
+    test_order = np.flatnonzero(test_mask)
+    rng.shuffle(test_order)  # the sources are sorted by class: any prefix must be a fair sample
+    return x[train_order], y[train_order], x[test_order], y[test_order]
 
 
 def load_dataset(

@@ -576,6 +576,8 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {path}: unknown architecture {arch!r}; one of {tuple(ARCHITECTURES)}")
+    if in_channels is None:
+        raise CheckpointError(f"checkpoint {path} does not record its input channels: pass --in-channels N")
     encoder = build_encoder(arch, int(in_channels))
     _check_layout(path, state, encoder, arch, int(in_channels))
     encoder.load_state_dict(state)

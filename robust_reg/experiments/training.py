@@ -31,7 +31,7 @@ from .models import build_encoder, feature_dim
 METHODS = ("simclr", "byol")
 
 # Per-dataset training defaults of the demo, the examples and the benchmarks.
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist5k": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
     "digits": dict(arch="cnn", epochs=30, batch_size=64, lr=1e-3, epsilon=0.1),
     "fake": dict(arch="cnn", epochs=2, batch_size=64, lr=1e-3, epsilon=0.1),
@@ -52,6 +52,14 @@ class _SSLModel(nn.Module):
     """``forward`` is the embedding the loss compares: ``embed(backbone(x))``."""
 
     backbone: nn.Module
+
+    def embed(self, h: Tensor) -> Tensor:
+        """The embedding the loss compares, from backbone features (each method's own)."""
+        raise NotImplementedError
+
+    def loss_from_embeddings(self, views: tuple[Tensor, Tensor], embeddings: tuple[Tensor, Tensor]) -> Tensor:
+        """The SSL loss of two views' embeddings (each method's own)."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embed(self.backbone(x))
@@ -178,10 +186,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_method(self.method)
-        if self.weight is None:
-            object.__setattr__(self, "weight", method_settings(self.method).weight)
-        if not self.weight >= 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        weight = self.weight
+        if weight is None:
+            settings = method_settings(self.method)
+            weight = 1.0 if settings is None else settings.weight
+            object.__setattr__(self, "weight", weight)
+        if not weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
 
 
 @dataclass
@@ -221,7 +232,7 @@ def recommended_step(config: TrainConfig) -> Step:
     """Plain SSL, or SSL + the package default through the public API (what the README's quick start does)."""
     reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
 
-    def step(model: nn.Module, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
+    def step(model: Any, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
         x0, x1 = augment(x), augment(x)
         z0, z1 = model(x0), model(x1)
         if not config.robust:
@@ -259,7 +270,7 @@ def pretrain(
     if prepare is not None:
         prepare(model)
     memory_format = torch.channels_last if getattr(config, "channels_last", False) else torch.preserve_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
     augment = augment or default_augment(data.kind)
     step = step or recommended_step(config)
     optimizer = torch.optim.AdamW(
