@@ -71,10 +71,10 @@ from robust_reg import (
     RobustnessRegularizer,
     ThreatModel,
     WarmStart,
+    preserved_state,
     projected_gradient_ascent,
     ramped_epsilon,
 )
-from robust_reg._state import preserved_state
 from robust_reg.augmentation import augmentation_strength
 from robust_reg.experiments.augment import BatchAugment
 from robust_reg.experiments.data import ImageData
@@ -82,7 +82,6 @@ from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_mod
 from robust_reg.experiments.training import pretrain as _pretrain
 from robust_reg.finetune import AFF_CPU
 from robust_reg.methods import METHOD_SETTINGS
-from robust_reg.regularizer import _relative, _spread
 
 __all__ = ["DATASET_DEFAULTS", "RECOMMENDED_WEIGHT", "PretrainConfig", "build_model", "pretrain", "training_defaults"]
 
@@ -319,19 +318,19 @@ def lp_aft(
     """
     from sklearn.cluster import KMeans
 
-    from robust_reg.experiments.pipeline import _crop_flip, _loader, _Shuffled
+    from robust_reg.experiments.pipeline import ShuffledBatches, crop_flip, fixed_batches
     from robust_reg.finetune import adversarial_finetune
     from robust_reg.probe import extract_features, fit_linear_probe
 
-    features, _ = extract_features(cluster_on or encoder, _loader(data.x_train, data.y_train), device=device)
+    features, _ = extract_features(cluster_on or encoder, fixed_batches(data.x_train, data.y_train), device=device)
     k = data.num_classes
     clusters = KMeans(n_clusters=k, n_init=10, random_state=config.seed).fit_predict(features.cpu().numpy())
     pseudo = torch.as_tensor(clusters, dtype=torch.long)
     # A strongly decayed probe: the L-BFGS optimum on small-spread features has a norm that makes TRADES at
     # lr 0.1 diverge (NaN on MNIST); the authors' probe is 10 SGD epochs from zero, also small.
-    probe = fit_linear_probe(encoder, _loader(data.x_train, pseudo), k, weight_decay=1e-2, device=device)
-    loader = _Shuffled(data.x_train, pseudo, LP_AFT.batch_size, config.seed)
-    augment = _crop_flip(data.kind != "digits", config.seed)
+    probe = fit_linear_probe(encoder, fixed_batches(data.x_train, pseudo), k, weight_decay=1e-2, device=device)
+    loader = ShuffledBatches(data.x_train, pseudo, LP_AFT.batch_size, config.seed)
+    augment = crop_flip(data.kind != "digits", config.seed)
     model = adversarial_finetune(
         encoder,
         loader,
@@ -514,7 +513,8 @@ def _relative_deviation(features: Tensor, anchor: Tensor, *, normalize: bool = F
     z, h = features.flatten(start_dim=1).float(), anchor.flatten(start_dim=1).float()
     if normalize:
         z, h = F.normalize(z, dim=1), F.normalize(h, dim=1)
-    return _relative((z - h).pow(2).sum(dim=1).mean(), _spread(h))
+    spread = (h - h.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean()  # the regulariser's sigma squared
+    return (z - h).pow(2).sum(dim=1).mean() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
 
 
 def _kl_penalty_step(

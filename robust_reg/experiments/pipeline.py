@@ -296,7 +296,8 @@ def label_sets(data: ImageData, names: tuple[str, ...]) -> dict[str, tuple[torch
     return sets
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 500):
+def fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> list:
+    """``(x, y)`` in batches of ``batch_size``, in order (a loader for features, probes and curves)."""
     return list(batches(x, y, batch_size, shuffle=False))
 
 
@@ -364,7 +365,7 @@ def _probe_and_attack(
     start = time.perf_counter()
     head = fit_linear_probe(
         encoder,
-        _loader(data.x_train, y_train),
+        fixed_batches(data.x_train, y_train),
         k,
         weight_decay=config.probe_weight_decay,
         device=device,
@@ -395,7 +396,7 @@ def _attack(model, data: ImageData, y_test, k: int, config: EvalConfig, full: bo
     )
 
 
-class _Shuffled:
+class ShuffledBatches:
     """Training batches in a fresh seeded order each pass, with the fine-tuning augmentation."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
@@ -406,7 +407,7 @@ class _Shuffled:
         return batches(self.x, self.y, self.batch_size, shuffle=True, generator=self.generator)
 
 
-def _crop_flip(flip: bool, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def crop_flip(flip: bool, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The papers' fine-tuning augmentation: a random crop after zero padding (4 px at 32 px), flips if ``flip``."""
     g = torch.Generator().manual_seed(seed)
 
@@ -431,10 +432,10 @@ def _finetune(mode: str, encoder: nn.Module, data: ImageData, y_train, k: int, c
         epsilon=max(config.epsilons),
         norm=config.norm,
         schedule=schedule,
-        augment=_crop_flip(flip=data.kind != "digits", seed=seed),  # digits are not mirror-symmetric
+        augment=crop_flip(flip=data.kind != "digits", seed=seed),  # digits are not mirror-symmetric
         device=device,
     )
-    loader = _Shuffled(data.x_train, y_train, schedule.batch_size, seed)
+    loader = ShuffledBatches(data.x_train, y_train, schedule.batch_size, seed)
     if mode == "alf":
         return LinearProbeClassifier(encoder, fit_adversarial_linear_probe(encoder, loader, k, **common)).eval()
     return adversarial_finetune(encoder, loader, k, **common)
@@ -462,7 +463,7 @@ def _other_protocols(ev: EncoderEvaluation, encoder, data: ImageData, labels, co
         eps, steps = max(config.epsilons), config.pgd_steps
         x = x_test.to(device)
         ev.embedding = embedding_attack(encoder, x, epsilon=eps, norm=config.norm, steps=steps, seed=seed)
-        train_features, _ = extract_features(encoder, _loader(data.x_train, y_train), device=device)
+        train_features, _ = extract_features(encoder, fixed_batches(data.x_train, y_train), device=device)
         ev.knn_changed = ev.embedding.knn_changed(train_features.cpu(), y_train, k=min(config.knn_k, len(y_train)))
         if log is not None:
             log(f"  {ev.embedding}")
@@ -490,7 +491,7 @@ def _bound_curve(
     curve = robustness_curve(
         encoder,
         head,
-        _loader(x_curve.to(device), y_curve.to(device)),
+        fixed_batches(x_curve.to(device), y_curve.to(device)),
         curve_epsilons,
         norm=config.norm,
         steps=config.pgd_steps,
