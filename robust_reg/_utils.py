@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -48,3 +49,10 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None 
 
 def flat(features: Tensor) -> Tensor:
     return features.reshape(features.shape[0], -1)
+
+
+def warn_deprecated(spelling: str, instead: str, *, stacklevel: int = 3) -> None:
+    """The one form of every deprecation: ``spelling`` works until 0.4.0; ``instead`` says what to write."""
+    warnings.warn(
+        f"{spelling} is deprecated since 0.3.0 and goes in 0.4.0; {instead}", DeprecationWarning, stacklevel=stacklevel
+    )

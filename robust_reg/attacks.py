@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._utils import warn_deprecated
+
 __all__ = ["ThreatModel", "projected_gradient_ascent", "pgd_attack"]
 
 _NORMS = ("linf", "l2")
@@ -228,11 +230,10 @@ class ThreatModel:
         bounds: tuple[float, float] | None = None,
     ) -> ThreatModel:
         """Deprecated since 0.3.0 (goes in 0.4.0): ``robust_reg.integrations.solo_learn.threat_from_config``."""
-        warnings.warn(
-            "ThreatModel.from_solo_config(cfg) is deprecated since 0.3.0 and goes in 0.4.0; use "
-            "robust_reg.integrations.solo_learn.threat_from_config(cfg)",
-            DeprecationWarning,
-            stacklevel=2,
+        warn_deprecated(
+            "ThreatModel.from_solo_config(cfg)",
+            "use robust_reg.integrations.solo_learn.threat_from_config(cfg)",
+            stacklevel=3,
         )
         from robust_reg.integrations.solo_learn import threat_from_config
 
@@ -518,12 +519,10 @@ def resolve_threat(
         raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(unknown)}")
     old = {k: legacy[k] for k in _LEGACY_THREAT if k in legacy}
     if old:
-        spelled = ", ".join(f"{k}=" for k in old)
-        warnings.warn(
-            f"{where}({spelled}...) is deprecated since 0.3.0 and goes in 0.4.0; pass "
-            f"threat=ThreatModel({epsilon_name}, {', '.join(f'{k}=...' for k in old)})",
-            DeprecationWarning,
-            stacklevel=stacklevel,
+        warn_deprecated(
+            f"{where}({', '.join(f'{k}=' for k in old)}...)",
+            f"pass threat=ThreatModel({epsilon_name}, {', '.join(f'{k}=...' for k in old)})",
+            stacklevel=stacklevel + 1,
         )
     if threat is None:
         if epsilon is None:

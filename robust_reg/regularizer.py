@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._state import active_stochastic_layers, preserved_state
+from ._utils import warn_deprecated
 from .attacks import (
     ThreatModel,
     _ascend,
@@ -126,12 +127,7 @@ def _research_options(options: dict) -> dict:
     found = {name: options.pop(name) for name in list(options) if name in _RESEARCH}
     if found:
         advice = "; ".join(f"{name}: {_RESEARCH[name]}" for name in found)
-        warnings.warn(
-            f"RobustnessRegularizer({', '.join(f'{n}=' for n in found)}...) is deprecated since 0.3.0 and goes in "
-            f"0.4.0 ({advice})",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        warn_deprecated(f"RobustnessRegularizer({', '.join(f'{n}=' for n in found)}...)", advice, stacklevel=4)
     return found
 
 
@@ -359,11 +355,8 @@ class RobustnessRegularizer(nn.Module):
     @classmethod
     def from_threat_model(cls, threat: ThreatModel, **options: Any) -> RobustnessRegularizer:
         """Deprecated since 0.3.0 (goes in 0.4.0): ``RobustnessRegularizer(threat=threat, **options)``."""
-        warnings.warn(
-            "RobustnessRegularizer.from_threat_model(threat, ...) is deprecated since 0.3.0 and goes in 0.4.0; "
-            "use RobustnessRegularizer(threat=threat, ...)",
-            DeprecationWarning,
-            stacklevel=2,
+        warn_deprecated(
+            "RobustnessRegularizer.from_threat_model(threat, ...)", "use RobustnessRegularizer(threat=threat, ...)"
         )
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -487,22 +480,18 @@ class RobustnessRegularizer(nn.Module):
         value_only = False
         if "return_adversarial" in deprecated:
             value_only = not deprecated.pop("return_adversarial")
-            warnings.warn(
-                "reg(..., return_adversarial=...) is deprecated since 0.3.0 and goes in 0.4.0: the call always "
-                "returns a RegularizerOutput; use out.loss for the value",
-                DeprecationWarning,
-                stacklevel=3,
+            warn_deprecated(
+                "reg(..., return_adversarial=...)",
+                "the call always returns a RegularizerOutput: use out.loss for the value",
+                stacklevel=6,  # past forward and nn.Module.__call__'s frames, to the user's line
             )
         legacy = {k: deprecated.pop(k) for k in ("memory", "index", "geometry") if k in deprecated}
         if deprecated:
             raise TypeError(f"forward() got unexpected keyword argument(s) {', '.join(sorted(deprecated))}")
         if not legacy:
             return start, value_only
-        warnings.warn(
-            f"reg(..., {', '.join(f'{k}=' for k in legacy)}...) is deprecated since 0.3.0 and goes in 0.4.0; pass "
-            "start=memory.at(index, geometry)",
-            DeprecationWarning,
-            stacklevel=3,
+        warn_deprecated(
+            f"reg(..., {', '.join(f'{k}=' for k in legacy)}...)", "pass start=memory.at(index, geometry)", stacklevel=6
         )
         self._check_memory(legacy.get("memory"), legacy.get("index"), start)
         return legacy["memory"].at(legacy["index"], legacy.get("geometry")), value_only

@@ -84,11 +84,16 @@ def test_evaluate_rebuilds_a_bare_state_dict_given_its_architecture(demo_dir, tm
     assert code == (0 if record["robustness"]["passed"] else 3)
 
 
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_compare():
+    return load_benchmark("compare")
 
 
 def test_compare_smoke_trains_scores_and_writes_tables_and_plots(tmp_path):
@@ -148,9 +153,7 @@ def test_full_mnist_benchmark_meets_the_targets(tmp_path):
 
 def test_overhead_benchmark_smoke_times_every_configuration_against_plain(tmp_path):
     """The fast form of the next test: timing only, one repeat, no memory subprocesses."""
-    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    overhead = load_benchmark("overhead")
     out = tmp_path / "overhead.json"
     args = ["--models", "cnn", "--repeats", "1", "--warmup", "0", "--batch-size-cnn", "8", "--device", "cpu"]
     overhead.main([*args, "--no-memory", "--out", str(out)])
@@ -160,9 +163,7 @@ def test_overhead_benchmark_smoke_times_every_configuration_against_plain(tmp_pa
 
 @pytest.mark.slow  # about 80 s on 2 cores (one subprocess per configuration for the memory figures)
 def test_overhead_benchmark_measures_every_configuration_side_by_side(tmp_path):
-    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    overhead = load_benchmark("overhead")
     out = tmp_path / "overhead.json"
     args = ["--models", "cnn", "--repeats", "2", "--warmup", "1", "--batch-size-cnn", "8", "--device", "cpu"]
     results = overhead.main([*args, "--out", str(out)])
