@@ -284,7 +284,9 @@ def parse_method(name: str) -> tuple[str, str, dict]:
         # A field whose default is None takes the type its annotation names ("float | None", ...).
         annotation = str(fields[key].type)
         kind = (
-            type(default) if default is not None else next((t for t in (float, int) if t.__name__ in annotation), str)
+            type(default)
+            if default is not None
+            else next((t for t in (bool, float, int) if t.__name__ in annotation), str)
         )
         text = text.strip()
         overrides[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)

@@ -253,6 +253,9 @@ class PretrainConfig:
             )
         if not self.warm_warp and not self.warm_start:
             raise ValueError("warm_warp=False needs warm_start (it says how the perturbation is carried)")
+        for name in ("ema", "authors_augment"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.ema is None:
             self.ema = self.variant == "dynacl"
         if self.ema and self.variant != "dynacl":

@@ -315,3 +315,8 @@ def test_hue_jitter_matches_torchvision():
     x = torch.rand(3, 3, 8, 8)
     for shift in (0.1, -0.25):
         torch.testing.assert_close(_shift_hue(x, torch.full((3,), shift)), tf.adjust_hue(x, shift), atol=1e-5, rtol=0)
+
+
+def test_a_non_boolean_ema_or_augmentation_flag_is_refused():
+    with pytest.raises(TypeError, match="ema must be True, False or None"):
+        PretrainConfig(variant="dynacl", ema="false")  # a string would be truthy: the faithful form in disguise

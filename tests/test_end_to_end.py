@@ -419,6 +419,12 @@ def test_steps_from_above_steps_is_refused_by_name():
         PretrainConfig(variant="robust", steps=3, steps_from=4)
 
 
+def test_a_boolean_field_without_a_default_parses_as_a_boolean():
+    compare = load_compare()
+    _, _, overrides = compare.parse_method("simclr-dynacl[ema=false,authors_augment=false]")
+    assert overrides == {"ema": False, "authors_augment": False}
+
+
 def test_a_candidate_field_without_a_default_takes_its_annotated_type():
     compare = load_compare()
     assert compare.parse_method("simclr+robust-reg[steps_from=1,step=0.05]") == (
