@@ -283,7 +283,8 @@ def pretrain(data: ImageData, config: PretrainConfig, *, device: str | torch.dev
         prepare = add_dual_batch_norm_and_ema if config.ema else add_dual_batch_norm
         result = _pretrain(data, config, device=device, step=harness_step(config), prepare=prepare, **options)
         if config.ema:  # the authors evaluate the momentum encoder, and cluster its clean branch for LP-AFT
-            cluster_on = batch_norm_branch(result.model.ema.backbone, "clean")
+            if config.lp_aft:  # the copy is only for the clustering
+                cluster_on = batch_norm_branch(result.model.ema.backbone, "clean")
             result.encoder = result.model.ema.backbone
         keep_adversarial_batch_norm(result.model)  # the encoder evaluated downstream: ACL's adversarial branch
     if config.lp_aft:
@@ -640,11 +641,16 @@ def momentum_update(model: nn.Module, momentum: float = DYNACL_MOMENTUM) -> None
 def batch_norm_branch(model: nn.Module, branch: str) -> nn.Module:
     """A copy of ``model`` with each dual BatchNorm replaced by its ``"clean"`` or ``"adversarial"`` layer."""
     model = copy.deepcopy(model)
+    _keep_branch(model, branch)
+    return model
+
+
+def _keep_branch(model: nn.Module, branch: str) -> None:
+    """Replace, in place, each dual BatchNorm of ``model`` by its ``"clean"`` or ``"adversarial"`` layer."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _DualBatchNorm):
                 setattr(parent, name, getattr(child, branch))
-    return model
 
 
 def authors_augment() -> BatchAugment:
@@ -667,10 +673,7 @@ def adversarial_batch_norm(model: nn.Module) -> Iterator[None]:
 
 def keep_adversarial_batch_norm(model: nn.Module) -> None:
     """Replace each dual BatchNorm by its adversarial twin: a plain model (the encoder evaluated downstream)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, _DualBatchNorm):
-                setattr(parent, name, child.adversarial)
+    _keep_branch(model, "adversarial")
 
 
 def dynacl_weight(epoch: int, epochs: int) -> float:
