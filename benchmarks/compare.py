@@ -202,6 +202,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "run, each ACL row is retrained for each budget and the tables name whose budget a row had)",
     )
     p.add_argument(
+        "--rival-timing-epochs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the budget rivals are not trained for the full epochs: each is timed on a K-epoch run (not scored, "
+        "in the same process) and trained and scored only for the equal budget (saves their full-length runs)",
+    )
+    p.add_argument(
         "--light-eval",
         action="store_true",
         help="screening: score every run as the budget runs are (PGD only: no AutoAttack, no stronger PGD; "
@@ -313,7 +321,8 @@ def budget_evaluation(args: argparse.Namespace, data, eval_config: EvalConfig) -
 
 
 def epochs_in_budget(run: dict, seconds: float, epochs: int) -> int:
-    """The epochs of ``run``'s configuration that fit in ``seconds`` (a post-processing stage is a fixed cost)."""
+    """The epochs of ``run``'s configuration that fit in ``seconds`` (a post-processing stage is a fixed cost);
+    ``epochs``: the run's own."""
     post = run.get("post_seconds", 0.0)
     per_epoch = (run["train_seconds"] - post) / epochs
     return max(1, round((seconds - post) / per_epoch))
@@ -357,7 +366,8 @@ def run_budgets(report: dict, references: dict, names: list[str], seeds: list[in
 
     ``train(name, seed, epochs, seconds)`` trains and scores a run; ``save()`` is called after each. A run already
     there for that reference (a resumed file) is kept; a rival already within 5 % of the budget, or already
-    trained for the same epochs under another reference of the seed (the same run again), is reused.
+    trained for the same epochs under another reference of the seed (the same run again), is reused. A rival
+    without a full-length run is timed by its run in ``report["timing_runs"]`` (``--rival-timing-epochs``).
     """
     report["budget_seconds"] = {}
     for reference in references:
@@ -370,11 +380,13 @@ def run_budgets(report: dict, references: dict, names: list[str], seeds: list[in
                 ours = [r for r in report["budget_runs"] if r["method"] == name and r["seed"] == seed]
                 if any(r.get("budget_reference") == reference for r in ours):
                     continue
-                same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed][0]
-                budget_epochs = epochs_in_budget(same, seconds, epochs)
+                same = [r for r in report["runs"] if r["method"] == name and r["seed"] == seed]
+                timed = [r for r in report.get("timing_runs", []) if r["method"] == name and r["seed"] == seed]
+                same_or_timed = (same or timed)[0]
+                budget_epochs = epochs_in_budget(same_or_timed, seconds, same_or_timed["epochs"])
                 twins = [r for r in ours if r["epochs"] == budget_epochs and not r.get("reused")]
-                if name == reference or abs(same["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds:
-                    report["budget_runs"].append({**same, "reused": True, "budget_reference": reference})
+                if same and (name == reference or abs(same[0]["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds):
+                    report["budget_runs"].append({**same[0], "reused": True, "budget_reference": reference})
                 elif twins:
                     report["budget_runs"].append({**twins[0], "reused": True, "budget_reference": reference})
                 else:
@@ -390,7 +402,8 @@ def split_methods(text: str) -> list[str]:
     return [RENAMED.get(n.partition("[")[0], n.partition("[")[0]) + "".join(n.partition("[")[1:]) for n in names]
 
 
-def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None) -> dict:
+def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None, score=True) -> dict:
+    """Train ``name`` for ``epochs`` and score it (``score=False``: a timing run, only its times are returned)."""
     method, variant, overrides = parse_method(name)
     d = training_defaults(data)
     weight = args.robust_weight
@@ -412,6 +425,15 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
     )
     config = dataclasses.replace(config, **overrides)
     result = pretrain(data, config, device=device, progress_bar=progress_bar)
+    timing = {
+        "method": name,
+        "seed": seed,
+        "epochs": config.epochs,  # a [epochs=N] candidate overrides the run's epochs
+        "train_seconds": result.seconds,  # post-processing (lp_aft) included
+        "post_seconds": sum(h.get("seconds", 0.0) for h in result.history if h.get("stage")),
+    }
+    if not score:
+        return timing
     if save_to is not None:
         result.save(save_to / f"{name}_seed{seed}_e{epochs}.pt")
     start = time.perf_counter()
@@ -419,11 +441,7 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
         result.encoder, data, eval_config, device=device, seed=seed, progress_bar=progress_bar
     )
     return {
-        "method": name,
-        "seed": seed,
-        "epochs": config.epochs,  # a [epochs=N] candidate overrides the run's epochs
-        "train_seconds": result.seconds,  # post-processing (lp_aft) included
-        "post_seconds": sum(h.get("seconds", 0.0) for h in result.history if h.get("stage")),
+        **timing,
         "train_steps": result.steps,
         "eval_seconds": time.perf_counter() - start,
         "history": result.history,
@@ -614,9 +632,17 @@ def markdown(
     return "\n".join(lines)
 
 
-def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval: bool | list[str] = False) -> str:
+def _budget_note(
+    references: dict[str, dict[str, float]], epochs: int, full_eval: bool | list[str] = False, timed: int | None = None
+) -> str:
     """``full_eval``: whether the retrained runs had the full evaluation, or the methods that had it
-    (runs merged from reports with and without AutoAttack)."""
+    (runs merged from reports with and without AutoAttack); ``timed``: the epochs of the rivals' timing runs."""
+    epoch_time = (
+        f"taken from an unscored {timed}-epoch run of that seed (same process, same threads; the rivals have no "
+        f"{epochs}-epoch row)"
+        if timed
+        else f"taken from its own {epochs}-epoch run of that seed (same process, same threads)"
+    )
     times = "; ".join(
         f"{name}: " + ", ".join(f"{s:.0f} s (seed {seed})" for seed, s in per_seed.items())
         for name, per_seed in references.items()
@@ -624,8 +650,7 @@ def _budget_note(references: dict[str, dict[str, float]], epochs: int, full_eval
     return (
         f"Equal budget: on each seed, each baseline trained for the epochs that fit in the training time of its "
         f"reference (its SSL method's recommended configuration, or a row named by --budget-reference) at "
-        f"{epochs} epochs on the same seed ({times}), its epoch time "
-        f"taken from its own {epochs}-epoch run of that seed (same process, same threads); the references' own "
+        f"{epochs} epochs on the same seed ({times}), its epoch time {epoch_time}; the references' own "
         f"runs are reused from the table above, as is any run already within {BUDGET_TOLERANCE:.0%} of its "
         "budget or trained for the same epochs under another reference. "
         + (
@@ -666,7 +691,8 @@ def write_outputs(report: dict, out: Path) -> str:
         scored = {r["method"]: _acc(r, "AutoAttack", max(epsilons)) is not None for r in retrained}
         with_aa = [name for name, aa in scored.items() if aa]
         full = bool(with_aa) and (len(with_aa) == len(scored) or with_aa)
-        note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full)
+        timed = report.get("rival_timing_epochs")
+        note = report.get("budget_note") or _budget_note(report["budget_seconds"], report["epochs"], full, timed)
         budget = markdown(report["budget_summary"], epsilons, "Equal wall-clock budget", pgd, note)
         md.append(budget)
         paired = paired_markdown(report["budget_runs"], max(epsilons), reference, "Equal budget")
@@ -786,10 +812,11 @@ def merge_reports(reports: list[dict]) -> dict:
     splits = {report.get("split", "test") for report in reports}
     if len(splits) > 1:
         raise SystemExit(f"--render: the results were scored on different splits ({', '.join(sorted(splits))})")
-    merged = {**reports[0], "runs": [], "budget_runs": [], "budget_seconds": {}}
+    merged = {**reports[0], "runs": [], "budget_runs": [], "timing_runs": [], "budget_seconds": {}}
     for report in reports:
         merged["runs"] += report["runs"]
         merged["budget_runs"] += report.get("budget_runs", [])
+        merged["timing_runs"] += report.get("timing_runs", [])
         for name, per_seed in report.get("budget_seconds", {}).items():
             merged["budget_seconds"].setdefault(name, {}).update(per_seed)
     merged["seeds"] = sorted({run["seed"] for report in reports for run in report["runs"]})
@@ -866,6 +893,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval": eval_config.__dict__,
         "runs": [],
         "budget_runs": [],
+        **({"rival_timing_epochs": args.rival_timing_epochs} if args.rival_timing_epochs else {}),
+        "timing_runs": [],
     }
     previous_seconds = 0.0
     if args.resume:
@@ -874,7 +903,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(
                 f"--resume: {args.resume} was scored on the {done.get('split', 'test')} split, not {args.split}"
             )
-        report.update(runs=done["runs"], budget_runs=done.get("budget_runs", []))
+        report.update(
+            runs=done["runs"], budget_runs=done.get("budget_runs", []), timing_runs=done.get("timing_runs", [])
+        )
         report["command"] = done["command"] + " (resumed: " + report["command"] + ")"
         previous_seconds = done.get("elapsed_seconds", 0.0)
     progress_bar = not args.no_progress
@@ -882,7 +913,11 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter() - previous_seconds
 
     def finished(name: str, seed: int) -> bool:
-        return any(r["method"] == name and r["seed"] == seed for r in report["runs"])
+        return any(r["method"] == name and r["seed"] == seed for r in report["runs"] + report["timing_runs"])
+
+    timed_only = set()
+    if args.rival_timing_epochs and not (args.no_budget or args.quick):
+        timed_only = {n for rivals in references.values() for n in rivals if n in names} - set(references)
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
@@ -891,6 +926,14 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:
         for name in names:
             if finished(name, seed):
+                continue
+            if name in timed_only:
+                k = args.rival_timing_epochs
+                print(f"[compare] seed {seed}: {name}, timed on {k} epochs (not scored)", flush=True)
+                timing = run_one(name, data, args, eval_config, device, seed, k, progress_bar, score=False)
+                report["timing_runs"].append(timing)
+                print(f"[compare]   {k} epochs in {timing['train_seconds']:.0f} s", flush=True)
+                save()
                 continue
             print(f"[compare] seed {seed}: {name}", flush=True)
             run = run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, encoders)
@@ -914,7 +957,7 @@ def main(argv: list[str] | None = None) -> dict:
             return run_one(name, data, args, budget_eval, device, seed, budget_epochs, progress_bar, encoders)
 
         run_budgets(report, references, names, seeds, epochs, train, save)
-        budget_note = _budget_note(report["budget_seconds"], epochs, args.budget_full_eval)
+        budget_note = _budget_note(report["budget_seconds"], epochs, args.budget_full_eval, args.rival_timing_epochs)
 
     report["elapsed_seconds"] = time.perf_counter() - started
     report["budget_note"] = budget_note

@@ -689,6 +689,19 @@ def test_a_resumed_budget_run_of_the_same_reference_is_kept():
     assert trained == [] and report["budget_runs"].count(done) == 1
 
 
+def test_a_rival_timed_on_a_short_run_gets_the_epochs_its_epoch_time_fits_in_the_budget():
+    compare = load_compare()
+    report = _budget_report({"simclr+robust-reg": 300.0})
+    # --rival-timing-epochs 3: DynACL's 3 unscored epochs took 90 s, so 10 epochs fit in the default's 300 s.
+    report["timing_runs"] = [{"method": "simclr-dynacl", "seed": 0, "epochs": 3, "train_seconds": 90.0}]
+    trained = []
+    references = {"simclr+robust-reg": ("simclr-dynacl",)}
+    compare.run_budgets(
+        report, references, ["simclr+robust-reg", "simclr-dynacl"], [0], 30, _fake_training(trained), lambda: None
+    )
+    assert trained == [("simclr-dynacl", 10)]
+
+
 def pretrained_on_random_npz(tmp_path, name: str, n_train: int, n_test: int):
     """An .npz of random RGB images with 3 classes, and a 1-epoch checkpoint trained on it by the example."""
     import numpy as np
