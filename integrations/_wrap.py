@@ -18,7 +18,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, preserved_state, ramped_epsilon
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    PerturbationMemory,
+    RobustnessRegularizer,
+    ThreatModel,
+    preserved_state,
+    ramped_epsilon,
+)
 from robust_reg.attacks import _find_normalize
 from robust_reg.regularizer import _RESEARCH
 
@@ -300,7 +307,7 @@ class RobustTrainingStep:
             )
         encoder = _Target(target, self.key)
         if other is None:
-            return self.regularizer(encoder, x, **warm).loss
+            return self.regularizer(encoder, x, positive=None, **warm).loss  # the backbone form, or 0.2's ascents
         with torch.no_grad(), preserved_state(target):  # the positive is a constant; BN statistics untouched
             positive = encoder(other)
         return self.regularizer(encoder, x, positive=positive, **warm).loss
@@ -586,7 +593,7 @@ class AdapterConfig:
     """The settings of one robustified module, validated once; both adapters build one.
 
     ``encoder="forward"`` (the embedding the SSL loss compares) gets the regulariser's recommended
-    form and the adversarial view; a submodule path the paper's form (``form="backbone"``) and no
+    form and the adversarial view; a submodule path the paper's form (``BackboneRobustnessRegularizer``) and no
     adversarial view. ``view=None``: ``batch[views_field][0]`` (and ``positive_view``, read with
     ``ascent="positive"``, ``[1]``). ``warm_start``: ``True`` (a new
     ``PerturbationMemory``) or a memory, with ``index`` (or the framework's
@@ -652,8 +659,8 @@ class AdapterConfig:
 
     def regularizer(self) -> RobustnessRegularizer:
         """A new regulariser: the recommended form on the embedding, the paper's on a submodule."""
-        options = {"form": "embedding" if self.embedding else "backbone", **self.regularizer_options}
-        regularizer = RobustnessRegularizer(threat=self.threat, **options)
+        form = RobustnessRegularizer if self.embedding else BackboneRobustnessRegularizer
+        regularizer = form(threat=self.threat, **self.regularizer_options)
         if regularizer.ascent == "positive" and self.view is not None and self.positive_view is None:
             raise ValueError(
                 "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "

@@ -17,12 +17,13 @@ from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
 from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
-from .regularizer import RegularizerOutput, RegularizerStats, RobustnessRegularizer
+from .regularizer import BackboneRobustnessRegularizer, RegularizerOutput, RegularizerStats, RobustnessRegularizer
 from .warm_start import PerturbationMemory, WarmStart, crop_geometry, ramped_epsilon
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BackboneRobustnessRegularizer",
     "BoundReport",
     "MethodSettings",
     "PerturbationMemory",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,18 +116,19 @@ _ASCENTS = ("deviation", "instance", "positive")
 _RESEARCH = {
     "random_start": "drop it: the random start is the measured default (starting at x was weaker under AutoAttack)",
     "relative": "drop it: the relative value is the default (the raw deviation can be cheated by shrinking)",
-    "normalize_features": "form= sets it ('embedding': normalised, 'backbone': raw)",
+    "normalize_features": "the class sets it (RobustnessRegularizer: normalised; BackboneRobustnessRegularizer: raw)",
     "batch_norm": "drop it: batch statistics are the measured default ('running' was no better)",
-    "ascent": "form= sets it ('embedding': the positive ascent, 'backbone': the deviation ascent)",
+    "ascent": "the class sets it (RobustnessRegularizer: the positive ascent; BackboneRobustnessRegularizer: the "
+    "deviation ascent)",
 }
 
 
-def _research_options(options: dict) -> dict:
+def _research_options(options: dict, where: str = "RobustnessRegularizer") -> dict:
     """Pop 0.2's research options from ``options``, warning once per call that names them."""
     found = {name: options.pop(name) for name in list(options) if name in _RESEARCH}
     if found:
         advice = "; ".join(f"{name}: {_RESEARCH[name]}" for name in found)
-        warn_deprecated(f"RobustnessRegularizer({', '.join(f'{n}=' for n in found)}...)", advice, stacklevel=4)
+        warn_deprecated(f"{where}({', '.join(f'{n}=' for n in found)}...)", advice, stacklevel=4)
     return found
 
 
@@ -184,7 +185,18 @@ class _Anchor(NamedTuple):
     score: Callable[[Tensor], Tensor]
 
 
-class RobustnessRegularizer(nn.Module):
+class _FormKeyword:
+    """0.2's ``RobustnessRegularizer(form="backbone")`` builds the class that form became (a subclass, so
+    isinstance checks and ``__init__`` run as before; the warning is ``__init__``'s). A base of its own, so that
+    ``inspect.signature`` (help, IDEs, the docs) reads ``__init__``, not this catch-all."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is RobustnessRegularizer and kwargs.get("form") == "backbone":
+            cls = BackboneRobustnessRegularizer
+        return super().__new__(cls)
+
+
+class RobustnessRegularizer(_FormKeyword, nn.Module):
     """Penalise the worst-case change of an encoder's features inside an eps-ball.
 
     For a batch ``x_1..x_n`` with clean features ``h_i = f(x_i)``, their mean ``h̄`` and
@@ -225,14 +237,6 @@ class RobustnessRegularizer(nn.Module):
         norm: With ``epsilon``: ``"linf"`` (sign steps, the default) or ``"l2"`` (normalised-gradient steps).
         steps: Ascent steps of the inner maximisation (0: random start only).
         step_size: Ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
-        form: What is regularised. ``"embedding"`` (default, the measured recommended
-            configuration): the encoder is the model whose output the SSL loss
-            compares (SimCLR's projection, BYOL's prediction), L2-normalised as a
-            cosine-based loss compares it, the ascent searching away from the other
-            view's embedding (``positive=`` required at each call). ``"backbone"``:
-            the paper's form, the backbone's raw features with the deviation ascent,
-            the quantity ``R_eps`` that ``estimate_bound`` measures (no
-            ``positive``); measured far weaker as a training signal.
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
         gather_distributed: Under ``torch.distributed`` (DDP), average the
@@ -251,7 +255,8 @@ class RobustnessRegularizer(nn.Module):
             it collapses BYOL, whose clean prediction of the perturbed view then
             gets no gradient at all (docs: Results). Off by default.
         **deprecated: 0.2's spellings, each with a ``DeprecationWarning`` until 0.4.0:
-            ``mean=``, ``std=``, ``bounds=`` (pass ``threat=``), and the options that
+            ``mean=``, ``std=``, ``bounds=`` (pass ``threat=``), ``form=`` (``form="backbone"``
+            builds a ``BackboneRobustnessRegularizer``), and the options that
             lost their measurements (docs: negative results): ``random_start``,
             ``relative``, ``normalize_features``, ``batch_norm``, ``ascent``.
 
@@ -263,17 +268,18 @@ class RobustnessRegularizer(nn.Module):
     Raises:
         ValueError: At construction: a negative or non-finite ``epsilon``, an
             L-inf ``epsilon`` above 0.5 (a unit mistake: ``8`` meant ``8/255``),
-            an unknown ``form`` or ``norm``, negative ``steps``, a non-positive
+            an unknown ``norm``, negative ``steps``, a non-positive
             ``step_size``. At call time, before any forward: the ball against the
             batch (``ThreatModel.check_inputs``: inputs outside ``bounds``, raw
             pixels declared normalised, an L-inf radius given as L2, an L2 radius
             larger than the input box, channels that do not fit ``mean``/``std``),
-            ``positive`` missing in the embedding form (the message gives both ways
-            forward), equal to ``features`` or of another width, a batch of one,
+            ``positive=None`` (the message gives both ways forward), ``positive`` equal
+            to ``features`` or of another width, a batch of one,
             ``features`` of another batch size or not finite, an encoder with no
             trainable parameter, a ``start`` not of ``x``'s shape or not finite, a
             warm start whose indices or crops do not fit ``x``.
-        TypeError: Neither ``epsilon`` nor ``threat`` (or both), integer inputs or
+        TypeError: Neither ``epsilon`` nor ``threat`` (or both), a call without
+            ``positive=`` (Python's message names it), integer inputs or
             features, a non-callable encoder, a ``start`` that is neither a
             floating-point tensor nor a ``PerturbationMemory.at(...)`` warm start.
 
@@ -295,12 +301,10 @@ class RobustnessRegularizer(nn.Module):
         >>> float(reg.last_stats.value) >= 0
         True
 
-        The paper's form on the backbone (what ``estimate_bound`` measures):
-
-        >>> paper = RobustnessRegularizer(epsilon=0.1, form="backbone")
-        >>> h = backbone(x0)
-        >>> (h.pow(2).mean() + 0.5 * paper(backbone, x0, features=h).loss).backward()
+        The paper's form on backbone features, with no ``positive``, is
+        :class:`BackboneRobustnessRegularizer`.
     """
+
 
     def __init__(
         self,
@@ -310,20 +314,18 @@ class RobustnessRegularizer(nn.Module):
         norm: str | None = None,
         steps: int = 3,
         step_size: float | None = None,
-        form: str = "embedding",
         detach_anchor: bool = False,
         gather_distributed: bool = False,
         stochastic_modules: Sequence[type] = (),
         **deprecated: object,
     ) -> None:
         super().__init__()
-        research = _research_options(deprecated)
+        form = self._form(deprecated)
+        research = _research_options(deprecated, type(self).__name__)
         random_start, relative = research.get("random_start", True), research.get("relative", True)
         normalize_features, ascent = research.get("normalize_features"), research.get("ascent")
         batch_norm = research.get("batch_norm", "batch")
-        self.threat = resolve_threat(threat, epsilon, norm, deprecated, where="RobustnessRegularizer")
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
+        self.threat = resolve_threat(threat, epsilon, norm, deprecated, where=type(self).__name__)
         self.form = form
         form_normalize, form_ascent = _FORMS[form]
         normalize_features = form_normalize if normalize_features is None else normalize_features
@@ -351,6 +353,21 @@ class RobustnessRegularizer(nn.Module):
         self._warned_stochastic = False
         self._warned_ball = False  # the threat's warnings (a ball that looks the wrong size): once per regulariser
         self.last_stats: RegularizerStats | None = None
+
+    _FORM = "embedding"
+
+    def _form(self, options: dict) -> str:
+        """This class's form; 0.2's ``form=`` popped from ``options`` (warned)."""
+        if "form" not in options:
+            return self._FORM
+        form = options.pop("form")
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {tuple(_FORMS)}, got {form!r}")
+        if form != self._FORM:  # RobustnessRegularizer.__new__ built the backbone class for form="backbone"
+            raise ValueError(f"form={form!r} does not fit {type(self).__name__}, whose form is {self._FORM!r}")
+        new = "BackboneRobustnessRegularizer(...)" if form == "backbone" else "RobustnessRegularizer(...) alone"
+        warn_deprecated(f"RobustnessRegularizer(form={form!r})", f"use {new}", stacklevel=4)
+        return form
 
     @classmethod
     def from_threat_model(cls, threat: ThreatModel, **options: Any) -> RobustnessRegularizer:
@@ -384,8 +401,6 @@ class RobustnessRegularizer(nn.Module):
         if t.bounds != (0.0, 1.0):
             parts.append(f"bounds={t.bounds}")
         form_normalize, form_ascent = _FORMS[self.form]
-        if self.form != "embedding":
-            parts.append(f"form={self.form!r}")
         if self.normalize_features != form_normalize:
             parts.append(f"normalize_features={self.normalize_features}")
         if self.batch_norm != "batch":
@@ -402,7 +417,7 @@ class RobustnessRegularizer(nn.Module):
         x: Tensor,
         features: Tensor | None = None,
         *,
-        positive: Tensor | None = None,
+        positive: Tensor | None,
         start: Tensor | WarmStart | None = None,
         **deprecated: object,
     ) -> RegularizerOutput:
@@ -414,10 +429,10 @@ class RobustnessRegularizer(nn.Module):
                 Pass the bare module, not a ``DistributedDataParallel`` wrapper.
             x: The (augmented) batch, in the space the encoder takes.
             features: ``encoder(x)`` if already computed (reused, not recomputed).
-            positive: The embedding form's (required there, refused in the backbone
-                form): the other view's embedding of each sample, the positive the
-                SSL loss aligns ``x`` with; the ascent moves ``x``'s features away
-                from it. Treated as a constant. Not ``features`` itself.
+            positive: Required: the other view's embedding of each sample, the
+                positive the SSL loss aligns ``x`` with; the ascent moves ``x``'s
+                features away from it. Treated as a constant. Not ``features`` itself.
+                (No positive: the paper's form, ``BackboneRobustnessRegularizer``.)
             start: Where the ascent starts instead of a uniform draw in the ball:
                 a perturbation in pixel units, shape of ``x``, projected onto the
                 ball and the valid range; or a warm start kept for you,
@@ -437,6 +452,18 @@ class RobustnessRegularizer(nn.Module):
             ``out.adversarial_features`` into the SSL loss in place of the
             perturbed view's clean embedding.
         """
+        return self._run(encoder, x, features, positive, start, deprecated)
+
+    def _run(
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        x: Tensor,
+        features: Tensor | None,
+        positive: Tensor | None,
+        start: Tensor | WarmStart | None,
+        deprecated: dict[str, Any],
+    ) -> RegularizerOutput:
+        """The call of either form, one frame below each ``forward`` (the deprecation warnings' stack depth)."""
         start, value_only = self._legacy_call(start, deprecated)
         self._check_call(encoder, x, features, positive)
         warm: WarmStart | None = None
@@ -483,7 +510,7 @@ class RobustnessRegularizer(nn.Module):
             warn_deprecated(
                 "reg(..., return_adversarial=...)",
                 "the call always returns a RegularizerOutput: use out.loss for the value",
-                stacklevel=6,  # past forward and nn.Module.__call__'s frames, to the user's line
+                stacklevel=7,  # past _run, forward and nn.Module.__call__'s frames, to the user's line
             )
         legacy = {k: deprecated.pop(k) for k in ("memory", "index", "geometry") if k in deprecated}
         if deprecated:
@@ -491,7 +518,7 @@ class RobustnessRegularizer(nn.Module):
         if not legacy:
             return start, value_only
         warn_deprecated(
-            f"reg(..., {', '.join(f'{k}=' for k in legacy)}...)", "pass start=memory.at(index, geometry)", stacklevel=6
+            f"reg(..., {', '.join(f'{k}=' for k in legacy)}...)", "pass start=memory.at(index, geometry)", stacklevel=7
         )
         self._check_memory(legacy.get("memory"), legacy.get("index"), start)
         return legacy["memory"].at(legacy["index"], legacy.get("geometry")), value_only
@@ -623,7 +650,7 @@ class RobustnessRegularizer(nn.Module):
             f"mode ({kinds}), so the features= passed in were computed differently; the clean features are "
             "recomputed with those layers in eval mode (one extra forward per call) so that the deviation "
             "measures the perturbation only",
-            stacklevel=3,
+            stacklevel=6,  # past _run, forward and nn.Module.__call__, to the user's line
         )
 
     def _check_positive(self, x: Tensor, positive: Tensor | None, features: Tensor | None) -> None:
@@ -632,11 +659,14 @@ class RobustnessRegularizer(nn.Module):
                 "positive= is missing: the default (recommended) form regularises the embedding the SSL loss compares "
                 "and searches away from the other view's. Either pass the other view's embedding, "
                 "reg(model, x1, features=z1, positive=z0), or choose the paper's form on backbone features, which "
-                "needs none: RobustnessRegularizer(epsilon, form='backbone')"
+                "needs none: BackboneRobustnessRegularizer(epsilon)"
             )
         if self.ascent != "positive" and positive is not None:
             raise ValueError(
                 f"positive= is used by ascent='positive' only (this regulariser has ascent={self.ascent!r})"
+                if self.form == "embedding"
+                else "positive= is not taken by BackboneRobustnessRegularizer (the deviation from the clean backbone "
+                "features is maximised); for the embedding form with a positive use RobustnessRegularizer"
             )
         if positive is None:
             return
@@ -685,6 +715,56 @@ class RobustnessRegularizer(nn.Module):
             raise ValueError("features contains non-finite values (nan or inf)")
         if len(values) > n + 1 and values[n + 1]:
             raise _same_view_error("features=")
+
+
+class BackboneRobustnessRegularizer(RobustnessRegularizer):
+    """The paper's form: the worst-case deviation of backbone features, with no positive.
+
+    The regulariser of :class:`RobustnessRegularizer` on an encoder's raw features (not
+    normalised), its ascent maximising the deviation from the clean features themselves:
+    the quantity ``R_eps`` that :func:`~robust_reg.estimate_bound` measures. Measured far
+    weaker than the default as a training signal (docs: Results); use it to regularise a
+    backbone whose SSL loss has no positive pair, or to train the quantity the bound reads.
+    It takes the same arguments and keeps the same execution policy.
+
+    Args:
+        epsilon, threat, norm, steps, step_size, detach_anchor, gather_distributed,
+        stochastic_modules: as :class:`RobustnessRegularizer`.
+
+    Returns:
+        ``forward(encoder, x, features=None, *, start=None)``: a ``RegularizerOutput``.
+
+    Raises:
+        ValueError, TypeError: As :class:`RobustnessRegularizer`; ``positive=`` is refused.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> reg = BackboneRobustnessRegularizer(epsilon=0.1)
+        >>> x0 = torch.rand(16, 1, 28, 28)
+        >>> h = backbone(x0)
+        >>> (h.pow(2).mean() + 0.5 * reg(backbone, x0, features=h).loss).backward()
+    """
+
+    _FORM = "backbone"
+
+    def forward(  # type: ignore[override]  # the paper's form takes no positive
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        x: Tensor,
+        features: Tensor | None = None,
+        *,
+        start: Tensor | WarmStart | None = None,
+        **deprecated: object,
+    ) -> RegularizerOutput:
+        """Estimate the regulariser on a batch: ``encoder``, ``x``, ``features`` and ``start`` as
+        :meth:`RobustnessRegularizer.forward`; no ``positive``."""
+        # No positive in the signature: one passed anyway is refused by name in _check_positive (or used by 0.2's
+        # deprecated ascent="positive").
+        positive = cast("Tensor | None", deprecated.pop("positive", None))
+        return self._run(encoder, x, features, positive, start, deprecated)
 
 
 def _same_view_error(source: str) -> ValueError:

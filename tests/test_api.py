@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RobustnessRegularizer, ThreatModel, estimate_bound, robustness_curve
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    RobustnessRegularizer,
+    ThreatModel,
+    estimate_bound,
+    robustness_curve,
+)
 from robust_reg.embedding_attack import embedding_attack
 from robust_reg.evaluation import PGD, evaluate_robustness
 from robust_reg.finetune import FinetuneSchedule, adversarial_finetune, fit_adversarial_linear_probe
@@ -79,7 +85,7 @@ def normalised():
 def cases():
     schedule = FinetuneSchedule(epochs=1, lr=0.01, steps=1, batch_size=16)
     return {
-        "RobustnessRegularizer": lambda **kw: RobustnessRegularizer(form="backbone", **kw).threat,
+        "RobustnessRegularizer": lambda **kw: BackboneRobustnessRegularizer(**kw).threat,
         "evaluate_robustness": lambda **kw: (
             evaluate_robustness(linear(), *normalised(), attacks=[PGD(1)], check_steps=2, **kw).clean_accuracy
         ),
@@ -136,6 +142,36 @@ def test_the_regularizer_takes_at_most_9_constructor_and_5_forward_arguments():
     assert forward == ["encoder", "x", "features", "positive", "start"]
 
 
+def test_the_regularizer_signature_says_positive_is_required():
+    positive = inspect.signature(RobustnessRegularizer.forward).parameters["positive"]
+    assert positive.default is inspect.Parameter.empty and positive.kind is inspect.Parameter.KEYWORD_ONLY
+    assert "positive" not in inspect.signature(BackboneRobustnessRegularizer.forward).parameters
+
+
+def test_a_call_without_positive_is_a_type_error_naming_it():
+    model, x = embedding_model(), torch.rand(8, 1, 8, 8)
+    with pytest.raises(TypeError, match="'positive'"):
+        RobustnessRegularizer(0.1)(model, x)
+
+
+def test_the_backbone_form_has_the_same_constructor():
+    assert named_parameters(BackboneRobustnessRegularizer.__init__) == named_parameters(RobustnessRegularizer.__init__)
+
+
+def test_form_backbone_still_works_warns_and_builds_the_backbone_class():
+    with pytest.warns(DeprecationWarning, match=r"use BackboneRobustnessRegularizer\(\.\.\.\)"):
+        reg = RobustnessRegularizer(0.1, steps=2, form="backbone")
+    assert type(reg) is BackboneRobustnessRegularizer and reg.steps == 2
+    model = embedding_model()
+    assert reg(model, torch.rand(8, 1, 8, 8)).loss.requires_grad
+
+
+def test_the_backbone_form_refuses_a_positive():
+    model, x = embedding_model(), torch.rand(8, 1, 8, 8)
+    with pytest.raises(ValueError, match="positive= is not taken by BackboneRobustnessRegularizer"):
+        BackboneRobustnessRegularizer(0.1)(model, x, positive=model(x).detach())
+
+
 def embedding_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
@@ -175,7 +211,7 @@ def test_memory_and_index_still_work_warn_and_match_start_memory_at():
     [
         (dict(random_start=False), "the random start is the measured default"),
         (dict(batch_norm="running"), "batch statistics are the measured default"),
-        (dict(ascent="deviation"), "form= sets it"),
+        (dict(ascent="deviation"), "the class sets it"),
     ],
 )
 def test_an_option_that_lost_its_measurements_still_works_and_warns_what_to_do_instead(option, says):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RobustnessRegularizer, method_settings
+from robust_reg import BackboneRobustnessRegularizer, RobustnessRegularizer, method_settings
 
 from helpers import Counting, assert_unchanged, small_cnn, snapshot
 
@@ -30,7 +30,7 @@ def test_the_bare_constructor_computes_what_the_spelled_out_recommended_one_comp
     results = []
     for reg in (
         RobustnessRegularizer(0.1),
-        RobustnessRegularizer(0.1, steps=3, normalize_features=True, ascent="positive", form="backbone"),
+        BackboneRobustnessRegularizer(0.1, steps=3, normalize_features=True, ascent="positive"),
     ):
         torch.manual_seed(1)
         results.append(reg(model, x1, features=z1, positive=z0.detach()))
@@ -46,26 +46,26 @@ def test_the_default_call_returns_the_value_and_the_adversarial_embedding():
     assert (out.adversarial_inputs - x1).abs().max() <= 0.1 + 1e-6
 
 
-def test_a_call_without_positive_fails_before_any_forward_and_names_both_ways_forward():
+def test_positive_none_fails_before_any_forward_and_names_both_ways_forward():
     model = Counting(embedding_model())
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"positive= is missing.*positive=z0.*form='backbone'"):
-        RobustnessRegularizer(0.1)(model, torch.rand(8, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"positive= is missing.*positive=z0.*BackboneRobustnessRegularizer"):
+        RobustnessRegularizer(0.1)(model, torch.rand(8, 1, 28, 28), positive=None)
     assert model.calls == 0
     assert_unchanged(model, before)
 
 
 def test_the_papers_form_is_one_named_choice():
-    reg = RobustnessRegularizer(0.1, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1)
     assert (reg.normalize_features, reg.ascent) == (False, "deviation")
     backbone = small_cnn()
     assert reg(backbone, torch.rand(8, 1, 28, 28)).loss >= 0  # no positive needed
 
 
 def test_options_override_the_forms_defaults():
-    reg = RobustnessRegularizer(0.1, form="backbone", normalize_features=True)
+    reg = BackboneRobustnessRegularizer(0.1, normalize_features=True)
     assert (reg.normalize_features, reg.ascent) == (True, "deviation")
-    assert "form='backbone'" in repr(reg) and "normalize_features=True" in repr(reg)
+    assert repr(reg).startswith("BackboneRobustnessRegularizer(") and "normalize_features=True" in repr(reg)
     assert repr(RobustnessRegularizer(0.1)) == "RobustnessRegularizer(epsilon=0.1, norm='linf', steps=3)"
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RobustnessRegularizer, ThreatModel, estimate_bound, fit_linear_probe, robustness_curve
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    ThreatModel,
+    estimate_bound,
+    fit_linear_probe,
+    robustness_curve,
+)
 
 from helpers import assert_unchanged, small_cnn, snapshot
 
@@ -32,7 +38,7 @@ from helpers import assert_unchanged, small_cnn, snapshot
 )
 def test_bad_constructor_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
-        RobustnessRegularizer(**kwargs, form="backbone")
+        BackboneRobustnessRegularizer(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +93,7 @@ def good_x():
 )
 def test_bad_call_arguments_are_named_and_change_nothing(model_and_state, reg_kwargs, call, error, match):
     model, before = model_and_state
-    reg = RobustnessRegularizer(threat=ThreatModel(0.1, **reg_kwargs), form="backbone")
+    reg = BackboneRobustnessRegularizer(threat=ThreatModel(0.1, **reg_kwargs))
     with pytest.raises(error, match=match):
         reg(*call(model))
     assert_unchanged(model, before)
@@ -96,7 +102,7 @@ def test_bad_call_arguments_are_named_and_change_nothing(model_and_state, reg_kw
 
 def test_batch_of_one_is_fine_with_the_raw_form(model_and_state):
     model, _ = model_and_state
-    RobustnessRegularizer(0.1, relative=False, form="backbone")(model.eval(), good_x()[:1])
+    BackboneRobustnessRegularizer(0.1, relative=False)(model.eval(), good_x()[:1])
 
 
 def test_non_finite_encoder_output_is_reported(images):
@@ -104,7 +110,7 @@ def test_non_finite_encoder_output_is_reported(images):
     with torch.no_grad():
         encoder[1].bias.fill_(math.inf)
     with pytest.raises(ValueError, match=r"encoder\(x\) returned non-finite"):
-        RobustnessRegularizer(0.1, form="backbone")(encoder, images)
+        BackboneRobustnessRegularizer(0.1)(encoder, images)
 
 
 def test_estimate_bound_needs_a_linear_head_or_a_lipschitz_constant(digits):

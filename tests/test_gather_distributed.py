@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from robust_reg import RobustnessRegularizer
+from robust_reg import BackboneRobustnessRegularizer
 
 WORLD = 2
 HERE = Path(__file__).resolve().parent
@@ -34,7 +34,7 @@ def value_and_grad(model: nn.Module, x: torch.Tensor, gather: bool, skip: int = 
     whichever process runs it (a process holding the second half skips the first half's draws)."""
     torch.manual_seed(2)
     torch.empty(skip, *x.shape[1:]).uniform_(-0.1, 0.1)
-    value = RobustnessRegularizer(epsilon=0.1, steps=2, gather_distributed=gather, form="backbone")(model, x).loss
+    value = BackboneRobustnessRegularizer(epsilon=0.1, steps=2, gather_distributed=gather)(model, x).loss
     grads = torch.autograd.grad(value, list(model.parameters()))
     return value.item(), list(grads)
 

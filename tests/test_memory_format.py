@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from robust_reg import (
+    BackboneRobustnessRegularizer,
     PerturbationMemory,
-    RobustnessRegularizer,
     ThreatModel,
     crop_geometry,
     estimate_bound,
@@ -69,7 +69,7 @@ def test_regularizer_value_and_gradients_match_the_contiguous_call(options):
     plain, fast = _pair()
     values, grads = [], []
     for encoder, batch in ((plain, x.contiguous()), (fast, x)):
-        reg = RobustnessRegularizer(8 / 255, steps=2, **options, form="backbone")
+        reg = BackboneRobustnessRegularizer(8 / 255, steps=2, **options)
         torch.manual_seed(1)
         out = reg(encoder, batch)
         out.loss.backward()
@@ -86,7 +86,7 @@ def test_warm_start_memory_with_crops_matches_the_contiguous_call():
     geometry = crop_geometry(torch.tensor([[1, 1, 6, 6]] * 8), (8, 8))
     results = []
     for encoder, batch in zip(_pair(), (x.contiguous(), x)):
-        reg, memory = RobustnessRegularizer(8 / 255, steps=2, form="backbone"), PerturbationMemory(num_samples=8)
+        reg, memory = BackboneRobustnessRegularizer(8 / 255, steps=2), PerturbationMemory(num_samples=8)
         index = torch.arange(8)
         torch.manual_seed(2)
         for _ in range(2):  # the second call starts from what the first stored

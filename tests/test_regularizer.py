@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RegularizerOutput, RobustnessRegularizer, ThreatModel
+from robust_reg import BackboneRobustnessRegularizer, RegularizerOutput, RobustnessRegularizer, ThreatModel
 
 from helpers import Counting, small_cnn
 
@@ -29,7 +29,7 @@ def seeded(fn, seed=123):
 
 
 def test_returns_a_scalar_that_carries_gradients_to_the_encoder(encoder, images):
-    value = RobustnessRegularizer(0.1, form="backbone")(encoder, images).loss
+    value = BackboneRobustnessRegularizer(0.1)(encoder, images).loss
     assert value.shape == () and value.requires_grad
     value.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
@@ -39,7 +39,7 @@ def test_returns_a_scalar_that_carries_gradients_to_the_encoder(encoder, images)
 @pytest.mark.parametrize("scale", [1e-3, 7.5, 1e3])
 def test_relative_value_is_unchanged_when_features_are_scaled(images, norm, scale):
     base = small_cnn()
-    reg = RobustnessRegularizer(0.1, norm=norm, steps=3, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, norm=norm, steps=3)
     reference = seeded(lambda: reg(Scaled(base, 1.0), images).loss)
     scaled = seeded(lambda: reg(Scaled(base, scale), images).loss)
     assert torch.allclose(scaled, reference, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_relative_value_is_unchanged_when_features_are_scaled(images, norm, scal
 def test_relative_value_has_no_gradient_along_the_feature_scale(images):
     # Scale invariance means shrinking the features cannot lower the penalty.
     model = Scaled(small_cnn(), 3.0)
-    value = RobustnessRegularizer(0.1, form="backbone")(model, images).loss
+    value = BackboneRobustnessRegularizer(0.1)(model, images).loss
     value.backward()
     # d value / d log(scale) would be -2 * value for the raw (shrinkable) form.
     assert abs(model.scale.grad.item() * model.scale.item()) < 1e-4 * value.item()
@@ -56,7 +56,7 @@ def test_relative_value_has_no_gradient_along_the_feature_scale(images):
 
 def test_raw_value_does_scale_with_the_features(images):
     base = small_cnn()
-    reg = RobustnessRegularizer(0.1, relative=False, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, relative=False)
     reference = seeded(lambda: reg(Scaled(base, 1.0), images).loss)
     scaled = seeded(lambda: reg(Scaled(base, 10.0), images).loss)
     assert torch.allclose(scaled, 100 * reference, rtol=1e-4)
@@ -71,14 +71,14 @@ def test_is_zero_for_a_constant_encoder(images):
         def forward(self, x):
             return self.bias.expand(x.shape[0], 5) + 0 * x.flatten(1)[:, :1]
 
-    value = RobustnessRegularizer(0.3, form="backbone")(Constant(), images).loss
+    value = BackboneRobustnessRegularizer(0.3)(Constant(), images).loss
     assert value.item() == 0.0
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_reused_features_give_the_same_value_and_gradients(images, norm):
     encoder = small_cnn()
-    reg = RobustnessRegularizer(0.1, norm=norm, steps=2, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, norm=norm, steps=2)
 
     def run(reuse: bool):
         encoder.zero_grad(set_to_none=True)
@@ -101,12 +101,11 @@ def test_linear_encoder_deviation_matches_eps_times_spectral_norm():
     torch.manual_seed(0)
     A = torch.randn(10, 30)
     eps = 0.5
-    reg = RobustnessRegularizer(
+    reg = BackboneRobustnessRegularizer(
         threat=ThreatModel(eps / 2e3, norm="l2", bounds=(-1e3, 1e3)),
         steps=20,
         step_size=eps / 2e3,
         relative=False,
-        form="backbone",
     )
     reg(lambda v: v @ A.T, torch.randn(64, 30))
     expected = eps * torch.linalg.matrix_norm(A, ord=2)
@@ -125,19 +124,15 @@ def test_normalised_inputs_give_the_same_value_as_pixel_inputs():
         return pixel_encoder(threat.to_pixels(x))
 
     pixels = torch.rand(8, 3, 8, 8)
-    plain = seeded(lambda: RobustnessRegularizer(0.05, steps=3, form="backbone")(pixel_encoder, pixels).loss)
+    plain = seeded(lambda: BackboneRobustnessRegularizer(0.05, steps=3)(pixel_encoder, pixels).loss)
     normalised = seeded(
-        lambda: (
-            RobustnessRegularizer(threat=threat, steps=3, form="backbone")(
-                model_space_encoder, threat.to_model(pixels)
-            ).loss
-        )
+        lambda: BackboneRobustnessRegularizer(threat=threat, steps=3)(model_space_encoder, threat.to_model(pixels)).loss
     )
     assert torch.allclose(plain, normalised, rtol=1e-4)
 
 
 def test_adversarial_output_holds_inputs_in_the_ball_and_their_features(encoder, images):
-    reg = RobustnessRegularizer(0.1, steps=2, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=2)
     out = reg(encoder, images)
     assert isinstance(out, RegularizerOutput)
     assert (out.adversarial_inputs - images).abs().max() <= 0.1 + 1e-6
@@ -148,14 +143,14 @@ def test_adversarial_output_holds_inputs_in_the_ball_and_their_features(encoder,
 
 def test_adversarial_features_are_the_encoder_output_on_the_adversarial_inputs(images):
     encoder = small_cnn().eval()
-    out = RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, images)
+    out = BackboneRobustnessRegularizer(0.1, steps=2)(encoder, images)
     with torch.no_grad():
         assert torch.allclose(out.adversarial_features, encoder(out.adversarial_inputs), atol=1e-6)
 
 
 def test_last_stats_report_value_deviation_distance_and_spread(images):
     encoder = small_cnn()
-    reg = RobustnessRegularizer(0.1, steps=2, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=2)
     out = reg(encoder, images)
     with torch.no_grad():
         h = encoder(images).flatten(1)
@@ -173,30 +168,26 @@ def test_last_stats_report_value_deviation_distance_and_spread(images):
 def test_four_dimensional_features_are_flattened(images):
     encoder = small_cnn()  # returns (N, 16, 1, 1)
     flat_encoder = nn.Sequential(encoder, nn.Flatten())
-    a = seeded(lambda: RobustnessRegularizer(0.1, form="backbone")(encoder, images).loss)
-    b = seeded(lambda: RobustnessRegularizer(0.1, form="backbone")(flat_encoder, images).loss)
+    a = seeded(lambda: BackboneRobustnessRegularizer(0.1)(encoder, images).loss)
+    b = seeded(lambda: BackboneRobustnessRegularizer(0.1)(flat_encoder, images).loss)
     assert torch.allclose(a, b)
 
 
 def test_no_steps_and_no_random_start_is_exactly_zero(encoder, images):
-    assert (
-        RobustnessRegularizer(0.1, steps=0, random_start=False, form="backbone")(encoder.eval(), images).loss.item()
-        == 0.0
-    )
+    assert BackboneRobustnessRegularizer(0.1, steps=0, random_start=False)(encoder.eval(), images).loss.item() == 0.0
 
 
 def test_more_ascent_steps_find_a_larger_deviation(images):
     encoder = small_cnn().eval()
     values = [
-        seeded(lambda s=s: RobustnessRegularizer(0.1, steps=s, form="backbone")(encoder, images).loss).item()
-        for s in (0, 5)
+        seeded(lambda s=s: BackboneRobustnessRegularizer(0.1, steps=s)(encoder, images).loss).item() for s in (0, 5)
     ]
     assert values[1] > values[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_works_under_autocast(encoder, images, dtype):
-    reg = RobustnessRegularizer(0.1, steps=2, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=2)
     with torch.autocast("cpu", dtype=dtype):
         h = encoder(images)
         value = reg(encoder, images, features=h).loss
@@ -208,15 +199,15 @@ def test_works_under_autocast(encoder, images, dtype):
 def test_works_with_a_compiled_encoder(images):
     encoder = small_cnn()
     compiled = torch.compile(encoder, backend="eager")
-    eager = seeded(lambda: RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, images).loss)
-    value = seeded(lambda: RobustnessRegularizer(0.1, steps=2, form="backbone")(compiled, images).loss)
+    eager = seeded(lambda: BackboneRobustnessRegularizer(0.1, steps=2)(encoder, images).loss)
+    value = seeded(lambda: BackboneRobustnessRegularizer(0.1, steps=2)(compiled, images).loss)
     assert torch.allclose(eager, value, rtol=1e-4)
 
 
 def test_the_stats_relative_deviation_is_the_mean_deviation_over_sigma():
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
-    reg = RobustnessRegularizer(epsilon=0.1, steps=1, form="backbone")
+    reg = BackboneRobustnessRegularizer(epsilon=0.1, steps=1)
     reg(encoder, torch.rand(8, 1, 4, 4))
     stats = reg.last_stats
     assert not any(hasattr(stats, old) for old in ("deviation", "distance", "spread"))  # 0.1.0's names are gone
@@ -232,7 +223,7 @@ def test_detach_anchor_gives_the_clean_features_no_gradient_and_the_same_value()
         features = encoder(x)
         features.retain_grad()
         torch.manual_seed(1)  # the same random start
-        value = RobustnessRegularizer(0.1, detach_anchor=detach, form="backbone")(encoder, x, features=features).loss
+        value = BackboneRobustnessRegularizer(0.1, detach_anchor=detach)(encoder, x, features=features).loss
         value.backward()
         values[detach] = (value.detach(), features.grad)
     torch.testing.assert_close(values[True][0], values[False][0])
@@ -246,7 +237,7 @@ def test_instance_ascent_moves_samples_toward_the_others_more_than_random_noise(
     torch.manual_seed(0)
     encoder = small_cnn()
     x = torch.rand(16, 1, 28, 28)
-    reg = RobustnessRegularizer(0.1, steps=5, ascent="instance", normalize_features=True, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=5, ascent="instance", normalize_features=True)
     out = reg(encoder, x)
     with torch.no_grad():
         clean = encoder(x).flatten(1)
@@ -259,7 +250,7 @@ def test_instance_ascent_moves_samples_toward_the_others_more_than_random_noise(
 
 def test_unknown_ascent_is_refused_by_name():
     with pytest.raises(ValueError, match="ascent"):
-        RobustnessRegularizer(0.1, ascent="loss", form="backbone")
+        BackboneRobustnessRegularizer(0.1, ascent="loss")
 
 
 def test_positive_ascent_moves_features_away_from_the_given_positive():
@@ -284,17 +275,17 @@ def test_positive_ascent_moves_features_away_from_the_given_positive():
     "ascent, positive, match",
     [
         ("positive", None, "positive= is missing"),
-        ("deviation", torch.rand(8, 16), "positive= is used by ascent='positive' only"),
+        ("deviation", torch.rand(8, 16), "positive= is not taken by BackboneRobustnessRegularizer"),
     ],
 )
 def test_positive_is_required_by_the_positive_ascent_and_refused_otherwise(ascent, positive, match):
-    reg = RobustnessRegularizer(0.1, ascent=ascent, form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, ascent=ascent)
     with pytest.raises(ValueError, match=match):
         reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=positive)
 
 
 def test_a_positive_of_another_batch_size_is_refused_by_name():
-    reg = RobustnessRegularizer(0.1, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, ascent="positive")
     with pytest.raises(ValueError, match="positive must hold one row per sample"):
         reg(small_cnn(), torch.rand(8, 1, 28, 28), positive=torch.rand(4, 16))
 
@@ -303,7 +294,7 @@ def test_a_positive_of_another_batch_size_is_refused_by_name():
 def test_without_random_start_the_clean_pass_is_the_ascents_first_forward(random_start, calls):
     encoder = Counting(small_cnn())
     x = torch.rand(8, 1, 28, 28)
-    reg = RobustnessRegularizer(0.1, steps=3, random_start=random_start, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=3, random_start=random_start, ascent="positive")
     reg(encoder, x, positive=torch.rand(8, 16)).loss.backward()
     assert encoder.calls == calls
 
@@ -326,7 +317,7 @@ def test_the_reused_clean_pass_gives_the_value_and_gradients_of_a_separate_one()
 def test_without_random_start_and_without_grad_the_value_is_still_computed():
     torch.manual_seed(0)
     encoder, x, positive = small_cnn(), torch.rand(8, 1, 28, 28), torch.rand(8, 16)
-    reg = RobustnessRegularizer(0.1, steps=3, random_start=False, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=3, random_start=False, ascent="positive")
     with torch.no_grad():
         value = reg(encoder, x, positive=positive).loss
     assert torch.allclose(value, reg(encoder, x, positive=positive).loss.detach(), rtol=1e-5)
@@ -335,13 +326,13 @@ def test_without_random_start_and_without_grad_the_value_is_still_computed():
 def test_the_deviation_ascent_without_random_start_is_refused_by_name():
     # Its gradient is zero at the clean input: the ascent would never move.
     with pytest.raises(ValueError, match="random_start=False"):
-        RobustnessRegularizer(0.1, random_start=False, form="backbone")
+        BackboneRobustnessRegularizer(0.1, random_start=False)
 
 
 def test_an_ascent_from_a_given_start_equals_the_ascent_from_that_random_draw():
     torch.manual_seed(0)
     encoder, x, positive = small_cnn(), torch.rand(8, 1, 28, 28), torch.rand(8, 16)
-    reg = RobustnessRegularizer(0.1, steps=2, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=2, ascent="positive")
     torch.manual_seed(1)
     drawn = reg(encoder, x, positive=positive)
     torch.manual_seed(1)
@@ -353,7 +344,7 @@ def test_an_ascent_from_a_given_start_equals_the_ascent_from_that_random_draw():
 
 def test_a_start_outside_the_ball_is_projected_onto_it():
     x = torch.rand(4, 1, 28, 28) * 0.6 + 0.2  # away from the pixel bounds
-    reg = RobustnessRegularizer(0.1, steps=0, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, steps=0, ascent="positive")
     out = reg(small_cnn(), x, positive=torch.rand(4, 16), start=torch.full_like(x, 0.3))
     torch.testing.assert_close(out.adversarial_inputs - x, torch.full_like(x, 0.1))
 
@@ -364,7 +355,7 @@ def test_a_start_continues_where_the_last_ascent_ended():
     encoder, x = small_cnn(), torch.rand(8, 1, 28, 28)
     positive = encoder(torch.rand(8, 1, 28, 28)).detach()  # the other view's embedding
     kwargs = dict(step_size=0.02, ascent="positive", normalize_features=True)
-    short, long = (RobustnessRegularizer(0.1, steps=n, random_start=False, **kwargs, form="backbone") for n in (2, 4))
+    short, long = (BackboneRobustnessRegularizer(0.1, steps=n, random_start=False, **kwargs) for n in (2, 4))
     first = short(encoder, x, positive=positive)
     warm = short(encoder, x, positive=positive, start=first.adversarial_inputs - x)
     once = long(encoder, x, positive=positive)
@@ -381,7 +372,7 @@ def test_a_start_continues_where_the_last_ascent_ended():
 )
 def test_a_bad_start_is_refused_by_name_before_any_forward(start, error, match):
     encoder = Counting(small_cnn())
-    reg = RobustnessRegularizer(0.1, ascent="positive", form="backbone")
+    reg = BackboneRobustnessRegularizer(0.1, ascent="positive")
     with pytest.raises(error, match=match):
         reg(encoder, torch.rand(4, 1, 28, 28), positive=torch.rand(4, 16), start=start)
     assert encoder.calls == 0

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RobustnessRegularizer, estimate_bound, fit_linear_probe, robustness_curve
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    estimate_bound,
+    fit_linear_probe,
+    robustness_curve,
+)
 
 from helpers import assert_unchanged, small_cnn, snapshot
 
@@ -33,14 +38,14 @@ OPTIONS = pytest.mark.parametrize(
 def test_regulariser_leaves_bn_statistics_modes_flags_and_grads_bit_for_bit(images, options):
     model = with_user_state(small_cnn())
     before = snapshot(model)
-    RobustnessRegularizer(0.1, steps=3, **options, form="backbone")(model, images)
+    BackboneRobustnessRegularizer(0.1, steps=3, **options)(model, images)
     assert_unchanged(model, before)
 
 
 def test_regulariser_leaves_an_eval_mode_encoder_in_eval_mode(images):
     model = small_cnn().eval()
     before = snapshot(model)
-    RobustnessRegularizer(0.1, form="backbone")(model, images)
+    BackboneRobustnessRegularizer(0.1)(model, images)
     assert_unchanged(model, before)
 
 
@@ -48,7 +53,7 @@ def test_regulariser_leaves_an_eval_mode_encoder_in_eval_mode(images):
 def test_backward_of_the_regulariser_only_adds_to_grads_and_never_to_bn_stats(images, options):
     model = with_user_state(small_cnn())
     before = snapshot(model)
-    RobustnessRegularizer(0.1, **options, form="backbone")(model, images).loss.backward()
+    BackboneRobustnessRegularizer(0.1, **options)(model, images).loss.backward()
     buffers = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     assert all(torch.equal(v, before["state"][k]) for k, v in buffers.items())
 
@@ -76,7 +81,7 @@ def test_state_is_restored_when_the_encoder_raises_midway(images, fail_at):
     model = FailsOnCall(inner, fail_at)
     before = snapshot(inner)
     with pytest.raises(RuntimeError, match="boom"):
-        RobustnessRegularizer(0.1, steps=3, form="backbone")(model, images)
+        BackboneRobustnessRegularizer(0.1, steps=3)(model, images)
     assert_unchanged(inner, before)
 
 
@@ -84,7 +89,7 @@ def test_instance_norm_with_tracked_statistics_is_restored(images):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten())
     model(images)  # non-trivial running stats
     before = snapshot(model)
-    RobustnessRegularizer(0.1, form="backbone")(model, images)
+    BackboneRobustnessRegularizer(0.1)(model, images)
     assert_unchanged(model, before)
 
 
@@ -110,8 +115,8 @@ def test_inductor_compiled_encoder_gives_the_eager_value_and_keeps_bn_statistics
     features = compiled(images)  # the user's own forward, which does update the statistics
     before = snapshot(model)
     torch.manual_seed(1)
-    value = RobustnessRegularizer(0.1, steps=2, form="backbone")(compiled, images, features=features).loss
+    value = BackboneRobustnessRegularizer(0.1, steps=2)(compiled, images, features=features).loss
     assert_unchanged(model, before)
     torch.manual_seed(1)
-    eager = RobustnessRegularizer(0.1, steps=2, form="backbone")(model, images).loss
+    eager = BackboneRobustnessRegularizer(0.1, steps=2)(model, images).loss
     assert torch.allclose(value, eager, rtol=2e-3)

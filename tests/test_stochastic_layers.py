@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_reg import RobustnessRegularizer
+from robust_reg import BackboneRobustnessRegularizer
 
 TINY = 1e-6  # an eps at which any deviation is noise, not perturbation
 
@@ -37,7 +37,7 @@ def small_vit() -> nn.Module:
 
 
 def value(encoder: nn.Module, x: torch.Tensor, *, reuse: bool) -> float:
-    reg = RobustnessRegularizer(epsilon=TINY, steps=2, form="backbone")
+    reg = BackboneRobustnessRegularizer(epsilon=TINY, steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         features = encoder(x) if reuse else None  # a train-mode pass: dropout on
@@ -64,7 +64,7 @@ def test_without_the_policy_dropout_would_count_as_deviation():
 
 def test_noisy_features_are_recomputed_once_with_a_warning():
     encoder, x = dropout_mlp(), torch.rand(32, 1, 8, 8)
-    reg = RobustnessRegularizer(epsilon=0.1, steps=1, form="backbone")
+    reg = BackboneRobustnessRegularizer(epsilon=0.1, steps=1)
     with pytest.warns(UserWarning, match="Dropout.*recomputed"):
         reg(encoder, x, features=encoder(x))
     with warnings.catch_warnings():
@@ -75,7 +75,7 @@ def test_noisy_features_are_recomputed_once_with_a_warning():
 def test_stochastic_layers_are_back_in_training_mode_afterwards():
     encoder = small_vit()
     modes = [m.training for m in encoder.modules()]
-    RobustnessRegularizer(epsilon=0.05, steps=1, form="backbone")(encoder, torch.rand(8, 3, 16, 16))
+    BackboneRobustnessRegularizer(epsilon=0.05, steps=1)(encoder, torch.rand(8, 3, 16, 16))
     assert [m.training for m in encoder.modules()] == modes
 
 
@@ -87,12 +87,10 @@ def test_a_user_named_noise_layer_is_made_deterministic():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), Noise()).train()
     x = torch.rand(32, 1, 8, 8)
-    assert (
-        RobustnessRegularizer(epsilon=TINY, stochastic_modules=(Noise,), form="backbone")(encoder, x).loss.item() < 1e-4
-    )
-    assert RobustnessRegularizer(epsilon=TINY, form="backbone")(encoder, x).loss.item() > 0.1  # unnamed, it is noise
+    assert BackboneRobustnessRegularizer(epsilon=TINY, stochastic_modules=(Noise,))(encoder, x).loss.item() < 1e-4
+    assert BackboneRobustnessRegularizer(epsilon=TINY)(encoder, x).loss.item() > 0.1  # unnamed, it is noise
 
 
 def test_stochastic_modules_must_be_module_types():
     with pytest.raises(TypeError, match="stochastic_modules"):
-        RobustnessRegularizer(epsilon=0.1, stochastic_modules=(nn.Dropout(0.1),), form="backbone")
+        BackboneRobustnessRegularizer(epsilon=0.1, stochastic_modules=(nn.Dropout(0.1),))

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    PerturbationMemory,
+    RobustnessRegularizer,
+    ThreatModel,
+    crop_geometry,
+)
 
 from helpers import Counting, small_cnn
 
@@ -62,7 +68,7 @@ def test_the_deviation_ascent_leaves_x_on_a_samples_first_visit():
     # Its gradient is zero at x: a zero start would store zeros for ever.
     encoder, x, _ = batch()
     memory = PerturbationMemory()
-    RobustnessRegularizer(0.1, steps=2, form="backbone")(encoder, x, start=memory.at(torch.arange(8)))
+    BackboneRobustnessRegularizer(0.1, steps=2)(encoder, x, start=memory.at(torch.arange(8)))
     assert (memory.read(torch.arange(8), x).flatten(1).abs().amax(dim=1) > 0).all()
 
 
