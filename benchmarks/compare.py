@@ -385,7 +385,8 @@ def run_budgets(report: dict, references: dict, names: list[str], seeds: list[in
                 same_or_timed = (same or timed)[0]
                 budget_epochs = epochs_in_budget(same_or_timed, seconds, same_or_timed["epochs"])
                 twins = [r for r in ours if r["epochs"] == budget_epochs and not r.get("reused")]
-                if same and (name == reference or abs(same[0]["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds):
+                close = bool(same) and abs(same[0]["train_seconds"] - seconds) <= BUDGET_TOLERANCE * seconds
+                if same and (name == reference or close):
                     report["budget_runs"].append({**same[0], "reused": True, "budget_reference": reference})
                 elif twins:
                     report["budget_runs"].append({**twins[0], "reused": True, "budget_reference": reference})
