@@ -305,7 +305,6 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         :class:`BackboneRobustnessRegularizer`.
     """
 
-
     def __init__(
         self,
         epsilon: float | None = None,
