@@ -55,9 +55,9 @@ from pathlib import Path
 
 import torch
 
-from robust_reg.experiments.data import load_dataset
-from robust_reg.experiments.pipeline import EvalConfig, device_name, evaluate_encoder
-from robust_reg.experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
+from robust_reg.demo.data import load_dataset
+from robust_reg.demo.pipeline import EvalConfig, device_name, evaluate_encoder
+from robust_reg.demo.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
 from harness import DATASET_DEFAULTS, RECOMMENDED_WEIGHT, PretrainConfig, pretrain, training_defaults  # noqa: E402

@@ -2,7 +2,7 @@
 
 Not shipped in the wheel: ``benchmarks/compare.py`` and ``benchmarks/overhead.py`` use it
 (they run from this folder). The models and the loop are the package's
-(:mod:`robust_reg.experiments.training`); this module adds the configurations that only the
+(:mod:`robust_reg.demo.training`); this module adds the configurations that only the
 benchmarks use, including those that lost on MNIST (they may matter on natural images). Variants:
 
 - ``plain``: the SSL loss alone.
@@ -76,10 +76,10 @@ from robust_reg import (
     ramped_epsilon,
 )
 from robust_reg.augmentation import augmentation_strength
-from robust_reg.experiments.augment import BatchAugment
-from robust_reg.experiments.data import ImageData
-from robust_reg.experiments.training import DATASET_DEFAULTS, METHODS, build_model, check_method, training_defaults
-from robust_reg.experiments.training import pretrain as _pretrain
+from robust_reg.demo.augment import BatchAugment, gray, jitter_factor
+from robust_reg.demo.data import ImageData
+from robust_reg.demo.training import DATASET_DEFAULTS, METHODS, build_model, check_method, training_defaults
+from robust_reg.demo.training import pretrain as _pretrain
 from robust_reg.finetune import AFF_CPU
 from robust_reg.methods import METHOD_SETTINGS
 
@@ -322,7 +322,7 @@ def lp_aft(
     """
     from sklearn.cluster import KMeans
 
-    from robust_reg.experiments.pipeline import ShuffledBatches, crop_flip, fixed_batches
+    from robust_reg.demo.pipeline import ShuffledBatches, crop_flip, fixed_batches
     from robust_reg.finetune import adversarial_finetune
     from robust_reg.probe import extract_features, fit_linear_probe
 
@@ -653,11 +653,76 @@ def _keep_branch(model: nn.Module, branch: str) -> None:
                 setattr(parent, name, getattr(child, branch))
 
 
-def authors_augment() -> BatchAugment:
+class AuthorsAugment(BatchAugment):
+    """The demo's batch augmentation with torchvision's ``ColorJitter`` as ACL and DynACL use it: a hue shift
+    beside brightness, contrast and saturation, the four in a random order per sample.
+
+    Args:
+        hue: Largest hue shift, a fraction of the colour wheel (``ColorJitter(hue=...)``; RGB only; 0 disables).
+        random_order: Apply the four in a random order per sample, as ``ColorJitter`` does (else in that order).
+        **options: ``BatchAugment``'s; ``strength`` scales the hue shift too.
+    """
+
+    def __init__(self, *, hue: float = 0.1, random_order: bool = True, **options: Any) -> None:
+        super().__init__(**options)
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+        self.base.update(hue=hue, random_order=random_order)
+        self.hue, self.random_order = hue * self.strength, random_order
+
+    def _jitters(self) -> bool:
+        return self.jitter > 0 or self.hue > 0
+
+    def _jitter(self, x: Tensor, apply: Tensor) -> Tensor:
+        n, device, j = x.shape[0], x.device, self.jitter
+        b, c, s = (jitter_factor(j, 1.0, apply) for _ in range(3))
+        shift = jitter_factor(self.hue, 0.0, apply).view(-1)
+
+        def contrast(y: Tensor) -> Tensor:
+            mean = gray(y).mean(dim=(2, 3), keepdim=True)
+            return ((y - mean) * c + mean).clamp(0, 1)
+
+        def saturation(y: Tensor) -> Tensor:
+            g = gray(y)
+            return ((y - g) * s + g).clamp(0, 1)
+
+        ops = [lambda y: (y * b).clamp(0, 1), contrast]
+        ops += [saturation, lambda y: shift_hue(y, shift)] if x.shape[1] == 3 else []
+        if not self.random_order:
+            for op in ops:
+                x = op(x)
+            return x
+        order = torch.rand(n, len(ops), device=device).argsort(dim=1)  # a permutation per sample
+        rows = torch.arange(n, device=device)
+        for position in range(len(ops)):
+            x = torch.stack([op(x) for op in ops])[order[:, position], rows]
+        return x
+
+
+def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate each RGB image's hue by ``shift`` (per sample, a fraction of the colour wheel), through HSV."""
+    r, g, b = x.unbind(dim=1)
+    v, _ = x.max(dim=1)
+    delta = v - x.min(dim=1).values
+    saturation = torch.where(v > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (v - r) / d, (v - g) / d, (v - b) / d
+    h = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - saturation), v * (1 - saturation * f), v * (1 - saturation * (1 - f))
+    sector = i.long() % 6
+    table = torch.stack([torch.stack(c) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))])
+    return table.gather(1, sector[None, None].expand(3, 1, *sector.shape)).squeeze(1).transpose(0, 1).clamp(0, 1)
+
+
+def authors_augment() -> AuthorsAugment:
     """ACL's and DynACL's augmentation at full strength (``RandomResizedCrop(32, scale=(1 - 0.9 s, 1))``, flip,
     ``ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s)`` with probability 0.8 s, grayscale 0.2 s, in that order; s = 1
     here, DynACL's annealing lowers it). Remaining difference: ACL resizes bicubically, this bilinearly."""
-    return BatchAugment(scale=(0.1, 1.0), flip=0.5, jitter=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, random_order=True)
+    return AuthorsAugment(scale=(0.1, 1.0), flip=0.5, jitter=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, random_order=True)
 
 
 @contextmanager

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
-from robust_reg.experiments.models import build_encoder
-from robust_reg.experiments.pipeline import device_name
+from robust_reg.demo.models import build_encoder
+from robust_reg.demo.pipeline import device_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
 from harness import PretrainConfig, build_model, regularizer_for, step_loss, warm_start_step  # noqa: E402

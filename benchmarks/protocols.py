@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 
 from robust_reg.corruptions import corruption_accuracy
-from robust_reg.embedding_attack import embedding_attack
-from robust_reg.evaluation import PGD, AutoAttack, LinearProbeClassifier, evaluate_robustness
-from robust_reg.experiments.data import load_dataset
-from robust_reg.experiments.pipeline import (
-    _SCHEDULES,
+from robust_reg.demo.data import load_dataset
+from robust_reg.demo.pipeline import (
+    FINETUNE_SCHEDULES,
     EvalConfig,
-    _crop_flip,
-    _loader,
-    _Shuffled,
+    ShuffledBatches,
+    crop_flip,
     device_name,
+    fixed_batches,
     load_checkpoint,
 )
+from robust_reg.embedding_attack import embedding_attack
+from robust_reg.evaluation import PGD, AutoAttack, LinearProbeClassifier, evaluate_robustness
 from robust_reg.finetune import adversarial_finetune, fit_adversarial_linear_probe
 from robust_reg.probe import extract_features, fit_linear_probe
 
@@ -59,7 +59,7 @@ def parse_args(argv):
 def schedule_of(spec: str):
     """``alf:cpu`` or ``aff:cpu:lr=0.1;epochs=3`` -> (label, mode, FinetuneSchedule)."""
     mode, base, *rest = spec.split(":")
-    schedule = _SCHEDULES[base][mode]
+    schedule = FINETUNE_SCHEDULES[base][mode]
     if rest:
         fields = dict(kv.split("=") for kv in rest[0].split(";"))
         types = {f.name: f.type for f in dataclasses.fields(schedule)}
@@ -102,13 +102,13 @@ def main(argv=None) -> dict:
     rows = []
 
     start = time.perf_counter()
-    head = fit_linear_probe(encoder, _loader(data.x_train, data.y_train), data.num_classes)
+    head = fit_linear_probe(encoder, fixed_batches(data.x_train, data.y_train), data.num_classes)
     rows.append({"mode": "slf", "schedule": "L-BFGS probe", "seconds": time.perf_counter() - start})
     rows[-1].update(score(LinearProbeClassifier(encoder, head).eval(), data, epsilons, attacks, args.seed))
     print(rows[-1], flush=True)
     for label, mode, schedule in schedules:
-        loader = _Shuffled(data.x_train, data.y_train, schedule.batch_size, args.seed)
-        common = dict(epsilon=eps, schedule=schedule, augment=_crop_flip(data.kind != "digits", args.seed))
+        loader = ShuffledBatches(data.x_train, data.y_train, schedule.batch_size, args.seed)
+        common = dict(epsilon=eps, schedule=schedule, augment=crop_flip(data.kind != "digits", args.seed))
         start = time.perf_counter()
         if mode == "alf":
             model = LinearProbeClassifier(
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     attack = embedding_attack(encoder, data.x_test, epsilon=eps, steps=20, seed=args.seed)
-    train_features, _ = extract_features(encoder, _loader(data.x_train, data.y_train))
+    train_features, _ = extract_features(encoder, fixed_batches(data.x_train, data.y_train))
     knn = attack.knn_changed(train_features, data.y_train, k=20)
     embedding = {**attack.to_dict(), "knn_changed": knn, "seconds": time.perf_counter() - start}
     report = {

@@ -38,7 +38,7 @@ from torchvision import transforms as T
 from torchvision.transforms import v2 as T2
 
 from robust_reg import ThreatModel, crop_geometry, estimate_bound, fit_linear_probe
-from robust_reg.experiments.models import conv_encoder
+from robust_reg.demo.models import conv_encoder
 from robust_reg.integrations.lightly import robustify
 
 MNIST_NORMALIZE = {"mean": [0.1307], "std": [0.3081]}

@@ -15,7 +15,7 @@
 
 Then evaluate: ``robust-reg evaluate runs/simclr_reg.pt``.
 
-The training loop is :func:`robust_reg.experiments.training.pretrain`: SimCLR/BYOL built from
+The training loop is :func:`robust_reg.demo.training.pretrain`: SimCLR/BYOL built from
 lightly's heads and losses and batched augmentations, and the regulariser is the package's
 default, called as the README's quick start calls it: ``out = reg(model, x0, features=z0,
 positive=z1)``, with ``out.adversarial_features`` in place of view 0's embedding in the loss.
@@ -31,8 +31,8 @@ import json
 import torch
 
 from robust_reg import method_settings
-from robust_reg.experiments.data import DATASETS, load_dataset
-from robust_reg.experiments.training import METHODS, TrainConfig, pretrain, training_defaults
+from robust_reg.demo.data import DATASETS, load_dataset
+from robust_reg.demo.training import METHODS, TrainConfig, pretrain, training_defaults
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ _any_int = _number(int, lambda v: True, "an integer")
 
 
 def _protocols(text: str) -> tuple[str, ...]:
-    from .experiments.pipeline import PROTOCOLS
+    from .demo.pipeline import PROTOCOLS
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
     if not modes or any(m not in PROTOCOLS for m in modes):
@@ -190,7 +190,7 @@ def _samples_note(evaluation, what: str) -> str:
 
 
 def _plots(curves: dict, out: Path, title: str, robust: dict | None = None) -> list[Path]:
-    from .experiments.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
+    from .demo.plots import plot_accuracy_vs_eps, plot_bound_vs_loss
 
     return [
         plot_accuracy_vs_eps(curves, out / "accuracy_vs_eps.png", title=title, robust=robust),
@@ -204,8 +204,8 @@ def demo(args: argparse.Namespace) -> int:
     _need_examples_extra()
     device = _device(args.device)
     out = _output_folder(args.out)
-    from .experiments.data import load_dataset
-    from .experiments.pipeline import EvalConfig
+    from .demo.data import load_dataset
+    from .demo.pipeline import EvalConfig
 
     if args.weight is None:
         settings = method_settings("simclr")
@@ -238,8 +238,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: bool, device, out: Path) -> tuple:
     """One of the demo's two encoders: pretrained on the public API's loop, saved, evaluated."""
-    from .experiments.pipeline import evaluate_encoder
-    from .experiments.training import DATASET_DEFAULTS, TrainConfig, pretrain
+    from .demo.pipeline import evaluate_encoder
+    from .demo.training import DATASET_DEFAULTS, TrainConfig, pretrain
 
     defaults = DATASET_DEFAULTS[args.dataset]
     config = TrainConfig(
@@ -310,7 +310,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
     _check_radii(args.epsilons or [], args.norm, "--epsilons")
-    from .experiments.pipeline import CheckpointError, evaluate_encoder, load_checkpoint
+    from .demo.pipeline import CheckpointError, evaluate_encoder, load_checkpoint
 
     try:
         encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
@@ -345,7 +345,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _evaluation_config(args: argparse.Namespace, data):
     """``evaluate``'s ``EvalConfig`` from its flags; the radii checked against the data before any work."""
-    from .experiments.pipeline import EvalConfig
+    from .demo.pipeline import EvalConfig
 
     overrides = {"pgd_steps": args.pgd_steps, "norm": args.norm}
     if args.epsilons:
@@ -396,7 +396,7 @@ def _check_channels(checkpoint: str, meta: dict, dataset: str, channels: int) ->
 def _evaluation_data(args: argparse.Namespace, dataset: str | None) -> tuple[str, Any]:
     """``(name, data)``: the dataset ``evaluate`` attacks on, or a ``UsageError`` naming the flag that is missing
     or wrong."""
-    from .experiments.data import dataset_available, load_dataset
+    from .demo.data import dataset_available, load_dataset
 
     if dataset is None:
         raise UsageError("--dataset is needed: the checkpoint does not name its dataset")

@@ -219,3 +219,33 @@ def test_an_option_that_lost_its_measurements_still_works_and_warns_what_to_do_i
         reg = RobustnessRegularizer(0.1, **option)
     ((name, value),) = option.items()
     assert getattr(reg, name) == value
+
+
+def _imports_of(path) -> list[tuple[str, str]]:
+    """``(module, name)`` for each name a module imports from this package (relative imports resolved)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # robust_reg/demo/x.py: level 1 is robust_reg.demo, level 2 robust_reg
+                module = ".".join(["robust_reg", "demo"][: 3 - node.level] + ([module] if module else []))
+            if module.startswith("robust_reg") and not module.startswith("robust_reg.demo"):
+                found += [(module, alias.name) for alias in node.names]
+    return found
+
+
+def test_the_demo_recipe_is_written_on_the_public_api_only():
+    from pathlib import Path
+
+    import robust_reg
+
+    demo = Path(robust_reg.__file__).parent / "demo"
+    private = [
+        f"{path.name}: from {module} import {name}"
+        for path in sorted(demo.glob("*.py"))
+        for module, name in _imports_of(path)
+        if name.startswith("_") or any(part.startswith("_") for part in module.split("."))
+    ]
+    assert not private, private

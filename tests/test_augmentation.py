@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from robust_reg.augmentation import augmentation_strength
-from robust_reg.experiments.augment import default_augment
+from robust_reg.demo.augment import default_augment
 
 
 def test_the_strength_falls_from_one_in_steps_of_five_percent_of_the_run():

@@ -22,12 +22,13 @@ from harness import (  # noqa: E402
     online_parameters,
     pretrain,
     pseudo_label_purity,
+    shift_hue,
 )
 
 from robust_reg import ThreatModel  # noqa: E402
-from robust_reg.experiments.data import ImageData  # noqa: E402
-from robust_reg.experiments.models import build_encoder  # noqa: E402
-from robust_reg.experiments.training import build_model  # noqa: E402
+from robust_reg.demo.data import ImageData  # noqa: E402
+from robust_reg.demo.models import build_encoder  # noqa: E402
+from robust_reg.demo.training import build_model  # noqa: E402
 
 
 def simclr() -> nn.Module:
@@ -126,7 +127,7 @@ def test_a_dual_batch_norm_run_trains_and_returns_a_plain_encoder(variant):
 
 
 def test_anneal_augment_gives_each_epoch_its_strength(monkeypatch):
-    from robust_reg.experiments.augment import BatchAugment
+    from robust_reg.demo.augment import BatchAugment
 
     strengths = []
     real = BatchAugment.with_strength
@@ -310,11 +311,9 @@ def test_the_peers_train_with_their_authors_augmentation_and_the_rest_with_the_s
 
 def test_hue_jitter_matches_torchvision():
     tf = pytest.importorskip("torchvision.transforms.v2.functional")
-    from robust_reg.experiments.augment import _shift_hue
-
     x = torch.rand(3, 3, 8, 8)
     for shift in (0.1, -0.25):
-        torch.testing.assert_close(_shift_hue(x, torch.full((3,), shift)), tf.adjust_hue(x, shift), atol=1e-5, rtol=0)
+        torch.testing.assert_close(shift_hue(x, torch.full((3,), shift)), tf.adjust_hue(x, shift), atol=1e-5, rtol=0)
 
 
 def test_a_non_boolean_ema_or_augmentation_flag_is_refused():

@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("lightly")
 
+from robust_reg.demo.data import load_dataset  # noqa: E402
+from robust_reg.demo.pipeline import EvalConfig, evaluate_encoder  # noqa: E402
+from robust_reg.demo.training import TrainConfig, pretrain, training_defaults  # noqa: E402
 from robust_reg.evaluation import AutoAttack, LinearProbeClassifier, evaluate_robustness  # noqa: E402
-from robust_reg.experiments.data import load_dataset  # noqa: E402
-from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder  # noqa: E402
-from robust_reg.experiments.training import TrainConfig, pretrain, training_defaults  # noqa: E402
 
 SUBSET = Path(
     os.environ.get(

@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("mlxtend")
 pytest.importorskip("lightly")
 
-import robust_reg.experiments.data as data_module  # noqa: E402
-import robust_reg.experiments.training as training_module  # noqa: E402
+import robust_reg.demo.data as data_module  # noqa: E402
+import robust_reg.demo.training as training_module  # noqa: E402
 from robust_reg.cli import UsageError  # noqa: E402
 from robust_reg.cli import main as cli  # noqa: E402
-from robust_reg.experiments.models import build_encoder  # noqa: E402
-from robust_reg.experiments.pipeline import save_checkpoint  # noqa: E402
+from robust_reg.demo.models import build_encoder  # noqa: E402
+from robust_reg.demo.pipeline import save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_evaluate_names_data_path_for_a_dataset_read_from_a_file(checkpoint, tmp
 @pytest.fixture
 def rgb_data(monkeypatch):
     """``--dataset npz`` loads small 3-channel 32x32 images; the evaluation itself must never start."""
-    import robust_reg.experiments.pipeline as pipeline
+    import robust_reg.demo.pipeline as pipeline
 
     data = data_module.ImageData(
         "npz",

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from robust_reg.experiments.augment import default_augment
-from robust_reg.experiments.data import ImageData, load_dataset, load_npz
-from robust_reg.experiments.pipeline import EvalConfig, label_sets
-from robust_reg.experiments.training import training_defaults
+from robust_reg.demo.augment import default_augment
+from robust_reg.demo.data import ImageData, load_dataset, load_npz
+from robust_reg.demo.pipeline import EvalConfig, label_sets
+from robust_reg.demo.training import training_defaults
 
 
 def _arrays(n_train=20, n_test=8, channels=3, seed=0) -> dict:

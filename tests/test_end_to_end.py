@@ -284,7 +284,7 @@ def _tiny_simclr():
 
 
 def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
-    from robust_reg.experiments.training import SimCLR
+    from robust_reg.demo.training import SimCLR
 
     model = _tiny_simclr()
     assert isinstance(model, SimCLR)
@@ -298,7 +298,7 @@ def test_robust_step_with_the_clean_view_loss_averages_the_two_losses():
 def test_late_start_trains_plain_epochs_before_the_robust_term():
     from harness import PretrainConfig, pretrain
 
-    from robust_reg.experiments.data import load_dataset
+    from robust_reg.demo.data import load_dataset
 
     data = load_dataset("digits").subset(train=128, test=50)
     config = PretrainConfig(variant="robust", epochs=4, robust_start=0.5)
@@ -483,7 +483,7 @@ def _warm_starts(monkeypatch, **settings) -> tuple[list, list, list]:
     import harness as ssl
 
     from robust_reg import RobustnessRegularizer
-    from robust_reg.experiments.data import load_dataset
+    from robust_reg.demo.data import load_dataset
 
     held, ends, calls = [], [], []
     forward = RobustnessRegularizer.forward
@@ -776,8 +776,8 @@ def test_an_unknown_protocol_is_refused_by_name(tiny_npz_checkpoint, capsys):
 
 @pytest.mark.parametrize("full", [False, True])
 def test_the_budget_runs_evaluation_is_built_from_the_loaded_data(full):
-    from robust_reg.experiments.data import load_dataset
-    from robust_reg.experiments.pipeline import EvalConfig
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.pipeline import EvalConfig
 
     compare = load_compare()
     data = load_dataset("digits")
@@ -825,7 +825,7 @@ def test_the_headline_table_shows_our_rows_and_every_peer_at_the_equal_budget(tm
 
 
 def test_the_validation_split_holds_out_a_fixed_class_balanced_share_of_the_training_images():
-    from robust_reg.experiments.data import ImageData
+    from robust_reg.demo.data import ImageData
 
     compare = load_compare()
     y = torch.arange(4660) % 10

@@ -252,9 +252,9 @@ def test_kept_adversarial_inputs_are_the_attacks_own(digit_models):
 
 
 def test_an_encoders_label_sets_each_get_their_own_probe_and_the_first_feeds_the_bound():
-    from robust_reg.experiments.data import load_dataset
-    from robust_reg.experiments.models import build_encoder
-    from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.models import build_encoder
+    from robust_reg.demo.pipeline import EvalConfig, evaluate_encoder
 
     data = load_dataset("digits").subset(train=300, test=60)
     torch.manual_seed(0)

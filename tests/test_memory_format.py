@@ -171,8 +171,8 @@ def test_autoattack_runs_fab_on_channels_last_inputs_and_agrees_with_contiguous(
 def test_pretraining_in_channels_last_gives_the_contiguous_loss_and_gradients():
     from dataclasses import replace
 
-    from robust_reg.experiments.data import load_dataset
-    from robust_reg.experiments.training import TrainConfig, pretrain, recommended_step
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.training import TrainConfig, pretrain, recommended_step
 
     data = load_dataset("fake", fake_size=40)  # 32 training images: one step per epoch
     # steps=0: the ascent is the random start alone (the same draw in either layout, tested above). With sign

@@ -25,11 +25,7 @@ class BatchAugment(nn.Module):
         jitter: Strength of brightness/contrast/saturation jitter (0 disables).
         jitter_p: Probability of applying the jitter.
         gray_p: Probability of converting to grayscale (RGB only).
-        hue: Largest hue shift, a fraction of the colour wheel (torchvision's ``ColorJitter(hue=...)``; RGB
-            only; 0 disables).
-        random_order: Apply brightness, contrast, saturation and hue in a random order per sample, as
-            torchvision's ``ColorJitter`` does (otherwise in that order).
-        strength: Scales the jitter, the hue shift, their probability, grayscale's probability and how small
+        strength: Scales the jitter, its probability, grayscale's probability and how small
             a crop may be (smallest area ``1 - (1 - scale[0]) * strength``), as DynACL's annealed augmentation;
             flips stay. See ``robust_reg.augmentation.augmentation_strength`` and ``with_strength``.
     """
@@ -43,15 +39,11 @@ class BatchAugment(nn.Module):
         jitter: float = 0.4,
         jitter_p: float = 0.8,
         gray_p: float = 0.2,
-        hue: float = 0.0,
-        random_order: bool = False,
         strength: float = 1.0,
     ) -> None:
         super().__init__()
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
         self.base: dict[str, Any] = dict(
             scale=scale,
             ratio=ratio,
@@ -59,18 +51,15 @@ class BatchAugment(nn.Module):
             jitter=jitter,
             jitter_p=jitter_p,
             gray_p=gray_p,
-            hue=hue,
-            random_order=random_order,
         )
         self.strength = strength
         self.scale = scale if strength == 1 else (1 - (1 - scale[0]) * strength, scale[1])
         self.ratio, self.flip = ratio, flip
         self.jitter, self.jitter_p, self.gray_p = jitter * strength, jitter_p * strength, gray_p * strength
-        self.hue, self.random_order = hue * strength, random_order
 
     def with_strength(self, strength: float) -> BatchAugment:
         """The same augmentation at another strength (1: as built)."""
-        return BatchAugment(**self.base, strength=strength)
+        return type(self)(**self.base, strength=strength)
 
     def forward(self, x: Tensor, *, return_theta: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Augment a batch; with ``return_theta`` also return each view's crop as ``(N, 2, 3)``
@@ -88,74 +77,38 @@ class BatchAugment(nn.Module):
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        if self.jitter > 0 or self.hue > 0:
+        if self._jitters():
             out = self._jitter(out, u() < self.jitter_p)
         if self.gray_p > 0 and x.shape[1] == 3:
-            gray = _gray(out).expand_as(out)
-            out = torch.where((u() < self.gray_p).view(-1, 1, 1, 1), gray, out)
+            gray_view = gray(out).expand_as(out)
+            out = torch.where((u() < self.gray_p).view(-1, 1, 1, 1), gray_view, out)
         out = out.clamp(0.0, 1.0)
         return (out, theta) if return_theta else out
 
+    def _jitters(self) -> bool:
+        return self.jitter > 0
+
     def _jitter(self, x: Tensor, apply: Tensor) -> Tensor:
-        n, device, j = x.shape[0], x.device, self.jitter
-        rgb = x.shape[1] == 3
-
-        def factor(size: float, base: float) -> Tensor:
-            f = base + size * (2 * torch.rand(n, 1, 1, 1, device=device) - 1)
-            return torch.where(apply.view(-1, 1, 1, 1), f, torch.full_like(f, base))
-
-        if not self.random_order and self.hue == 0:  # the recipe of 0.2's benchmarks, draw for draw
-            x = (x * factor(j, 1.0)).clamp(0, 1)
-            mean = _gray(x).mean(dim=(2, 3), keepdim=True)
-            x = ((x - mean) * factor(j, 1.0) + mean).clamp(0, 1)
-            if rgb:
-                gray = _gray(x)
-                x = ((x - gray) * factor(j, 1.0) + gray).clamp(0, 1)
-            return x
-        b, c, s = factor(j, 1.0), factor(j, 1.0), factor(j, 1.0)
-        shift = factor(self.hue, 0.0)
-
-        def contrast(y: Tensor) -> Tensor:
-            mean = _gray(y).mean(dim=(2, 3), keepdim=True)
-            return ((y - mean) * c + mean).clamp(0, 1)
-
-        def saturation(y: Tensor) -> Tensor:
-            gray = _gray(y)
-            return ((y - gray) * s + gray).clamp(0, 1)
-
-        ops = [lambda y: (y * b).clamp(0, 1), contrast]
-        ops += [saturation, lambda y: _shift_hue(y, shift)] if rgb else []
-        if not self.random_order:
-            for op in ops:
-                x = op(x)
-            return x
-        order = torch.rand(n, len(ops), device=device).argsort(dim=1)  # a permutation per sample
-        rows = torch.arange(n, device=device)
-        for position in range(len(ops)):
-            x = torch.stack([op(x) for op in ops])[order[:, position], rows]
+        """Brightness, contrast and saturation (RGB), in that order, on the samples where ``apply``."""
+        j, rgb = self.jitter, x.shape[1] == 3
+        x = (x * jitter_factor(j, 1.0, apply)).clamp(0, 1)
+        mean = gray(x).mean(dim=(2, 3), keepdim=True)
+        x = ((x - mean) * jitter_factor(j, 1.0, apply) + mean).clamp(0, 1)
+        if rgb:
+            g = gray(x)
+            x = ((x - g) * jitter_factor(j, 1.0, apply) + g).clamp(0, 1)
         return x
 
 
-def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate each RGB image's hue by ``shift`` (per sample, a fraction of the colour wheel), through HSV."""
-    r, g, b = x.unbind(dim=1)
-    v, _ = x.max(dim=1)
-    delta = v - x.min(dim=1).values
-    saturation = torch.where(v > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
-    d = delta.clamp_min(1e-12)
-    rc, gc, bc = (v - r) / d, (v - g) / d, (v - b) / d
-    h = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = v * (1 - saturation), v * (1 - saturation * f), v * (1 - saturation * (1 - f))
-    sector = i.long() % 6
-    table = torch.stack([torch.stack(c) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))])
-    return table.gather(1, sector[None, None].expand(3, 1, *sector.shape)).squeeze(1).transpose(0, 1).clamp(0, 1)
+def jitter_factor(size: float, base: float, apply: Tensor) -> Tensor:
+    """Per sample (``(N, 1, 1, 1)``): ``base`` plus a uniform draw in ``[-size, size]`` where ``apply``, else
+    ``base``."""
+    f = base + size * (2 * torch.rand(apply.shape[0], 1, 1, 1, device=apply.device) - 1)
+    return torch.where(apply.view(-1, 1, 1, 1), f, torch.full_like(f, base))
 
 
-def _gray(x: Tensor) -> Tensor:
+def gray(x: Tensor) -> Tensor:
+    """Luma (ITU-R 601) of RGB images, ``(N, 1, H, W)``; single-channel images as they are."""
     if x.shape[1] == 1:
         return x
     weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)

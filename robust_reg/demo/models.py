@@ -55,7 +55,7 @@ def feature_dim(encoder: nn.Module, image_shape: tuple[int, int, int]) -> int:
     """Flattened output size of ``encoder`` on one image of ``image_shape``."""
     import torch
 
-    from .._state import preserved_state
+    from .. import preserved_state
 
     p = next(encoder.parameters())
     with preserved_state(encoder, eval_mode=True), torch.no_grad():

@@ -31,7 +31,7 @@ from .data import CIFAR10_CLASSES, DATASET_KINDS, KINDS, ImageData, batches
 from .models import ARCHITECTURES, build_encoder
 
 PROTOCOLS = ("slf", "alf", "aff")
-_SCHEDULES = {"cpu": {"alf": ALF_CPU, "aff": AFF_CPU}, "paper": {"alf": ALF_PAPER, "aff": AFF_PAPER}}
+FINETUNE_SCHEDULES = {"cpu": {"alf": ALF_CPU, "aff": AFF_CPU}, "paper": {"alf": ALF_PAPER, "aff": AFF_PAPER}}
 
 
 @dataclass
@@ -88,12 +88,14 @@ class EvalConfig:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:
             raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols!r}")
-        if self.finetune_schedule not in _SCHEDULES:
-            raise ValueError(f"finetune_schedule must be one of {tuple(_SCHEDULES)}, got {self.finetune_schedule!r}")
+        if self.finetune_schedule not in FINETUNE_SCHEDULES:
+            raise ValueError(
+                f"finetune_schedule must be one of {tuple(FINETUNE_SCHEDULES)}, got {self.finetune_schedule!r}"
+            )
 
     def schedule(self, mode: str) -> FinetuneSchedule:
         """The fine-tuning schedule of ``alf`` or ``aff``, with ``finetune_epochs`` applied."""
-        base = _SCHEDULES[self.finetune_schedule][mode]
+        base = FINETUNE_SCHEDULES[self.finetune_schedule][mode]
         if self.finetune_epochs is None:
             return base
         n = self.finetune_epochs

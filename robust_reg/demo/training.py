@@ -21,9 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._utils import progress
-from ..methods import method_settings
-from ..regularizer import RobustnessRegularizer
+from .. import RobustnessRegularizer, method_settings
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
 from .models import build_encoder, feature_dim
@@ -285,7 +283,7 @@ def pretrain(
     indices = torch.arange(data.x_train.shape[0])
     start = time.perf_counter()
     model.train()
-    for epoch in progress(range(config.epochs), enabled=progress_bar, desc=config.method):
+    for epoch in _epochs(config.epochs, progress_bar, config.method):
         sums = [0.0, 0.0, 0]
         # Labels are unused: the batches carry each image's index (for a warm start's memory).
         for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
@@ -308,3 +306,12 @@ def pretrain(
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
+
+
+def _epochs(epochs: int, bar: bool, desc: str) -> Any:
+    """``range(epochs)``, in a tqdm bar when asked and tqdm is installed (optional: a nicety)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        bar = False
+    return tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True) if bar else range(epochs)
