@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from robust_reg.corruptions import corruption_accuracy
+from robust_reg.demo.checkpoints import load_checkpoint
 from robust_reg.demo.data import load_dataset
 from robust_reg.demo.pipeline import (
     FINETUNE_SCHEDULES,
@@ -31,7 +32,6 @@ from robust_reg.demo.pipeline import (
     crop_flip,
     device_name,
     fixed_batches,
-    load_checkpoint,
 )
 from robust_reg.embedding_attack import embedding_attack
 from robust_reg.evaluation import PGD, AutoAttack, LinearProbeClassifier, evaluate_robustness

@@ -310,7 +310,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
     _check_radii(args.epsilons or [], args.norm, "--epsilons")
-    from .demo.pipeline import CheckpointError, evaluate_encoder, load_checkpoint
+    from .demo.checkpoints import CheckpointError, load_checkpoint
+    from .demo.pipeline import evaluate_encoder
 
     try:
         encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)

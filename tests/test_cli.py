@@ -16,8 +16,8 @@ import robust_reg.demo.data as data_module  # noqa: E402
 import robust_reg.demo.training as training_module  # noqa: E402
 from robust_reg.cli import UsageError  # noqa: E402
 from robust_reg.cli import main as cli  # noqa: E402
+from robust_reg.demo.checkpoints import save_checkpoint  # noqa: E402
 from robust_reg.demo.models import build_encoder  # noqa: E402
-from robust_reg.demo.pipeline import save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -305,3 +305,26 @@ def test_the_solo_learn_page_runs_as_written(tmp_path):
     namespace = run_page("guides/solo-learn.md", {"METHODS": METHODS, "cfg": small_cfg("simclr")})
     assert is_robustified(namespace["model"])
     trainer(tmp_path).fit(namespace["model"], loader())
+
+
+def test_a_checkpoint_solo_learn_writes_loads_as_its_backbone_taking_pixels(tmp_path):
+    from solo.utils.checkpointer import Checkpointer
+
+    from robust_reg.demo.checkpoints import load_checkpoint
+    from solo_setup import CIFAR_MEAN, CIFAR_STD
+
+    cfg = small_cfg("simclr")
+    method = SimCLR(cfg)
+    torch.manual_seed(0)
+    checkpointer = Checkpointer(cfg, logdir=tmp_path / "trained_models")
+    L.Trainer(max_epochs=1, callbacks=[checkpointer], default_root_dir=str(tmp_path), **QUIET_TRAINER).fit(
+        method, loader()
+    )
+    (ckpt,) = (tmp_path / "trained_models").rglob("*.ckpt")
+    assert (ckpt.parent / "args.json").is_file()  # what solo-learn writes beside it
+    encoder, meta = load_checkpoint(ckpt)
+    assert (meta["source"], meta["arch"], meta["arch_options"]) == ("solo-learn", "resnet18", {"stem_padding": 2})
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = method.backbone.eval()((x - CIFAR_MEAN) / CIFAR_STD)
+        torch.testing.assert_close(encoder(x).flatten(1), expected.flatten(1))

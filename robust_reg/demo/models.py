@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 
@@ -25,14 +28,26 @@ def conv_encoder(in_channels: int = 1, width: int = 32) -> nn.Sequential:
     )
 
 
-def resnet18_cifar(in_channels: int = 3) -> nn.Sequential:
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), output ``(N, 512, 1, 1)``."""
+def resnet18_cifar(in_channels: int = 3, stem_padding: int = 1) -> nn.Sequential:
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), output ``(N, 512, 1, 1)``.
+
+    ``stem_padding``: the stem convolution's padding (solo-learn's CIFAR ResNets use 2)."""
     import torchvision
 
     resnet = torchvision.models.resnet18()
-    resnet.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    resnet.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=stem_padding, bias=False)
     resnet.maxpool = nn.Identity()
     # The lightly way: everything but the classifier, so the output is (N, 512, 1, 1).
+    return nn.Sequential(*list(resnet.children())[:-1])
+
+
+def resnet18_imagenet(in_channels: int = 3) -> nn.Sequential:
+    """torchvision's ResNet-18 (7x7 stride-2 stem and max-pool) without its classifier: ``(N, 512, 1, 1)``."""
+    import torchvision
+
+    resnet = torchvision.models.resnet18()
+    if in_channels != 3:
+        resnet.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     return nn.Sequential(*list(resnet.children())[:-1])
 
 
@@ -41,14 +56,20 @@ def wide_conv_encoder(in_channels: int = 3) -> nn.Sequential:
     return conv_encoder(in_channels, width=64)
 
 
-ARCHITECTURES = {"cnn": conv_encoder, "cnn-wide": wide_conv_encoder, "resnet18": resnet18_cifar}
+ARCHITECTURES: dict[str, Callable[..., nn.Sequential]] = {
+    "cnn": conv_encoder,
+    "cnn-wide": wide_conv_encoder,
+    "resnet18": resnet18_cifar,
+    "resnet18-imagenet": resnet18_imagenet,
+}
 
 
-def build_encoder(arch: str, in_channels: int) -> nn.Sequential:
-    """An encoder by name (``cnn``, ``cnn-wide`` or ``resnet18``)."""
+def build_encoder(arch: str, in_channels: int, **options: Any) -> nn.Sequential:
+    """An encoder by name (``cnn``, ``cnn-wide``, ``resnet18``, ``resnet18-imagenet``); ``options``: the
+    builder's own (``resnet18``: ``stem_padding``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
-    return ARCHITECTURES[arch](in_channels=in_channels)
+    return ARCHITECTURES[arch](in_channels=in_channels, **options)
 
 
 def feature_dim(encoder: nn.Module, image_shape: tuple[int, int, int]) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,6 @@ from ..finetune import (
 )
 from ..probe import extract_features, fit_linear_probe
 from .data import CIFAR10_CLASSES, DATASET_KINDS, KINDS, ImageData, batches
-from .models import ARCHITECTURES, build_encoder
 
 PROTOCOLS = ("slf", "alf", "aff")
 FINETUNE_SCHEDULES = {"cpu": {"alf": ALF_CPU, "aff": AFF_CPU}, "paper": {"alf": ALF_PAPER, "aff": AFF_PAPER}}
@@ -506,113 +504,6 @@ def _bound_curve(
     return curve
 
 
-def save_checkpoint(
-    path: str | Path, encoder: nn.Module, *, arch: str, dataset: str, config: dict | None = None
-) -> Path:
-    """Save an encoder so that ``load_checkpoint`` (``weights_only=True``) can rebuild it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    in_channels = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
-    record = {
-        "format": "robust-reg-encoder/1",
-        "arch": arch,
-        "in_channels": in_channels,
-        "dataset": dataset,
-        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-        "config": _plain(config or {}),
-    }
-    torch.save(record, path)
-    return path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be turned into an encoder; the message says why and what would fit."""
-
-
-def load_checkpoint(
-    path: str | Path, *, arch: str | None = None, in_channels: int | None = None
-) -> tuple[nn.Module, dict]:
-    """Rebuild an encoder from a checkpoint, loaded with ``weights_only=True``.
-
-    Accepts a file written by ``save_checkpoint`` or a bare ``state_dict``
-    (then ``arch`` and ``in_channels`` must be given).
-
-    Returns:
-        ``(encoder in eval mode, metadata dict)``.
-
-    Raises:
-        CheckpointError: For a missing file, a file that is no checkpoint, or
-            weights that do not fit the architecture (naming the first
-            mismatching keys and the layout the architecture expects).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
-    with path.open("rb") as file:
-        magic = file.read(4)
-    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch.save: a zip, or a pickle
-        what = "a Python source file" if path.suffix == ".py" else f"it starts with {magic!r}"
-        raise CheckpointError(
-            f"checkpoint {path} is not a robust-reg checkpoint or state_dict ({what}, not a file torch.save writes)"
-        )
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike: the file is not what we can read
-        text = str(err).strip()
-        reason = textwrap.shorten(text.splitlines()[0], 160, placeholder=" ...") if text else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict ({reason})") from err
-    if isinstance(record, dict) and "state_dict" in record and "arch" in record:
-        state = record["state_dict"]
-        arch = arch or record["arch"]
-        in_channels = in_channels or record.get("in_channels")
-        meta = {k: v for k, v in record.items() if k != "state_dict"}
-    elif isinstance(record, dict) and record and all(isinstance(v, torch.Tensor) for v in record.values()):
-        if arch is None or in_channels is None:
-            raise CheckpointError(
-                f"checkpoint {path} holds a bare state_dict: pass --arch ({', '.join(ARCHITECTURES)}) and "
-                "--in-channels N to rebuild the encoder"
-            )
-        state, meta = record, {"arch": arch, "in_channels": in_channels}
-    else:
-        raise CheckpointError(f"checkpoint {path} is not a robust-reg checkpoint or state_dict")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"checkpoint {path}: unknown architecture {arch!r}; one of {tuple(ARCHITECTURES)}")
-    if in_channels is None:
-        raise CheckpointError(f"checkpoint {path} does not record its input channels: pass --in-channels N")
-    encoder = build_encoder(arch, int(in_channels))
-    _check_layout(path, state, encoder, arch, int(in_channels))
-    encoder.load_state_dict(state)
-    return encoder.eval(), meta
-
-
-def _check_layout(path: Path, state: dict, encoder: nn.Module, arch: str, in_channels: int) -> None:
-    """Raise ``CheckpointError`` naming the first keys or shapes that do not fit ``arch``."""
-    expected = encoder.state_dict()
-    unexpected = [k for k in state if k not in expected]
-    missing = [k for k in expected if k not in state]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if not (unexpected or missing or wrong):
-        return
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected keys {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}")
-    if missing:
-        problems.append(f"missing keys {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
-    if wrong:
-        problems.append(f"shapes {', '.join(wrong[:2])}")
-    layout = ", ".join(list(expected)[:3])
-    raise CheckpointError(
-        f"checkpoint {path} does not fit --arch {arch} --in-channels {in_channels}: {'; '.join(problems)}; "
-        f"--arch {arch} expects keys {layout}, ... ({len(expected)} in all)"
-    )
-
-
 def device_name(device: torch.device) -> str:
     """A readable name of the machine a benchmark ran on (GPU model, or CPU model and thread count)."""
     if device.type == "cuda":
@@ -626,14 +517,3 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} threads"
-
-
-def _plain(obj: Any) -> Any:
-    """Only str/int/float/bool/None/list/dict: loadable with ``weights_only=True``."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

@@ -209,8 +209,8 @@ class PretrainResult:
         return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
 
     def save(self, path: str | Path) -> Path:
-        """Save the encoder with its architecture, dataset and config (see ``pipeline.load_checkpoint``)."""
-        from .pipeline import save_checkpoint
+        """Save the encoder with its architecture, dataset and config (see ``checkpoints.load_checkpoint``)."""
+        from .checkpoints import save_checkpoint
 
         return save_checkpoint(
             path, self.encoder, arch=self.config.arch, dataset=self.dataset, config=self.summary()["config"]
