@@ -311,6 +311,7 @@ def test_a_checkpoint_solo_learn_writes_loads_as_its_backbone_taking_pixels(tmp_
     from solo.utils.checkpointer import Checkpointer
 
     from robust_reg.demo.checkpoints import load_checkpoint
+
     from solo_setup import CIFAR_MEAN, CIFAR_STD
 
     cfg = small_cfg("simclr")
