@@ -15,6 +15,7 @@ the bound, attack accuracies) are estimates of a worst case, and named so.
 from ._state import preserved_state
 from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
+from .hardening import HARDEN_CPU, harden
 from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
 from .regularizer import BackboneRobustnessRegularizer, RegularizerOutput, RegularizerStats, RobustnessRegularizer
@@ -23,6 +24,7 @@ from .warm_start import PerturbationMemory, WarmStart, crop_geometry, ramped_eps
 __version__ = "0.2.0"
 
 __all__ = [
+    "HARDEN_CPU",
     "BackboneRobustnessRegularizer",
     "BoundReport",
     "MethodSettings",
@@ -35,6 +37,7 @@ __all__ = [
     "WarmStart",
     "crop_geometry",
     "estimate_bound",
+    "harden",
     "extract_features",
     "fit_linear_probe",
     "linear_head_lipschitz",

@@ -354,6 +354,9 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         self.last_stats: RegularizerStats | None = None
 
     _FORM = "embedding"
+    # A positive equal in value to the features is a swapped view in an SSL loop; harden's student starts as a copy
+    # of its teacher, so there equal values are expected at first (harden turns the check off on its own instance).
+    _refuse_equal_positive = True
 
     def _form(self, options: dict) -> str:
         """This class's form; 0.2's ``form=`` popped from ``options`` (warned)."""
@@ -560,7 +563,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         features = encoder(x) if first is None else encoder(self.threat.to_model(first[0] + first[1]).to(x.dtype))
         h = _flatten(features, "encoder(x)")
         checks = [torch.isfinite(h).all()]
-        if positive is not None and positive.shape == features.shape:
+        if positive is not None and positive.shape == features.shape and self._refuse_equal_positive:
             checks.append((positive == features).all())
         finite, *same = torch.stack(checks).tolist()  # one host synchronisation
         if not finite:
@@ -704,7 +707,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             if positive is features:
                 raise _same_view_error("features=")
             checks.append(torch.isfinite(h).all()[None].float())
-            if positive is not None and positive.shape == features.shape:
+            if positive is not None and positive.shape == features.shape and self._refuse_equal_positive:
                 checks.append((positive == features).all()[None].float())
         values = torch.cat([c.to(extremes.device) for c in checks]).tolist()  # one host synchronisation
         n = extremes.numel()
