@@ -1,4 +1,5 @@
-"""The ``robust-reg`` command: ``demo`` (pretrain, probe, attack, offline) and ``evaluate`` (a saved encoder).
+"""The ``robust-reg`` command: ``demo`` (pretrain, probe, attack, offline), ``evaluate`` (a saved encoder) and
+``harden`` (make a pretrained encoder robust, without labels).
 
 Every bad argument or file is reported as one line on stderr naming the
 argument, with exit status 2, before any training or loading work and before
@@ -64,6 +65,7 @@ def _fraction(text: str) -> float:
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 _count = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+_nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 _radius = _number(_fraction, lambda v: v > 0, "a finite number > 0 such as 0.1 or 8/255")
 _any_int = _number(int, lambda v: True, "an integer")
 
@@ -411,11 +413,98 @@ def _evaluation_data(args: argparse.Namespace, dataset: str | None) -> tuple[str
         raise UsageError(str(err)) from err
 
 
+def harden(args: argparse.Namespace) -> int:
+    """Robustify a pretrained encoder without labels (``robust_reg.harden``) and write a checkpoint."""
+    _need_examples_extra()
+    device = _device(args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-hardened.pt")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
+    if args.epsilon is not None:
+        _check_radii([args.epsilon], "linf", "--epsilon")  # a unit mistake (8 for 8/255) before any loading
+    from . import harden as harden_encoder
+    from .demo.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+    from .demo.pipeline import ShuffledBatches, crop_flip
+    from .finetune import FinetuneSchedule
+    from .hardening import HARDEN_CPU
+
+    try:
+        encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
+    dataset, data = _evaluation_data(args, args.dataset or meta.get("dataset"))
+    _check_channels(args.checkpoint, meta, dataset, data.x_train.shape[1])
+    if args.epsilon is None:
+        from .demo.training import training_defaults
+
+        args.epsilon = training_defaults(data)["epsilon"]  # the dataset's training eps (0.1 digits, 8/255 RGB)
+    _check_radii([args.epsilon], "linf", "--epsilon", data.x_train[:1])
+    schedule = FinetuneSchedule(
+        epochs=args.epochs, lr=args.lr, milestones=(), steps=args.steps, batch_size=args.batch_size
+    )
+    loader = ShuffledBatches(data.x_train, data.y_train, schedule.batch_size, args.seed)
+    augment = crop_flip(flip=data.kind != "digits", seed=args.seed)
+    encoder = encoder.to(device)
+    seconds = _harden_step_seconds(harden_encoder, encoder, loader, augment, args, device)
+    steps = len(loader) * schedule.epochs
+    _say(
+        f"robust-reg harden: {args.checkpoint} ({meta['source']}, {meta['arch']}) on the {data.x_train.shape[0]:,} "
+        f"training images of {dataset}, no labels: {schedule.epochs} epochs of {len(loader)} steps, "
+        f"eps {args.epsilon:.4g}, about {_duration(seconds * steps)} on {device} (one step took {seconds:.2f} s)"
+    )
+    torch.manual_seed(args.seed)
+    robust = harden_encoder(
+        encoder,
+        loader,
+        epsilon=args.epsilon,
+        weight=args.weight,
+        schedule=schedule,
+        augment=augment,
+        device=device,
+        progress_bar=not args.no_progress,
+    )
+    config = {
+        "hardened_from": str(args.checkpoint),
+        "source": meta["source"],
+        "epsilon": args.epsilon,
+        "weight": args.weight,
+        "schedule": {"epochs": schedule.epochs, "lr": schedule.lr, "steps": schedule.steps, "batch": args.batch_size},
+        "default_schedule": {"epochs": HARDEN_CPU.epochs, "lr": HARDEN_CPU.lr, "steps": HARDEN_CPU.steps},
+    }
+    save_checkpoint(
+        out, robust.cpu(), arch=meta["arch"], dataset=dataset, config=config, arch_options=meta.get("arch_options")
+    )
+    _say(
+        f"Wrote {out}. Evaluate it with: robust-reg evaluate {out}"
+        + (f" --data-path {args.data_path}" if args.data_path else "")
+    )
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _harden_step_seconds(harden_encoder, encoder, loader, augment, args, device) -> float:
+    """The time of one training step, on copies (nothing of the run is spent), for the estimate said up front: two
+    steps timed after one untimed (the first call pays for warming up)."""
+    from .finetune import FinetuneSchedule
+
+    batch = next(iter(loader))
+    one = FinetuneSchedule(epochs=1, lr=args.lr, steps=args.steps, batch_size=args.batch_size)
+    options = dict(epsilon=args.epsilon, weight=args.weight, schedule=one, augment=augment, device=device)
+    harden_encoder(encoder, [batch], **options)
+    start = time.perf_counter()
+    harden_encoder(encoder, [batch, batch], **options)
+    return (time.perf_counter() - start) / 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robust-reg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_evaluate(sub)
+    _add_harden(sub)
     return parser
 
 
@@ -450,8 +539,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
             "attacks every test sample with every attack (the paper-style protocol), several times longer."
         ),
     )
-    e.add_argument("checkpoint", help="a checkpoint from robust-reg demo / examples/pretrain.py, or a state_dict")
-    e.add_argument("--arch", choices=["cnn", "cnn-wide", "resnet18"], help="needed for a bare state_dict")
+    e.add_argument(
+        "checkpoint",
+        help="a robust-reg checkpoint (demo, harden, examples/pretrain.py), a solo-learn or Lightning .ckpt with a "
+        "`backbone`, a torchvision ResNet-18 state_dict, or a state_dict of --arch",
+    )
+    e.add_argument(
+        "--arch", choices=["cnn", "cnn-wide", "resnet18", "resnet18-imagenet"], help="needed for a bare state_dict"
+    )
     e.add_argument("--in-channels", type=_positive_int, help="needed for a bare state_dict")
     e.add_argument(
         "--dataset",
@@ -487,6 +582,48 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bars (one line per attack still prints)")
     e.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
     e.set_defaults(func=evaluate)
+
+
+def _add_harden(sub: argparse._SubParsersAction) -> None:
+    h = sub.add_parser(
+        "harden",
+        help="make a pretrained encoder robust without labels; writes a checkpoint evaluate reads",
+        description=(
+            "Train a copy of a pretrained encoder so that its features of worst-case perturbed images stay at the "
+            "original's features of the clean ones (robust_reg.harden: the regulariser's ascent, the frozen original "
+            "as the anchor; no labels are read). Reads robust-reg, solo-learn and Lightning checkpoints and "
+            "torchvision ResNet-18 state_dicts; says the expected time before it starts."
+        ),
+    )
+    h.add_argument("checkpoint", help="the pretrained encoder (see robust-reg evaluate --help for the kinds)")
+    h.add_argument("--arch", choices=["cnn", "cnn-wide", "resnet18", "resnet18-imagenet"], help="for a bare state_dict")
+    h.add_argument("--in-channels", type=_positive_int, help="for a bare state_dict whose first layer does not show it")
+    h.add_argument(
+        "--dataset",
+        choices=["mnist5k", "digits", "fake", "cifar10", "cifar10-subset", "npz"],
+        help="its training images are used, without labels (default: the checkpoint's)",
+    )
+    h.add_argument("--data-path", help="the .npz of --dataset npz or cifar10-subset")
+    h.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR-10")
+    h.add_argument("--data-root", default="datasets")
+    h.add_argument(
+        "--epsilon",
+        type=_radius,
+        default=None,
+        help="L-inf radius, a fraction of the pixel range (default: the dataset's training eps: 0.1 digits, 8/255 RGB)",
+    )
+    h.add_argument("--epochs", type=_positive_int, default=10)
+    h.add_argument("--lr", type=_positive_float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    h.add_argument("--steps", type=_positive_int, default=3, help="ascent steps of the regulariser")
+    h.add_argument("--weight", type=_nonnegative_float, default=1.0, help="the regulariser's penalty weight")
+    h.add_argument("--batch-size", type=_positive_int, default=128)
+    h.add_argument("--seed", type=_any_int, default=0)
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    h.add_argument("--out", default=None, help="the checkpoint to write (default: CHECKPOINT-hardened.pt beside it)")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    h.add_argument("--no-progress", action="store_true")
+    h.add_argument("--debug", action="store_true", help="show tracebacks for bad arguments and files")
+    h.set_defaults(func=harden)
 
 
 def _add_protocol_options(e: argparse.ArgumentParser) -> None:

@@ -257,3 +257,34 @@ def test_a_long_load_error_is_shortened_at_a_word_boundary(tmp_path, capsys):
     kept = line.split("state_dict (", 1)[1].removesuffix(")").removesuffix(" ...")
     assert len(full) > 160 and len(kept) < len(full)  # the case being tested: a message too long for one line
     assert full.startswith(kept) and full[len(kept)] == " "  # cut between two words
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-1"], "--lr"),
+        (["--weight", "-1"], "--weight"),
+        (["--steps", "0"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--epsilon", "nan"], "--epsilon"),
+        (["--epsilon", "8"], "8/255"),
+    ],
+)
+def test_harden_rejects_a_bad_argument_by_name_before_loading(args, named, checkpoint, tmp_path, capsys):
+    out = tmp_path / "h.pt"
+    line = rejected(["harden", str(checkpoint), "--out", str(out), *args], capsys)
+    assert named in line
+    assert not out.exists()
+
+
+def test_harden_names_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    line = rejected(["harden", str(tmp_path / "nope.pt"), "--dataset", "digits"], capsys)
+    assert "nope.pt" in line and "no such file" in line
+
+
+def test_harden_never_overwrites_without_being_asked(checkpoint, tmp_path, capsys):
+    out = tmp_path / "h.pt"
+    out.write_bytes(b"mine")
+    line = rejected(["harden", str(checkpoint), "--out", str(out)], capsys)
+    assert "--overwrite" in line and out.read_bytes() == b"mine"

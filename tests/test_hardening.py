@@ -156,3 +156,21 @@ def test_pixels_in_0_255_are_refused_before_any_training():
     with pytest.raises(ValueError, match="bounds"):
         harden(encoder, [x * 255 for x in digits()], threat=ThreatModel(8 / 255))
     assert_unchanged(encoder, before)
+
+
+def test_the_command_writes_a_checkpoint_that_evaluate_reads(tmp_path, capsys):
+    from robust_reg.cli import main
+    from robust_reg.demo.checkpoints import load_checkpoint, save_checkpoint
+    from robust_reg.demo.models import build_encoder
+
+    torch.manual_seed(0)
+    original = save_checkpoint(tmp_path / "cnn.pt", build_encoder("cnn", 1), arch="cnn", dataset="digits")
+    assert main(["harden", str(original), "--epochs", "1", "--no-progress"]) == 0
+    hardened = tmp_path / "cnn-hardened.pt"
+    said = capsys.readouterr().out
+    assert "about" in said.splitlines()[0] and f"robust-reg evaluate {hardened}" in said
+    encoder, meta = load_checkpoint(hardened)
+    assert meta["config"]["hardened_from"] == str(original) and meta["dataset"] == "digits"
+    argv = ["evaluate", str(hardened), "--no-autoattack", "--test-samples", "60", "--no-corruptions"]
+    assert main([*argv, "--no-embedding-attack", "--no-progress", "--out", str(tmp_path / "eval")]) in (0, 3)
+    assert (tmp_path / "eval" / "cnn-hardened_evaluation.json").is_file()

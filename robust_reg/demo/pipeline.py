@@ -406,6 +406,9 @@ class ShuffledBatches:
     def __iter__(self):
         return batches(self.x, self.y, self.batch_size, shuffle=True, generator=self.generator)
 
+    def __len__(self) -> int:
+        return max(1, len(self.x) // self.batch_size)  # shuffled: the last partial batch is dropped
+
 
 def crop_flip(flip: bool, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The papers' fine-tuning augmentation: a random crop after zero padding (4 px at 32 px), flips if ``flip``."""
