@@ -730,14 +730,21 @@ class BackboneRobustnessRegularizer(RobustnessRegularizer):
     It takes the same arguments and keeps the same execution policy.
 
     Args:
-        epsilon, threat, norm, steps, step_size, detach_anchor, gather_distributed,
-        stochastic_modules: as :class:`RobustnessRegularizer`.
+        epsilon: The ball's radius, a fraction of the pixel range (as ``RobustnessRegularizer``).
+        threat: The whole ball instead (``ThreatModel``).
+        norm: With ``epsilon``: ``"linf"`` or ``"l2"``.
+        steps: Ascent steps of the inner maximisation.
+        step_size: Ascent step, in the units of ``epsilon``.
+        detach_anchor: The clean features as a constant target.
+        gather_distributed: Spread and deviation over the global batch under DDP.
+        stochastic_modules: Further module types made deterministic during the passes.
 
     Returns:
-        ``forward(encoder, x, features=None, *, start=None)``: a ``RegularizerOutput``.
+        The call, ``forward(encoder, x, features=None, *, start=None)``, returns a ``RegularizerOutput``.
 
     Raises:
-        ValueError, TypeError: As :class:`RobustnessRegularizer`; ``positive=`` is refused.
+        ValueError: As ``RobustnessRegularizer``; ``positive=`` is refused by name.
+        TypeError: As ``RobustnessRegularizer``.
 
     Examples:
         >>> import torch

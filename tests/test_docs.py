@@ -180,6 +180,14 @@ def test_the_evaluation_page_runs_as_written():
     assert namespace["robust"] <= namespace["pgd"]
 
 
+def test_the_pretrained_backbone_page_runs_as_written():
+    namespace = _labelled()
+    before = [p.detach().clone() for p in namespace["backbone"].parameters()]
+    run_page("guides/pretrained.md", namespace)
+    assert not _changed(before, namespace["backbone"])  # the original is the frozen teacher
+    assert namespace["robust"] is not namespace["backbone"] and 0.0 <= namespace["ev"].robust_accuracy(8 / 255) <= 1
+
+
 def test_the_distributed_page_runs_as_written_outside_a_process_group():
     namespace = run_page("guides/distributed.md", {})
     assert namespace["reg"].gather_distributed
