@@ -740,7 +740,7 @@ class BackboneRobustnessRegularizer(RobustnessRegularizer):
         stochastic_modules: Further module types made deterministic during the passes.
 
     Returns:
-        The call, ``forward(encoder, x, features=None, *, start=None)``, returns a ``RegularizerOutput``.
+        RegularizerOutput: What the call, ``forward(encoder, x, features=None, *, start=None)``, returns.
 
     Raises:
         ValueError: As ``RobustnessRegularizer``; ``positive=`` is refused by name.
