@@ -739,8 +739,9 @@ class BackboneRobustnessRegularizer(RobustnessRegularizer):
         gather_distributed: Spread and deviation over the global batch under DDP.
         stochastic_modules: Further module types made deterministic during the passes.
 
-    Returns:
-        RegularizerOutput: What the call, ``forward(encoder, x, features=None, *, start=None)``, returns.
+    Shape:
+        - The call: ``forward(encoder, x, features=None, *, start=None)``, a ``RegularizerOutput`` as
+          ``RobustnessRegularizer``'s, with no ``positive``.
 
     Raises:
         ValueError: As ``RobustnessRegularizer``; ``positive=`` is refused by name.
