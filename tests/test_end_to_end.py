@@ -884,3 +884,14 @@ def test_paired_differences_pair_runs_by_seed_not_by_order():
     runs += [fake_run("simclr", 1, 0.25, 0.4), fake_run("simclr", 0, 0.15, 0.4)]
     (row,) = compare.paired_differences(runs, 0.1)
     assert row["seeds"] == [1, 0] and row["robust"]["per_seed"] == pytest.approx([0.05, 0.05])
+
+
+def test_posthoc_benchmark_smoke_scores_every_stage_from_the_same_plain_encoder(tmp_path):
+    posthoc = load_benchmark("posthoc")
+    report = posthoc.main(["--dataset", "digits", "--quick", "--out", str(tmp_path)])
+    methods = [r["method"] for r in report["runs"]]
+    stages = [f"simclr+{name}[1B]" for name in ("harden", "deacl", "fare")]
+    assert methods[:2] == ["simclr", "simclr+robust-reg"] and methods[2:5] == stages
+    plain = report["runs"][0]["train_seconds"]
+    assert all(r["train_seconds"] == pytest.approx(plain + r["post_seconds"]) for r in report["runs"][2:5])
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
