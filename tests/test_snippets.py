@@ -68,3 +68,16 @@ def test_the_readme_quick_start_runs_verbatim(regulariser_calls):
     exec(compile(_readme_quick_start(), "README.md quick start", "exec"), namespace)
     assert regulariser_calls == [("embedding", True)] * 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_readme_pretrained_backbone_line_runs_verbatim():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## You already have a pretrained backbone") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    before = [p.detach().clone() for p in backbone.parameters()]
+    namespace = {"backbone": backbone, "train_loader": [(torch.rand(8, 3, 16, 16), torch.zeros(8)) for _ in range(2)]}
+    exec(compile(code, "README.md pretrained backbone", "exec"), namespace)
+    assert namespace["robust"] is not backbone and not namespace["robust"].training
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
