@@ -312,15 +312,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.epsilons and not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         raise UsageError(f"--epsilons must be finite numbers > 0, got {args.epsilons}")
     _check_radii(args.epsilons or [], args.norm, "--epsilons")
-    from .demo.checkpoints import CheckpointError, load_checkpoint
     from .demo.pipeline import evaluate_encoder
 
-    try:
-        encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from err
-    dataset, data = _evaluation_data(args, args.dataset or meta.get("dataset"))
-    _check_channels(args.checkpoint, meta, dataset, data.x_test.shape[1])
+    encoder, meta, dataset, data = _encoder_and_data(args)
     config = _evaluation_config(args, data)
     out.mkdir(parents=True, exist_ok=True)
     _say(f"robust-reg evaluate: {args.checkpoint} on {dataset} ({device}): {_evaluation_cost(args, config, data)}")
@@ -344,6 +338,20 @@ def evaluate(args: argparse.Namespace) -> int:
     _say(f"Samples: {record['samples']}.")
     _say(f"\nWrote {out / f'{name}_evaluation.json'}, {', '.join(str(p) for p in plots)}")
     return 0 if evaluation.robustness.passed else 3
+
+
+def _encoder_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str, Any]:
+    """``(encoder, metadata, dataset name, data)`` of ``evaluate`` and ``harden``: the checkpoint, then its data,
+    each refused in one line (a file of no kind read, a dataset to download, channels that do not fit)."""
+    from .demo.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
+    dataset, data = _evaluation_data(args, args.dataset or meta.get("dataset"))
+    _check_channels(args.checkpoint, meta, dataset, data.x_test.shape[1])
+    return encoder, meta, dataset, data
 
 
 def _evaluation_config(args: argparse.Namespace, data):
@@ -423,17 +431,12 @@ def harden(args: argparse.Namespace) -> int:
     if args.epsilon is not None:
         _check_radii([args.epsilon], "linf", "--epsilon")  # a unit mistake (8 for 8/255) before any loading
     from . import harden as harden_encoder
-    from .demo.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+    from .demo.checkpoints import save_checkpoint
     from .demo.pipeline import ShuffledBatches, crop_flip
     from .finetune import FinetuneSchedule
     from .hardening import HARDEN_CPU
 
-    try:
-        encoder, meta = load_checkpoint(args.checkpoint, arch=args.arch, in_channels=args.in_channels)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from err
-    dataset, data = _evaluation_data(args, args.dataset or meta.get("dataset"))
-    _check_channels(args.checkpoint, meta, dataset, data.x_train.shape[1])
+    encoder, meta, dataset, data = _encoder_and_data(args)
     if args.epsilon is None:
         from .demo.training import training_defaults
 
