@@ -15,6 +15,7 @@ the bound, attack accuracies) are estimates of a worst case, and named so.
 from ._state import preserved_state
 from .attacks import ThreatModel, pgd_attack, projected_gradient_ascent
 from .bound import BoundReport, RobustnessCurve, estimate_bound, linear_head_lipschitz, robustness_curve
+from .collapse import CollapseMonitor, CollapseReport
 from .hardening import HARDEN_CPU, harden
 from .methods import MethodSettings, method_settings
 from .probe import extract_features, fit_linear_probe
@@ -27,6 +28,8 @@ __all__ = [
     "HARDEN_CPU",
     "BackboneRobustnessRegularizer",
     "BoundReport",
+    "CollapseMonitor",
+    "CollapseReport",
     "MethodSettings",
     "PerturbationMemory",
     "RegularizerOutput",
