@@ -40,12 +40,27 @@ from pathlib import Path
 
 import torch
 
-from robust_reg import PerturbationMemory, RobustnessRegularizer, ThreatModel, crop_geometry
+from robust_reg import (
+    BackboneRobustnessRegularizer,
+    PerturbationMemory,
+    RobustnessRegularizer,
+    ThreatModel,
+    crop_geometry,
+)
 from robust_reg.demo.models import build_encoder
 from robust_reg.demo.pipeline import device_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the screening harness beside this script
-from harness import PretrainConfig, build_model, regularizer_for, step_loss, warm_start_step  # noqa: E402
+from harness import (  # noqa: E402
+    PretrainConfig,
+    acl_ds_step,
+    add_dual_batch_norm,
+    add_dual_batch_norm_and_ema,
+    build_model,
+    regularizer_for,
+    step_loss,
+    warm_start_step,
+)
 
 EPSILON = 8 / 255
 # name -> (kind, options): "backbone" = reg on model.backbone; "recipe" = compare.py's step for a variant.
@@ -76,6 +91,16 @@ CONFIGS = {
         {"variant": "robust", "random_start": False, "detach_anchor": True},
     ),
     "ACL-style, PGD-3": ("recipe", {"variant": "acl", "acl_steps": 3}),
+    # The cost issue's candidates and peers: one ascent step of 1.25 eps from a random start (FGSM-RS), ACL as
+    # published (both views, PGD-5, dual BatchNorm) and DynACL's step (the same with its momentum encoder).
+    "robust-reg, one step of 1.25 eps (FGSM-RS)": (
+        "recipe",
+        {"variant": "robust", "steps": 1, "step_size": 1.25 * EPSILON},
+    ),
+    "ACL as published (ACL-DS: both views, PGD-5, dual BatchNorm)": ("dual", {"variant": "acl-ds"}),
+    "DynACL step (ACL-DS with its momentum encoder)": ("dual", {"variant": "dynacl"}),
+    # robust_reg.harden's step on a pretrained encoder: one view, the teacher's features given (cached).
+    "harden step (one view, the frozen teacher's features cached)": ("harden", {}),
     # The warm start: steps=2 of eps/2 from each image's stored perturbation (PerturbationMemory: the index
     # check, gather and scatter included); the training runs also ramp eps, which does not change a step's cost.
     "robust-reg, warm start (memory=, steps=2)": ("warm", {"steps": 2, "step_size": EPSILON / 2}),
@@ -175,8 +200,27 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
         def loss() -> torch.Tensor:
             return module.training_step(([x0, x1], None, index, crops), 0)
 
+    elif kind == "dual":
+        recipe = PretrainConfig(method="simclr", epsilon=EPSILON, epochs=30, **options)
+        (add_dual_batch_norm_and_ema if recipe.ema else add_dual_batch_norm)(model)
+        threat = ThreatModel(EPSILON)
+
+        def loss() -> torch.Tensor:
+            return acl_ds_step(model, threat, x0, x1, recipe, 0)[0]
+
+    elif kind == "harden":
+        reg = RobustnessRegularizer(EPSILON, detach_anchor=True)
+        reg._refuse_equal_positive = False  # as harden: the student starts as the teacher's copy
+        with torch.no_grad():
+            teacher = model.backbone(x0).flatten(1)
+
+        def loss() -> torch.Tensor:
+            out = reg(model.backbone, x0, features=model.backbone(x0), positive=teacher)
+            align = 2 - 2 * torch.nn.functional.cosine_similarity(out.adversarial_features.flatten(1), teacher)
+            return align.mean() + out.loss
+
     else:
-        reg = RobustnessRegularizer(EPSILON, steps=options["steps"], form="backbone")
+        reg = BackboneRobustnessRegularizer(EPSILON, steps=options["steps"])
 
         def loss() -> torch.Tensor:
             h0, h1 = model.backbone(x0), model.backbone(x1)
