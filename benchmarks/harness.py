@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robust_reg import (
+    BackboneRobustnessRegularizer,
     PerturbationMemory,
     RegularizerOutput,
     RobustnessRegularizer,
@@ -141,6 +142,9 @@ class PretrainConfig:
         steps_from: The regulariser's ascent steps in the first epochs (``None``: ``steps`` throughout):
             the epochs are split into equal parts, one per count from ``steps_from`` to ``steps``
             (e.g. 1, 2, 3 over thirds: a cheaper start; 2, 3, 4: a curriculum at the same mean cost).
+        inner: ``robust`` only: the inner maximisation, ``"pgd"`` (the regulariser's ``steps`` from a uniform
+            start in the ball) or ``"n-fgsm"`` (de Jorge et al., NeurIPS 2022: uniform noise of 2 eps, one sign
+            step of eps, not projected back onto the eps-ball; a single-step candidate of the cost issue).
         penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
             ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
             recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
@@ -193,6 +197,7 @@ class PretrainConfig:
     robust_start: float = 0.0
     epsilon_ramp: float = 0.0
     steps_from: int | None = None
+    inner: str = "pgd"
     penalty: str = "embedding"
     warm_start: bool = False
     warm_warp: bool = True
@@ -227,6 +232,10 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.steps_from is not None and not 0 <= self.steps_from <= self.steps:
             raise ValueError(f"steps_from must be in [0, steps={self.steps}], got {self.steps_from}")
+        if self.inner not in ("pgd", "n-fgsm"):
+            raise ValueError(f"inner must be 'pgd' or 'n-fgsm', got {self.inner!r}")
+        if self.inner == "n-fgsm" and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
+            raise ValueError("inner='n-fgsm' needs variant 'robust', penalty 'embedding' and no warm_start")
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.penalty != "embedding" and (
@@ -398,19 +407,33 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     The screens still reach 0.2's options that lost their measurements (``batch_norm``, ``ascent``,
     ``random_start``, ``normalize_features``) through their deprecated spelling, until 0.4 removes them.
     """
+    # The other variants regularise the backbone with no positive: the paper's form, its own class since 0.3.
+    form = RobustnessRegularizer if config.variant == "robust" else BackboneRobustnessRegularizer
+    # N-FGSM (de Jorge et al. 2022): noise of 2 eps and one step of eps, not projected back to eps: a ball of 3 eps,
+    # which the start (see _noise_start) and the one step never leave.
+    epsilon, steps, step_size = config.epsilon, config.steps, config.step_size
+    if config.inner == "n-fgsm":
+        epsilon, steps, step_size = 3 * config.epsilon, 1, config.epsilon
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"RobustnessRegularizer\(.*deprecated", DeprecationWarning)
-        return RobustnessRegularizer(
-            config.epsilon,
+        warnings.filterwarnings("ignore", r"\w*RobustnessRegularizer\(.*deprecated", DeprecationWarning)
+        return form(
+            epsilon,
             norm=config.norm,
-            steps=config.steps,
-            step_size=config.step_size,
+            steps=steps,
+            step_size=step_size,
             batch_norm=config.batch_norm,
             normalize_features=config.variant == "robust",
             ascent=config.ascent,
             random_start=config.random_start,
             detach_anchor=config.detach_anchor,
         )
+
+
+def _noise_start(x: Tensor, config: PretrainConfig) -> Tensor | None:
+    """N-FGSM's start: uniform noise of 2 eps (pixel units), else ``None`` (the regulariser's own start)."""
+    if config.inner != "n-fgsm":
+        return None
+    return (2 * torch.rand_like(x) - 1) * 2 * config.epsilon
 
 
 def step_loss(
@@ -462,7 +485,7 @@ def _robust_step(
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
         positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
         features = None if z[i] is None else z[i][:k]
-        out = reg(model, x[:k], features=features, positive=positive)
+        out = reg(model, x[:k], features=features, positive=positive, start=_noise_start(x[:k], config))
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)

@@ -97,6 +97,10 @@ CONFIGS = {
         "recipe",
         {"variant": "robust", "steps": 1, "step_size": 1.25 * EPSILON},
     ),
+    "robust-reg, N-FGSM (noise of 2 eps, one step of eps, not projected to eps)": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm"},
+    ),
     "ACL as published (ACL-DS: both views, PGD-5, dual BatchNorm)": ("dual", {"variant": "acl-ds"}),
     "DynACL step (ACL-DS with its momentum encoder)": ("dual", {"variant": "dynacl"}),
     # robust_reg.harden's step on a pretrained encoder: one view, the teacher's features given (cached).

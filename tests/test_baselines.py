@@ -319,3 +319,30 @@ def test_hue_jitter_matches_torchvision():
 def test_a_non_boolean_ema_or_augmentation_flag_is_refused():
     with pytest.raises(TypeError, match="ema must be True, False or None"):
         PretrainConfig(variant="dynacl", ema="false")  # a string would be truthy: the faithful form in disguise
+
+
+def test_n_fgsm_perturbs_beyond_eps_within_three_eps_in_one_step():
+    from harness import _robust_step, regularizer_for
+
+    config = PretrainConfig(variant="robust", epsilon=0.05, inner="n-fgsm")
+    reg = regularizer_for(config)
+    assert (reg.steps, reg.epsilon, reg.step_size) == (1, pytest.approx(0.15), pytest.approx(0.05))
+    torch.manual_seed(0)
+    model = simclr()
+    x0, x1 = torch.rand(8, 3, 16, 16) * 0.5 + 0.25, torch.rand(8, 3, 16, 16)  # inside [0, 1] with room for 3 eps
+    seen = []
+    original = reg.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((out.adversarial_inputs - args[1]).abs().max().item())
+        return out
+
+    reg.forward = spy
+    _robust_step(model, reg, x0, x1, config)
+    assert 0.05 < seen[0] <= 0.15 + 1e-6
+
+
+def test_n_fgsm_is_for_the_robust_variant_only():
+    with pytest.raises(ValueError, match="inner='n-fgsm' needs variant 'robust'"):
+        PretrainConfig(variant="acl", inner="n-fgsm")
