@@ -8,7 +8,8 @@ Add one loss term to any SSL training loop (``model`` outputs what the SSL loss 
     loss = ssl_loss(z0, out.adversarial_features) + weight * out.loss
 
 and measure what the representation guarantees downstream with
-``estimate_bound``. Numbers that come from gradient ascent (the regulariser,
+``estimate_bound``. A backbone that is already pretrained is made robust without labels by
+``harden(backbone, loader, epsilon=8 / 255)``. Numbers that come from gradient ascent (the regulariser,
 the bound, attack accuracies) are estimates of a worst case, and named so.
 """
 
