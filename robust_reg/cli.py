@@ -431,10 +431,8 @@ def harden(args: argparse.Namespace) -> int:
     if args.epsilon is not None:
         _check_radii([args.epsilon], "linf", "--epsilon")  # a unit mistake (8 for 8/255) before any loading
     from . import harden as harden_encoder
-    from .demo.checkpoints import save_checkpoint
     from .demo.pipeline import ShuffledBatches, crop_flip
     from .finetune import FinetuneSchedule
-    from .hardening import HARDEN_CPU
 
     encoder, meta, dataset, data = _encoder_and_data(args)
     if args.epsilon is None:
@@ -466,6 +464,19 @@ def harden(args: argparse.Namespace) -> int:
         device=device,
         progress_bar=not args.no_progress,
     )
+    _save_hardened(out, robust.cpu(), args, meta, dataset, schedule)
+    _say(
+        f"Wrote {out}. Evaluate it with: robust-reg evaluate {out}"
+        + (f" --data-path {args.data_path}" if args.data_path else "")
+    )
+    return 0
+
+
+def _save_hardened(out: Path, robust: torch.nn.Module, args: argparse.Namespace, meta: dict, dataset: str, schedule):
+    """Write ``harden``'s checkpoint with what made it (``evaluate`` reads it like any robust-reg checkpoint)."""
+    from .demo.checkpoints import save_checkpoint
+    from .hardening import HARDEN_CPU
+
     config = {
         "hardened_from": str(args.checkpoint),
         "source": meta["source"],
@@ -475,13 +486,8 @@ def harden(args: argparse.Namespace) -> int:
         "default_schedule": {"epochs": HARDEN_CPU.epochs, "lr": HARDEN_CPU.lr, "steps": HARDEN_CPU.steps},
     }
     save_checkpoint(
-        out, robust.cpu(), arch=meta["arch"], dataset=dataset, config=config, arch_options=meta.get("arch_options")
+        out, robust, arch=meta["arch"], dataset=dataset, config=config, arch_options=meta.get("arch_options")
     )
-    _say(
-        f"Wrote {out}. Evaluate it with: robust-reg evaluate {out}"
-        + (f" --data-path {args.data_path}" if args.data_path else "")
-    )
-    return 0
 
 
 def _duration(seconds: float) -> str:

@@ -38,6 +38,10 @@ class CollapseReport:
         strong_attack: Found by ``strong_steps`` smaller steps.
         ratio: ``strong_attack / training_attack``.
         collapsed: The stronger attack found more than ``tolerance`` times the training one.
+
+    Examples:
+        >>> print(CollapseReport(4, 0.08, 0.59, 7.4, True))  # doctest: +ELLIPSIS
+        epoch 4: deviation* found by the training attack 0.08, by the stronger one 0.59 (x7.40)  <- the ...
     """
 
     epoch: int | None

@@ -62,6 +62,11 @@ class FinetuneSchedule:
     Raises:
         ValueError: For a non-positive ``epochs``, ``lr`` or ``steps``, a negative
             ``weight_decay`` or milestones outside ``[1, epochs]``.
+
+    Examples:
+        >>> short = FinetuneSchedule(epochs=4, lr=0.05, milestones=(3,), steps=3)
+        >>> short.epochs, short.steps
+        (4, 3)
     """
 
     epochs: int
