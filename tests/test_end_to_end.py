@@ -895,3 +895,17 @@ def test_posthoc_benchmark_smoke_scores_every_stage_from_the_same_plain_encoder(
     plain = report["runs"][0]["train_seconds"]
     assert all(r["train_seconds"] == pytest.approx(plain + r["post_seconds"]) for r in report["runs"][2:5])
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
+
+
+def test_frontier_benchmark_smoke_trains_each_method_for_each_budget(tmp_path):
+    frontier = load_benchmark("frontier")
+    argv = ["--dataset", "digits", "--quick", "--methods", "simclr+robust-reg,simclr-dynacl", "--timing-epochs", "1"]
+    report = frontier.main([*argv, "--out", str(tmp_path)])
+    assert [r["method"] for r in report["runs"]] == [
+        "simclr+robust-reg @0.5R",
+        "simclr+robust-reg @1R",
+        "simclr-dynacl @0.5R",
+        "simclr-dynacl @1R",
+    ]
+    assert report["runs"][0]["epochs"] == 1 and report["runs"][1]["epochs"] == 2  # the default's epochs scale
+    assert (tmp_path / "frontier.png").is_file() and (tmp_path / "results.json").is_file()

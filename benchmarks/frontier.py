@@ -1,0 +1,198 @@
+"""The time-robustness frontier: robust and clean accuracy against training seconds, every method at each budget.
+
+The budgets are multiples of the record budget R, the default's training time for the recipe's epochs on the
+same seed, measured in the same process (``--budgets 0.5,1,2``). Each method is trained *for* each budget, not
+truncated: its epochs at a budget are the budget over its epoch time, from an unscored ``--timing-epochs`` run
+of the method in the same process (a method whose schedule depends on its total epochs, DynACL's annealing or
+a cosine rate, gets the whole schedule at every budget); post-processing (LP-AFT) counts as a fixed cost. The
+default's own epochs scale with the budget. Every run is scored like ``compare.py``'s and written in its report
+format (``runs``; ``compare.py --render`` merges seeds and gives the paired differences); ``frontier.png`` plots
+robust accuracy against seconds (clean in a second panel).
+
+Command (per seed N, one thread per process; then ``--plot`` over the merged files):
+
+    OMP_NUM_THREADS=1 python benchmarks/frontier.py --dataset cifar10-subset \\
+        --data-path ../shared/cifar10-subset/cifar10_subset.npz --split test --seeds N --aa-samples 500 \\
+        --out benchmarks/results/frontier-cifar10-subset/seedN
+    python benchmarks/frontier.py --plot benchmarks/results/frontier-cifar10-subset/seed*/results.json \\
+        --out benchmarks/results/frontier-cifar10-subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compare  # noqa: E402
+
+from robust_reg.demo.data import load_dataset  # noqa: E402
+from robust_reg.demo.pipeline import EvalConfig  # noqa: E402
+
+REFERENCE = "simclr+robust-reg"
+DEFAULT_METHODS = (
+    "simclr,simclr+robust-reg,simclr+robust-reg[anneal_augment=true],simclr-acl-ds,simclr-dynacl,simclr-dynacl++"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="cifar10-subset")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--split", choices=["validation", "test"], default="validation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="compare.py rows; the default sets the budgets")
+    p.add_argument("--budgets", default="0.5,1,2", help="multiples of the default's time for the recipe's epochs")
+    p.add_argument("--timing-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="the recipe's epochs (default: the data's)")
+    p.add_argument("--aa-samples", type=int, default=200)
+    p.add_argument("--light-eval", action="store_true", help="PGD only (validation split only)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    p.add_argument("--plot", nargs="+", metavar="RESULTS_JSON", help="only plot (and table) merged results")
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def _runner_args() -> argparse.Namespace:
+    """What ``compare.run_one`` reads of its command line: the shared recipe, nothing overridden."""
+    return argparse.Namespace(
+        robust_weight=None, arch=None, batch_size=None, lr=None, epsilon=None, steps=3, acl_steps=5
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        report = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.plot])
+        print(frontier_table(report))
+        plot(report, out / "frontier.png")
+        return report
+    if args.split == "test" and args.light_eval:
+        raise SystemExit("--split test scores the test images: a screen (--light-eval) never does")
+    names = compare.split_methods(args.methods)
+    if REFERENCE not in names:
+        raise SystemExit(f"--methods must include {REFERENCE}: its time sets the budgets")
+    multiples = [float(b) for b in args.budgets.split(",")]
+    data = load_dataset(args.dataset, path=args.data_path)
+    if args.split == "validation":
+        data = compare.validation_split(data)
+    eval_config = EvalConfig.for_data(data)
+    eval_config.autoattack_samples = eval_config.square_samples = args.aa_samples
+    if args.light_eval or args.quick:
+        eval_config = compare.light_eval(data, eval_config)
+    epochs = args.epochs or compare.training_defaults(data)["epochs"]
+    if args.quick:
+        data, epochs, multiples = data.subset(train=256, test=100), 2, multiples[:2]
+        eval_config.pgd_steps = eval_config.check_steps = 5
+    runner, cpu = _runner_args(), torch.device("cpu")
+    report = {
+        "benchmark": "frontier",
+        "command": " ".join(["python", "benchmarks/frontier.py", *(argv if argv is not None else sys.argv[1:])]),
+        "dataset": args.dataset,
+        "device": compare.device_name(cpu),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "seeds": args.seeds,
+        "epochs": epochs,
+        "split": args.split,
+        "eval": eval_config.__dict__,
+        "runs": [],
+        "budget_runs": [],
+        "timing_runs": [],
+        "budgets": {},
+        "paired_reference": REFERENCE,
+    }
+    started = time.perf_counter()
+
+    def save() -> None:
+        report["elapsed_seconds"] = time.perf_counter() - started
+        compare.write_json(report, out / "results.json")
+
+    for seed in args.seeds:
+        print(f"[frontier] seed {seed}: {REFERENCE}, {epochs} epochs (sets R)", flush=True)
+        reference = compare.run_one(REFERENCE, data, runner, eval_config, cpu, seed, epochs, False)
+        record = reference["train_seconds"]
+        report["budgets"][str(seed)] = {f"{k:g}R": k * record for k in multiples}
+        for name in names:
+            timing = None
+            if name != REFERENCE:
+                k_epochs = args.timing_epochs
+                timing = compare.run_one(name, data, runner, eval_config, cpu, seed, k_epochs, False, score=False)
+                report["timing_runs"].append(timing)
+            for k in multiples:
+                if name == REFERENCE:
+                    n = max(1, round(k * epochs))
+                else:
+                    n = compare.epochs_in_budget(timing, k * record, timing["epochs"])
+                print(f"[frontier] seed {seed}: {name} at {k:g}R ({k * record:.0f} s): {n} epochs", flush=True)
+                run = reference if (name == REFERENCE and n == epochs) else None
+                run = run or compare.run_one(name, data, runner, eval_config, cpu, seed, n, False)
+                report["runs"].append({**run, "method": f"{name} @{k:g}R", "budget_seconds": k * record})
+                save()
+    report["elapsed_seconds"] = time.perf_counter() - started
+    print(compare.write_outputs(report, out))
+    save()
+    print(frontier_table(report))
+    plot(report, out / "frontier.png")
+    return report
+
+
+def _points(report: dict) -> dict[str, list[tuple[float, float, float]]]:
+    """Per method (budget suffix removed): ``(mean seconds, mean robust, mean clean)`` per budget."""
+    eps = max(report["eval"]["epsilons"])
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for run in report["runs"]:
+        name, _, budget = run["method"].rpartition(" @")
+        groups.setdefault(name, {}).setdefault(budget, []).append(run)
+    points = {}
+    for name, budgets in groups.items():
+        rows = []
+        for runs in budgets.values():
+            seconds = statistics.fmean(r["train_seconds"] for r in runs)
+            robust = statistics.fmean(compare._robust(r, eps) or 0.0 for r in runs)
+            clean = statistics.fmean(r["robustness"]["clean_accuracy"] for r in runs)
+            rows.append((seconds, robust, clean))
+        points[name] = sorted(rows)
+    return points
+
+
+def frontier_table(report: dict) -> str:
+    lines = ["| method | budget points: seconds → robust / clean (%) |", "|---|---|"]
+    for name, rows in _points(report).items():
+        cells = "; ".join(f"{s:.0f} s → {100 * r:.1f} / {100 * c:.1f}" for s, r, c in rows)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (robust_ax, clean_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in _points(report).items():
+        seconds = [s for s, _, _ in rows]
+        robust_ax.plot(seconds, [100 * r for _, r, _ in rows], marker="o", label=name)
+        clean_ax.plot(seconds, [100 * c for _, _, c in rows], marker="o", label=name)
+    robust_ax.set(xlabel="training seconds (mean over seeds)", ylabel="robust accuracy @ the main eps (%)")
+    clean_ax.set(xlabel="training seconds (mean over seeds)", ylabel="clean accuracy (%)")
+    robust_ax.set_title("per-sample worst case (an upper estimate of robust accuracy)", fontsize=9)
+    clean_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
