@@ -403,8 +403,12 @@ def split_methods(text: str) -> list[str]:
     return [RENAMED.get(n.partition("[")[0], n.partition("[")[0]) + "".join(n.partition("[")[1:]) for n in names]
 
 
-def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None, score=True) -> dict:
-    """Train ``name`` for ``epochs`` and score it (``score=False``: a timing run, only its times are returned)."""
+# What ``row_config`` reads of a command line: the shared recipe with nothing overridden (posthoc.py, frontier.py).
+RECIPE = argparse.Namespace(robust_weight=None, arch=None, batch_size=None, lr=None, epsilon=None, steps=3, acl_steps=5)
+
+
+def row_config(name: str, data, args: argparse.Namespace, device: torch.device, seed: int, epochs: int):
+    """The ``PretrainConfig`` of a row: the shared recipe, the command line's overrides, the row's own fields."""
     method, variant, overrides = parse_method(name)
     d = training_defaults(data)
     weight = args.robust_weight
@@ -424,7 +428,47 @@ def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, s
         seed=seed,
         amp=device.type == "cuda",
     )
-    config = dataclasses.replace(config, **overrides)
+    return dataclasses.replace(config, **overrides)
+
+
+def script_setup(benchmark: str, args: argparse.Namespace, argv: list[str] | None, quick_epochs: int):
+    """``(data, eval_config, epochs, report)`` of a script built on this one (``posthoc.py``, ``frontier.py``):
+    the split, the evaluation (AutoAttack on ``args.aa_samples``; PGD only with ``--light-eval``), the recipe's
+    epochs and the report's header in this script's format."""
+    if args.split == "test" and args.light_eval:
+        raise SystemExit("--split test scores the test images: a screen (--light-eval) never does")
+    data = load_dataset(args.dataset, path=args.data_path)
+    if args.split == "validation":
+        data = validation_split(data)
+    eval_config = EvalConfig.for_data(data)
+    eval_config.autoattack_samples = eval_config.square_samples = args.aa_samples
+    if args.light_eval or args.quick:
+        eval_config = light_eval(data, eval_config)
+    epochs = args.epochs or training_defaults(data)["epochs"]
+    if args.quick:
+        data, epochs = data.subset(train=256, test=100), quick_epochs
+        eval_config.pgd_steps = eval_config.check_steps = 5
+    report = {
+        "benchmark": benchmark,
+        "command": " ".join(["python", f"benchmarks/{benchmark}.py", *(argv if argv is not None else sys.argv[1:])]),
+        "dataset": args.dataset,
+        "device": device_name(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "seeds": args.seeds,
+        "epochs": epochs,
+        "split": args.split,
+        **({"validation_images": int(data.y_test.numel())} if args.split == "validation" else {}),
+        "eval": eval_config.__dict__,
+        "runs": [],
+        "budget_runs": [],
+    }
+    return data, eval_config, epochs, report
+
+
+def run_one(name, data, args, eval_config, device, seed, epochs, progress_bar, save_to=None, score=True) -> dict:
+    """Train ``name`` for ``epochs`` and score it (``score=False``: a timing run, only its times are returned)."""
+    config = row_config(name, data, args, device, seed, epochs)
     result = pretrain(data, config, device=device, progress_bar=progress_bar)
     timing = {
         "method": name,

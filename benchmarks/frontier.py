@@ -33,9 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # noqa: E402
 
-from robust_reg.demo.data import load_dataset  # noqa: E402
-from robust_reg.demo.pipeline import EvalConfig  # noqa: E402
-
 REFERENCE = "simclr+robust-reg"
 DEFAULT_METHODS = (
     "simclr,simclr+robust-reg,simclr+robust-reg[anneal_augment=true],simclr-acl-ds,simclr-dynacl,simclr-dynacl++"
@@ -60,13 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _runner_args() -> argparse.Namespace:
-    """What ``compare.run_one`` reads of its command line: the shared recipe, nothing overridden."""
-    return argparse.Namespace(
-        robust_weight=None, arch=None, batch_size=None, lr=None, epsilon=None, steps=3, acl_steps=5
-    )
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -76,41 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(frontier_table(report))
         plot(report, out / "frontier.png")
         return report
-    if args.split == "test" and args.light_eval:
-        raise SystemExit("--split test scores the test images: a screen (--light-eval) never does")
     names = compare.split_methods(args.methods)
     if REFERENCE not in names:
         raise SystemExit(f"--methods must include {REFERENCE}: its time sets the budgets")
     multiples = [float(b) for b in args.budgets.split(",")]
-    data = load_dataset(args.dataset, path=args.data_path)
-    if args.split == "validation":
-        data = compare.validation_split(data)
-    eval_config = EvalConfig.for_data(data)
-    eval_config.autoattack_samples = eval_config.square_samples = args.aa_samples
-    if args.light_eval or args.quick:
-        eval_config = compare.light_eval(data, eval_config)
-    epochs = args.epochs or compare.training_defaults(data)["epochs"]
+    data, eval_config, epochs, report = compare.script_setup("frontier", args, argv, quick_epochs=2)
     if args.quick:
-        data, epochs, multiples = data.subset(train=256, test=100), 2, multiples[:2]
-        eval_config.pgd_steps = eval_config.check_steps = 5
-    runner, cpu = _runner_args(), torch.device("cpu")
-    report = {
-        "benchmark": "frontier",
-        "command": " ".join(["python", "benchmarks/frontier.py", *(argv if argv is not None else sys.argv[1:])]),
-        "dataset": args.dataset,
-        "device": compare.device_name(cpu),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "seeds": args.seeds,
-        "epochs": epochs,
-        "split": args.split,
-        "eval": eval_config.__dict__,
-        "runs": [],
-        "budget_runs": [],
-        "timing_runs": [],
-        "budgets": {},
-        "paired_reference": REFERENCE,
-    }
+        multiples = multiples[:2]
+    runner, cpu = compare.RECIPE, torch.device("cpu")
+    report.update(timing_runs=[], budgets={}, paired_reference=REFERENCE)
     started = time.perf_counter()
 
     def save() -> None:

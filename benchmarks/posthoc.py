@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -47,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
 
 from robust_reg import ThreatModel, harden  # noqa: E402
-from robust_reg.demo.data import load_dataset  # noqa: E402
-from robust_reg.demo.pipeline import EvalConfig, ShuffledBatches, crop_flip, device_name, evaluate_encoder  # noqa: E402
+from robust_reg.demo.pipeline import EvalConfig, ShuffledBatches, crop_flip, evaluate_encoder  # noqa: E402
 from robust_reg.finetune import FinetuneSchedule  # noqa: E402
 
 STAGES = ("harden", "deacl", "fare")
@@ -164,47 +162,18 @@ def scored(name: str, encoder: nn.Module, data, eval_config: EvalConfig, seed: i
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.split == "test" and args.light_eval:
-        raise SystemExit("--split test scores the test images: a screen (--light-eval) never does")
     stages = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in stages if m not in STAGES]:
         raise SystemExit(f"--methods: unknown stage(s) {', '.join(unknown)}; one of {', '.join(STAGES)}")
     multiples = [float(b) for b in args.budgets.split(",")]
-    data = load_dataset(args.dataset, path=args.data_path)
-    if args.split == "validation":
-        data = compare.validation_split(data)
-    eval_config = EvalConfig.for_data(data)
-    eval_config.autoattack_samples = eval_config.square_samples = args.aa_samples
-    if args.light_eval:
-        eval_config = compare.light_eval(data, eval_config)
-    epochs = args.epochs or compare.training_defaults(data)["epochs"]
+    data, eval_config, epochs, report = compare.script_setup("posthoc", args, argv, quick_epochs=1)
     if args.quick:
-        data = data.subset(train=256, test=100)
-        epochs, multiples = 1, multiples[:1]
-        eval_config = compare.light_eval(data, eval_config)
-        eval_config.pgd_steps = eval_config.check_steps = 5
+        multiples = multiples[:1]
     eps = compare.training_defaults(data)["epsilon"]
-    recipe = argparse.Namespace(
-        robust_weight=None, arch=None, batch_size=None, lr=None, epsilon=None, steps=3, acl_steps=5
-    )
+    recipe = compare.RECIPE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "posthoc",
-        "command": " ".join(["python", "benchmarks/posthoc.py", *(argv if argv is not None else sys.argv[1:])]),
-        "dataset": args.dataset,
-        "device": device_name(torch.device("cpu")),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "seeds": args.seeds,
-        "epochs": epochs,
-        "split": args.split,
-        **({"validation_images": int(data.y_test.numel())} if args.split == "validation" else {}),
-        "eval": eval_config.__dict__,
-        "runs": [],
-        "budget_runs": [],
-        "stage_budgets": {},
-    }
+    report["stage_budgets"] = {}
     started = time.perf_counter()
 
     def save() -> None:
@@ -214,13 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
     cpu = torch.device("cpu")
     for seed in args.seeds:
         print(f"[posthoc] seed {seed}: plain simclr and the default from scratch, {epochs} epochs", flush=True)
-        config = dataclasses.replace(compare_config(recipe, data, "simclr", seed, epochs))
+        config = compare.row_config("simclr", data, recipe, cpu, seed, epochs)
         plain = compare.pretrain(data, config, device=cpu, progress_bar=False)
         report["runs"].append(
             scored("simclr", plain.encoder, data, eval_config, seed, epochs=epochs, train_seconds=plain.seconds)
         )
         default = compare.pretrain(
-            data, compare_config(recipe, data, "simclr+robust-reg", seed, epochs), device=cpu, progress_bar=False
+            data,
+            compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, epochs),
+            device=cpu,
+            progress_bar=False,
         )
         report["runs"].append(
             scored(
@@ -263,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             longer = compare.pretrain(
                 data,
-                compare_config(recipe, data, "simclr+robust-reg", seed, scratch_epochs),
+                compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, scratch_epochs),
                 device=cpu,
                 progress_bar=False,
             )
@@ -284,27 +256,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(compare.write_outputs(report, out))
     save()
     return report
-
-
-def compare_config(recipe: argparse.Namespace, data, name: str, seed: int, epochs: int):
-    """``compare.py``'s configuration of a row (the shared recipe), for ``compare.pretrain``."""
-    method, variant, overrides = compare.parse_method(name)
-    d = compare.training_defaults(data)
-    weight = compare.RECOMMENDED_WEIGHT[method] if variant == "robust" else 1.0
-    return compare.PretrainConfig(
-        method=method,
-        variant=variant,
-        arch=d["arch"],
-        epochs=epochs,
-        batch_size=d["batch_size"],
-        lr=d["lr"],
-        robust_weight=weight,
-        epsilon=d["epsilon"],
-        steps=recipe.steps,
-        acl_steps=recipe.acl_steps,
-        seed=seed,
-        **overrides,
-    )
 
 
 if __name__ == "__main__":
