@@ -5,7 +5,7 @@ exactly as ``simclr-dynacl++`` does (right after pretraining), then after ``torc
 for each further draw. The k-means pseudo labels are the same every time (their own fixed seed); only the
 fine-tuning's random draws (PGD starts) change. Each encoder gets the screening evaluation (PGD-20).
 
-    OMP_NUM_THREADS=1 python benchmarks/results/compare-mnist5k-peers/lp_aft_draws.py --seed 2
+    OMP_NUM_THREADS=1 python benchmarks/lp_aft_draws.py --seed 2
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import light_eval  # noqa: E402
 from harness import PretrainConfig, lp_aft, pretrain, pseudo_label_purity, training_defaults  # noqa: E402
 
-from robust_reg.experiments.data import load_dataset  # noqa: E402
-from robust_reg.experiments.pipeline import EvalConfig, evaluate_encoder  # noqa: E402
+from robust_reg.demo.data import load_dataset  # noqa: E402
+from robust_reg.demo.pipeline import EvalConfig, evaluate_encoder  # noqa: E402
 
 
 def main() -> None:
