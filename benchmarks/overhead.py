@@ -219,7 +219,9 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
             teacher = model.backbone(x0).flatten(1)
 
         def loss() -> torch.Tensor:
-            out = reg(model.backbone, x0, features=model.backbone(x0), positive=teacher)
+            with torch.no_grad():  # as harden: the detached anchor's pass records no graph
+                clean = model.backbone(x0)
+            out = reg(model.backbone, x0, features=clean, positive=teacher)
             align = 2 - 2 * torch.nn.functional.cosine_similarity(out.adversarial_features.flatten(1), teacher)
             return align.mean() + out.loss
 

@@ -135,7 +135,9 @@ def harden(
                 if augment is not None:
                     x = augment(x)
                 target = teacher.features(i, x)
-                out = reg(student, x, features=student(x), positive=target)
+                with torch.no_grad():  # the anchor is detached: its pass needs no graph (BatchNorm still updates)
+                    clean = student(x)
+                out = reg(student, x, features=clean, positive=target)
                 align = (2 - 2 * F.cosine_similarity(out.adversarial_features.flatten(1), target, dim=1)).mean()
                 loss = align + weight * out.loss
                 if ssl_loss is not None:
