@@ -431,6 +431,21 @@ def row_config(name: str, data, args: argparse.Namespace, device: torch.device, 
     return dataclasses.replace(config, **overrides)
 
 
+def script_arguments(description: str) -> argparse.ArgumentParser:
+    """The options ``script_setup`` reads, for a script built on this one; it adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", default="cifar10-subset")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--split", choices=["validation", "test"], default="validation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=None, help="the recipe's pretraining epochs (default: the data's)")
+    p.add_argument("--aa-samples", type=int, default=200)
+    p.add_argument("--light-eval", action="store_true", help="PGD only (screens; validation split only)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    p.add_argument("--out", required=True)
+    return p
+
+
 def script_setup(benchmark: str, args: argparse.Namespace, argv: list[str] | None, quick_epochs: int):
     """``(data, eval_config, epochs, report)`` of a script built on this one (``posthoc.py``, ``frontier.py``):
     the split, the evaluation (AutoAttack on ``args.aa_samples``; PGD only with ``--light-eval``), the recipe's

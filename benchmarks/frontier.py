@@ -40,20 +40,11 @@ DEFAULT_METHODS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="cifar10-subset")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--split", choices=["validation", "test"], default="validation")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p = compare.script_arguments(__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=DEFAULT_METHODS, help="compare.py rows; the default sets the budgets")
     p.add_argument("--budgets", default="0.5,1,2", help="multiples of the default's time for the recipe's epochs")
     p.add_argument("--timing-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=None, help="the recipe's epochs (default: the data's)")
-    p.add_argument("--aa-samples", type=int, default=200)
-    p.add_argument("--light-eval", action="store_true", help="PGD only (validation split only)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--plot", nargs="+", metavar="RESULTS_JSON", help="only plot (and table) merged results")
-    p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
 

@@ -55,21 +55,12 @@ DEACL_K = 2.0  # trades_k in DeACL's CIFAR-10 script
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="cifar10-subset")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--split", choices=["validation", "test"], default="validation")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p = compare.script_arguments(__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(STAGES), help=f"stage methods, a subset of {', '.join(STAGES)}")
     p.add_argument("--budgets", default="1,2", help="stage budgets, multiples of B = (default's time - plain's)")
-    p.add_argument("--epochs", type=int, default=None, help="the recipe's pretraining epochs (default: the data's)")
     p.add_argument("--batch-size", type=int, default=128, help="the stages' batch size")
     p.add_argument("--harden-lr", type=float, default=0.02)
     p.add_argument("--fare-lr", type=float, default=1e-5)
-    p.add_argument("--aa-samples", type=int, default=200)
-    p.add_argument("--light-eval", action="store_true", help="PGD only (screens; validation split only)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run")
-    p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
 
