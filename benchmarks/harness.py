@@ -144,7 +144,10 @@ class PretrainConfig:
             (e.g. 1, 2, 3 over thirds: a cheaper start; 2, 3, 4: a curriculum at the same mean cost).
         inner: ``robust`` only: the inner maximisation, ``"pgd"`` (the regulariser's ``steps`` from a uniform
             start in the ball) or ``"n-fgsm"`` (de Jorge et al., NeurIPS 2022: uniform noise of 2 eps, one sign
-            step of eps, not projected back onto the eps-ball; a single-step candidate of the cost issue).
+            step of eps, not projected back onto the eps-ball; a single-step candidate of the cost issue) or
+            ``"reuse"`` (no ascent pass: the training backward's input gradient on the adversarial view moves
+            the sample's stored perturbation one sign step of ``step_size``, default eps, for its next visit;
+            "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf).
         penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
             ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
             recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
@@ -232,8 +235,10 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.steps_from is not None and not 0 <= self.steps_from <= self.steps:
             raise ValueError(f"steps_from must be in [0, steps={self.steps}], got {self.steps_from}")
-        if self.inner not in ("pgd", "n-fgsm"):
-            raise ValueError(f"inner must be 'pgd' or 'n-fgsm', got {self.inner!r}")
+        if self.inner not in ("pgd", "n-fgsm", "reuse"):
+            raise ValueError(f"inner must be 'pgd', 'n-fgsm' or 'reuse', got {self.inner!r}")
+        if self.inner == "reuse" and (not self.warm_start or self.norm != "linf"):
+            raise ValueError("inner='reuse' keeps its perturbations in the memory: it needs warm_start and norm linf")
         if self.inner == "n-fgsm" and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
             raise ValueError("inner='n-fgsm' needs variant 'robust', penalty 'embedding' and no warm_start")
         if self.penalty not in PENALTIES:
@@ -382,6 +387,8 @@ def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = Non
         if memory is None or epoch_config.variant != "robust":
             return step_loss(model, reg, current["threat"], augment(x), augment(x), epoch_config)
         (x0, theta), x1 = augment(x, return_theta=True), augment(x)
+        if epoch_config.inner == "reuse":
+            return reuse_step(model, x0, x1, epoch_config, memory.at(index, theta if config.warm_warp else None))
         return warm_start_step(model, reg, x0, x1, epoch_config, memory.at(index, theta if config.warm_warp else None))
 
     return step
@@ -588,6 +595,32 @@ def warm_start_step(
     _, z1, out = _perturbed_view0(model, reg, x0, x1, config, start)
     loss = model.loss_from_embeddings((x0, x1), (out.adversarial_features, z1)) + config.robust_weight * out.loss
     return loss, out.loss.item()
+
+
+def reuse_step(
+    model: nn.Module, x0: Tensor, x1: Tensor, config: PretrainConfig, start: WarmStart
+) -> tuple[Tensor, float]:
+    """The gradient-reusing step (``inner="reuse"``): view 0 carries the perturbation its sample's last visit left
+    in the memory (a uniform draw on the first); the input gradient that the training backward computes anyway
+    moves it one projected sign step, written back when the backward reaches the input. No ascent pass: the
+    step costs plain SSL, the anchor's clean forward (no graph) and the input gradient."""
+    eps = config.epsilon
+    step = config.step_size if config.step_size is not None else eps
+    memory = start.memory
+    delta = memory.read(start.index, x0, start.geometry, fill=lambda: (2 * torch.rand_like(x0) - 1) * eps)
+    x_adv = (x0 + delta.clamp(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    with torch.no_grad():
+        anchor = model(x0)
+    z1 = model(x1)
+    z_adv = model(x_adv)
+    term = _relative_deviation(z_adv, anchor, normalize=True)
+
+    def advance(grad: Tensor) -> None:
+        moved = (x_adv.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
+        memory.write(start.index, moved - x0, start.geometry)
+
+    x_adv.register_hook(advance)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
 _PENALTY_STEPS = {

@@ -29,6 +29,7 @@ Writes ``benchmarks/results/overhead-<device>.json`` and prints a markdown table
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import re
@@ -58,6 +59,7 @@ from harness import (  # noqa: E402
     add_dual_batch_norm_and_ema,
     build_model,
     regularizer_for,
+    reuse_step,
     step_loss,
     warm_start_step,
 )
@@ -121,6 +123,8 @@ CONFIGS = {
         "warm",
         {"steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
     ),
+    # No ascent pass: the training backward's input gradient moves the stored perturbation (harness inner="reuse").
+    "robust-reg, gradient reuse (free step from the memory, detached anchor)": ("warm", {"inner": "reuse"}),
     "the same warped, through the lightly adapter (geometry=)": (
         "lightly",
         {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
@@ -193,8 +197,10 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
         memory = PerturbationMemory(num_samples=4 * batch_size)  # one perturbation per training image
         index = torch.randperm(4 * batch_size, device=device)[:batch_size]
 
+        warm_step = reuse_step if recipe.inner == "reuse" else functools.partial(warm_start_step, reg=reg)
+
         def loss() -> torch.Tensor:
-            return warm_start_step(model, reg, x0, x1, recipe, memory.at(index, warp.get("geometry")))[0]
+            return warm_step(model, x0=x0, x1=x1, config=recipe, start=memory.at(index, warp.get("geometry")))[0]
 
     elif kind == "lightly":
         crops = [_crops(batch_size, device), _crops(batch_size, device)] if options.get("warp") else None

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
 
 from robust_reg import ThreatModel, harden  # noqa: E402
+from robust_reg.demo.checkpoints import load_checkpoint  # noqa: E402
 from robust_reg.demo.pipeline import EvalConfig, ShuffledBatches, crop_flip, evaluate_encoder  # noqa: E402
 from robust_reg.finetune import FinetuneSchedule  # noqa: E402
 
@@ -56,11 +59,17 @@ DEACL_K = 2.0  # trades_k in DeACL's CIFAR-10 script
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = compare.script_arguments(__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(STAGES), help=f"stage methods, a subset of {', '.join(STAGES)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(STAGES),
+        help=f"stage methods among {', '.join(STAGES)}, each optionally [lr=X] (e.g. harden[lr=0.05])",
+    )
     p.add_argument("--budgets", default="1,2", help="stage budgets, multiples of B = (default's time - plain's)")
     p.add_argument("--batch-size", type=int, default=128, help="the stages' batch size")
     p.add_argument("--harden-lr", type=float, default=0.02)
     p.add_argument("--fare-lr", type=float, default=1e-5)
+    p.add_argument("--resume", action="store_true", help="add to OUT/results.json: reuse its plain encoders and B")
+    p.add_argument("--paired-reference", default="simclr+robust-reg", help="the row the paired table compares to")
     return p.parse_args(argv)
 
 
@@ -82,10 +91,12 @@ def _pgd(objective: Callable[[Tensor], Tensor], x: Tensor, eps: float, step: flo
     return x_adv.detach()
 
 
-def deacl_stage(teacher: nn.Module, loader, epochs: int, eps: float, batch_size: int, augment) -> nn.Module:
+def deacl_stage(
+    teacher: nn.Module, loader, epochs: int, eps: float, batch_size: int, augment, lr: float | None = None
+) -> nn.Module:
     student = copy.deepcopy(teacher).requires_grad_(True)
     teacher.eval()
-    lr = DEACL_LR_AT_256 * batch_size / 256
+    lr = lr or DEACL_LR_AT_256 * batch_size / 256
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
     for _ in range(epochs):
@@ -124,19 +135,22 @@ def fare_stage(teacher: nn.Module, loader, epochs: int, eps: float, lr: float) -
     return student.eval()
 
 
-def run_stage(name: str, plain: nn.Module, data, args, seed: int, epochs: int, eps: float) -> tuple[nn.Module, float]:
-    """The stage ``name`` for ``epochs`` from ``plain`` (never changed); returns (encoder, seconds)."""
+def run_stage(
+    name: str, plain: nn.Module, data, args, seed: int, epochs: int, eps: float, lr: float | None = None
+) -> tuple[nn.Module, float]:
+    """The stage ``name`` for ``epochs`` from ``plain`` (never changed), at ``lr`` (default: the stage's option);
+    returns (encoder, seconds)."""
     torch.manual_seed(seed)
     loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed)
     augment = crop_flip(flip=data.kind != "digits", seed=seed)
     start = time.perf_counter()
     if name == "harden":
-        schedule = FinetuneSchedule(epochs=epochs, lr=args.harden_lr, steps=3, batch_size=args.batch_size)
+        schedule = FinetuneSchedule(epochs=epochs, lr=lr or args.harden_lr, steps=3, batch_size=args.batch_size)
         encoder = harden(plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment)
     elif name == "deacl":
-        encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment)
+        encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment, lr)
     elif name == "fare":
-        encoder = fare_stage(plain, loader, epochs, eps, args.fare_lr)
+        encoder = fare_stage(plain, loader, epochs, eps, lr or args.fare_lr)
     else:
         raise SystemExit(f"--methods: unknown stage {name!r}; one of {', '.join(STAGES)}")
     return encoder, time.perf_counter() - start
@@ -151,11 +165,24 @@ def scored(name: str, encoder: nn.Module, data, eval_config: EvalConfig, seed: i
     return {"method": name, "seed": seed, "eval_seconds": time.perf_counter() - start, **fields, **evaluation.to_dict()}
 
 
+def parse_stage(spec: str) -> tuple[str, dict]:
+    """``harden`` or ``harden[lr=0.05]`` -> ``("harden", {"lr": 0.05})``; only the stage's ``lr`` is a variant."""
+    name, _, rest = spec.partition("[")
+    overrides: dict = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() != "lr" or not value:
+            raise SystemExit(f"--methods: {spec!r}: a stage's only variant is [lr=FLOAT]")
+        overrides["lr"] = float(value)
+    if name not in STAGES:
+        raise SystemExit(f"--methods: unknown stage {name!r}; one of {', '.join(STAGES)}")
+    return name, overrides
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    stages = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in stages if m not in STAGES]:
-        raise SystemExit(f"--methods: unknown stage(s) {', '.join(unknown)}; one of {', '.join(STAGES)}")
+    specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    stages = [(spec, *parse_stage(spec)) for spec in specs]
     multiples = [float(b) for b in args.budgets.split(",")]
     data, eval_config, epochs, report = compare.script_setup("posthoc", args, argv, quick_epochs=1)
     if args.quick:
@@ -165,85 +192,82 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["stage_budgets"] = {}
-    started = time.perf_counter()
+    previous = 0.0
+    if args.resume:
+        done = json.loads((out / "results.json").read_text())
+        if done.get("split") != args.split:
+            raise SystemExit(f"--resume: {out / 'results.json'} was scored on the {done.get('split')} split")
+        report.update(runs=done["runs"], stage_budgets=done["stage_budgets"])
+        report["command"] = done["command"] + " (resumed: " + report["command"] + ")"
+        previous = done.get("elapsed_seconds", 0.0)
+    started = time.perf_counter() - previous
 
     def save() -> None:
         report["elapsed_seconds"] = time.perf_counter() - started
         compare.write_json(report, out / "results.json")
 
+    def done_before(name: str, seed: int) -> bool:
+        return any(r["method"] == name and r["seed"] == seed for r in report["runs"])
+
+    # ALF (with --alf) at the record budget only: the default and the stages at 1B.
+    slf_only = dataclasses.replace(eval_config, protocols=("slf",))
+
+    def add(name: str, encoder: nn.Module, seed: int, record_budget: bool = False, **fields) -> None:
+        print(f"[posthoc] seed {seed}: scoring {name}", flush=True)
+        config = eval_config if record_budget else slf_only
+        report["runs"].append(scored(name, encoder, data, config, seed, **fields))
+        save()
+
     cpu = torch.device("cpu")
     for seed in args.seeds:
-        print(f"[posthoc] seed {seed}: plain simclr and the default from scratch, {epochs} epochs", flush=True)
-        config = compare.row_config("simclr", data, recipe, cpu, seed, epochs)
-        plain = compare.pretrain(data, config, device=cpu, progress_bar=False)
-        report["runs"].append(
-            scored("simclr", plain.encoder, data, eval_config, seed, epochs=epochs, train_seconds=plain.seconds)
-        )
-        default = compare.pretrain(
-            data,
-            compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, epochs),
-            device=cpu,
-            progress_bar=False,
-        )
-        report["runs"].append(
-            scored(
-                "simclr+robust-reg",
-                default.encoder,
-                data,
-                eval_config,
-                seed,
-                epochs=epochs,
-                train_seconds=default.seconds,
-            )
-        )
-        save()
-        base = max(default.seconds - plain.seconds, 1.0)
-        report["stage_budgets"][str(seed)] = {"plain": plain.seconds, "default": default.seconds, "B": base}
-        for name in stages:
-            _, one_epoch = run_stage(name, plain.encoder, data, args, seed, 1, eps)  # the timing run, unscored
-            for k in multiples:
+        plain_file = out / "encoders" / f"simclr_seed{seed}.pt"
+        if str(seed) in report["stage_budgets"] and plain_file.is_file():
+            plain_encoder = load_checkpoint(plain_file)[0]
+            budgets = report["stage_budgets"][str(seed)]
+            print(f"[posthoc] seed {seed}: plain encoder and B = {budgets['B']:.0f} s from {out}", flush=True)
+        else:
+            print(f"[posthoc] seed {seed}: plain simclr and the default from scratch, {epochs} epochs", flush=True)
+            config = compare.row_config("simclr", data, recipe, cpu, seed, epochs)
+            plain = compare.pretrain(data, config, device=cpu, progress_bar=False)
+            plain.save(plain_file)
+            plain_encoder = plain.encoder
+            add("simclr", plain.encoder, seed, epochs=epochs, train_seconds=plain.seconds)
+            config = compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, epochs)
+            default = compare.pretrain(data, config, device=cpu, progress_bar=False)
+            budgets = {
+                "plain": plain.seconds,
+                "default": default.seconds,
+                "B": max(default.seconds - plain.seconds, 1.0),
+            }
+            report["stage_budgets"][str(seed)] = budgets
+            add("simclr+robust-reg", default.encoder, seed, True, epochs=epochs, train_seconds=default.seconds)
+        base = budgets["B"]
+        for spec, name, overrides in stages:
+            todo = [k for k in multiples if not done_before(f"simclr+{spec}[{k:g}B]", seed)]
+            if not todo:
+                continue
+            _, one_epoch = run_stage(name, plain_encoder, data, args, seed, 1, eps, **overrides)  # timing, unscored
+            for k in todo:
                 stage_epochs = max(1, round(k * base / one_epoch))
-                print(f"[posthoc] seed {seed}: {name} at {k:g}B ({k * base:.0f} s): {stage_epochs} epochs", flush=True)
-                encoder, seconds = run_stage(name, plain.encoder, data, args, seed, stage_epochs, eps)
-                report["runs"].append(
-                    scored(
-                        f"simclr+{name}[{k:g}B]",
-                        encoder,
-                        data,
-                        eval_config,
-                        seed,
-                        epochs=stage_epochs,
-                        train_seconds=plain.seconds + seconds,
-                        post_seconds=seconds,
-                    )
-                )
-                save()
-        total = plain.seconds + max(multiples) * base
-        scratch_epochs = max(1, round(total / default.seconds * epochs))
-        if scratch_epochs != epochs:
+                print(f"[posthoc] seed {seed}: {spec} at {k:g}B ({k * base:.0f} s): {stage_epochs} epochs", flush=True)
+                encoder, seconds = run_stage(name, plain_encoder, data, args, seed, stage_epochs, eps, **overrides)
+                fields = {"epochs": stage_epochs, "train_seconds": budgets["plain"] + seconds, "post_seconds": seconds}
+                add(f"simclr+{spec}[{k:g}B]", encoder, seed, k == 1, **fields)
+        for k in multiples:
+            # The from-scratch default at each stage budget's total time (at 1B that is the default's own row).
+            total = budgets["plain"] + k * base
+            scratch_epochs = max(1, round(total / budgets["default"] * epochs))
+            name = f"simclr+robust-reg[scratch {k:g}B]"
+            if scratch_epochs == epochs or done_before(name, seed):
+                continue
             print(
                 f"[posthoc] seed {seed}: the default from scratch in {total:.0f} s: {scratch_epochs} epochs", flush=True
             )
-            longer = compare.pretrain(
-                data,
-                compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, scratch_epochs),
-                device=cpu,
-                progress_bar=False,
-            )
-            report["runs"].append(
-                scored(
-                    f"simclr+robust-reg[{max(multiples):g}B total]",
-                    longer.encoder,
-                    data,
-                    eval_config,
-                    seed,
-                    epochs=scratch_epochs,
-                    train_seconds=longer.seconds,
-                )
-            )
-            save()
+            config = compare.row_config("simclr+robust-reg", data, recipe, cpu, seed, scratch_epochs)
+            longer = compare.pretrain(data, config, device=cpu, progress_bar=False)
+            add(name, longer.encoder, seed, epochs=scratch_epochs, train_seconds=longer.seconds)
     report["elapsed_seconds"] = time.perf_counter() - started
-    report["paired_reference"] = "simclr+robust-reg"
+    report["paired_reference"] = args.paired_reference
     print(compare.write_outputs(report, out))
     save()
     return report

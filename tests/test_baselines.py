@@ -343,6 +343,39 @@ def test_n_fgsm_perturbs_beyond_eps_within_three_eps_in_one_step():
     assert 0.05 < seen[0] <= 0.15 + 1e-6
 
 
+def test_reuse_step_moves_the_stored_perturbation_by_one_sign_step_of_the_training_gradient():
+    from harness import reuse_step
+
+    from robust_reg import PerturbationMemory
+
+    eps = 0.05
+    config = PretrainConfig(variant="robust", epsilon=eps, warm_start=True, inner="reuse")
+    torch.manual_seed(0)
+    model = simclr()
+    x0, x1 = torch.rand(8, 3, 16, 16) * 0.5 + 0.25, torch.rand(8, 3, 16, 16)  # inside [0, 1] with room for eps
+    memory, index = PerturbationMemory(num_samples=8), torch.arange(8)
+    memory.write(index, torch.zeros_like(x0))  # the visit starts at the clean view: the step alone moves it
+    seen = {}
+    loss, _ = reuse_step(model, x0, x1, config, memory.at(index))
+    original = memory.write
+
+    def spy(i, perturbation, geometry=None):
+        seen["written"] = perturbation.clone()
+        original(i, perturbation, geometry)
+
+    memory.write = spy
+    assert "written" not in seen  # nothing moves before the training backward
+    loss.backward()
+    written = seen["written"]
+    assert written.abs().max() <= eps + 1e-6 and (written.abs() > eps / 2).float().mean() > 0.9
+    assert torch.equal(memory.read(index, x0), written)
+
+
+def test_reuse_step_needs_the_memory():
+    with pytest.raises(ValueError, match="inner='reuse'.*warm_start"):
+        PretrainConfig(variant="robust", inner="reuse")
+
+
 def test_n_fgsm_is_for_the_robust_variant_only():
     with pytest.raises(ValueError, match="inner='n-fgsm' needs variant 'robust'"):
         PretrainConfig(variant="acl", inner="n-fgsm")

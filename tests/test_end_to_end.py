@@ -897,6 +897,34 @@ def test_posthoc_benchmark_smoke_scores_every_stage_from_the_same_plain_encoder(
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
 
 
+def test_posthoc_benchmark_resume_adds_stages_from_the_saved_plain_encoder(tmp_path):
+    posthoc = load_benchmark("posthoc")
+    first = posthoc.main(["--dataset", "digits", "--quick", "--methods", "fare", "--out", str(tmp_path)])
+    budget = first["stage_budgets"]["0"]
+    argv = ["--dataset", "digits", "--quick", "--methods", "harden[lr=0.05]", "--resume", "--out", str(tmp_path)]
+    report = posthoc.main(argv)
+    methods = [r["method"] for r in report["runs"]]
+    assert methods.count("simclr") == 1 and methods.count("simclr+fare[1B]") == 1  # nothing retrained
+    assert "simclr+harden[lr=0.05][1B]" in methods and report["stage_budgets"]["0"] == budget
+
+
+def test_posthoc_benchmark_refuses_a_stage_variant_other_than_lr(tmp_path):
+    posthoc = load_benchmark("posthoc")
+    with pytest.raises(SystemExit, match=r"\[lr=FLOAT\]"):
+        posthoc.main(["--dataset", "digits", "--quick", "--methods", "harden[steps=2]", "--out", str(tmp_path)])
+
+
+def test_lean_eval_keeps_only_the_headline_attack_at_the_largest_eps():
+    compare = load_compare()
+    from robust_reg.demo.pipeline import EvalConfig
+
+    full = EvalConfig.for_dataset("cifar10")
+    lean = compare.lean_eval(full)
+    assert lean.epsilons == (8 / 255,) and lean.label_sets == ("class",)
+    assert lean.autoattack_samples == full.autoattack_samples and lean.check_steps == lean.pgd_steps
+    assert not lean.corruptions and not lean.embedding_attack and full.corruptions  # the original untouched
+
+
 def test_frontier_benchmark_smoke_trains_each_method_for_each_budget(tmp_path):
     frontier = load_benchmark("frontier")
     argv = ["--dataset", "digits", "--quick", "--methods", "simclr+robust-reg,simclr-dynacl", "--timing-epochs", "1"]
