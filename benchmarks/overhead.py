@@ -331,8 +331,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size-cnn", type=int, default=None, help="default 256 (CPU) / 512 (GPU)")
     parser.add_argument("--batch-size-resnet18", type=int, default=None, help="default 64 (CPU) / 512 (GPU)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--only", default=None, metavar="REGEX", help="time only the rows it matches (and plain)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-<device>.json)")
     args = parser.parse_args(argv)
+    if args.only:
+        global CONFIGS
+        CONFIGS = {name: row for name, row in CONFIGS.items() if name == "plain" or re.search(args.only, name)}
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     gpu = device.type == "cuda"
