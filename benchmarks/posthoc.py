@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # noqa: E402
 
-from robust_reg import ThreatModel, harden  # noqa: E402
+from robust_reg import HARDEN_CPU, ThreatModel, harden  # noqa: E402
 from robust_reg.demo.checkpoints import load_checkpoint  # noqa: E402
 from robust_reg.demo.pipeline import EvalConfig, ShuffledBatches, crop_flip, evaluate_encoder  # noqa: E402
 from robust_reg.finetune import FinetuneSchedule  # noqa: E402
@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--budgets", default="1,2", help="stage budgets, multiples of B = (default's time - plain's)")
     p.add_argument("--batch-size", type=int, default=128, help="the stages' batch size")
-    p.add_argument("--harden-lr", type=float, default=0.02)
-    p.add_argument("--fare-lr", type=float, default=1e-5)
+    p.add_argument("--harden-lr", type=float, default=HARDEN_CPU.lr, help="default: robust_reg.HARDEN_CPU's")
+    p.add_argument("--deacl-lr", type=float, default=None, help="default: the authors' 0.5 at batch 256, scaled")
+    p.add_argument("--fare-lr", type=float, default=1e-5, help="default: the authors' (for CLIP)")
     p.add_argument("--resume", action="store_true", help="add to OUT/results.json: reuse its plain encoders and B")
     p.add_argument("--paired-reference", default="simclr+robust-reg", help="the row the paired table compares to")
     return p.parse_args(argv)
@@ -148,7 +149,7 @@ def run_stage(
         schedule = FinetuneSchedule(epochs=epochs, lr=lr or args.harden_lr, steps=3, batch_size=args.batch_size)
         encoder = harden(plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment)
     elif name == "deacl":
-        encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment, lr)
+        encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment, lr or args.deacl_lr)
     elif name == "fare":
         encoder = fare_stage(plain, loader, epochs, eps, lr or args.fare_lr)
     else:

@@ -622,7 +622,9 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         help="L-inf radius, a fraction of the pixel range (default: the dataset's training eps: 0.1 digits, 8/255 RGB)",
     )
     h.add_argument("--epochs", type=_positive_int, default=10)
-    h.add_argument("--lr", type=_positive_float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    h.add_argument(
+        "--lr", type=_positive_float, default=2.0, help="SGD learning rate (momentum 0.9; HARDEN_CPU's, see the guide)"
+    )
     h.add_argument("--steps", type=_positive_int, default=3, help="ascent steps of the regulariser")
     h.add_argument("--weight", type=_nonnegative_float, default=1.0, help="the regulariser's penalty weight")
     h.add_argument("--batch-size", type=_positive_int, default=128)
