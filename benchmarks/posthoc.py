@@ -2,10 +2,11 @@
 
 Per seed, in one process: plain SimCLR trained for the recipe's epochs (its time P) and robust-reg's default
 from scratch (its time R: the record budget). The stage budget B = R - P, the time the default spends beyond
-plain pretraining; each stage method gets B and 2B (``--budgets``) from the same plain encoder, its epochs
-set from an unscored 1-epoch timing run in the same process. The from-scratch default at the larger total
-time (P + 2B) is a row too. Every row is scored like the record (``compare.py``'s evaluation) and written
-in its report format, so ``compare.py --render`` merges seeds and prints the paired differences.
+plain pretraining; each stage method gets multiples of B (``--budgets``, e.g. 0.5B and B) from the same plain
+encoder, its epochs set from an unscored 1-epoch timing run in the same process. The from-scratch default at
+each stage budget's total time (P + kB; at 1B the default's own row) is a row too. Every row is scored like
+the record (``compare.py``'s evaluation; ``--lean-eval``: its headline attacks only) and written in its report
+format, so ``compare.py --render`` merges seeds and prints the paired differences.
 
 Stage methods (facts from the authors' code, not their code; ``docs/peers.md`` lists what differs):
 
@@ -21,11 +22,18 @@ Stage methods (facts from the authors' code, not their code; ``docs/peers.md`` l
   ``||s(x_adv) - t(x)||^2``; loss ``||s(x_adv) - t(x)||^2`` on the raw embeddings, no clean term; AdamW, weight
   decay 1e-4, cosine schedule; no augmentation. FARE's lr (1e-5, for CLIP) is an option (``--fare-lr``).
 
-Command (per seed N; ``--render`` merges):
+Each stage runs at the rate its validation screen chose (``benchmarks/results/screen-cifar10-subset/``,
+``posthoc-*-seed0``; the authors' rates are far too small here). ``--resume`` adds rows to OUT from its saved
+plain encoders and budgets.
+
+Command of record (per seed N, one thread per process; then ``compare.py --render`` merges the seeds):
 
     OMP_NUM_THREADS=1 python benchmarks/posthoc.py --dataset cifar10-subset \
         --data-path ../shared/cifar10-subset/cifar10_subset.npz --split test --seeds N --aa-samples 500 \
+        --lean-eval --alf --budgets 0.5,1 --harden-lr 2.0 --deacl-lr 4.0 --fare-lr 3e-2 \
         --out benchmarks/results/posthoc-cifar10-subset/seedN
+    python benchmarks/compare.py --render benchmarks/results/posthoc-cifar10-subset/seed*/results.json \
+        --out benchmarks/results/posthoc-cifar10-subset
 """
 
 from __future__ import annotations
@@ -166,6 +174,68 @@ def scored(name: str, encoder: nn.Module, data, eval_config: EvalConfig, seed: i
     return {"method": name, "seed": seed, "eval_seconds": time.perf_counter() - start, **fields, **evaluation.to_dict()}
 
 
+def targets_markdown(runs: list[dict], eps: float) -> str:
+    """The issue's targets, paired by seed at each stage budget: harden against DeACL, FARE and the from-scratch
+    default at the same total time (at 1B: the default's own row). Rows named with a variant (``[lr=X]``)
+    are matched by the stage's name."""
+    budgets = sorted({m.rsplit("[", 1)[1][:-2] for m in (r["method"] for r in runs) if m.endswith("B]")} - {""})
+    lines = [
+        f"Targets at eps {eps:.4g}: harden minus each row, paired by seed (robust = per-sample worst case; "
+        "95 % t-interval over seeds)",
+        "",
+        "| budget | harden minus | seeds | Δ robust | [95 %] | verdict | Δ clean | [95 %] |",
+        "|---|---|---|---:|---|---|---:|---|",
+    ]
+
+    def stage(method: str, name: str, k: str) -> bool:
+        return method.startswith(f"simclr+{name}") and method.endswith(f"[{k}B]") and "scratch" not in method
+
+    for k in budgets:
+        scratch = "simclr+robust-reg" if k == "1" else f"simclr+robust-reg[scratch {k}B]"
+        ours = [dict(r, method="harden") for r in runs if stage(r["method"], "harden", k)]
+        for label, rows in (
+            ("DeACL", [r for r in runs if stage(r["method"], "deacl", k)]),
+            ("FARE", [r for r in runs if stage(r["method"], "fare", k)]),
+            ("the default from scratch, same total time", [r for r in runs if r["method"] == scratch]),
+        ):
+            if not ours or not rows:
+                continue
+            (d,) = compare.paired_differences(ours + [dict(r, method=label) for r in rows], eps, "harden")
+            rob, cln = d["robust"], d["clean"]
+
+            def interval(x: dict) -> str:
+                return "–" if x["low"] is None else f"[{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+
+            lines.append(
+                f"| {k}B | {label} | {len(d['seeds'])} | {100 * -rob['mean']:+.1f} | {interval(_negated(rob))} | "
+                f"{_flip(rob['verdict'])} | {100 * -cln['mean']:+.1f} | {interval(_negated(cln))} |"
+            )
+    return "\n".join(lines) if len(lines) > 4 else ""
+
+
+def _negated(x: dict) -> dict:
+    return {**x, "low": None if x["high"] is None else -x["high"], "high": None if x["low"] is None else -x["low"]}
+
+
+def _flip(verdict: str) -> str:
+    return {"above": "below", "below": "above"}.get(verdict, verdict)
+
+
+def render(paths: list[str], out: Path) -> dict:
+    """Merge one process's report per seed, write the tables (``results.md``, ``targets.md``) and plots."""
+    report = compare.merge_reports([json.loads(Path(path).read_text()) for path in paths])
+    report["stage_budgets"] = {}
+    for path in paths:
+        report["stage_budgets"].update(json.loads(Path(path).read_text()).get("stage_budgets", {}))
+    out.mkdir(parents=True, exist_ok=True)
+    text = compare.write_outputs(report, out)
+    targets = targets_markdown(report["runs"], max(report["eval"]["epsilons"]))
+    (out / "targets.md").write_text(targets + "\n")
+    print(text + "\n" + targets)
+    compare.write_json(report, out / "results.json")
+    return report
+
+
 def parse_stage(spec: str) -> tuple[str, dict]:
     """``harden`` or ``harden[lr=0.05]`` -> ``("harden", {"lr": 0.05})``; only the stage's ``lr`` is a variant."""
     name, _, rest = spec.partition("[")
@@ -181,6 +251,14 @@ def parse_stage(spec: str) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--render" in argv:  # only merge and re-draw: no other option applies
+        p = argparse.ArgumentParser(description="merge the seeds' reports and write the tables")
+        p.add_argument("--render", nargs="+", required=True, metavar="RESULTS_JSON")
+        p.add_argument("--out", required=True)
+        options = p.parse_args(argv)
+        return render(options.render, Path(options.out))
     args = parse_args(argv)
     specs = [m.strip() for m in args.methods.split(",") if m.strip()]
     stages = [(spec, *parse_stage(spec)) for spec in specs]
