@@ -897,6 +897,30 @@ def test_posthoc_benchmark_smoke_scores_every_stage_from_the_same_plain_encoder(
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
 
 
+def test_posthoc_targets_pair_harden_with_each_peer_and_the_scratch_default_at_each_budget():
+    posthoc = load_benchmark("posthoc")
+    runs = []
+    for seed in range(3):
+        runs += [
+            fake_run("simclr+robust-reg", seed, 0.07, 0.42),
+            fake_run("simclr+robust-reg[scratch 0.5B]", seed, 0.05, 0.43),
+        ]
+        runs += [fake_run(f"simclr+harden[{k}B]", seed, 0.09 + 0.001 * seed, 0.44) for k in ("0.5", "1")]
+        runs += [fake_run(f"simclr+deacl[lr=4.0][{k}B]", seed, 0.10, 0.44) for k in ("0.5", "1")]
+        runs += [fake_run(f"simclr+fare[{k}B]", seed, 0.05, 0.46) for k in ("0.5", "1")]
+    rows = [
+        line.split(" | ")
+        for line in posthoc.targets_markdown(runs, 0.1).splitlines()
+        if line.startswith("| 0") or line.startswith("| 1")
+    ]
+    table = {(r[0].strip("| "), r[1]): (float(r[3]), r[5]) for r in rows}
+    assert len(table) == 6
+    assert table["0.5B", "DeACL"] == (pytest.approx(-0.9), "below")  # harden 9.0-9.2 against DeACL's 10
+    assert table["1B", "FARE"] == (pytest.approx(4.1), "above")
+    assert table["1B", "the default from scratch, same total time"][0] == pytest.approx(2.1)  # the default's own row
+    assert table["0.5B", "the default from scratch, same total time"][0] == pytest.approx(4.1)
+
+
 def test_posthoc_benchmark_resume_adds_stages_from_the_saved_plain_encoder(tmp_path):
     posthoc = load_benchmark("posthoc")
     first = posthoc.main(["--dataset", "digits", "--quick", "--methods", "fare", "--out", str(tmp_path)])
