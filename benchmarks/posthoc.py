@@ -145,17 +145,29 @@ def fare_stage(teacher: nn.Module, loader, epochs: int, eps: float, lr: float) -
 
 
 def run_stage(
-    name: str, plain: nn.Module, data, args, seed: int, epochs: int, eps: float, lr: float | None = None
+    name: str,
+    plain: nn.Module,
+    data,
+    args,
+    seed: int,
+    epochs: int,
+    eps: float,
+    lr: float | None = None,
+    decay: bool = False,
+    weight: float = 1.0,
 ) -> tuple[nn.Module, float]:
-    """The stage ``name`` for ``epochs`` from ``plain`` (never changed), at ``lr`` (default: the stage's option);
-    returns (encoder, seconds)."""
+    """The stage ``name`` for ``epochs`` from ``plain`` (never changed), at ``lr`` (default: the stage's option;
+    ``decay`` and ``weight``: harden's variants); returns (encoder, seconds)."""
     torch.manual_seed(seed)
     loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed)
     augment = crop_flip(flip=data.kind != "digits", seed=seed)
     start = time.perf_counter()
     if name == "harden":
-        schedule = FinetuneSchedule(epochs=epochs, lr=lr or args.harden_lr, steps=3, batch_size=args.batch_size)
-        encoder = harden(plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment)
+        milestones = tuple(sorted({max(1, round(f * epochs)) for f in (0.6, 0.8)})) if decay else ()
+        schedule = FinetuneSchedule(
+            epochs=epochs, lr=lr or args.harden_lr, milestones=milestones, steps=3, batch_size=args.batch_size
+        )
+        encoder = harden(plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment, weight=weight)
     elif name == "deacl":
         encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment, lr or args.deacl_lr)
     elif name == "fare":
@@ -236,17 +248,22 @@ def render(paths: list[str], out: Path) -> dict:
     return report
 
 
+HARDEN_VARIANTS = {"lr": float, "decay": bool, "weight": float}
+
+
 def parse_stage(spec: str) -> tuple[str, dict]:
-    """``harden`` or ``harden[lr=0.05]`` -> ``("harden", {"lr": 0.05})``; only the stage's ``lr`` is a variant."""
+    """``harden`` or ``harden[lr=0.05]`` -> ``("harden", {"lr": 0.05})``. Every stage takes ``lr``; ``harden``
+    also ``decay=true`` (the rate times 0.1 after 60 % and 80 % of the epochs) and ``weight`` (the penalty's)."""
     name, _, rest = spec.partition("[")
-    overrides: dict = {}
-    for item in filter(None, rest.rstrip("]").split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() != "lr" or not value:
-            raise SystemExit(f"--methods: {spec!r}: a stage's only variant is [lr=FLOAT]")
-        overrides["lr"] = float(value)
     if name not in STAGES:
         raise SystemExit(f"--methods: unknown stage {name!r}; one of {', '.join(STAGES)}")
+    allowed = HARDEN_VARIANTS if name == "harden" else {"lr": float}
+    overrides: dict = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in allowed or not value:
+            raise SystemExit(f"--methods: {spec!r}: {name}'s variants are {', '.join(f'[{k}=...]' for k in allowed)}")
+        overrides[key] = value.lower() in ("1", "true", "yes") if allowed[key] is bool else allowed[key](value)
     return name, overrides
 
 

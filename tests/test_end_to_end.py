@@ -932,10 +932,16 @@ def test_posthoc_benchmark_resume_adds_stages_from_the_saved_plain_encoder(tmp_p
     assert "simclr+harden[lr=0.05][1B]" in methods and report["stage_budgets"]["0"] == budget
 
 
-def test_posthoc_benchmark_refuses_a_stage_variant_other_than_lr(tmp_path):
+def test_posthoc_stage_variants_name_what_each_stage_takes():
     posthoc = load_benchmark("posthoc")
-    with pytest.raises(SystemExit, match=r"\[lr=FLOAT\]"):
-        posthoc.main(["--dataset", "digits", "--quick", "--methods", "harden[steps=2]", "--out", str(tmp_path)])
+    assert posthoc.parse_stage("harden[lr=2,decay=true,weight=2]") == (
+        "harden",
+        {"lr": 2.0, "decay": True, "weight": 2.0},
+    )
+    with pytest.raises(SystemExit, match=r"deacl's variants are \[lr=\.\.\.\]"):
+        posthoc.parse_stage("deacl[decay=true]")
+    with pytest.raises(SystemExit, match="harden's variants are"):
+        posthoc.parse_stage("harden[steps=2]")
 
 
 def test_lean_eval_keeps_only_the_headline_attack_at_the_largest_eps():
