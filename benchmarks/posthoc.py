@@ -100,6 +100,18 @@ def _pgd(objective: Callable[[Tensor], Tensor], x: Tensor, eps: float, step: flo
     return x_adv.detach()
 
 
+def _clean_alignment(teacher: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """``ssl_loss`` for harden: the student's clean embedding aligned to the teacher's (2 - 2 cos, DeACL's clean
+    term); the teacher's forward runs again here, and is timed with the stage."""
+    teacher.eval()
+
+    def loss(student: nn.Module, x: Tensor) -> Tensor:
+        target = _frozen_features(teacher, x)
+        return (2 - 2 * F.cosine_similarity(student(x).flatten(1), target, dim=1)).mean()
+
+    return loss
+
+
 def deacl_stage(
     teacher: nn.Module, loader, epochs: int, eps: float, batch_size: int, augment, lr: float | None = None
 ) -> nn.Module:
@@ -155,6 +167,7 @@ def run_stage(
     lr: float | None = None,
     decay: bool = False,
     weight: float = 1.0,
+    clean: bool = False,
 ) -> tuple[nn.Module, float]:
     """The stage ``name`` for ``epochs`` from ``plain`` (never changed), at ``lr`` (default: the stage's option;
     ``decay`` and ``weight``: harden's variants); returns (encoder, seconds)."""
@@ -167,7 +180,10 @@ def run_stage(
         schedule = FinetuneSchedule(
             epochs=epochs, lr=lr or args.harden_lr, milestones=milestones, steps=3, batch_size=args.batch_size
         )
-        encoder = harden(plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment, weight=weight)
+        extra = {"ssl_loss": _clean_alignment(plain)} if clean else {}
+        encoder = harden(
+            plain, loader, threat=ThreatModel(eps), schedule=schedule, augment=augment, weight=weight, **extra
+        )
     elif name == "deacl":
         encoder = deacl_stage(plain, loader, epochs, eps, args.batch_size, augment, lr or args.deacl_lr)
     elif name == "fare":
@@ -187,50 +203,42 @@ def scored(name: str, encoder: nn.Module, data, eval_config: EvalConfig, seed: i
 
 
 def targets_markdown(runs: list[dict], eps: float) -> str:
-    """The issue's targets, paired by seed at each stage budget: harden against DeACL, FARE and the from-scratch
-    default at the same total time (at 1B: the default's own row). Rows named with a variant (``[lr=X]``)
-    are matched by the stage's name."""
-    budgets = sorted({m.rsplit("[", 1)[1][:-2] for m in (r["method"] for r in runs) if m.endswith("B]")} - {""})
+    """The issue's targets, paired by seed at each stage budget: each harden row (``harden``, ``harden[...]``)
+    against DeACL, FARE and the from-scratch default at the same total time (at 1B: the default's own row).
+    DeACL's and FARE's rows are matched by the stage's name (one variant of each per report)."""
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    budgets = sorted({m.rsplit("[", 1)[1][:-2] for m in methods if m.endswith("B]") and "scratch" not in m})
+    hardens = list(dict.fromkeys(m[len("simclr+") : m.rindex("[")] for m in methods if m.startswith("simclr+harden")))
     lines = [
-        f"Targets at eps {eps:.4g}: harden minus each row, paired by seed (robust = per-sample worst case; "
-        "95 % t-interval over seeds)",
+        f"Targets at eps {eps:.4g}: each harden row minus the other, paired by seed (robust = per-sample worst "
+        "case; 95 % t-interval over seeds)",
         "",
-        "| budget | harden minus | seeds | Δ robust | [95 %] | verdict | Δ clean | [95 %] |",
-        "|---|---|---|---:|---|---|---:|---|",
+        "| budget | row | minus | seeds | Δ robust | [95 %] | verdict | Δ clean | [95 %] |",
+        "|---|---|---|---|---:|---|---|---:|---|",
     ]
 
-    def stage(method: str, name: str, k: str) -> bool:
-        return method.startswith(f"simclr+{name}") and method.endswith(f"[{k}B]") and "scratch" not in method
+    def interval(x: dict) -> str:
+        return "–" if x["low"] is None else f"[{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
 
     for k in budgets:
         scratch = "simclr+robust-reg" if k == "1" else f"simclr+robust-reg[scratch {k}B]"
-        ours = [dict(r, method="harden") for r in runs if stage(r["method"], "harden", k)]
-        for label, rows in (
-            ("DeACL", [r for r in runs if stage(r["method"], "deacl", k)]),
-            ("FARE", [r for r in runs if stage(r["method"], "fare", k)]),
-            ("the default from scratch, same total time", [r for r in runs if r["method"] == scratch]),
-        ):
-            if not ours or not rows:
-                continue
-            (d,) = compare.paired_differences(ours + [dict(r, method=label) for r in rows], eps, "harden")
-            rob, cln = d["robust"], d["clean"]
-
-            def interval(x: dict) -> str:
-                return "–" if x["low"] is None else f"[{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
-
-            lines.append(
-                f"| {k}B | {label} | {len(d['seeds'])} | {100 * -rob['mean']:+.1f} | {interval(_negated(rob))} | "
-                f"{_flip(rob['verdict'])} | {100 * -cln['mean']:+.1f} | {interval(_negated(cln))} |"
-            )
+        others = {
+            "DeACL": [r for r in runs if r["method"].startswith("simclr+deacl") and r["method"].endswith(f"[{k}B]")],
+            "FARE": [r for r in runs if r["method"].startswith("simclr+fare") and r["method"].endswith(f"[{k}B]")],
+            "the default from scratch, same total time": [r for r in runs if r["method"] == scratch],
+        }
+        for ours in hardens:
+            mine = [dict(r, method=ours) for r in runs if r["method"] == f"simclr+{ours}[{k}B]"]
+            for label, rows in others.items():
+                if not mine or not rows:
+                    continue
+                (d,) = compare.paired_differences([dict(r, method=label) for r in rows] + mine, eps, label)
+                rob, cln = d["robust"], d["clean"]
+                lines.append(
+                    f"| {k}B | `{ours}` | {label} | {len(d['seeds'])} | {100 * rob['mean']:+.1f} | {interval(rob)} | "
+                    f"{rob['verdict']} | {100 * cln['mean']:+.1f} | {interval(cln)} |"
+                )
     return "\n".join(lines) if len(lines) > 4 else ""
-
-
-def _negated(x: dict) -> dict:
-    return {**x, "low": None if x["high"] is None else -x["high"], "high": None if x["low"] is None else -x["low"]}
-
-
-def _flip(verdict: str) -> str:
-    return {"above": "below", "below": "above"}.get(verdict, verdict)
 
 
 def render(paths: list[str], out: Path) -> dict:
@@ -248,12 +256,14 @@ def render(paths: list[str], out: Path) -> dict:
     return report
 
 
-HARDEN_VARIANTS = {"lr": float, "decay": bool, "weight": float}
+HARDEN_VARIANTS = {"lr": float, "decay": bool, "weight": float, "clean": bool}
 
 
 def parse_stage(spec: str) -> tuple[str, dict]:
     """``harden`` or ``harden[lr=0.05]`` -> ``("harden", {"lr": 0.05})``. Every stage takes ``lr``; ``harden``
-    also ``decay=true`` (the rate times 0.1 after 60 % and 80 % of the epochs) and ``weight`` (the penalty's)."""
+    also ``decay=true`` (the rate times 0.1 after 60 % and 80 % of the epochs), ``weight`` (the penalty's) and
+    ``clean=true`` (DeACL's clean term beside: the student's clean embedding aligned to the teacher's, through
+    ``harden``'s ``ssl_loss``)."""
     name, _, rest = spec.partition("[")
     if name not in STAGES:
         raise SystemExit(f"--methods: unknown stage {name!r}; one of {', '.join(STAGES)}")
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         options = p.parse_args(argv)
         return render(options.render, Path(options.out))
     args = parse_args(argv)
-    specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = compare.split_methods(args.methods)
     stages = [(spec, *parse_stage(spec)) for spec in specs]
     multiples = [float(b) for b in args.budgets.split(",")]
     data, eval_config, epochs, report = compare.script_setup("posthoc", args, argv, quick_epochs=1)

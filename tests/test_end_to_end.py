@@ -908,17 +908,19 @@ def test_posthoc_targets_pair_harden_with_each_peer_and_the_scratch_default_at_e
         runs += [fake_run(f"simclr+harden[{k}B]", seed, 0.09 + 0.001 * seed, 0.44) for k in ("0.5", "1")]
         runs += [fake_run(f"simclr+deacl[lr=4.0][{k}B]", seed, 0.10, 0.44) for k in ("0.5", "1")]
         runs += [fake_run(f"simclr+fare[{k}B]", seed, 0.05, 0.46) for k in ("0.5", "1")]
+        runs += [fake_run("simclr+harden[weight=2][1B]", seed, 0.12, 0.44)]  # a variant: its own rows
     rows = [
         line.split(" | ")
         for line in posthoc.targets_markdown(runs, 0.1).splitlines()
         if line.startswith("| 0") or line.startswith("| 1")
     ]
-    table = {(r[0].strip("| "), r[1]): (float(r[3]), r[5]) for r in rows}
-    assert len(table) == 6
-    assert table["0.5B", "DeACL"] == (pytest.approx(-0.9), "below")  # harden 9.0-9.2 against DeACL's 10
-    assert table["1B", "FARE"] == (pytest.approx(4.1), "above")
-    assert table["1B", "the default from scratch, same total time"][0] == pytest.approx(2.1)  # the default's own row
-    assert table["0.5B", "the default from scratch, same total time"][0] == pytest.approx(4.1)
+    table = {(r[0].strip("| "), r[1].strip("`"), r[2]): (float(r[4]), r[6]) for r in rows}
+    assert len(table) == 9
+    assert table["0.5B", "harden", "DeACL"] == (pytest.approx(-0.9), "below")  # harden 9.0-9.2 against DeACL's 10
+    assert table["1B", "harden", "FARE"] == (pytest.approx(4.1), "above")
+    assert table["1B", "harden", "the default from scratch, same total time"][0] == pytest.approx(2.1)  # its row
+    assert table["0.5B", "harden", "the default from scratch, same total time"][0] == pytest.approx(4.1)
+    assert table["1B", "harden[weight=2]", "DeACL"][0] == pytest.approx(2.0)
 
 
 def test_posthoc_benchmark_resume_adds_stages_from_the_saved_plain_encoder(tmp_path):
