@@ -26,13 +26,13 @@ Each stage runs at the rate its validation screen chose (``benchmarks/results/sc
 ``posthoc-*-seed0``; the authors' rates are far too small here). ``--resume`` adds rows to OUT from its saved
 plain encoders and budgets.
 
-Command of record (per seed N, one thread per process; then ``compare.py --render`` merges the seeds):
+Command of record (per seed N, one thread per process; then ``--render`` merges the seeds and writes the targets):
 
     OMP_NUM_THREADS=1 python benchmarks/posthoc.py --dataset cifar10-subset \
         --data-path ../shared/cifar10-subset/cifar10_subset.npz --split test --seeds N --aa-samples 500 \
         --lean-eval --alf --budgets 0.5,1 --harden-lr 2.0 --deacl-lr 4.0 --fare-lr 3e-2 \
         --out benchmarks/results/posthoc-cifar10-subset/seedN
-    python benchmarks/compare.py --render benchmarks/results/posthoc-cifar10-subset/seed*/results.json \
+    python benchmarks/posthoc.py --render benchmarks/results/posthoc-cifar10-subset/seed*/results.json \
         --out benchmarks/results/posthoc-cifar10-subset
 """
 
@@ -170,7 +170,7 @@ def run_stage(
     clean: bool = False,
 ) -> tuple[nn.Module, float]:
     """The stage ``name`` for ``epochs`` from ``plain`` (never changed), at ``lr`` (default: the stage's option;
-    ``decay`` and ``weight``: harden's variants); returns (encoder, seconds)."""
+    ``decay``, ``weight`` and ``clean``: harden's variants, see ``parse_stage``); returns (encoder, seconds)."""
     torch.manual_seed(seed)
     loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed)
     augment = crop_flip(flip=data.kind != "digits", seed=seed)
@@ -243,10 +243,9 @@ def targets_markdown(runs: list[dict], eps: float) -> str:
 
 def render(paths: list[str], out: Path) -> dict:
     """Merge one process's report per seed, write the tables (``results.md``, ``targets.md``) and plots."""
-    report = compare.merge_reports([json.loads(Path(path).read_text()) for path in paths])
-    report["stage_budgets"] = {}
-    for path in paths:
-        report["stage_budgets"].update(json.loads(Path(path).read_text()).get("stage_budgets", {}))
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    report = compare.merge_reports(reports)
+    report["stage_budgets"] = {seed: b for one in reports for seed, b in one.get("stage_budgets", {}).items()}
     out.mkdir(parents=True, exist_ok=True)
     text = compare.write_outputs(report, out)
     targets = targets_markdown(report["runs"], max(report["eval"]["epsilons"]))

@@ -594,6 +594,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_harden(sub: argparse._SubParsersAction) -> None:
+    from .hardening import HARDEN_CPU  # the options' defaults are the Python API's
+
     h = sub.add_parser(
         "harden",
         help="make a pretrained encoder robust without labels; writes a checkpoint evaluate reads",
@@ -621,11 +623,14 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="L-inf radius, a fraction of the pixel range (default: the dataset's training eps: 0.1 digits, 8/255 RGB)",
     )
-    h.add_argument("--epochs", type=_positive_int, default=10)
+    h.add_argument("--epochs", type=_positive_int, default=HARDEN_CPU.epochs)
     h.add_argument(
-        "--lr", type=_positive_float, default=2.0, help="SGD learning rate (momentum 0.9; HARDEN_CPU's, see the guide)"
+        "--lr",
+        type=_positive_float,
+        default=HARDEN_CPU.lr,
+        help="SGD learning rate (momentum 0.9; HARDEN_CPU's, see the guide)",
     )
-    h.add_argument("--steps", type=_positive_int, default=3, help="ascent steps of the regulariser")
+    h.add_argument("--steps", type=_positive_int, default=HARDEN_CPU.steps, help="ascent steps of the regulariser")
     h.add_argument("--weight", type=_nonnegative_float, default=1.0, help="the regulariser's penalty weight")
     h.add_argument("--batch-size", type=_positive_int, default=128)
     h.add_argument("--seed", type=_any_int, default=0)
