@@ -957,15 +957,15 @@ def test_lean_eval_keeps_only_the_headline_attack_at_the_largest_eps():
     assert not lean.corruptions and not lean.embedding_attack and full.corruptions  # the original untouched
 
 
-def test_frontier_benchmark_smoke_trains_each_method_for_each_budget(tmp_path):
+def test_frontier_benchmark_smoke_trains_each_method_for_each_budget_in_the_order_given(tmp_path):
     frontier = load_benchmark("frontier")
     argv = ["--dataset", "digits", "--quick", "--methods", "simclr+robust-reg,simclr-dynacl", "--timing-epochs", "1"]
-    report = frontier.main([*argv, "--out", str(tmp_path)])
-    assert [r["method"] for r in report["runs"]] == [
-        "simclr+robust-reg @0.5R",
+    report = frontier.main([*argv, "--budgets", "1,0.5", "--out", str(tmp_path)])
+    assert [r["method"] for r in report["runs"]] == [  # budgets outer: a stopped run has every method at 1R
         "simclr+robust-reg @1R",
-        "simclr-dynacl @0.5R",
         "simclr-dynacl @1R",
+        "simclr+robust-reg @0.5R",
+        "simclr-dynacl @0.5R",
     ]
-    assert report["runs"][0]["epochs"] == 1 and report["runs"][1]["epochs"] == 2  # the default's epochs scale
+    assert report["runs"][0]["epochs"] == 2 and report["runs"][2]["epochs"] == 1  # the default's epochs scale
     assert (tmp_path / "frontier.png").is_file() and (tmp_path / "results.json").is_file()
