@@ -143,8 +143,8 @@ class PretrainConfig:
             the epochs are split into equal parts, one per count from ``steps_from`` to ``steps``
             (e.g. 1, 2, 3 over thirds: a cheaper start; 2, 3, 4: a curriculum at the same mean cost).
         inner: ``robust`` only: the inner maximisation, ``"pgd"`` (the regulariser's ``steps`` from a uniform
-            start in the ball) or ``"n-fgsm"`` (de Jorge et al., NeurIPS 2022: uniform noise of 2 eps, one sign
-            step of eps, not projected back onto the eps-ball; a single-step candidate of the cost issue) or
+            start in the ball) or ``"n-fgsm"`` (the package's ``RobustnessRegularizer(inner="n-fgsm")``: uniform
+            noise of 2 eps, one sign step of eps, not projected back onto the eps-ball) or
             ``"reuse"`` (no ascent pass: the training backward's input gradient on the adversarial view moves
             the sample's stored perturbation one sign step of ``step_size``, default eps, for its next visit;
             "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf).
@@ -240,7 +240,13 @@ class PretrainConfig:
         if self.inner == "reuse" and (not self.warm_start or self.norm != "linf"):
             raise ValueError("inner='reuse' keeps its perturbations in the memory: it needs warm_start and norm linf")
         if self.inner == "n-fgsm" and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
-            raise ValueError("inner='n-fgsm' needs variant 'robust', penalty 'embedding' and no warm_start")
+            raise ValueError(
+                "inner='n-fgsm' needs variant 'robust', penalty 'embedding' and no warm_start: add inner=pgd"
+            )
+        if self.inner == "n-fgsm" and (self.steps != 3 or self.step_size is not None or self.steps_from is not None):
+            raise ValueError(
+                "inner='n-fgsm' takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
+            )
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.penalty != "embedding" and (
@@ -416,31 +422,22 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     """
     # The other variants regularise the backbone with no positive: the paper's form, its own class since 0.3.
     form = RobustnessRegularizer if config.variant == "robust" else BackboneRobustnessRegularizer
-    # N-FGSM (de Jorge et al. 2022): noise of 2 eps and one step of eps, not projected back to eps: a ball of 3 eps,
-    # which the start (see _noise_start) and the one step never leave.
-    epsilon, steps, step_size = config.epsilon, config.steps, config.step_size
-    if config.inner == "n-fgsm":
-        epsilon, steps, step_size = 3 * config.epsilon, 1, config.epsilon
+    # N-FGSM is the package's own inner maximisation (inner="n-fgsm"): the harness measures the shipped code.
+    inner = {"inner": "n-fgsm"} if config.inner == "n-fgsm" else {"inner": "pgd", "steps": config.steps}
+    if config.inner != "n-fgsm":
+        inner["step_size"] = config.step_size
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"\w*RobustnessRegularizer\(.*deprecated", DeprecationWarning)
         return form(
-            epsilon,
+            config.epsilon,
             norm=config.norm,
-            steps=steps,
-            step_size=step_size,
+            **inner,
             batch_norm=config.batch_norm,
             normalize_features=config.variant == "robust",
             ascent=config.ascent,
             random_start=config.random_start,
             detach_anchor=config.detach_anchor,
         )
-
-
-def _noise_start(x: Tensor, config: PretrainConfig) -> Tensor | None:
-    """N-FGSM's start: uniform noise of 2 eps (pixel units), else ``None`` (the regulariser's own start)."""
-    if config.inner != "n-fgsm":
-        return None
-    return (2 * torch.rand_like(x) - 1) * 2 * config.epsilon
 
 
 def step_loss(
@@ -492,7 +489,7 @@ def _robust_step(
         k = max(2, round(config.adversarial_fraction * x.shape[0]))
         positive = clean[1 - i][:k].detach() if config.ascent == "positive" else None
         features = None if z[i] is None else z[i][:k]
-        out = reg(model, x[:k], features=features, positive=positive, start=_noise_start(x[:k], config))
+        out = reg(model, x[:k], features=features, positive=positive)
         adversarial = torch.cat([out.adversarial_features, z[i][k:]]) if k < x.shape[0] else out.adversarial_features
         z[i] = (z[i], adversarial) if config.clean_view_loss else adversarial
         terms.append(out.loss)

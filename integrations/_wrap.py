@@ -637,6 +637,11 @@ class AdapterConfig:
         unknown = set(self.regularizer_options) - set(REGULARIZER_KEYS)
         if unknown:
             raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
+        if self.warm_start not in (False, None) and self.regularizer_options.get("inner") == "n-fgsm":
+            raise ValueError(
+                "warm_start carries a multi-step ascent's end point to the sample's next visit; inner='n-fgsm' starts "
+                "from fresh noise: drop warm_start, or pass inner='pgd' (e.g. steps=2)"
+            )
         self._check_warm_start()
 
     def _check_warm_start(self) -> None:

@@ -155,8 +155,8 @@ def robustify(
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
             0 (default): constant. 0.3 is part of the measured warm-start form.
-        **regularizer_options: ``norm``, ``steps``, ``step_size``,
-            ``random_start``, ``relative``, ``bounds``, ``form`` (default:
+        **regularizer_options: ``norm``, ``inner`` (``"n-fgsm"``: one noisy step instead of PGD's three),
+            ``steps``, ``step_size``, ``random_start``, ``relative``, ``bounds``, ``form`` (default:
             ``"embedding"`` for ``encoder="forward"``, ``"backbone"`` for a
             submodule), ``normalize_features``, ``ascent``, ...: as in
             ``RobustnessRegularizer``.

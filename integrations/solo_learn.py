@@ -171,7 +171,8 @@ def robustify(
     Settings come from the ``robust_reg`` block of ``cfg`` (default: the
     method's own ``cfg``), overridden by keyword arguments. The keys are those
     of ``robust_reg.integrations.lightly.robustify``: ``epsilon``,
-    ``weight``, ``norm``, ``steps``, ``step_size``, ``random_start``,
+    ``weight``, ``norm``, ``inner`` (``n-fgsm``: one noisy step instead of PGD's three), ``steps``, ``step_size``,
+    ``random_start``,
     ``relative``, ``bounds``, ``form``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the
     lightly adapter: a share of ``max_epochs`` over which eps grows), and ``mean``/``std``/``normalize`` to

@@ -4,7 +4,8 @@ A cheap inner maximisation (one ascent step, FGSM-RS and its kin) can collapse: 
 defeat that one attack while a multi-step attack still moves its features far (Wong et al., ICLR 2020,
 "Fast is better than free"; de Jorge et al., NeurIPS 2022). The training loss then looks robust and is
 not. ``CollapseMonitor`` re-attacks a small fixed batch, once per epoch, twice: with the regulariser's own
-ascent (its steps and step size) and with a stronger one (more, smaller steps), and warns when the
+ascent (N-FGSM's noise and step, or PGD's steps) and with a stronger one (more, smaller steps in the threat's
+ball), and warns when the
 stronger attack finds far more deviation than the training one. Both maximise the deviation of the
 features (measured as the regulariser measures them) from their clean value, relative to the batch's
 spread; both are estimates of the worst case from below.
@@ -34,8 +35,8 @@ class CollapseReport:
 
     Attributes:
         epoch: The epoch the check was made for (as passed), or ``None``.
-        training_attack: Found by the regulariser's own ascent (its steps and step size).
-        strong_attack: Found by ``strong_steps`` smaller steps.
+        training_attack: Found by the regulariser's own ascent (its inner maximisation).
+        strong_attack: Found by ``strong_steps`` smaller steps in the threat's ball.
         ratio: ``strong_attack / training_attack``.
         collapsed: The stronger attack found more than ``tolerance`` times the training one.
 
@@ -63,7 +64,8 @@ class CollapseMonitor:
     """Re-attack a fixed batch each epoch with the training attack and a stronger one; warn when they part.
 
     Args:
-        regularizer: The regulariser being trained with: its ball, steps, step size and how it measures
+        regularizer: The regulariser being trained with: its inner maximisation (N-FGSM's reaches 3 eps: on a
+            sound run it finds more than the stronger attack in the eps-ball), its ball and how it measures
             features (normalised in the embedding form).
         images: A small fixed batch (e.g. 256 training images, without augmentation), in the space the
             encoder takes; at least 2 samples.
@@ -135,9 +137,9 @@ class CollapseMonitor:
                 return (self._measure(encoder(inputs)) - clean).pow(2).sum(dim=1)
 
             torch.manual_seed(0)  # the same draws at every check: the epochs differ by the encoder only
-            weak = projected_gradient_ascent(
-                deviation, x, reg.threat, steps=reg.steps, step_size=reg.step_size, random_start=reg.random_start
-            )
+            weak = reg._training_attack(deviation, x, None)
+            # In the threat's ball, the one robustness is claimed for (N-FGSM's own step reaches 3 eps, so on a sound
+            # run it finds more than this; a collapse shows as the eps-ball attack finding more than the step).
             strong = projected_gradient_ascent(deviation, x, reg.threat, steps=self.strong_steps)
             with torch.no_grad():
                 tiny = torch.finfo(spread.dtype).tiny

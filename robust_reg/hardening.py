@@ -127,7 +127,9 @@ def harden(
     student = copy.deepcopy(encoder).to(device).requires_grad_(True).train()
     # The anchor detached: the penalty pulls the perturbed features toward the clean ones without rewarding a wider
     # spread, which (with no SSL loss holding the features) pushed them away from the teacher's in a first probe.
-    reg = RobustnessRegularizer(threat=threat, steps=schedule.steps, step_size=schedule.step_size, detach_anchor=True)
+    reg = RobustnessRegularizer(
+        threat=threat, inner="pgd", steps=schedule.steps, step_size=schedule.step_size, detach_anchor=True
+    )
     reg._refuse_equal_positive = False  # the student starts as the teacher's copy: equal features are expected
     opt, scheduler = schedule.optimizer(student.parameters())
     with torch.enable_grad():

@@ -11,6 +11,7 @@ features so that shrinking the features cannot cheat it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,10 @@ def _research_options(options: dict, where: str = "RobustnessRegularizer") -> di
 # form -> (normalize_features, ascent) defaults. "embedding": the measured recommended configuration, on what the
 # SSL loss compares; "backbone": the paper's quantity R_eps, what estimate_bound measures.
 _FORMS = {"embedding": (True, "positive"), "backbone": (False, "deviation")}
+# The inner maximisations. "n-fgsm" (de Jorge et al., NeurIPS 2022): noise of 2 eps, one sign step of eps, not
+# projected back to eps, so the ascent reaches 3 eps; "pgd": ``steps`` projected steps from a uniform draw in eps.
+_INNERS = ("n-fgsm", "pgd")
+_N_FGSM_REACH = 3
 _INSTANCE_TEMPERATURE = 0.5
 
 
@@ -235,8 +240,14 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         threat: The whole ball instead: a ``ThreatModel`` with the radius, the norm, the inputs'
             normalisation (``mean``/``std``) and pixel range (``bounds``).
         norm: With ``epsilon``: ``"linf"`` (sign steps, the default) or ``"l2"`` (normalised-gradient steps).
-        steps: Ascent steps of the inner maximisation (0: random start only).
-        step_size: Ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
+        inner: The inner maximisation. ``"pgd"`` (the default): ``steps`` projected ascent steps from a
+            uniform draw in the ball. ``"n-fgsm"`` (de Jorge et al., "Make Some Noise", NeurIPS 2022): uniform
+            noise of ``2 * epsilon``, then one ascent step of ``epsilon``, not projected back onto the
+            ``epsilon``-ball (it reaches ``3 * epsilon``): one ascent forward and backward instead of three, so
+            more epochs in the same time; measured level with ``"pgd"`` in robust accuracy at equal training
+            time and about a point cleaner (docs: Results, "The cheap step").
+        steps: ``"pgd"``: ascent steps (default 3; 0: random start only).
+        step_size: ``"pgd"``: ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         stochastic_modules: Further module types whose output is random (e.g. a
             custom noise layer), made deterministic like dropout.
         gather_distributed: Under ``torch.distributed`` (DDP), average the
@@ -269,7 +280,8 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         ValueError: At construction: a negative or non-finite ``epsilon``, an
             L-inf ``epsilon`` above 0.5 (a unit mistake: ``8`` meant ``8/255``),
             an unknown ``norm``, negative ``steps``, a non-positive
-            ``step_size``. At call time, before any forward: the ball against the
+            ``step_size``; ``inner='n-fgsm'`` with ``steps`` or ``step_size`` (the ``"pgd"`` ascent's settings)
+            or with an L-inf ``epsilon`` above 1/6. At call time, before any forward: the ball against the
             batch (``ThreatModel.check_inputs``: inputs outside ``bounds``, raw
             pixels declared normalised, an L-inf radius given as L2, an L2 radius
             larger than the input box, channels that do not fit ``mean``/``std``),
@@ -277,7 +289,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             to ``features`` or of another width, a batch of one,
             ``features`` of another batch size or not finite, an encoder with no
             trainable parameter, a ``start`` not of ``x``'s shape or not finite, a
-            warm start whose indices or crops do not fit ``x``.
+            warm start whose indices or crops do not fit ``x``, a warm start with ``inner="n-fgsm"``.
         TypeError: Neither ``epsilon`` nor ``threat`` (or both), a call without
             ``positive=`` (Python's message names it), integer inputs or
             features, a non-callable encoder, a ``start`` that is neither a
@@ -311,7 +323,8 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         *,
         threat: ThreatModel | None = None,
         norm: str | None = None,
-        steps: int = 3,
+        inner: str = "pgd",
+        steps: int | None = None,
         step_size: float | None = None,
         detach_anchor: bool = False,
         gather_distributed: bool = False,
@@ -329,8 +342,9 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         form_normalize, form_ascent = _FORMS[form]
         normalize_features = form_normalize if normalize_features is None else normalize_features
         ascent = form_ascent if ascent is None else ascent
-        self.steps = _check_steps(steps)
-        self.step_size = _check_step_size(step_size)
+        self.inner = self._resolve_inner(inner, steps, step_size, bool(random_start))
+        self.steps = _check_steps(1 if self.inner == "n-fgsm" else 3 if steps is None else steps)
+        self.step_size = _check_step_size(step_size)  # N-FGSM's is epsilon (of the threat at the call)
         self.random_start = bool(random_start)
         self.relative = bool(relative)
         self.normalize_features = bool(normalize_features)
@@ -357,6 +371,53 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
     # A positive equal in value to the features is a swapped view in an SSL loop; harden's student starts as a copy
     # of its teacher, so there equal values are expected at first (harden turns the check off on its own instance).
     _refuse_equal_positive = True
+
+    def _resolve_inner(self, inner: str, steps: int | None, step_size: float | None, random_start: bool) -> str:
+        """``inner``, checked against the settings it takes (``steps`` and ``step_size`` are PGD's)."""
+        if inner not in _INNERS:
+            raise ValueError(f"inner must be one of {_INNERS}, got {inner!r}")
+        if inner == "n-fgsm":
+            if steps not in (None, 1) or step_size is not None:
+                raise ValueError(
+                    "inner='n-fgsm' takes one step of epsilon from noise of 2 * epsilon; steps= and step_size= set "
+                    f"the multi-step ascent: pass inner='pgd' with them (got steps={steps!r}, step_size={step_size!r})"
+                )
+            if not random_start:
+                raise ValueError("inner='n-fgsm' starts from noise: random_start=False needs inner='pgd'")
+            if self.threat.norm == "linf" and _N_FGSM_REACH * self.threat.epsilon > 0.5:
+                raise ValueError(
+                    f"inner='n-fgsm' searches {_N_FGSM_REACH} * epsilon, above half the pixel range for an L-inf "
+                    f"epsilon of {self.threat.epsilon:g}: pass inner='pgd' for so large a ball"
+                )
+        return inner
+
+    @property
+    def _ascent_threat(self) -> ThreatModel:
+        """The ball the ascent searches: the threat's, or N-FGSM's wider one (its start's noise plus one step).
+        Read at each call: an adapter's eps ramp replaces ``threat`` between epochs."""
+        if self.inner == "pgd":
+            return self.threat
+        return dataclasses.replace(self.threat, epsilon=_N_FGSM_REACH * self.threat.epsilon)
+
+    def _training_attack(self, objective: Callable[[Tensor], Tensor], x: Tensor, start: Tensor | None) -> Tensor:
+        """The inner maximisation from ``start`` (``None``: its own start), in the ball it searches."""
+        step_size = self.step_size
+        if self.inner == "n-fgsm":
+            step_size = self.threat.epsilon
+        if start is None and self.inner == "n-fgsm":
+            # N-FGSM's start: uniform noise in a ball of 2 eps (a uniform draw of 2 eps, clipped to the range).
+            pixels = _working_pixels(self.threat, x.detach())
+            noise = dataclasses.replace(self.threat, epsilon=(_N_FGSM_REACH - 1) * self.threat.epsilon)
+            start = noise.random_start(pixels).to(x.dtype)
+        return projected_gradient_ascent(
+            objective,
+            x,
+            self._ascent_threat,
+            steps=self.steps,
+            step_size=step_size,
+            random_start=self.random_start,
+            start=start,
+        )
 
     def _form(self, options: dict) -> str:
         """This class's form; 0.2's ``form=`` popped from ``options`` (warned)."""
@@ -391,8 +452,9 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
 
     def extra_repr(self) -> str:
         t = self.threat
-        parts = [f"epsilon={t.epsilon:.6g}", f"norm={t.norm!r}", f"steps={self.steps}"]
-        if self.step_size is not None:
+        parts = [f"epsilon={t.epsilon:.6g}", f"norm={t.norm!r}"]
+        parts.append(f"steps={self.steps}" if self.inner == "pgd" else f"inner={self.inner!r}")
+        if self.inner == "pgd" and self.step_size is not None:
             parts.append(f"step_size={self.step_size:.6g}")
         if not self.random_start:
             parts.append("random_start=False")
@@ -471,6 +533,11 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         warm: WarmStart | None = None
         begin: Tensor | None = None
         if isinstance(start, WarmStart):
+            if self.inner == "n-fgsm":
+                raise ValueError(
+                    "a warm start carries a multi-step ascent's end point to the sample's next visit; inner='n-fgsm' "
+                    "starts from fresh noise: build the regulariser with inner='pgd' (e.g. steps=2) to warm-start it"
+                )
             warm = start
             origin, begin = self._read_warm_start(warm, x)
         else:
@@ -603,15 +670,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             return anchor.score(self._measure(_flatten(encoder(inputs), "encoder output")))
 
         if first is None:
-            return projected_gradient_ascent(
-                objective,
-                x,
-                self.threat,
-                steps=self.steps,
-                step_size=self.step_size,
-                random_start=self.random_start,
-                start=start,
-            )
+            return self._training_attack(objective, x, start)
         pixels, delta = first  # the clean pass was the first iterate: its gradient is the first step's
         (grad,) = torch.autograd.grad(anchor.score(anchor.clean).sum(), delta, retain_graph=True)
         alpha = _step_length(self.threat, self.steps, self.step_size)

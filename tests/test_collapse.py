@@ -72,3 +72,11 @@ def test_the_encoder_and_the_random_state_are_left_as_they_were():
 def test_bad_arguments_are_refused_by_name(regularizer, images, options, error, match):
     with pytest.raises(error, match=match):
         CollapseMonitor(regularizer or RobustnessRegularizer(0.1), images, **options)
+
+
+def test_a_sound_n_fgsm_step_finds_more_than_the_stronger_attack_in_the_epsilon_ball():
+    # N-FGSM's step reaches 3 eps; the stronger attack searches the threat's eps-ball, the robustness claimed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = CollapseMonitor(RobustnessRegularizer(0.1, inner="n-fgsm"), batch())(linear_encoder())
+    assert not report.collapsed and report.ratio < 1

@@ -115,8 +115,8 @@ class Recording(SimCLR):
 
 @pytest.mark.parametrize(
     "options, perturbed",
-    [({}, 1), ({"ascent": "instance"}, 0), ({"random_start": False}, 1)],
-    ids=["default-positive-second-view", "instance-first-view", "clean-start-second-view"],
+    [({}, 1), ({"ascent": "instance"}, 0), ({"random_start": False}, 1), ({"inner": "n-fgsm"}, 1)],
+    ids=["default-positive-second-view", "instance-first-view", "clean-start-second-view", "n-fgsm-second-view"],
 )
 def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss(options, perturbed):
     torch.manual_seed(0)
@@ -143,6 +143,19 @@ def test_default_feeds_the_regularisers_adversarial_embedding_to_the_loss(option
 def test_the_recommended_configuration_searches_away_from_the_other_view(options, ascent):
     module = robustify(Recording(), normalize=None, log=False, **options)
     assert module.training_step.regularizer.ascent == ascent
+
+
+def test_the_single_step_inner_maximisation_reaches_the_regulariser():
+    module = robustify(Recording(), epsilon=0.05, normalize=None, log=False, inner="n-fgsm")
+    assert module.training_step.regularizer.inner == "n-fgsm" and module.training_step.regularizer.steps == 1
+
+
+def test_a_warm_start_with_the_single_step_is_refused_and_the_module_left_alone():
+    module = Recording()
+    step = module.training_step
+    with pytest.raises(ValueError, match="warm_start .*inner='n-fgsm'.*inner='pgd'"):
+        robustify(module, normalize=None, inner="n-fgsm", warm_start=True, index=lambda b: b[2])
+    assert module.training_step == step and not is_robustified(module)
 
 
 class Reversed(SimCLR):

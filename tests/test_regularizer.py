@@ -376,3 +376,70 @@ def test_a_bad_start_is_refused_by_name_before_any_forward(start, error, match):
     with pytest.raises(error, match=match):
         reg(encoder, torch.rand(4, 1, 28, 28), positive=torch.rand(4, 16), start=start)
     assert encoder.calls == 0
+
+
+# The single-step inner maximisation (N-FGSM, de Jorge et al. 2022): noise of 2 eps, one step of eps, reach 3 eps.
+
+
+def linf_deviation(out, x):
+    return (out.adversarial_inputs - x).abs().flatten(1).max(dim=1).values
+
+
+def test_n_fgsm_perturbs_beyond_epsilon_and_within_three_epsilon(encoder, images):
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm")
+    positive = torch.randn(images.shape[0], 16)
+    out = reg(encoder, images, positive=positive)
+    reach = linf_deviation(out, images)
+    assert (reach <= 3 * 0.05 + 1e-6).all() and (reach > 0.05 + 1e-6).any()
+
+
+def test_the_default_pgd_stays_within_epsilon(encoder, images):
+    reg = RobustnessRegularizer(0.05)
+    assert reg.inner == "pgd" and reg.steps == 3
+    out = reg(encoder, images, positive=torch.randn(images.shape[0], 16))
+    assert (linf_deviation(out, images) <= 0.05 + 1e-6).all()
+
+
+def test_n_fgsm_costs_one_ascent_forward(encoder, images):
+    # Given the clean features: one ascent forward (and its backward), one forward at the point found.
+    counting = Counting(encoder)
+    features = counting(images)
+    counting.calls = 0
+    RobustnessRegularizer(0.05, inner="n-fgsm")(counting, images, features=features, positive=torch.randn(16, 16))
+    pgd = Counting(encoder)
+    RobustnessRegularizer(0.05)(pgd, images, features=features.detach(), positive=torch.randn(16, 16))
+    assert counting.calls == 2 and pgd.calls == 4
+
+
+def test_n_fgsm_is_shown_in_the_repr_instead_of_steps():
+    assert "inner='n-fgsm'" in repr(RobustnessRegularizer(0.05, inner="n-fgsm"))
+    assert "steps=3" in repr(RobustnessRegularizer(0.05)) and "inner" not in repr(RobustnessRegularizer(0.05))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"inner": "fgsm"}, "inner must be one of"),
+        ({"inner": "n-fgsm", "steps": 3}, "inner='n-fgsm' takes one step.*pass inner='pgd'"),
+        ({"inner": "n-fgsm", "step_size": 0.01}, "inner='n-fgsm' takes one step.*pass inner='pgd'"),
+    ],
+)
+def test_an_inner_maximisation_that_does_not_fit_its_settings_is_refused_by_name(options, match):
+    with pytest.raises(ValueError, match=match):
+        RobustnessRegularizer(0.05, **options)
+
+
+def test_n_fgsm_refuses_an_linf_ball_whose_reach_exceeds_half_the_range():
+    RobustnessRegularizer(0.15, inner="n-fgsm")  # reaches 0.45
+    with pytest.raises(ValueError, match=r"searches 3 \* epsilon.*pass inner='pgd'"):
+        RobustnessRegularizer(0.2, inner="n-fgsm")
+
+
+def test_n_fgsm_refuses_a_warm_start_and_leaves_the_memory_empty(encoder, images):
+    from robust_reg import PerturbationMemory
+
+    memory = PerturbationMemory()
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm")
+    with pytest.raises(ValueError, match="warm start.*inner='pgd'"):
+        reg(encoder, images, positive=torch.randn(16, 16), start=memory.at(torch.arange(16)))
+    assert len(memory) == 0
