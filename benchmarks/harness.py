@@ -423,9 +423,8 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     # The other variants regularise the backbone with no positive: the paper's form, its own class since 0.3.
     form = RobustnessRegularizer if config.variant == "robust" else BackboneRobustnessRegularizer
     # N-FGSM is the package's own inner maximisation (inner="n-fgsm"): the harness measures the shipped code.
-    inner = {"inner": "n-fgsm"} if config.inner == "n-fgsm" else {"inner": "pgd", "steps": config.steps}
-    if config.inner != "n-fgsm":
-        inner["step_size"] = config.step_size
+    pgd = {"inner": "pgd", "steps": config.steps, "step_size": config.step_size}
+    inner = {"inner": "n-fgsm"} if config.inner == "n-fgsm" else pgd
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"\w*RobustnessRegularizer\(.*deprecated", DeprecationWarning)
         return form(

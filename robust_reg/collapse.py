@@ -5,9 +5,8 @@ defeat that one attack while a multi-step attack still moves its features far (W
 "Fast is better than free"; de Jorge et al., NeurIPS 2022). The training loss then looks robust and is
 not. ``CollapseMonitor`` re-attacks a small fixed batch, once per epoch, twice: with the regulariser's own
 ascent (N-FGSM's noise and step, or PGD's steps) and with a stronger one (more, smaller steps in the threat's
-ball), and warns when the
-stronger attack finds far more deviation than the training one. Both maximise the deviation of the
-features (measured as the regulariser measures them) from their clean value, relative to the batch's
+ball), and warns when the stronger attack finds far more deviation than the training one. Both maximise the
+deviation of the features (measured as the regulariser measures them) from their clean value, relative to the batch's
 spread; both are estimates of the worst case from below.
 """
 

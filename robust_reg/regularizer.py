@@ -11,10 +11,9 @@ features so that shrinking the features cannot cheat it.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -245,7 +244,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             noise of ``2 * epsilon``, then one ascent step of ``epsilon``, not projected back onto the
             ``epsilon``-ball (it reaches ``3 * epsilon``): one ascent forward and backward instead of three, so
             more epochs in the same time; measured level with ``"pgd"`` in robust accuracy at equal training
-            time and about a point cleaner (docs: Results, "The cheap step").
+            time and about a point cleaner (docs: Results, "Robustness per second").
         steps: ``"pgd"``: ascent steps (default 3; 0: random start only).
         step_size: ``"pgd"``: ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         stochastic_modules: Further module types whose output is random (e.g. a
@@ -397,17 +396,15 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         Read at each call: an adapter's eps ramp replaces ``threat`` between epochs."""
         if self.inner == "pgd":
             return self.threat
-        return dataclasses.replace(self.threat, epsilon=_N_FGSM_REACH * self.threat.epsilon)
+        return replace(self.threat, epsilon=_N_FGSM_REACH * self.threat.epsilon)
 
     def _training_attack(self, objective: Callable[[Tensor], Tensor], x: Tensor, start: Tensor | None) -> Tensor:
         """The inner maximisation from ``start`` (``None``: its own start), in the ball it searches."""
-        step_size = self.step_size
-        if self.inner == "n-fgsm":
-            step_size = self.threat.epsilon
+        step_size = self.threat.epsilon if self.inner == "n-fgsm" else self.step_size
         if start is None and self.inner == "n-fgsm":
             # N-FGSM's start: uniform noise in a ball of 2 eps (a uniform draw of 2 eps, clipped to the range).
             pixels = _working_pixels(self.threat, x.detach())
-            noise = dataclasses.replace(self.threat, epsilon=(_N_FGSM_REACH - 1) * self.threat.epsilon)
+            noise = replace(self.threat, epsilon=(_N_FGSM_REACH - 1) * self.threat.epsilon)
             start = noise.random_start(pixels).to(x.dtype)
         return projected_gradient_ascent(
             objective,
