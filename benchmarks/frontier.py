@@ -18,8 +18,23 @@ and writes ``frontier.md`` and ``frontier.png``):
         --budgets 1,0.5,0.25,2 --seeds N --timing-epochs 3 \\
         --methods 'simclr+robust-reg,simclr+robust-reg[inner=n-fgsm],simclr-dynacl++,simclr-dynacl,simclr' \\
         --out benchmarks/results/frontier-cifar10-subset/seedN
-    python benchmarks/frontier.py --plot benchmarks/results/frontier-cifar10-subset/seed*/results.json \\
-        --out benchmarks/results/frontier-cifar10-subset
+    R=benchmarks/results/frontier-cifar10-subset
+    python benchmarks/frontier.py --plot $R/seed?/results.json $R/seed?-more/results.json $R/seed?-more2/results.json \\
+        --posthoc benchmarks/results/posthoc-cifar10-subset/seed*/results.json \\
+        --out $R
+
+Rows added later to the same seeds take R from the first run instead of training the default again
+(``--record-from``; the same data, split and evaluation, else refused), e.g. the second and third batches of record
+(``seedN-more2``: ``--budgets 1,0.5 --methods 'simclr+robust-reg[inner=n-fgsm,anneal_augment=true]'``):
+
+    ROWS='simclr+robust-reg[anneal_augment=true],simclr-acl-ds,simclr+robust-reg[inner=n-fgsm,detach_anchor=true]'
+    OMP_NUM_THREADS=1 python benchmarks/frontier.py ... --budgets 1,0.5,0.25 --seeds N --methods "$ROWS" \\
+        --record-from benchmarks/results/frontier-cifar10-subset/seedN/results.json \\
+        --out benchmarks/results/frontier-cifar10-subset/seedN-more
+
+``--posthoc`` adds the pretrained-backbone route (plain SimCLR, then ``harden``, DeACL's or FARE's stage:
+``posthoc.py``'s run of the same protocol) to the table and the plot, each stage against that run's default from
+scratch at the same total time.
 """
 
 from __future__ import annotations
@@ -54,7 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="multiples of the default's time for the recipe's epochs, run in this order",
     )
     p.add_argument("--timing-epochs", type=int, default=3)
+    p.add_argument(
+        "--record-from",
+        metavar="RESULTS_JSON",
+        help="add rows to an earlier run of this seed: take R from its report instead of training the default "
+        "again (same data, split and evaluation, refused otherwise); --plot merges both reports",
+    )
     p.add_argument("--plot", nargs="+", metavar="RESULTS_JSON", help="only plot (and table) merged results")
+    p.add_argument(
+        "--posthoc",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="with --plot: add the pretrained-backbone route (plain SimCLR, then a stage) from posthoc.py's "
+        "per-seed reports, each stage against that run's default from scratch at the same total time",
+    )
     return p.parse_args(argv)
 
 
@@ -65,15 +93,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         report = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.plot])
         table = frontier_table(report)
+        posthoc = None
+        if args.posthoc:
+            posthoc = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.posthoc])
+            table += "\n" + posthoc_table(posthoc)
         (out / "frontier.md").write_text(table)
         print(table)
-        plot(report, out / "frontier.png")
+        plot(report, out / "frontier.png", posthoc)
         return report
     names = compare.split_methods(args.methods)
-    if REFERENCE not in names:
-        raise SystemExit(f"--methods must include {REFERENCE}: its time sets the budgets")
+    if REFERENCE not in names and not args.record_from:
+        raise SystemExit(f"--methods must include {REFERENCE}: its time sets the budgets (or pass --record-from)")
     multiples = [float(b) for b in args.budgets.split(",")]
     data, eval_config, epochs, report = compare.script_setup("frontier", args, argv, quick_epochs=2)
+    prior = _prior_record(args.record_from, report, args.seeds) if args.record_from else None
+    if prior is not None:
+        names = [n for n in names if n != REFERENCE]
     if args.quick:
         multiples = multiples[:2]
     runner, cpu = compare.RECIPE, torch.device("cpu")
@@ -88,9 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     record_eval = eval_config
     other_eval = dataclasses.replace(eval_config, protocols=tuple(p for p in eval_config.protocols if p != "alf"))
     for seed in args.seeds:
-        print(f"[frontier] seed {seed}: {REFERENCE}, {epochs} epochs (sets R)", flush=True)
-        reference = compare.run_one(REFERENCE, data, runner, record_eval, cpu, seed, epochs, False)
-        record = reference["train_seconds"]
+        if prior is not None:
+            reference, record = None, prior[str(seed)]
+            print(f"[frontier] seed {seed}: R = {record:.0f} s from {args.record_from}", flush=True)
+        else:
+            print(f"[frontier] seed {seed}: {REFERENCE}, {epochs} epochs (sets R)", flush=True)
+            reference = compare.run_one(REFERENCE, data, runner, record_eval, cpu, seed, epochs, False)
+            record = reference["train_seconds"]
         report["budgets"][str(seed)] = {f"{k:g}R": k * record for k in multiples}
         timings = {}
         for name in names:
@@ -118,6 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(frontier_table(report))
     plot(report, out / "frontier.png")
     return report
+
+
+def _prior_record(path: str, report: dict, seeds: list[int]) -> dict[str, float]:
+    """R per seed from an earlier frontier report, which must have scored the same way on the same images."""
+    prior = json.loads(Path(path).read_text())
+    for key in ("benchmark", "dataset", "split", "epochs", "eval"):
+        if prior.get(key) != json.loads(json.dumps(report[key], default=str)):
+            raise SystemExit(f"--record-from {path}: its {key} differs from this run's ({prior.get(key)!r})")
+    missing = [s for s in seeds if str(s) not in prior["budgets"]]
+    if missing:
+        raise SystemExit(f"--record-from {path}: no record budget for seed(s) {missing}")
+    return {seed: budgets["1R"] for seed, budgets in prior["budgets"].items()}
 
 
 def _points(report: dict) -> dict[str, list[tuple[float, float, float]]]:
@@ -150,8 +201,7 @@ def frontier_table(report: dict) -> str:
     lines = []
     for budget, runs in sorted(by_budget.items(), key=lambda item: float(item[0][:-1])):
         differences = {d["method"]: d for d in compare.paired_differences(runs, eps, REFERENCE)}
-        alf_runs = [dict(r, robustness=r["protocols"]["alf"]["robustness"]) for r in runs if "alf" in r["protocols"]]
-        alf = {d["method"]: d for d in compare.paired_differences(alf_runs, eps, REFERENCE)} if alf_runs else None
+        alf = _alf_differences(runs, eps)
         head = "| row | epochs | train (s) | clean (%) | robust (%) | per seed | Δ robust vs the default [95 %] "
         head += "| Δ clean |"
         lines += [
@@ -160,27 +210,78 @@ def frontier_table(report: dict) -> str:
             head + (" ALF robust (%) | Δ ALF robust [95 %] |" if alf is not None else ""),
             "|---|---|---:|---:|---:|---|---|---:|" + ("---:|---|" if alf is not None else ""),
         ]
-        for name in dict.fromkeys(r["method"] for r in runs):
+        for name in sorted(dict.fromkeys(r["method"] for r in runs), key=lambda n: n != REFERENCE):
             mine = sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"])
-            robust = [compare._robust(r, eps) or 0.0 for r in mine]
             epochs = sorted({r["epochs"] for r in mine})
-            cells = [
-                name,
-                "–".join(str(e) for e in (epochs[0], epochs[-1]) if len(epochs) > 1) or str(epochs[0]),
-                f"{statistics.fmean(r['train_seconds'] for r in mine):.0f}",
-                compare._fmt([r["robustness"]["clean_accuracy"] for r in mine]),
-                compare._fmt(robust),
-                ", ".join(f"{100 * v:.1f}" for v in robust),
-            ]
-            d = differences.get(name)
-            cells += ["", ""] if d is None else [_verdict(d["robust"]), f"{100 * d['clean']['mean']:+.1f}"]
-            if alf is not None:
-                scores = [compare._robust(r["protocols"]["alf"], eps) for r in mine if "alf" in r.get("protocols", {})]
-                cells.append(compare._fmt([v or 0.0 for v in scores]) if scores else "")
-                cells.append(_verdict(alf[name]["robust"]) if name in alf else "")
+            span = "–".join(str(e) for e in (epochs[0], epochs[-1]) if len(epochs) > 1) or str(epochs[0])
+            cells = [name, span, *_row_cells(mine, eps, differences.get(name), alf)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _alf_differences(runs: list[dict], eps: float) -> dict[str, dict] | None:
+    """Paired ALF differences from the default by row, or None where no run of these was scored with ALF."""
+    alf_runs = [dict(r, robustness=r["protocols"]["alf"]["robustness"]) for r in runs if "alf" in r["protocols"]]
+    return {d["method"]: d for d in compare.paired_differences(alf_runs, eps, REFERENCE)} if alf_runs else None
+
+
+def _row_cells(runs: list[dict], eps: float, difference: dict | None, alf: dict[str, dict] | None) -> list[str]:
+    """One row's seconds, clean, robust, per-seed robust, paired differences and (where scored) ALF cells."""
+    robust = [compare._robust(r, eps) or 0.0 for r in runs]
+    cells = [
+        f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
+        compare._fmt([r["robustness"]["clean_accuracy"] for r in runs]),
+        compare._fmt(robust),
+        ", ".join(f"{100 * v:.1f}" for v in robust),
+    ]
+    d = difference
+    cells += ["", ""] if d is None else [_verdict(d["robust"]), f"{100 * d['clean']['mean']:+.1f}"]
+    if alf is not None:
+        scores = [compare._robust(r["protocols"]["alf"], eps) for r in runs if "alf" in r.get("protocols", {})]
+        cells.append(compare._fmt([v or 0.0 for v in scores]) if scores else "")
+        cells.append(_verdict(alf[runs[0]["method"]]["robust"]) if runs[0]["method"] in alf else "")
+    return cells
+
+
+def _posthoc_budgets(report: dict) -> dict[str, list[dict]]:
+    """Per stage budget of a ``posthoc.py`` report (``0.5B``, ``1B``): its stage rows (``simclr+deacl[1B]``: plain
+    SimCLR, then the stage; their time is the total) renamed ``SimCLR → deacl``, with that run's default from
+    scratch at the same total time as the reference row (at ``1B``: the default's own 30-epoch row)."""
+    budgets: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        name = run["method"]
+        if name == REFERENCE:
+            budgets.setdefault("1B", []).append(run)
+        elif name.startswith(f"{REFERENCE}[scratch "):
+            budgets.setdefault(name[len(REFERENCE) + len("[scratch ") : -1], []).append(dict(run, method=REFERENCE))
+        elif name.startswith("simclr+") and name.endswith("B]"):
+            stage, budget = name[len("simclr+") :].rsplit("[", 1)
+            budgets.setdefault(budget[:-1], []).append(dict(run, method=f"SimCLR → {stage}"))
+    return dict(sorted(budgets.items(), key=lambda item: float(item[0][:-1])))
+
+
+def posthoc_table(report: dict) -> str:
+    """The pretrained-backbone route on the frontier's axes: each stage's total time (plain pretraining + stage),
+    accuracy and paired difference from the post-hoc run's default from scratch at the same total time."""
+    eps = max(report["eval"]["epsilons"])
+    lines = [
+        "#### The pretrained-backbone route: plain SimCLR, then a label-free stage (posthoc.py's run)",
+        "",
+        "B = R - P: the default's time beyond plain pretraining (P) in that run; a stage at kB totals P + kB.",
+        "",
+        "| row | stage budget | total (s) | clean (%) | robust (%) | per seed | Δ robust vs the default from scratch, "
+        "same total time [95 %] | Δ clean | ALF robust (%) | Δ ALF robust [95 %] |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---|",
+    ]
+    for budget, runs in _posthoc_budgets(report).items():
+        differences = {d["method"]: d for d in compare.paired_differences(runs, eps, REFERENCE)}
+        alf = _alf_differences(runs, eps) or {}
+        for name in sorted(dict.fromkeys(r["method"] for r in runs), key=lambda n: n != REFERENCE):
+            mine = sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"])
+            label = "the default from scratch" if name == REFERENCE else name
+            lines.append("| " + " | ".join([label, budget, *_row_cells(mine, eps, differences.get(name), alf)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _verdict(d: dict) -> str:
@@ -188,17 +289,28 @@ def _verdict(d: dict) -> str:
     return f"{100 * d['mean']:+.1f}{span} {d['verdict']}"
 
 
-def plot(report: dict, path: Path) -> Path:
+def plot(report: dict, path: Path, posthoc: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (robust_ax, clean_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, rows in _points(report).items():
-        seconds = [s for s, _, _ in rows]
-        robust_ax.plot(seconds, [100 * r for _, r, _ in rows], marker="o", label=name)
-        clean_ax.plot(seconds, [100 * c for _, _, c in rows], marker="o", label=name)
+    fig, (robust_ax, clean_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])  # 20 distinct lines
+    lines = [(name, rows, "o", "-") for name, rows in _points(report).items()]
+    lines.sort(key=lambda line: line[0] != REFERENCE)
+    if posthoc is not None:  # the pretrained-backbone route, dashed: its time is plain pretraining + the stage
+        stages = [
+            dict(r, method=f"{r['method']} (plain SimCLR + stage; post-hoc run) @{budget}")
+            for budget, runs in _posthoc_budgets(posthoc).items()
+            for r in runs
+            if r["method"] != REFERENCE
+        ]
+        lines += [(name, rows, "s", "--") for name, rows in _points(dict(posthoc, runs=stages)).items()]
+    for name, rows, marker, style in lines:
+        seconds, color = [s for s, _, _ in rows], next(colors)
+        for ax, values in ((robust_ax, [r for _, r, _ in rows]), (clean_ax, [c for _, _, c in rows])):
+            ax.plot(seconds, [100 * v for v in values], marker=marker, linestyle=style, color=color, label=name)
     robust_ax.set(xlabel="training seconds (mean over seeds)", ylabel="robust accuracy @ the main eps (%)")
     clean_ax.set(xlabel="training seconds (mean over seeds)", ylabel="clean accuracy (%)")
     robust_ax.set_title("per-sample worst case (an upper estimate of robust accuracy)", fontsize=9)

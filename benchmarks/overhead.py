@@ -74,7 +74,10 @@ CONFIGS = {
     "reg steps=3, own clean forward": ("backbone", {"steps": 3, "reuse": False}),
     "robust-reg default (embedding + adversarial view, positive ascent, steps=3)": ("recipe", {"variant": "robust"}),
     "robust-reg, instance ascent (0.3.0-dev's default)": ("recipe", {"variant": "robust", "ascent": "instance"}),
-    "robust-reg, deviation ascent (0.2's default)": ("recipe", {"variant": "robust", "ascent": "deviation"}),
+    "robust-reg, deviation ascent (an earlier default, before 0.2.0)": (
+        "recipe",
+        {"variant": "robust", "ascent": "deviation"},
+    ),
     "robust-reg default through the lightly adapter": ("lightly", {}),
     "ACL-style (PGD-5 on the SSL loss)": ("recipe", {"variant": "acl"}),
     # Cheaper candidates of the default, screened in benchmarks/results/screen-mnist5k/:
@@ -102,6 +105,10 @@ CONFIGS = {
     "robust-reg, N-FGSM (noise of 2 eps, one step of eps, not projected to eps)": (
         "recipe",
         {"variant": "robust", "inner": "n-fgsm"},
+    ),
+    "robust-reg, N-FGSM with the detached anchor (detach_anchor=True)": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm", "detach_anchor": True},
     ),
     "ACL as published (ACL-DS: both views, PGD-5, dual BatchNorm)": ("dual", {"variant": "acl-ds"}),
     "DynACL step (ACL-DS with its momentum encoder)": ("dual", {"variant": "dynacl"}),

@@ -969,3 +969,34 @@ def test_frontier_benchmark_smoke_trains_each_method_for_each_budget_in_the_orde
     ]
     assert report["runs"][0]["epochs"] == 2 and report["runs"][2]["epochs"] == 1  # the default's epochs scale
     assert (tmp_path / "frontier.png").is_file() and (tmp_path / "results.json").is_file()
+
+
+def test_frontier_record_from_adds_rows_at_the_earlier_runs_budgets_without_training_the_default(tmp_path):
+    frontier = load_benchmark("frontier")
+    argv = ["--dataset", "digits", "--quick", "--timing-epochs", "1", "--budgets", "1"]
+    first = frontier.main([*argv, "--methods", "simclr+robust-reg", "--out", str(tmp_path / "first")])
+    prior = str(tmp_path / "first" / "results.json")
+    more = frontier.main([*argv, "--methods", "simclr", "--record-from", prior, "--out", str(tmp_path)])
+    assert [r["method"] for r in more["runs"]] == ["simclr @1R"]
+    assert more["budgets"] == first["budgets"]
+
+
+def test_frontier_record_from_refuses_an_earlier_run_scored_on_other_images(tmp_path):
+    frontier = load_benchmark("frontier")
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"benchmark": "frontier", "dataset": "digits", "split": "test", "budgets": {}}))
+    argv = ["--dataset", "digits", "--quick", "--methods", "simclr", "--record-from", str(prior)]
+    with pytest.raises(SystemExit, match="its split differs"):
+        frontier.main([*argv, "--out", str(tmp_path)])
+
+
+def test_frontier_plot_puts_each_posthoc_stage_beside_the_default_from_scratch_at_its_total_time(tmp_path):
+    frontier = load_benchmark("frontier")
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    seeds = [str(results / "frontier-cifar10-subset" / f"seed{n}" / "results.json") for n in range(3)]
+    posthoc = [str(results / "posthoc-cifar10-subset" / f"seed{n}" / "results.json") for n in range(3)]
+    frontier.main(["--plot", *seeds, "--posthoc", *posthoc, "--out", str(tmp_path)])
+    table = (tmp_path / "frontier.md").read_text().split("The pretrained-backbone route")[1]
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| SimCLR → deacl")]
+    assert rows == [["| SimCLR → deacl", "0.5B"], ["| SimCLR → deacl", "1B"]]
+    assert "vs the default from scratch, same total time" in table and (tmp_path / "frontier.png").is_file()
