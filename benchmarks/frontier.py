@@ -226,7 +226,7 @@ def _alf_differences(runs: list[dict], eps: float) -> dict[str, dict] | None:
     return {d["method"]: d for d in compare.paired_differences(alf_runs, eps, REFERENCE)} if alf_runs else None
 
 
-def _row_cells(runs: list[dict], eps: float, difference: dict | None, alf: dict[str, dict] | None) -> list[str]:
+def _row_cells(runs: list[dict], eps: float, d: dict | None, alf: dict[str, dict] | None) -> list[str]:
     """One row's seconds, clean, robust, per-seed robust, paired differences and (where scored) ALF cells."""
     robust = [compare._robust(r, eps) or 0.0 for r in runs]
     cells = [
@@ -235,7 +235,6 @@ def _row_cells(runs: list[dict], eps: float, difference: dict | None, alf: dict[
         compare._fmt(robust),
         ", ".join(f"{100 * v:.1f}" for v in robust),
     ]
-    d = difference
     cells += ["", ""] if d is None else [_verdict(d["robust"]), f"{100 * d['clean']['mean']:+.1f}"]
     if alf is not None:
         scores = [compare._robust(r["protocols"]["alf"], eps) for r in runs if "alf" in r.get("protocols", {})]
