@@ -12,7 +12,10 @@ projection NT-Xent compares (reusing the step's own forward), searched away from
 the other view's clean projection, and hands the loss the adversarial projection
 of the second view in its place, adds the weighted
 term to every training step's loss, and reads the input normalisation from the
-lightly transform. ``--warm-start`` adds the measured warm-start form: each
+lightly transform. With the regulariser the views are annealed from strong to weak over the epochs
+(``annealed_augmentation``, DynACL's schedule, rebuilding lightly's transform each epoch): with the
+regulariser's default N-FGSM step, the recommended recipe (``--constant-augmentation`` keeps lightly's
+views at full strength). ``--warm-start`` adds the measured warm-start form: each
 image's ascent starts where it ended the last time (the dataset yields each
 image's index), 2 steps, the clean anchor detached, eps ramped over the first
 30 % of the epochs. ``--warp`` also moves each stored perturbation with the
@@ -25,6 +28,7 @@ script fits a linear probe on the frozen backbone and prints a BoundReport
 from __future__ import annotations
 
 import argparse
+import functools
 
 import pytorch_lightning as pl
 import torch
@@ -39,7 +43,7 @@ from torchvision.transforms import v2 as T2
 
 from robust_reg import ThreatModel, crop_geometry, estimate_bound, fit_linear_probe
 from robust_reg.demo.models import conv_encoder
-from robust_reg.integrations.lightly import robustify
+from robust_reg.integrations.lightly import annealed_augmentation, robustify
 
 MNIST_NORMALIZE = {"mean": [0.1307], "std": [0.3081]}
 
@@ -116,6 +120,11 @@ class CroppedViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, transform: SimCLRTransform):
+        self.dataset = dataset
+        self.set_transform(transform)
+
+    def set_transform(self, transform: SimCLRTransform) -> None:
+        """Cut the views as ``transform`` does (each epoch's, under the annealed augmentation)."""
         view = transform.transforms[0].transform  # lightly: one view transform, applied to each view
         steps = view.transforms
         crops, flips = (T.RandomResizedCrop, T2.RandomResizedCrop), (T.RandomHorizontalFlip, T2.RandomHorizontalFlip)
@@ -124,7 +133,7 @@ class CroppedViews(torch.utils.data.Dataset):
         rotation = any("Rotat" in type(t).__name__ and getattr(t, "prob", 1) > 0 for t in steps)
         if vertical or rotation:  # crop_geometry describes crops and horizontal flips only
             raise ValueError("--warp records crops and horizontal flips only: no vertical flips or rotations")
-        self.dataset, self.size, self.scale, self.ratio = dataset, list(crop.size), crop.scale, crop.ratio
+        self.size, self.scale, self.ratio = list(crop.size), crop.scale, crop.ratio
         self.flip = next((t.p for t in steps if isinstance(t, flips)), 0.0)
         self.rest = T.Compose([t for t in steps if not isinstance(t, crops + flips)])
 
@@ -150,25 +159,46 @@ def view_crops(batch):
     return [crop_geometry(boxes, sizes, flipped) for boxes, sizes, flipped in batch[3]]
 
 
+def simclr_transform(name: str, strength: float = 1.0) -> SimCLRTransform:
+    """lightly's SimCLR views for ``name`` at an augmentation ``strength`` in (0, 1]: the colour jitter, its
+    probability, grayscale's probability and how small a crop may be scale with it (flips stay), as
+    ``robust_reg.augmentation`` describes DynACL's annealed augmentation."""
+    if name == "mnist5k":  # digits: no flips, no hue; crops keep most of the digit
+        return SimCLRTransform(
+            input_size=28, min_scale=1 - 0.6 * strength, cj_strength=strength, cj_prob=0.8 * strength,
+            random_gray_scale=0.2 * strength, hf_prob=0.0, cj_hue=0.0, gaussian_blur=0.0, normalize=MNIST_NORMALIZE,
+        )  # fmt: skip
+    return SimCLRTransform(  # lightly's default, without blur at 32 px
+        input_size=32, min_scale=1 - 0.92 * strength, cj_strength=strength, cj_prob=0.8 * strength,
+        random_gray_scale=0.2 * strength, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE,
+    )  # fmt: skip
+
+
 def datasets(name: str, root: str, download: bool):
     """(pretraining set with two views, the same images untransformed, probe train set, test set, lightly
     transform, mean and std)."""
+    transform = simclr_transform(name)
     if name == "mnist5k":
         normalize = MNIST_NORMALIZE
-        # Digits: no flips, no hue; crops keep most of the digit.
-        transform = SimCLRTransform(
-            input_size=28, min_scale=0.4, hf_prob=0.0, cj_hue=0.0, gaussian_blur=0.0, normalize=normalize
-        )
         plain = T.Compose([T.ToTensor(), T.Normalize(**normalize)])
         order = torch.randperm(5000, generator=torch.Generator().manual_seed(0)).tolist()
         train, test = order[:4000], order[4000:]
         raw = Digits(train, None)
         return Digits(train, transform), raw, Digits(train, plain), Digits(test, plain), transform, normalize
-    transform = SimCLRTransform(input_size=32, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)  # lightly's default
     plain = T.Compose([T.ToTensor(), T.Normalize(**IMAGENET_NORMALIZE)])
     cifar = lambda train, tf: torchvision.datasets.CIFAR10(root, train=train, download=download, transform=tf)  # noqa: E731
     raw = cifar(True, None)
     return cifar(True, transform), raw, cifar(True, plain), cifar(False, plain), transform, IMAGENET_NORMALIZE
+
+
+def set_strength(pretrain_set, name: str, strength: float) -> None:
+    """Rebuild the pretraining set's view transform at ``strength`` (``annealed_augmentation`` calls it each
+    epoch; the DataLoader's workers are not persistent, so each epoch's workers see it)."""
+    dataset = pretrain_set.dataset if isinstance(pretrain_set, WithIndex) else pretrain_set
+    if isinstance(dataset, CroppedViews):
+        dataset.set_transform(simclr_transform(name, strength))
+    else:
+        dataset.transform = simclr_transform(name, strength)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (mnist5k) / 512 (cifar10)")
     p.add_argument("--epsilon", type=float, default=None, help="default 0.1 (mnist5k) / 8/255 (cifar10)")
     p.add_argument("--weight", type=float, default=1.0, help="regulariser weight; 0 trains plain SimCLR")
+    p.add_argument(
+        "--constant-augmentation",
+        action="store_true",
+        help="keep lightly's augmentation at full strength (default with the regulariser: annealed strong to weak)",
+    )
     p.add_argument("--warm-start", action="store_true", help="the warm-start form (README, Warm start)")
     p.add_argument("--warp", action="store_true", help="with --warm-start: move it with each view's crop")
     p.add_argument("--workers", type=int, default=2)
@@ -211,15 +246,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.warp:  # the same images, cut here so that each view's crop is known
         pretrain_set = CroppedViews(raw_set, transform)
         warm["geometry"] = view_crops
+    callbacks = []
     if args.weight > 0:
         robustify(model, epsilon=epsilon, weight=args.weight, transform=transform, **warm)  # <- the one added line
+        if not args.constant_augmentation:  # the recommended recipe: views annealed from strong to weak
+            callbacks.append(annealed_augmentation(functools.partial(set_strength, pretrain_set, args.dataset)))
 
     loader = torch.utils.data.DataLoader(
         pretrain_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=args.workers
     )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
-    trainer = pl.Trainer(max_epochs=epochs, devices=1, accelerator=accelerator, precision=precision, logger=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs, devices=1, accelerator=accelerator, precision=precision, logger=False, callbacks=callbacks
+    )
     trainer.fit(model=model, train_dataloaders=loader)
 
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")

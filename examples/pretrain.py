@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--epsilon", type=float, default=None, help="L-inf/L2 radius in pixel units")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--steps", type=int, default=3, help="ascent steps of the regulariser")
+    p.add_argument(
+        "--steps", type=int, default=None, help="PGD steps of the regulariser (default: its one N-FGSM step)"
+    )
+    p.add_argument(
+        "--constant-augmentation",
+        action="store_true",
+        help="keep the augmentation at full strength (default with the regulariser: annealed from strong to weak)",
+    )
     p.add_argument("--arch", default=None, choices=["cnn", "cnn-wide", "resnet18"])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         epsilon=args.epsilon if args.epsilon is not None else d["epsilon"],
         norm=args.norm,
         steps=args.steps,
+        anneal_augmentation=not args.constant_augmentation,
         seed=args.seed,
         amp=device.type == "cuda" and not args.no_amp,
         channels_last=args.channels_last,

@@ -637,11 +637,6 @@ class AdapterConfig:
         unknown = set(self.regularizer_options) - set(REGULARIZER_KEYS)
         if unknown:
             raise TypeError(f"unknown regulariser option(s): {', '.join(sorted(unknown))}")
-        if self.warm_start not in (False, None) and self.regularizer_options.get("inner") == "n-fgsm":
-            raise ValueError(
-                "warm_start carries a multi-step ascent's end point to the sample's next visit; inner='n-fgsm' starts "
-                "from fresh noise: drop warm_start, or pass inner='pgd' (e.g. steps=2)"
-            )
         self._check_warm_start()
 
     def _check_warm_start(self) -> None:
@@ -666,6 +661,13 @@ class AdapterConfig:
         """A new regulariser: the recommended form on the embedding, the paper's on a submodule."""
         form = RobustnessRegularizer if self.embedding else BackboneRobustnessRegularizer
         regularizer = form(threat=self.threat, **self.regularizer_options)
+        if self.warm_start not in (False, None) and regularizer.inner == "n-fgsm":
+            given = "inner='n-fgsm'" if self.regularizer_options.get("inner") else "N-FGSM (the default for this ball)"
+            raise ValueError(
+                f"warm_start carries a multi-step ascent's end point to the sample's next visit; {given} starts "
+                "from fresh noise: drop warm_start, or pass a multi-step ascent, e.g. steps=2, step_size=epsilon / 2 "
+                "(the measured warm-start form)"
+            )
         if regularizer.ascent == "positive" and self.view is not None and self.positive_view is None:
             raise ValueError(
                 "ascent='positive' perturbs one of two views and searches away from the other's embedding: with "

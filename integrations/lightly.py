@@ -134,7 +134,8 @@ def robustify(
             sample was drawn (ATTA; ``PerturbationMemory``):
             ``True`` keeps a new memory on the views' device, or pass your own
             (e.g. ``PerturbationMemory(len(dataset), device="cpu")``). Needs
-            ``index``. The measured form (docs: Warm start) is SimCLR with
+            ``index`` and a multi-step ascent (``steps=``; N-FGSM, the default, starts
+            from fresh noise and is refused with it). The measured form (docs: Warm start) is SimCLR with
             ``steps=2``, ``step_size=epsilon / 2``, ``detach_anchor=True`` and
             ``epsilon_ramp=0.3``; it gained nothing for BYOL.
             Memory: one view-sized tensor per training sample. Lightning
@@ -155,11 +156,11 @@ def robustify(
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
             0 (default): constant. 0.3 is part of the measured warm-start form.
-        **regularizer_options: ``norm``, ``inner`` (``"n-fgsm"``: one noisy step instead of PGD's three),
-            ``steps``, ``step_size``, ``random_start``, ``relative``, ``bounds``, ``form`` (default:
-            ``"embedding"`` for ``encoder="forward"``, ``"backbone"`` for a
-            submodule), ``normalize_features``, ``ascent``, ...: as in
-            ``RobustnessRegularizer``.
+        **regularizer_options: ``norm``, ``inner`` (default ``"n-fgsm"``, one noisy step; ``"pgd"``: 0.2's
+            three projected steps, also chosen by ``steps``/``step_size``), ``steps``, ``step_size``,
+            ``random_start``, ``relative``, ``bounds``, ``form`` (default: ``"embedding"`` for
+            ``encoder="forward"``, ``"backbone"`` for a submodule), ``normalize_features``, ``ascent``,
+            ...: as in ``RobustnessRegularizer``.
 
     Returns:
         The same module.

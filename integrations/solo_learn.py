@@ -9,7 +9,7 @@ config and one line to ``main_pretrain.py``::
     robust_reg:
       epsilon: 0.0314   # 8/255, pixel units
       # weight: 1.0     # default: the method's (robust_reg.METHOD_SETTINGS; BYOL 0.05)
-      steps: 3
+      # steps: 3        # 0.2's PGD-3; default: one noisy N-FGSM step
 
     # main_pretrain.py, after `model = METHODS[cfg.method](cfg)`
     from robust_reg.integrations.solo_learn import robustify
@@ -171,8 +171,8 @@ def robustify(
     Settings come from the ``robust_reg`` block of ``cfg`` (default: the
     method's own ``cfg``), overridden by keyword arguments. The keys are those
     of ``robust_reg.integrations.lightly.robustify``: ``epsilon``,
-    ``weight``, ``norm``, ``inner`` (``n-fgsm``: one noisy step instead of PGD's three), ``steps``, ``step_size``,
-    ``random_start``,
+    ``weight``, ``norm``, ``inner`` (default ``n-fgsm``, one noisy step; ``pgd``: 0.2's three), ``steps``,
+    ``step_size``, ``random_start``,
     ``relative``, ``bounds``, ``form``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the
     lightly adapter: a share of ``max_epochs`` over which eps grows), and ``mean``/``std``/``normalize`` to

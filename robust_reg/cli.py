@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .methods import method_settings
+from .regularizer import RobustnessRegularizer
 
 # ``robust-reg evaluate`` without --full: what finishes in a few minutes on 2 CPU cores for the demo's encoder.
 EVALUATE_AA_SAMPLES = 200
@@ -224,9 +225,8 @@ def demo(args: argparse.Namespace) -> int:
         eval_config.curve_epsilons, eval_config.curve_samples = (0.0, 0.1), 100
     _say(
         f"robust-reg demo: SimCLR on {data.x_train.shape[0]} real {args.dataset} digits, {epochs} epochs, plain vs. "
-        f"+ robust-reg (the package default: RobustnessRegularizer(epsilon={args.epsilon}, steps={args.steps}) on "
-        f"the embedding the loss compares, weight {args.weight}, adversarial view); then a linear probe on frozen "
-        f"features, attacked on {data.x_test.shape[0]} test digits ({device})."
+        f"+ robust-reg ({_demo_recipe(args)}); then a linear probe on frozen features, attacked on "
+        f"{data.x_test.shape[0]} test digits ({device})."
     )
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +236,19 @@ def demo(args: argparse.Namespace) -> int:
     }
     _demo_report(args, runs, eval_config, epochs, out, started)
     return 0
+
+
+def _demo_recipe(args: argparse.Namespace) -> str:
+    """The robust run's recipe in words, as the demo's options set it."""
+    reg = RobustnessRegularizer(args.epsilon, steps=args.steps)  # its inner maximisation, as the run builds it
+    steps = "" if args.steps is None else f", steps={args.steps}"
+    inner = "N-FGSM's one noisy step" if reg.inner == "n-fgsm" else f"PGD-{reg.steps}"
+    augmentation = "at full strength" if args.constant_augmentation else "annealed from strong to weak"
+    default = "the package default" if args.steps is None and not args.constant_augmentation else "not the default"
+    return (
+        f"{default}: RobustnessRegularizer(epsilon={args.epsilon}{steps}), {inner}, on the embedding the loss "
+        f"compares, weight {args.weight}, adversarial view; augmentation {augmentation}"
+    )
 
 
 def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: bool, device, out: Path) -> tuple:
@@ -254,6 +267,7 @@ def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: 
         weight=args.weight,
         epsilon=args.epsilon,
         steps=args.steps,
+        anneal_augmentation=not args.constant_augmentation,
         seed=args.seed,
         amp=device.type == "cuda",
     )
@@ -527,7 +541,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--epsilon", type=_radius, default=0.1, help="training eps (L-inf, a fraction of the pixel range, e.g. 0.1)"
     )
-    d.add_argument("--steps", type=_count, default=3, help="ascent steps of the regulariser (>= 0)")
+    d.add_argument(
+        "--steps",
+        type=_count,
+        default=None,
+        help="PGD ascent steps of the regulariser (>= 0; default: its one N-FGSM step; 0.2's default: 3)",
+    )
+    d.add_argument(
+        "--constant-augmentation",
+        action="store_true",
+        help="keep the robust run's augmentation at full strength (default: annealed from strong to weak)",
+    )
     d.add_argument("--seed", type=_any_int, default=0)
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     d.add_argument("--out", default="robust-reg-demo")

@@ -4,7 +4,8 @@ Most people who need a robust backbone already have a pretrained one. ``harden``
 (the student) so that its features of a worst-case perturbed input stay where the original's (the
 teacher's) features of the clean input are, with the regulariser's ascent and ball: per batch,
 
-    out  = RobustnessRegularizer(threat, detach_anchor=True)(student, x, features=student(x), positive=teacher(x))
+    reg  = RobustnessRegularizer(threat, steps=3, detach_anchor=True)
+    out  = reg(student, x, features=student(x), positive=teacher(x))
     loss = (2 - 2 cos(out.adversarial_features, teacher(x))).mean() + weight * out.loss
 
 that is, robust-reg's recommended step with the frozen teacher's embedding in place of the other

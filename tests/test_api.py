@@ -199,9 +199,9 @@ def test_memory_and_index_still_work_warn_and_match_start_memory_at():
     old, new = PerturbationMemory(), PerturbationMemory()
     torch.manual_seed(3)
     with pytest.warns(DeprecationWarning, match=r"pass start=memory.at\(index, geometry\)"):
-        a = RobustnessRegularizer(0.1)(model, x1, positive=positive, memory=old, index=index)
+        a = RobustnessRegularizer(0.1, steps=3)(model, x1, positive=positive, memory=old, index=index)
     torch.manual_seed(3)
-    b = RobustnessRegularizer(0.1)(model, x1, positive=positive, start=new.at(index))
+    b = RobustnessRegularizer(0.1, steps=3)(model, x1, positive=positive, start=new.at(index))
     assert torch.equal(a.adversarial_inputs, b.adversarial_inputs)
     assert torch.equal(old.read(index, x1), new.read(index, x1))
 

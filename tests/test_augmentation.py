@@ -93,3 +93,44 @@ def test_the_lightly_callback_refuses_a_bad_schedule_before_training():
         annealed_augmentation(print, refresh=2.0)
     with pytest.raises(TypeError, match="set_strength"):
         annealed_augmentation(0.5)
+
+
+class _RecordingAugment:
+    """A batch augmentation that records the strengths it is rebuilt at (views: the batch plus noise)."""
+
+    def __init__(self, seen: list, strength: float = 1.0) -> None:
+        self.seen, self.strength = seen, strength
+
+    def with_strength(self, strength: float) -> _RecordingAugment:
+        self.seen.append(strength)
+        return _RecordingAugment(self.seen, strength)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+
+
+@pytest.mark.parametrize(
+    "options, annealed", [({}, True), ({"anneal_augmentation": False}, False), ({"robust": False}, False)],
+    ids=["robust-default", "constant", "plain-ssl"],
+)  # fmt: skip
+def test_the_demos_robust_step_anneals_the_augmentation_once_per_strength_and_plain_ssl_never(options, annealed):
+    from robust_reg.demo.models import build_encoder
+    from robust_reg.demo.training import TrainConfig, build_model, recommended_step
+
+    torch.manual_seed(0)
+    model = build_model("simclr", build_encoder("cnn", 1), (1, 28, 28))
+    config = TrainConfig(epochs=30, batch_size=8, epsilon=0.1, **options)
+    step, seen = recommended_step(config), []
+    augment = _RecordingAugment(seen)
+    for epoch in (0, 0, 2, 29):
+        step(model, torch.rand(8, 1, 28, 28), torch.arange(8), epoch, augment)
+    assert seen == (pytest.approx([1.0, 1 - 2 / 30, 1 - 28 / 30]) if annealed else [])
+
+
+def test_the_demos_default_regulariser_is_the_packages_default():
+    from robust_reg import RobustnessRegularizer
+    from robust_reg.demo.training import TrainConfig
+
+    config = TrainConfig()
+    assert config.steps is None and config.anneal_augmentation
+    assert RobustnessRegularizer(config.epsilon, steps=config.steps).inner == "n-fgsm"

@@ -153,9 +153,21 @@ def test_the_single_step_inner_maximisation_reaches_the_regulariser():
 def test_a_warm_start_with_the_single_step_is_refused_and_the_module_left_alone():
     module = Recording()
     step = module.training_step
-    with pytest.raises(ValueError, match="warm_start .*inner='n-fgsm'.*inner='pgd'"):
+    with pytest.raises(ValueError, match="warm_start .*inner='n-fgsm'.*steps=2"):
         robustify(module, normalize=None, inner="n-fgsm", warm_start=True, index=lambda b: b[2])
     assert module.training_step == step and not is_robustified(module)
+
+
+def test_the_adapter_takes_the_regularisers_default_n_fgsm_and_pgd_when_steps_are_given():
+    assert robustify(Recording(), normalize=None, log=False).training_step.regularizer.inner == "n-fgsm"
+    assert robustify(Recording(), normalize=None, log=False, steps=3).training_step.regularizer.inner == "pgd"
+
+
+def test_a_warm_start_without_steps_is_refused_at_robustify_naming_the_multi_step_ascent():
+    module = Recording()
+    with pytest.raises(ValueError, match="warm_start .*N-FGSM \\(the default for this ball\\).*steps=2"):
+        robustify(module, normalize=None, warm_start=True, index=lambda b: b[2])
+    assert not is_robustified(module)
 
 
 class Reversed(SimCLR):
@@ -442,7 +454,7 @@ def third_field(batch):
 
 def test_warm_start_keeps_the_perturbation_of_each_drawn_sample_by_its_index(tmp_path):
     memory = PerturbationMemory(num_samples=64)
-    module = robustify(SimCLR(), warm_start=memory, index=third_field)
+    module = robustify(SimCLR(), warm_start=memory, steps=2, index=third_field)
     torch.manual_seed(0)
     trainer(tmp_path, max_steps=2).fit(module, loader(indexed=True))  # unshuffled: samples 0-31
     assert memory.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
@@ -451,7 +463,7 @@ def test_warm_start_keeps_the_perturbation_of_each_drawn_sample_by_its_index(tmp
 
 
 def test_each_step_hands_the_memory_and_the_batchs_indices_to_the_regulariser():
-    module = robustify(SimCLR(), warm_start=True, index=third_field, normalize=None, log=False)
+    module = robustify(SimCLR(), warm_start=True, steps=2, index=third_field, normalize=None, log=False)
     calls = spy_on_regularizer(module, extra=("memory", "index"))
     views, index = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)], torch.arange(8) + 20
     module.training_step((views, torch.zeros(8), index), 0)
@@ -482,7 +494,7 @@ def test_warm_start_needs_index_and_index_needs_warm_start():
     ],
 )
 def test_indices_that_do_not_fit_the_view_are_named_at_the_step(index, error, match):
-    module = robustify(SimCLR(), warm_start=True, index=index, normalize=None, log=False)
+    module = robustify(SimCLR(), warm_start=True, steps=2, index=index, normalize=None, log=False)
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     with pytest.raises(error, match=match):
         module.training_step((views, torch.zeros(8), torch.arange(8)), 0)
@@ -493,7 +505,7 @@ def test_a_warm_started_module_keeps_its_state_dict_keys_and_pickles():
     import pickle
 
     plain = SimCLR()
-    module = robustify(copy.deepcopy(plain), warm_start=True, index=third_field, normalize=None, log=False)
+    module = robustify(copy.deepcopy(plain), warm_start=True, steps=2, index=third_field, normalize=None, log=False)
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     module.training_step((views, torch.zeros(8), torch.arange(8)), 0)
     assert module.state_dict().keys() == plain.state_dict().keys()
@@ -508,7 +520,7 @@ def crops_of_both_views(batch):
 
 def test_geometry_keeps_the_memory_in_image_coordinates_through_a_trainer(tmp_path):
     memory = PerturbationMemory(num_samples=64)
-    module = robustify(SimCLR(), warm_start=memory, index=third_field, geometry=crops_of_both_views, normalize=None)
+    module = robustify(SimCLR(), warm_start=memory, steps=2, index=third_field, geometry=crops_of_both_views, normalize=None)
     torch.manual_seed(0)
     trainer(tmp_path, max_steps=2).fit(module, loader(cropped=True))  # unshuffled: samples 0-31
     assert memory.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
@@ -520,7 +532,7 @@ def test_geometry_keeps_the_memory_in_image_coordinates_through_a_trainer(tmp_pa
 
 def test_geometry_hands_the_perturbed_views_own_crops_to_the_regulariser():
     module = robustify(
-        SimCLR(), warm_start=True, index=third_field, geometry=crops_of_both_views, normalize=None, log=False
+        SimCLR(), warm_start=True, steps=2, index=third_field, geometry=crops_of_both_views, normalize=None, log=False
     )
     calls = spy_on_regularizer(module, extra=("geometry",))
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
@@ -553,7 +565,7 @@ def test_geometry_needs_warm_start_and_a_callable():
     ],
 )
 def test_crops_that_do_not_fit_the_views_are_named_at_the_step_before_the_users_step(geometry, error, match):
-    module = robustify(SimCLR(), warm_start=True, index=third_field, geometry=geometry, normalize=None, log=False)
+    module = robustify(SimCLR(), warm_start=True, steps=2, index=third_field, geometry=geometry, normalize=None, log=False)
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     boxes = [torch.tensor([[0, 0, 28, 28]] * 8)] * 2
     before = copy.deepcopy(module.state_dict())
@@ -566,14 +578,14 @@ def test_crops_that_do_not_fit_the_views_are_named_at_the_step_before_the_users_
 
 def test_a_lightning_checkpoint_carries_the_memory_and_resuming_restores_it(tmp_path):
     memory = PerturbationMemory(num_samples=64)
-    module = robustify(SimCLR(), warm_start=memory, index=third_field, log=False)
+    module = robustify(SimCLR(), warm_start=memory, steps=2, index=third_field, log=False)
     first = trainer(tmp_path, max_steps=2)
     torch.manual_seed(0)
     first.fit(module, loader(indexed=True))
     path = tmp_path / "warm.ckpt"
     first.save_checkpoint(path)
     restored = PerturbationMemory(num_samples=64)
-    resumed = robustify(SimCLR(), warm_start=restored, index=third_field, log=False)
+    resumed = robustify(SimCLR(), warm_start=restored, steps=2, index=third_field, log=False)
     trainer(tmp_path, max_steps=2).fit(resumed, loader(indexed=True), ckpt_path=path)  # restores, trains no step
     assert restored.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
     like = torch.zeros(64, 3, 28, 28)
@@ -581,7 +593,7 @@ def test_a_lightning_checkpoint_carries_the_memory_and_resuming_restores_it(tmp_
 
 
 def test_a_checkpoint_with_the_memory_still_loads_into_the_unmodified_class(tmp_path):
-    module = robustify(SimCLR(), warm_start=True, index=third_field, log=False)
+    module = robustify(SimCLR(), warm_start=True, steps=2, index=third_field, log=False)
     fit = trainer(tmp_path, max_steps=1)
     fit.fit(module, loader(indexed=True))
     fit.save_checkpoint(tmp_path / "warm.ckpt")
@@ -596,7 +608,7 @@ def test_the_modules_own_checkpoint_hooks_still_run(tmp_path):
         def on_save_checkpoint(self, checkpoint):
             checkpoint["mine"] = 1
 
-    module = robustify(Recording(), warm_start=True, index=third_field, log=False)
+    module = robustify(Recording(), warm_start=True, steps=2, index=third_field, log=False)
     fit = trainer(tmp_path, max_steps=1)
     fit.fit(module, loader(indexed=True))
     fit.save_checkpoint(tmp_path / "warm.ckpt")
@@ -683,3 +695,21 @@ def test_the_views_are_recognised_by_identity_never_by_value(monkeypatch):
         clean = module.forward(views[1])  # train mode, as in the step: the same batch statistics
     torch.testing.assert_close(module.copy_out.detach(), clean, atol=1e-5, rtol=1e-5)  # the copy: a plain forward
     assert not torch.allclose(module.z1.detach(), clean, atol=1e-3)  # the view's own call: the adversarial one
+
+
+def test_the_lightly_examples_annealing_rebuilds_the_views_at_each_strength():
+    example = _example("lightly_simclr")
+
+    def crop_scale(transform):
+        view = transform.transforms[0].transform
+        return next(t.scale for t in view.transforms if "RandomResizedCrop" in type(t).__name__)
+
+    digits = example.Digits(range(4), example.simclr_transform("mnist5k"))
+    assert crop_scale(digits.transform) == pytest.approx((0.4, 1.0))  # full strength: the example's own views
+    example.set_strength(digits, "mnist5k", 0.5)
+    assert crop_scale(digits.transform) == pytest.approx((0.7, 1.0))
+    example.set_strength(example.WithIndex(digits), "mnist5k", 0.25)
+    assert crop_scale(digits.transform) == pytest.approx((0.85, 1.0))
+    cropped = example.CroppedViews(example.Digits(range(4), None), example.simclr_transform("mnist5k"))
+    example.set_strength(cropped, "mnist5k", 0.5)
+    assert cropped.scale == pytest.approx((0.7, 1.0))

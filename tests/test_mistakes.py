@@ -178,9 +178,12 @@ def test_pixels_in_0_255_with_epsilon_8_over_255_move_by_8_grey_levels():
     model = Scaled()
     torch.manual_seed(1)
     x0, x1 = torch.rand(8, 3, 16, 16) * 255, torch.rand(8, 3, 16, 16) * 255
-    out = RobustnessRegularizer(threat=ThreatModel(8 / 255, bounds=(0, 255)))(model, x1, positive=model(x0))
+    threat = ThreatModel(8 / 255, bounds=(0, 255))
+    out = RobustnessRegularizer(threat=threat, inner="pgd")(model, x1, positive=model(x0))
     moved = (out.adversarial_inputs - x1).abs().max().item()
     assert 7.9 <= moved <= 8.0 + 1e-4  # eight grey levels in the declared units, not 8/255 of one
+    out = RobustnessRegularizer(threat=threat)(model, x1, positive=model(x0))  # N-FGSM: reaches 3 eps
+    assert 23.9 <= (out.adversarial_inputs - x1).abs().max().item() <= 24.0 + 1e-4
 
 
 def test_the_evaluation_measures_eps_as_a_fraction_of_bounds_too():
@@ -320,15 +323,16 @@ def test_positive_equal_to_the_recomputed_clean_embedding_is_refused():
         RobustnessRegularizer(0.1)(model, x, positive=model(x).detach())
 
 
+@pytest.mark.parametrize("inner, reach", [("pgd", 1), ("n-fgsm", 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_regularizer_keeps_a_half_precision_ball_inside_epsilon(dtype):
+def test_the_regularizer_keeps_a_half_precision_ball_inside_its_search_radius(dtype, inner, reach):
     model = embedding_model().to(dtype)
     torch.manual_seed(2)
     x0, x1 = torch.rand(16, 1, 28, 28, dtype=dtype), torch.rand(16, 1, 28, 28, dtype=dtype)
-    out = RobustnessRegularizer(8 / 255)(model, x1, positive=model(x0))
+    out = RobustnessRegularizer(8 / 255, inner=inner)(model, x1, positive=model(x0))
     assert out.adversarial_inputs.dtype == dtype
-    assert (out.adversarial_inputs.float() - x1.float()).abs().max() <= 8 / 255
-    assert (out.adversarial_inputs.float() - x1.float()).abs().max() > 7 / 255  # it still moves to the edge
+    assert (out.adversarial_inputs.float() - x1.float()).abs().max() <= reach * 8 / 255
+    assert (out.adversarial_inputs.float() - x1.float()).abs().max() > (reach * 8 - 1) / 255  # moves to the edge
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])

@@ -393,11 +393,33 @@ def test_n_fgsm_perturbs_beyond_epsilon_and_within_three_epsilon(encoder, images
     assert (reach <= 3 * 0.05 + 1e-6).all() and (reach > 0.05 + 1e-6).any()
 
 
-def test_the_default_pgd_stays_within_epsilon(encoder, images):
-    reg = RobustnessRegularizer(0.05)
+def test_pgd_stays_within_epsilon(encoder, images):
+    reg = RobustnessRegularizer(0.05, inner="pgd")
     assert reg.inner == "pgd" and reg.steps == 3
     out = reg(encoder, images, positive=torch.randn(images.shape[0], 16))
     assert (linf_deviation(out, images) <= 0.05 + 1e-6).all()
+
+
+def test_the_default_inner_maximisation_is_n_fgsm_on_the_linf_balls_it_was_measured_on():
+    assert RobustnessRegularizer(8 / 255).inner == "n-fgsm"
+    assert RobustnessRegularizer(0.1).steps == 1
+    assert RobustnessRegularizer(1 / 6).inner == "n-fgsm"  # reaches half the range
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"steps": 3}, {"steps": 0}, {"step_size": 0.01}, {"epsilon": 0.2}, {"epsilon": 0.5, "norm": "l2"}],
+    ids=["steps", "random-start-only", "step-size", "large-linf-ball", "l2-ball"],
+)
+def test_the_default_is_pgd_where_pgd_is_asked_for_or_n_fgsm_was_not_measured(options):
+    options = {"epsilon": 0.05, **options}
+    reg = RobustnessRegularizer(**options)
+    assert reg.inner == "pgd" and reg.steps == options.get("steps", 3)
+
+
+def test_the_backbone_form_keeps_pgd_by_default():
+    assert BackboneRobustnessRegularizer(0.05).inner == "pgd"
+    assert BackboneRobustnessRegularizer(0.05, inner="n-fgsm").inner == "n-fgsm"
 
 
 def test_n_fgsm_costs_one_ascent_forward(encoder, images):
@@ -407,13 +429,14 @@ def test_n_fgsm_costs_one_ascent_forward(encoder, images):
     counting.calls = 0
     RobustnessRegularizer(0.05, inner="n-fgsm")(counting, images, features=features, positive=torch.randn(16, 16))
     pgd = Counting(encoder)
-    RobustnessRegularizer(0.05)(pgd, images, features=features.detach(), positive=torch.randn(16, 16))
+    RobustnessRegularizer(0.05, inner="pgd")(pgd, images, features=features.detach(), positive=torch.randn(16, 16))
     assert counting.calls == 2 and pgd.calls == 4
 
 
 def test_n_fgsm_is_shown_in_the_repr_instead_of_steps():
     assert "inner='n-fgsm'" in repr(RobustnessRegularizer(0.05, inner="n-fgsm"))
-    assert "steps=3" in repr(RobustnessRegularizer(0.05)) and "inner" not in repr(RobustnessRegularizer(0.05))
+    pgd = repr(RobustnessRegularizer(0.05, inner="pgd"))
+    assert "steps=3" in pgd and "inner" not in pgd
 
 
 @pytest.mark.parametrize(
@@ -440,6 +463,15 @@ def test_n_fgsm_refuses_a_warm_start_and_leaves_the_memory_empty(encoder, images
 
     memory = PerturbationMemory()
     reg = RobustnessRegularizer(0.05, inner="n-fgsm")
-    with pytest.raises(ValueError, match="warm start.*inner='pgd'"):
+    with pytest.raises(ValueError, match="warm start.*inner='n-fgsm'.*steps=2"):
         reg(encoder, images, positive=torch.randn(16, 16), start=memory.at(torch.arange(16)))
     assert len(memory) == 0
+
+
+def test_a_warm_start_of_the_default_names_the_multi_step_ascent_it_needs(encoder, images):
+    from robust_reg import PerturbationMemory
+
+    positive, start = torch.randn(16, 16), PerturbationMemory().at(torch.arange(16))
+    with pytest.raises(ValueError, match="the default for this ball.*steps=2, step_size=epsilon / 2"):
+        RobustnessRegularizer(0.05)(encoder, images, positive=positive, start=start)
+    RobustnessRegularizer(0.05, steps=2)(encoder, images, positive=positive, start=start)  # the fix works

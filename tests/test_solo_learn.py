@@ -329,3 +329,21 @@ def test_a_checkpoint_solo_learn_writes_loads_as_its_backbone_taking_pixels(tmp_
     with torch.no_grad():
         expected = method.backbone.eval()((x - CIFAR_MEAN) / CIFAR_STD)
         torch.testing.assert_close(encoder(x).flatten(1), expected.flatten(1))
+
+
+def test_the_example_launchers_annealing_scales_a_copy_of_each_augmentation():
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from solo_setup import EXAMPLES
+
+    spec = importlib.util.spec_from_file_location("solo_launcher", EXAMPLES / "pretrain.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    aug = OmegaConf.load(EXAMPLES / "simclr_cifar10_robust.yaml").augmentations[0]
+    half = launcher.scaled_augmentation(aug, 0.5)
+    assert half.rrc.crop_min_scale == pytest.approx(1 - 0.92 * 0.5)
+    assert (half.color_jitter.prob, half.color_jitter.brightness, half.grayscale.prob) == pytest.approx((0.4, 0.4, 0.1))
+    assert half.horizontal_flip.prob == aug.horizontal_flip.prob and half.gaussian_blur.prob == aug.gaussian_blur.prob
+    assert (aug.rrc.crop_min_scale, aug.color_jitter.prob) == pytest.approx((0.08, 0.8))  # the config is unchanged

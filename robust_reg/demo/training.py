@@ -2,9 +2,10 @@
 
 The loop is a plain PyTorch loop, written the way a lightly user writes one, and its robust
 step is the package's public API and nothing else: ``RobustnessRegularizer(epsilon)`` (the
-recommended form) on the embedding the SSL loss compares, whose adversarial embedding replaces
-view 0's in the loss, with the method's weight from ``robust_reg.method_settings``. So the
-demo measures what users get. The screening harness (every variant that was measured, ACL
+recommended form, N-FGSM's one noisy step) on the embedding the SSL loss compares, whose adversarial
+embedding replaces view 0's in the loss, with the method's weight from ``robust_reg.method_settings``,
+and the augmentation annealed from strong to weak by ``robust_reg.augmentation.augmentation_strength``
+(DynACL's schedule). So the demo measures what users get. The screening harness (every variant that was measured, ACL
 baselines) lives in ``benchmarks/harness.py`` and reuses this loop with its own step.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import RobustnessRegularizer, method_settings
+from ..augmentation import augmentation_strength
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
 from .models import build_encoder, feature_dim
@@ -159,7 +161,11 @@ class TrainConfig:
         weight: Weight of the regulariser (``None``: the method's, ``robust_reg.method_settings``).
         epsilon: Radius of the threat ball (pixel units).
         norm: ``linf`` or ``l2``.
-        steps: Ascent steps of the regulariser.
+        steps: ``None``: the regulariser's default inner maximisation (N-FGSM's one step for an L-inf ball up
+            to 1/6); a number: that many PGD steps (0.2's default: 3).
+        anneal_augmentation: With ``robust``, anneal the augmentation from strong to weak over the epochs
+            (``robust_reg.augmentation.augmentation_strength``, DynACL's schedule): the recommended recipe.
+            ``False``: the augmentation as built at every epoch. Plain SSL never anneals.
         seed: Seed of initialisation, shuffling and augmentation.
         amp: bfloat16 autocast (on CUDA).
         channels_last: Keep the model's weights and each batch in ``torch.channels_last``
@@ -177,7 +183,8 @@ class TrainConfig:
     weight: float | None = None
     epsilon: float = 0.1
     norm: str = "linf"
-    steps: int = 3
+    steps: int | None = None
+    anneal_augmentation: bool = True
     seed: int = 0
     amp: bool = False
     channels_last: bool = False
@@ -227,10 +234,17 @@ Step = Callable[[nn.Module, Tensor, Tensor, int, BatchAugment], tuple[Tensor, fl
 
 
 def recommended_step(config: TrainConfig) -> Step:
-    """Plain SSL, or SSL + the package default through the public API (what the README's quick start does)."""
+    """Plain SSL, or SSL + the package default through the public API (what the README's quick start does):
+    the regulariser's default, and the augmentation annealed by ``augmentation_strength`` of each epoch."""
     reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+    annealed: dict[float, BatchAugment] = {}
 
     def step(model: Any, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
+        if config.robust and config.anneal_augmentation:
+            strength = augmentation_strength(epoch, config.epochs)
+            if strength not in annealed:
+                annealed[strength] = augment.with_strength(strength)
+            augment = annealed[strength]
         x0, x1 = augment(x), augment(x)
         z0, z1 = model(x0), model(x1)
         if not config.robust:
