@@ -520,7 +520,9 @@ def crops_of_both_views(batch):
 
 def test_geometry_keeps_the_memory_in_image_coordinates_through_a_trainer(tmp_path):
     memory = PerturbationMemory(num_samples=64)
-    module = robustify(SimCLR(), warm_start=memory, steps=2, index=third_field, geometry=crops_of_both_views, normalize=None)
+    module = robustify(
+        SimCLR(), warm_start=memory, steps=2, index=third_field, geometry=crops_of_both_views, normalize=None
+    )
     torch.manual_seed(0)
     trainer(tmp_path, max_steps=2).fit(module, loader(cropped=True))  # unshuffled: samples 0-31
     assert memory.is_stored(torch.arange(64)).tolist() == [True] * 32 + [False] * 32
@@ -565,7 +567,9 @@ def test_geometry_needs_warm_start_and_a_callable():
     ],
 )
 def test_crops_that_do_not_fit_the_views_are_named_at_the_step_before_the_users_step(geometry, error, match):
-    module = robustify(SimCLR(), warm_start=True, steps=2, index=third_field, geometry=geometry, normalize=None, log=False)
+    module = robustify(
+        SimCLR(), warm_start=True, steps=2, index=third_field, geometry=geometry, normalize=None, log=False
+    )
     views = [torch.rand(8, 3, 28, 28), torch.rand(8, 3, 28, 28)]
     boxes = [torch.tensor([[0, 0, 28, 28]] * 8)] * 2
     before = copy.deepcopy(module.state_dict())
