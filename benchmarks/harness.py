@@ -145,7 +145,8 @@ class PretrainConfig:
         inner: ``robust`` only: the inner maximisation, ``"pgd"`` (the regulariser's ``steps`` from a uniform
             start in the ball; the harness's default, so ``simclr+robust-reg`` is 0.2's default throughout the
             committed results, and 0.3's package default is ``[inner=n-fgsm,anneal_augment=true]``) or
-            ``"n-fgsm"`` (the package's ``RobustnessRegularizer(inner="n-fgsm")``: uniform noise of 2 eps, one sign step of eps, not projected back onto the eps-ball) or
+            ``"n-fgsm"`` (the package's ``RobustnessRegularizer(inner="n-fgsm")``: uniform noise of 2 eps,
+            one sign step of eps, not projected back onto the eps-ball) or
             ``"reuse"`` (no ascent pass: the training backward's input gradient on the adversarial view moves
             the sample's stored perturbation one sign step of ``step_size``, default eps, for its next visit;
             "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf).
