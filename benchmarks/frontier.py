@@ -20,8 +20,8 @@ and writes ``frontier.md`` and ``frontier.png``):
         --out benchmarks/results/frontier-cifar10-subset/seedN
     R=benchmarks/results/frontier-cifar10-subset
     python benchmarks/frontier.py --plot $R/seed?/results.json $R/seed?-more/results.json $R/seed?-more2/results.json \\
-        $R/seed?-more3/results.json $R/seed?-more4/results.json --posthoc benchmarks/results/posthoc-cifar10-subset/seed*/results.json \\
-        --out $R
+        $R/seed?-more3/results.json $R/seed?-more4/results.json \\
+        --posthoc benchmarks/results/posthoc-cifar10-subset/seed*/results.json --out $R
 
 Rows added later to the same seeds take R from the first run instead of training the default again
 (``--record-from``; the same data, split and evaluation, else refused), e.g. the second and third batches of record
