@@ -96,6 +96,7 @@ DYNACL_REFRESH, DYNACL_SWAP = 0.05, 2 / 3
 # (the authors: 25 epochs, lr 0.1, PGD-10).
 LP_AFT = AFF_CPU
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
+INNERS = ("pgd", "n-fgsm", "n-fgsm-clean", "reuse")
 
 # The recommended weight per method (variant "robust"): the package's table.
 RECOMMENDED_WEIGHT = {name: METHOD_SETTINGS[name].weight for name in METHODS}
@@ -149,7 +150,10 @@ class PretrainConfig:
             one sign step of eps, not projected back onto the eps-ball) or
             ``"reuse"`` (no ascent pass: the training backward's input gradient on the adversarial view moves
             the sample's stored perturbation one sign step of ``step_size``, default eps, for its next visit;
-            "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf).
+            "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf) or
+            ``"n-fgsm-clean"`` (N-FGSM whose sign step is the gradient at the clean view, taken in view 0's clean
+            pass, which is also the anchor: one forward fewer than ``"n-fgsm"``, whose gradient is taken at the
+            noisy point; :func:`clean_gradient_step`).
         penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
             ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
             recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
@@ -237,18 +241,28 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.steps_from is not None and not 0 <= self.steps_from <= self.steps:
             raise ValueError(f"steps_from must be in [0, steps={self.steps}], got {self.steps_from}")
-        if self.inner not in ("pgd", "n-fgsm", "reuse"):
-            raise ValueError(f"inner must be 'pgd', 'n-fgsm' or 'reuse', got {self.inner!r}")
+        if self.inner not in INNERS:
+            raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
         if self.inner == "reuse" and (not self.warm_start or self.norm != "linf"):
             raise ValueError("inner='reuse' keeps its perturbations in the memory: it needs warm_start and norm linf")
-        if self.inner == "n-fgsm" and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
+        single = self.inner in ("n-fgsm", "n-fgsm-clean")
+        if single and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
             raise ValueError(
-                "inner='n-fgsm' needs variant 'robust', penalty 'embedding' and no warm_start: add inner=pgd"
+                f"inner={self.inner!r} needs variant 'robust', penalty 'embedding' and no warm_start: add inner=pgd"
             )
-        if self.inner == "n-fgsm" and (self.steps != 3 or self.step_size is not None or self.steps_from is not None):
+        if single and (self.steps != 3 or self.step_size is not None or self.steps_from is not None):
             raise ValueError(
-                "inner='n-fgsm' takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
+                f"inner={self.inner!r} takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
             )
+        if self.inner == "n-fgsm-clean" and (
+            self.norm != "linf" or self.ascent != "positive" or self.adversarial_views != 1 or self.clean_view_loss
+        ):
+            raise ValueError(
+                "inner='n-fgsm-clean' perturbs view 0 along the positive ascent's L-inf sign: it needs norm linf, "
+                "ascent positive, one adversarial view and no clean_view_loss"
+            )
+        if self.inner == "n-fgsm-clean" and (self.adversarial_fraction != 1 or not self.random_start):
+            raise ValueError("inner='n-fgsm-clean' perturbs the whole view from its noise: no adversarial_fraction")
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.penalty != "embedding" and (
@@ -474,6 +488,8 @@ def _robust_step(
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     if config.penalty != "embedding":
         return _PENALTY_STEPS[config.penalty](model, reg, x0, x1, config)
+    if config.inner == "n-fgsm-clean":
+        return clean_gradient_step(model, x0, x1, config)
     # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
     reuse = (
         not (reg.random_start or config.clean_view_loss)
@@ -618,6 +634,28 @@ def reuse_step(
         memory.write(start.index, moved - x0, start.geometry)
 
     x_adv.register_hook(advance)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def clean_gradient_step(model: nn.Module, x0: Tensor, x1: Tensor, config: PretrainConfig) -> tuple[Tensor, float]:
+    """N-FGSM from the clean gradient (``inner="n-fgsm-clean"``): view 0's clean pass, taken with its input's
+    gradient, is both the penalty's anchor and the ascent's only forward; view 0 moves one sign step of eps along
+    that gradient (the positive ascent's: away from view 1's clean embedding) plus N-FGSM's uniform noise of 2 eps,
+    not projected back onto the eps-ball. N-FGSM (``"n-fgsm"``) takes its gradient at the noisy point, in a forward
+    of its own: this step is one forward fewer. The adversarial pass leaves BatchNorm's running statistics alone,
+    as the regulariser's passes do."""
+    eps = config.epsilon
+    x = x0.detach().requires_grad_(True)
+    z0 = model(x)
+    z1 = model(x1)
+    positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
+    score = (F.normalize(z0.flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, x, retain_graph=not config.detach_anchor)
+    noise = (2 * torch.rand_like(x0) - 1) * (2 * eps)
+    x_adv = (x0.detach() + noise + eps * grad.sign()).clamp(0, 1)
+    with preserved_state(model):
+        z_adv = model(x_adv)
+    term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 

@@ -113,6 +113,15 @@ CONFIGS = {
         "recipe",
         {"variant": "robust", "inner": "n-fgsm", "detach_anchor": True},
     ),
+    # N-FGSM's sign step taken at the clean view, in its clean pass (the anchor): one forward fewer.
+    "N-FGSM from the clean gradient (harness inner='n-fgsm-clean')": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm-clean"},
+    ),
+    "N-FGSM from the clean gradient, detached anchor": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm-clean", "detach_anchor": True},
+    ),
     "ACL as published (ACL-DS: both views, PGD-5, dual BatchNorm)": ("dual", {"variant": "acl-ds"}),
     "DynACL step (ACL-DS with its momentum encoder)": ("dual", {"variant": "dynacl"}),
     # robust_reg.harden's step on a pretrained encoder: one view, the teacher's features given (cached).
