@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --plot: add the pretrained-backbone route (plain SimCLR, then a stage) from posthoc.py's "
         "per-seed reports, each stage against that run's default from scratch at the same total time",
     )
+    p.add_argument(
+        "--versus",
+        metavar="ROW",
+        help="with --plot: also pair every row with ROW (e.g. 0.3's default) at each budget where ROW ran",
+    )
     return p.parse_args(argv)
 
 
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         report = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.plot])
         table = frontier_table(report)
+        if args.versus:
+            table += "\n" + versus_table(report, args.versus)
         posthoc = None
         if args.posthoc:
             posthoc = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.posthoc])
@@ -222,10 +229,35 @@ def frontier_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _alf_differences(runs: list[dict], eps: float) -> dict[str, dict] | None:
-    """Paired ALF differences from the default by row, or None where no run of these was scored with ALF."""
+def _alf_differences(runs: list[dict], eps: float, reference: str = REFERENCE) -> dict[str, dict] | None:
+    """Paired ALF differences from ``reference`` by row, or None where no run of these was scored with ALF."""
     alf_runs = [dict(r, robustness=r["protocols"]["alf"]["robustness"]) for r in runs if "alf" in r["protocols"]]
-    return {d["method"]: d for d in compare.paired_differences(alf_runs, eps, REFERENCE)} if alf_runs else None
+    return {d["method"]: d for d in compare.paired_differences(alf_runs, eps, reference)} if alf_runs else None
+
+
+def versus_table(report: dict, reference: str) -> str:
+    """Every row paired with ``reference`` (robust, clean and ALF robust differences, 95 % t-interval over
+    seeds), at each budget where ``reference`` ran."""
+    eps = max(report["eval"]["epsilons"])
+    lines = [
+        f"#### Paired with {reference}",
+        "",
+        "| budget | row | Δ robust [95 %] | Δ clean | Δ ALF robust [95 %] |",
+        "|---|---|---|---:|---|",
+    ]
+    by_budget: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        name, _, budget = run["method"].rpartition(" @")
+        by_budget.setdefault(budget, []).append(dict(run, method=name))
+    for budget, runs in sorted(by_budget.items(), key=lambda item: float(item[0][:-1])):
+        if reference not in {r["method"] for r in runs}:
+            continue
+        alf = _alf_differences(runs, eps, reference) or {}
+        for d in compare.paired_differences(runs, eps, reference):
+            a = alf.get(d["method"])
+            cells = [budget, d["method"], _verdict(d["robust"]), f"{100 * d['clean']['mean']:+.1f}"]
+            lines.append("| " + " | ".join([*cells, _verdict(a["robust"]) if a else ""]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _row_cells(runs: list[dict], eps: float, d: dict | None, alf: dict[str, dict] | None) -> list[str]:
