@@ -151,9 +151,11 @@ class PretrainConfig:
             ``"reuse"`` (no ascent pass: the training backward's input gradient on the adversarial view moves
             the sample's stored perturbation one sign step of ``step_size``, default eps, for its next visit;
             "free" adversarial training, Shafahi et al. 2019, with ATTA's memory; needs ``warm_start``, L-inf) or
-            ``"n-fgsm-clean"`` (the package's: N-FGSM whose sign step is the gradient at the clean view, taken in
-            view 0's clean pass, which is also the anchor: one forward fewer than ``"n-fgsm"``, whose gradient is
-            taken at the noisy point).
+            ``"n-fgsm-clean"`` (N-FGSM whose sign step is the gradient at the clean view, taken in view 0's clean
+            pass, which is also the anchor: one forward fewer than ``"n-fgsm"``, whose gradient is taken at the
+            noisy point; :func:`clean_gradient_step`; a negative result: level with N-FGSM on the CIFAR-10 subset,
+            15 points below it on MNIST, ``benchmarks/results/negative-results.md``; the MNIST batch ran a package
+            implementation of the same step, commit 1d173eb, not kept).
         penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
             ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
             recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
@@ -438,10 +440,9 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     """
     # The other variants regularise the backbone with no positive: the paper's form, its own class since 0.3.
     form = RobustnessRegularizer if config.variant == "robust" else BackboneRobustnessRegularizer
-    # N-FGSM is the package's own inner maximisation (inner="n-fgsm", "n-fgsm-clean"): the harness measures the
-    # shipped code.
+    # N-FGSM is the package's own inner maximisation (inner="n-fgsm"): the harness measures the shipped code.
     pgd = {"inner": "pgd", "steps": config.steps, "step_size": config.step_size}
-    inner = {"inner": config.inner} if config.inner in ("n-fgsm", "n-fgsm-clean") else pgd
+    inner = {"inner": "n-fgsm"} if config.inner == "n-fgsm" else pgd
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"\w*RobustnessRegularizer\(.*deprecated", DeprecationWarning)
         return form(
@@ -489,11 +490,11 @@ def _robust_step(
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     if config.penalty != "embedding":
         return _PENALTY_STEPS[config.penalty](model, reg, x0, x1, config)
-    # Without a random start (or with the gradient taken at x), the regulariser's first ascent forward is view 0's
-    # clean pass.
+    if config.inner == "n-fgsm-clean":
+        return clean_gradient_step(model, x0, x1, config)
+    # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
     reuse = (
-        (not reg.random_start or reg.inner == "n-fgsm-clean")
-        and not config.clean_view_loss
+        not (reg.random_start or config.clean_view_loss)
         and config.adversarial_views == 1
         and config.adversarial_fraction == 1
     )
@@ -635,6 +636,28 @@ def reuse_step(
         memory.write(start.index, moved - x0, start.geometry)
 
     x_adv.register_hook(advance)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def clean_gradient_step(model: nn.Module, x0: Tensor, x1: Tensor, config: PretrainConfig) -> tuple[Tensor, float]:
+    """N-FGSM from the clean gradient (``inner="n-fgsm-clean"``): view 0's clean pass, taken with its input's
+    gradient, is both the penalty's anchor and the ascent's only forward; view 0 moves one sign step of eps along
+    that gradient (the positive ascent's: away from view 1's clean embedding) plus N-FGSM's uniform noise of 2 eps,
+    not projected back onto the eps-ball. N-FGSM (``"n-fgsm"``) takes its gradient at the noisy point, in a forward
+    of its own: this step is one forward fewer. The adversarial pass leaves BatchNorm's running statistics alone,
+    as the regulariser's passes do."""
+    eps = config.epsilon
+    x = x0.detach().requires_grad_(True)
+    z0 = model(x)
+    z1 = model(x1)
+    positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
+    score = (F.normalize(z0.flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, x, retain_graph=not config.detach_anchor)
+    noise = (2 * torch.rand_like(x0) - 1) * (2 * eps)
+    x_adv = (x0.detach() + noise + eps * grad.sign()).clamp(0, 1)
+    with preserved_state(model):
+        z_adv = model(x_adv)
+    term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 

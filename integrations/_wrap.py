@@ -498,10 +498,9 @@ class _Capture:
         elif self.waiting_for is None or not _same(inputs, self.waiting_for):
             return self.original(inputs, *rest)
         step = self.step
-        own_clean_pass = not step.regularizer.random_start or step.regularizer.inner == "n-fgsm-clean"
-        if step.adversarial_view and step.key is None and own_clean_pass:
+        if step.adversarial_view and step.key is None and not step.regularizer.random_start:
             # The output is the embedding and gets replaced: the regulariser's first ascent forward
-            # (at the clean input, or its gradient there) serves as the clean pass, so the step's own is not run.
+            # (at the clean input) serves as the clean pass, so the step's own is not run.
             self.busy = True
             try:
                 result = step.regularizer(
@@ -662,12 +661,8 @@ class AdapterConfig:
         """A new regulariser: the recommended form on the embedding, the paper's on a submodule."""
         form = RobustnessRegularizer if self.embedding else BackboneRobustnessRegularizer
         regularizer = form(threat=self.threat, **self.regularizer_options)
-        if self.warm_start not in (False, None) and regularizer.inner in ("n-fgsm", "n-fgsm-clean"):
-            given = (
-                f"inner={regularizer.inner!r}"
-                if self.regularizer_options.get("inner")
-                else "N-FGSM (the default for this ball)"
-            )
+        if self.warm_start not in (False, None) and regularizer.inner == "n-fgsm":
+            given = "inner='n-fgsm'" if self.regularizer_options.get("inner") else "N-FGSM (the default for this ball)"
             raise ValueError(
                 f"warm_start carries a multi-step ascent's end point to the sample's next visit; {given} starts "
                 "from fresh noise: drop warm_start, or pass a multi-step ascent, e.g. steps=2, step_size=epsilon / 2 "

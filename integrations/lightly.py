@@ -156,10 +156,9 @@ def robustify(
             which eps grows linearly to ``epsilon``: epoch ``e`` of the first
             ``r = round(epsilon_ramp * max_epochs)`` trains at ``epsilon * (e + 1) / (r + 1)``.
             0 (default): constant. 0.3 is part of the measured warm-start form.
-        **regularizer_options: ``norm``, ``inner`` (default ``"n-fgsm"``, one noisy step; ``"n-fgsm-clean"``:
-            its gradient taken in the perturbed view's clean pass, one forward fewer when the module's forward
-            returns the embedding; ``"pgd"``: 0.2's three projected steps, also chosen by ``steps``/``step_size``),
-            ``steps``, ``step_size``, ``random_start``, ``relative``, ``bounds``, ``form`` (default: ``"embedding"`` for
+        **regularizer_options: ``norm``, ``inner`` (default ``"n-fgsm"``, one noisy step; ``"pgd"``: 0.2's
+            three projected steps, also chosen by ``steps``/``step_size``), ``steps``, ``step_size``,
+            ``random_start``, ``relative``, ``bounds``, ``form`` (default: ``"embedding"`` for
             ``encoder="forward"``, ``"backbone"`` for a submodule), ``normalize_features``, ``ascent``,
             ...: as in ``RobustnessRegularizer``.
 

@@ -171,8 +171,7 @@ def robustify(
     Settings come from the ``robust_reg`` block of ``cfg`` (default: the
     method's own ``cfg``), overridden by keyword arguments. The keys are those
     of ``robust_reg.integrations.lightly.robustify``: ``epsilon``,
-    ``weight``, ``norm``, ``inner`` (default ``n-fgsm``, one noisy step; ``pgd``: 0.2's three; ``n-fgsm-clean`` saves no
-    forward here: solo-learn's forward returns more than the embedding, so its clean pass runs), ``steps``,
+    ``weight``, ``norm``, ``inner`` (default ``n-fgsm``, one noisy step; ``pgd``: 0.2's three), ``steps``,
     ``step_size``, ``random_start``,
     ``relative``, ``bounds``, ``form``, ``normalize_features``, ``ascent``, ``encoder``, ``key``,
     ``adversarial_view``, ``log``, ``warm_start``, ``epsilon_ramp`` (as in the

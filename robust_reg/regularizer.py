@@ -137,10 +137,8 @@ def _research_options(options: dict, where: str = "RobustnessRegularizer") -> di
 # SSL loss compares; "backbone": the paper's quantity R_eps, what estimate_bound measures.
 _FORMS = {"embedding": (True, "positive"), "backbone": (False, "deviation")}
 # The inner maximisations. "n-fgsm" (de Jorge et al., NeurIPS 2022): noise of 2 eps, one sign step of eps, not
-# projected back to eps, so the ascent reaches 3 eps; "n-fgsm-clean": the same noise and step, the step's gradient
-# taken at x in the clean pass (one forward fewer); "pgd": ``steps`` projected steps from a uniform draw in eps.
-_INNERS = ("n-fgsm", "n-fgsm-clean", "pgd")
-_SINGLE_STEP = ("n-fgsm", "n-fgsm-clean")
+# projected back to eps, so the ascent reaches 3 eps; "pgd": ``steps`` projected steps from a uniform draw in eps.
+_INNERS = ("n-fgsm", "pgd")
 _N_FGSM_REACH = 3
 _INSTANCE_TEMPERATURE = 0.5
 
@@ -254,11 +252,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             (they set PGD's ascent), for an L2 ball (not measured with N-FGSM) and for a larger L-inf radius
             (N-FGSM's 3-eps search would span most of the pixel range). With DynACL's annealed augmentation
             (``robust_reg.augmentation``), N-FGSM trained at equal time was above PGD on the CIFAR-10 subset
-            and on MNIST (docs: Results, "Robustness per second"). ``"n-fgsm-clean"``: the same noise and step,
-            the step's gradient taken at ``x`` in the regulariser's own clean pass of ``x`` (call it without
-            ``features=`` and without a forward of ``x`` of yours; the pass is the anchor), one forward fewer
-            than ``"n-fgsm"``; with ``detach_anchor=True`` the cheapest robust step measured (SimCLR, 1.5x a
-            plain step; docs: Results, "Overhead").
+            and on MNIST (docs: Results, "Robustness per second").
         steps: ``"pgd"``: ascent steps (default 3; 0: random start only).
         step_size: ``"pgd"``: ascent step, in the units of ``epsilon`` (default ``2.5 * epsilon / steps``).
         stochastic_modules: Further module types whose output is random (e.g. a
@@ -293,18 +287,16 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         ValueError: At construction: a negative or non-finite ``epsilon``, an
             L-inf ``epsilon`` above 0.5 (a unit mistake: ``8`` meant ``8/255``),
             an unknown ``norm``, negative ``steps``, a non-positive
-            ``step_size``; ``inner='n-fgsm'`` or ``'n-fgsm-clean'`` with ``steps`` or ``step_size`` (the
-            ``"pgd"`` ascent's settings) or with an L-inf ``epsilon`` above 1/6; ``inner='n-fgsm-clean'`` with
-            the deviation ascent (``BackboneRobustnessRegularizer``: no gradient at ``x``). At call time,
-            before any forward: the ball against the batch (``ThreatModel.check_inputs``: inputs outside ``bounds``, raw
+            ``step_size``; ``inner='n-fgsm'`` with ``steps`` or ``step_size`` (the ``"pgd"`` ascent's settings)
+            or with an L-inf ``epsilon`` above 1/6. At call time, before any forward: the ball against the
+            batch (``ThreatModel.check_inputs``: inputs outside ``bounds``, raw
             pixels declared normalised, an L-inf radius given as L2, an L2 radius
             larger than the input box, channels that do not fit ``mean``/``std``),
             ``positive=None`` (the message gives both ways forward), ``positive`` equal
             to ``features`` or of another width, a batch of one,
             ``features`` of another batch size or not finite, an encoder with no
             trainable parameter, a ``start`` not of ``x``'s shape or not finite, a
-            warm start whose indices or crops do not fit ``x``, a warm start with ``inner="n-fgsm"`` or
-            ``"n-fgsm-clean"``, a ``start`` with ``inner="n-fgsm-clean"``.
+            warm start whose indices or crops do not fit ``x``, a warm start with ``inner="n-fgsm"``.
         TypeError: Neither ``epsilon`` nor ``threat`` (or both), a call without
             ``positive=`` (Python's message names it), integer inputs or
             features, a non-callable encoder, a ``start`` that is neither a
@@ -358,7 +350,7 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         normalize_features = form_normalize if normalize_features is None else normalize_features
         ascent = form_ascent if ascent is None else ascent
         self.inner = self._resolve_inner(inner, steps, step_size, bool(random_start))
-        self.steps = _check_steps(1 if self.inner in _SINGLE_STEP else 3 if steps is None else steps)
+        self.steps = _check_steps(1 if self.inner == "n-fgsm" else 3 if steps is None else steps)
         self.step_size = _check_step_size(step_size)  # N-FGSM's is epsilon (of the threat at the call)
         self.random_start = bool(random_start)
         self.relative = bool(relative)
@@ -377,14 +369,8 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         if ascent == "deviation" and not self.random_start and self.steps > 0:
             # The deviation from the clean features has zero gradient at the clean input.
             raise ValueError("random_start=False with ascent='deviation' never leaves x: start at random")
-        if ascent == "deviation" and self.inner == "n-fgsm-clean":
-            raise ValueError(
-                "inner='n-fgsm-clean' steps along the gradient at x, where the deviation from the clean features has "
-                "none: use inner='n-fgsm' (its gradient is taken at the noisy point)"
-            )
         self.ascent = ascent
         self._warned_stochastic = False
-        self._warned_clean_gradient = False
         self._warned_ball = False  # the threat's warnings (a ball that looks the wrong size): once per regulariser
         self.last_stats: RegularizerStats | None = None
 
@@ -402,17 +388,17 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             return "pgd" if pgd or not measured else "n-fgsm"
         if inner not in _INNERS:
             raise ValueError(f"inner must be one of {_INNERS}, got {inner!r}")
-        if inner in _SINGLE_STEP:
+        if inner == "n-fgsm":
             if steps not in (None, 1) or step_size is not None:
                 raise ValueError(
-                    f"inner={inner!r} takes one step of epsilon from noise of 2 * epsilon; steps= and step_size= set "
+                    "inner='n-fgsm' takes one step of epsilon from noise of 2 * epsilon; steps= and step_size= set "
                     f"the multi-step ascent: pass inner='pgd' with them (got steps={steps!r}, step_size={step_size!r})"
                 )
             if not random_start:
-                raise ValueError(f"inner={inner!r} starts from noise: random_start=False needs inner='pgd'")
+                raise ValueError("inner='n-fgsm' starts from noise: random_start=False needs inner='pgd'")
             if self.threat.norm == "linf" and _N_FGSM_REACH * self.threat.epsilon > 0.5:
                 raise ValueError(
-                    f"inner={inner!r} searches {_N_FGSM_REACH} * epsilon, above half the pixel range for an L-inf "
+                    f"inner='n-fgsm' searches {_N_FGSM_REACH} * epsilon, above half the pixel range for an L-inf "
                     f"epsilon of {self.threat.epsilon:g}: pass inner='pgd' for so large a ball"
                 )
         return inner
@@ -425,15 +411,14 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             return self.threat
         return replace(self.threat, epsilon=_N_FGSM_REACH * self.threat.epsilon)
 
-    def _noise(self, pixels: Tensor) -> Tensor:
-        """N-FGSM's start: uniform noise in a ball of 2 eps (a uniform draw of 2 eps, clipped to the range)."""
-        return replace(self.threat, epsilon=(_N_FGSM_REACH - 1) * self.threat.epsilon).random_start(pixels)
-
     def _training_attack(self, objective: Callable[[Tensor], Tensor], x: Tensor, start: Tensor | None) -> Tensor:
         """The inner maximisation from ``start`` (``None``: its own start), in the ball it searches."""
-        step_size = self.threat.epsilon if self.inner in _SINGLE_STEP else self.step_size
-        if start is None and self.inner in _SINGLE_STEP:
-            start = self._noise(_working_pixels(self.threat, x.detach())).to(x.dtype)
+        step_size = self.threat.epsilon if self.inner == "n-fgsm" else self.step_size
+        if start is None and self.inner == "n-fgsm":
+            # N-FGSM's start: uniform noise in a ball of 2 eps (a uniform draw of 2 eps, clipped to the range).
+            pixels = _working_pixels(self.threat, x.detach())
+            noise = replace(self.threat, epsilon=(_N_FGSM_REACH - 1) * self.threat.epsilon)
+            start = noise.random_start(pixels).to(x.dtype)
         return projected_gradient_ascent(
             objective,
             x,
@@ -558,22 +543,16 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         warm: WarmStart | None = None
         begin: Tensor | None = None
         if isinstance(start, WarmStart):
-            if self.inner in _SINGLE_STEP:
-                default = " (the default for this ball)" if self.inner == "n-fgsm" else ""
+            if self.inner == "n-fgsm":
                 raise ValueError(
-                    f"a warm start carries a multi-step ascent's end point to the sample's next visit; "
-                    f"inner={self.inner!r}{default} starts from fresh noise: build the regulariser with a multi-step "
+                    "a warm start carries a multi-step ascent's end point to the sample's next visit; inner='n-fgsm' "
+                    "(the default for this ball) starts from fresh noise: build the regulariser with a multi-step "
                     "ascent to warm-start it, e.g. steps=2, step_size=epsilon / 2 (the measured warm-start form)"
                 )
             warm = start
             origin, begin = self._read_warm_start(warm, x)
         else:
             _check_start(start, x)
-            if start is not None and self.inner == "n-fgsm-clean":
-                raise ValueError(
-                    "start= sets where the ascent starts; inner='n-fgsm-clean' steps from x along the gradient at x "
-                    "and adds fresh noise: pass inner='n-fgsm' or inner='pgd' to start from a perturbation of yours"
-                )
             begin = start
         module = encoder if isinstance(encoder, nn.Module) else nn.Module()
         with preserved_state(module):
@@ -581,8 +560,6 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             if switched and features is not None:
                 self._warn_recompute(switched)
                 features = None  # computed with those layers on: recomputed without them
-            if features is not None and self.inner == "n-fgsm-clean":
-                self._warn_clean_gradient()
             first = self._first_iterate(x) if features is None and begin is None else None
             if features is None:
                 features = self._clean_pass(encoder, x, first, positive)
@@ -646,10 +623,8 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         return switched
 
     def _first_iterate(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(pixels, delta)`` when the clean forward can double as the ascent's first one (it starts at ``x``, or
-        takes its gradient there: ``"n-fgsm-clean"``)."""
-        at_x = not self.random_start or self.inner == "n-fgsm-clean"
-        if not at_x or self.steps == 0 or self.epsilon == 0 or not torch.is_grad_enabled() or x.requires_grad:
+        """``(pixels, delta)`` when the clean forward can double as the ascent's first one (it starts at ``x``)."""
+        if self.random_start or self.steps == 0 or self.epsilon == 0 or not torch.is_grad_enabled() or x.requires_grad:
             return None
         pixels = _working_pixels(self.threat, x.detach())
         return pixels, torch.zeros_like(pixels, requires_grad=True)
@@ -705,8 +680,6 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         def objective(inputs: Tensor) -> Tensor:
             return anchor.score(self._measure(_flatten(encoder(inputs), "encoder output")))
 
-        if self.inner == "n-fgsm-clean":
-            return self._from_clean_gradient(objective, x, anchor, first)
         if first is None:
             return self._training_attack(objective, x, start)
         pixels, delta = first  # the clean pass was the first iterate: its gradient is the first step's
@@ -714,26 +687,6 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
         alpha = _step_length(self.threat, self.steps, self.step_size)
         delta = self.threat.project(pixels, self.threat.ascent_step(delta.detach(), grad, alpha))
         return _ascend(objective, pixels, delta, self.threat, self.steps - 1, alpha, like=x)
-
-    def _from_clean_gradient(
-        self, objective: Callable[[Tensor], Tensor], x: Tensor, anchor: _Anchor, first: tuple[Tensor, Tensor] | None
-    ) -> Tensor:
-        """``"n-fgsm-clean"``: N-FGSM's noise of 2 eps plus one sign step of eps along the ascent's gradient at ``x``:
-        the clean pass's (its first iterate), else from a pass of its own (``features=`` given, or no autograd)."""
-        if first is None:
-            pixels = _working_pixels(self.threat, x.detach())
-            delta = torch.zeros_like(pixels, requires_grad=True)
-            with torch.enable_grad():
-                values = objective(self.threat.to_model(pixels + delta).to(x.dtype))
-                (grad,) = torch.autograd.grad(values.sum(), delta)
-        else:
-            pixels, delta = first
-            # The clean graph is kept for the penalty's backward unless the anchor is detached.
-            (grad,) = torch.autograd.grad(anchor.score(anchor.clean).sum(), delta, retain_graph=not self.detach_anchor)
-        threat = self._ascent_threat
-        alpha = _step_length(self.threat, 1, self.threat.epsilon)
-        delta = threat.project(pixels, threat.ascent_step(self._noise(pixels), grad.to(pixels.dtype), alpha))
-        return threat._cast_like(threat.to_model(pixels + delta), x).detach()
 
     def _penalty(self, adv_features: Tensor, anchor: _Anchor) -> tuple[Tensor, Tensor, Tensor]:
         """``(value, mean squared deviation, per-sample squared deviation)`` of the perturbed features."""
@@ -758,17 +711,6 @@ class RobustnessRegularizer(_FormKeyword, nn.Module):
             raise ValueError("memory needs index=: each sample's index in the training set (the dataset yields it)")
         if start is not None:
             raise ValueError("pass either start= or memory= (which supplies the start), not both")
-
-    def _warn_clean_gradient(self) -> None:
-        if self._warned_clean_gradient:
-            return
-        self._warned_clean_gradient = True
-        warnings.warn(
-            "RobustnessRegularizer: inner='n-fgsm-clean' takes its gradient at x in its own clean pass, which "
-            "features= replaces, so the gradient costs a pass of its own (as inner='n-fgsm' does); to save that "
-            "forward call reg(model, x, positive=...) without features= and without your own forward of x",
-            stacklevel=6,  # past _run, forward and nn.Module.__call__, to the user's line
-        )
 
     def _warn_recompute(self, switched: list[nn.Module]) -> None:
         if self._warned_stochastic:

@@ -378,19 +378,48 @@ def _forward_inputs(model):
     return inputs
 
 
-def test_n_fgsm_clean_runs_the_packages_step_one_forward_fewer_than_n_fgsm():
+def test_clean_gradient_step_moves_view_0_one_sign_step_of_the_clean_gradient_plus_the_noise():
+    from harness import _robust_step, regularizer_for
+
+    eps = 0.05
+    config = PretrainConfig(variant="robust", epsilon=eps, inner="n-fgsm-clean")
+    torch.manual_seed(0)
+    model = simclr()
+    x0, x1 = torch.rand(8, 3, 16, 16) * 0.5 + 0.25, torch.rand(8, 3, 16, 16)  # room for 3 eps inside [0, 1]
+    clean = x0.clone().requires_grad_(True)
+    positive = torch.nn.functional.normalize(model(x1).detach(), dim=1)
+    score = (torch.nn.functional.normalize(model(clean), dim=1) - positive).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, clean)
+    torch.manual_seed(1)
+    expected = x0 + (2 * torch.rand_like(x0) - 1) * (2 * eps) + eps * grad.sign()
+    inputs = _forward_inputs(model)
+    torch.manual_seed(1)
+    _robust_step(model, regularizer_for(config), x0, x1, config)
+    torch.testing.assert_close(inputs[-1], expected)
+
+
+def test_clean_gradient_step_takes_one_forward_fewer_than_n_fgsm():
     from harness import _robust_step, regularizer_for
 
     counts = {}
     for inner in ("n-fgsm", "n-fgsm-clean"):
         config = PretrainConfig(variant="robust", epsilon=0.05, inner=inner)
-        reg = regularizer_for(config)
-        assert reg.inner == inner  # the package's own step
         model = simclr()
         inputs = _forward_inputs(model)
-        _robust_step(model, reg, torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config)
+        _robust_step(model, regularizer_for(config), torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config)
         counts[inner] = len(inputs)
     assert counts == {"n-fgsm": 4, "n-fgsm-clean": 3}
+
+
+def test_clean_gradient_step_leaves_batch_norm_statistics_to_the_clean_passes():
+    from harness import clean_gradient_step
+
+    config = PretrainConfig(variant="robust", epsilon=0.05, inner="n-fgsm-clean", detach_anchor=True)
+    model = simclr()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    clean_gradient_step(model, torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config)
+    assert {int(m.num_batches_tracked) for m in norms} == {2}  # view 0's clean pass and view 1's, not the adversarial
 
 
 def test_reuse_step_needs_the_memory():

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-from robust_reg import (
-    BackboneRobustnessRegularizer,
-    RegularizerOutput,
-    RobustnessRegularizer,
-    ThreatModel,
-    preserved_state,
-)
+from robust_reg import BackboneRobustnessRegularizer, RegularizerOutput, RobustnessRegularizer, ThreatModel
 
 from helpers import Counting, small_cnn
 
@@ -453,13 +445,11 @@ def test_n_fgsm_is_shown_in_the_repr_instead_of_steps():
         ({"inner": "fgsm"}, "inner must be one of"),
         ({"inner": "n-fgsm", "steps": 3}, "inner='n-fgsm' takes one step.*pass inner='pgd'"),
         ({"inner": "n-fgsm", "step_size": 0.01}, "inner='n-fgsm' takes one step.*pass inner='pgd'"),
-        ({"inner": "n-fgsm-clean", "steps": 2}, "inner='n-fgsm-clean' takes one step.*pass inner='pgd'"),
-        ({"inner": "n-fgsm-clean", "epsilon": 0.2}, r"searches 3 \* epsilon.*pass inner='pgd'"),
     ],
 )
 def test_an_inner_maximisation_that_does_not_fit_its_settings_is_refused_by_name(options, match):
     with pytest.raises(ValueError, match=match):
-        RobustnessRegularizer(**{"epsilon": 0.05, **options})
+        RobustnessRegularizer(0.05, **options)
 
 
 def test_n_fgsm_refuses_an_linf_ball_whose_reach_exceeds_half_the_range():
@@ -468,101 +458,14 @@ def test_n_fgsm_refuses_an_linf_ball_whose_reach_exceeds_half_the_range():
         RobustnessRegularizer(0.2, inner="n-fgsm")
 
 
-@pytest.mark.parametrize("inner", ["n-fgsm", "n-fgsm-clean"])
-def test_a_single_step_refuses_a_warm_start_and_leaves_the_memory_empty(encoder, images, inner):
+def test_n_fgsm_refuses_a_warm_start_and_leaves_the_memory_empty(encoder, images):
     from robust_reg import PerturbationMemory
 
     memory = PerturbationMemory()
-    reg = RobustnessRegularizer(0.05, inner=inner)
-    with pytest.raises(ValueError, match=f"warm start.*inner='{inner}'.*steps=2"):
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm")
+    with pytest.raises(ValueError, match="warm start.*inner='n-fgsm'.*steps=2"):
         reg(encoder, images, positive=torch.randn(16, 16), start=memory.at(torch.arange(16)))
     assert len(memory) == 0
-
-
-# inner="n-fgsm-clean": N-FGSM's noise and step, the step's gradient taken at x in the regulariser's own clean pass.
-
-
-def _gradient_at_x(encoder, images, positive):
-    """The positive ascent's gradient at the clean input (the squared distance of the normalised embedding to the
-    normalised positive): the direction whose sign "n-fgsm-clean" steps along."""
-    x = images.clone().requires_grad_(True)
-    with preserved_state(encoder):
-        z = torch.nn.functional.normalize(encoder(x).flatten(1), dim=1)
-        score = (z - torch.nn.functional.normalize(positive, dim=1)).pow(2).sum()
-    return torch.autograd.grad(score, x)[0]
-
-
-def test_n_fgsm_clean_steps_along_the_sign_of_the_gradient_at_x_plus_noise_of_two_epsilon(encoder):
-    eps, images, positive = 0.05, torch.rand(16, 1, 12, 12) * 0.5 + 0.25, torch.randn(16, 16)  # room for 3 eps
-    step = eps * _gradient_at_x(encoder, images, positive).sign()
-    out = RobustnessRegularizer(eps, inner="n-fgsm-clean")(encoder, images, positive=positive)
-    moved = out.adversarial_inputs - images
-    assert (moved - step).abs().max() <= 2 * eps + 1e-6  # the rest is the noise
-    assert (moved + step).abs().max() > 2 * eps + 1e-3  # the opposite sign does not explain it
-
-
-def test_n_fgsm_clean_takes_its_gradient_in_the_clean_pass_one_forward_fewer_than_n_fgsm(encoder, images):
-    # The perturbed view's whole cost: N-FGSM needs the loop's clean forward, its ascent forward and the forward at
-    # the point found; "n-fgsm-clean" runs the clean pass itself and takes the gradient there.
-    positive = torch.randn(16, 16)
-    n_fgsm = Counting(encoder)
-    RobustnessRegularizer(0.05, inner="n-fgsm")(n_fgsm, images, features=n_fgsm(images), positive=positive)
-    clean = Counting(encoder)
-    RobustnessRegularizer(0.05, inner="n-fgsm-clean")(clean, images, positive=positive)
-    assert (n_fgsm.calls, clean.calls) == (3, 2)
-
-
-def test_n_fgsm_clean_given_features_takes_the_same_step_in_a_pass_of_its_own_and_says_so_once(encoder, images):
-    positive = torch.randn(16, 16)
-    reg = RobustnessRegularizer(0.05, inner="n-fgsm-clean")
-    torch.manual_seed(3)
-    own = reg(encoder, images, positive=positive)
-    torch.manual_seed(3)
-    with pytest.warns(UserWarning, match="features= replaces.*without features="):
-        given = reg(encoder, images, features=encoder(images), positive=positive)
-    torch.testing.assert_close(given.adversarial_inputs, own.adversarial_inputs)
-    torch.testing.assert_close(given.loss, own.loss)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        reg(encoder, images, features=encoder(images), positive=positive)
-
-
-def test_n_fgsm_clean_under_no_grad_takes_the_same_step_and_returns_a_value(encoder, images):
-    positive, reg = torch.randn(16, 16), RobustnessRegularizer(0.05, inner="n-fgsm-clean")
-    torch.manual_seed(3)
-    trained = reg(encoder, images, positive=positive)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        value = reg(encoder, images, positive=positive)
-    torch.testing.assert_close(value.adversarial_inputs, trained.adversarial_inputs)
-    assert not value.loss.requires_grad and trained.loss.requires_grad
-
-
-@pytest.mark.parametrize("detach_anchor", [False, True], ids=["anchor-with-gradient", "detached-anchor"])
-def test_n_fgsm_clean_trains_the_encoder_through_its_own_clean_pass(encoder, images, detach_anchor):
-    reg = RobustnessRegularizer(0.05, inner="n-fgsm-clean", detach_anchor=detach_anchor)
-    out = reg(encoder, images, positive=torch.randn(16, 16))
-    (out.loss + out.adversarial_features.pow(2).mean()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
-
-
-def test_n_fgsm_clean_leaves_batch_norm_statistics_alone(encoder, images):
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    RobustnessRegularizer(0.05, inner="n-fgsm-clean")(encoder, images, positive=torch.randn(16, 16))
-    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
-
-
-def test_n_fgsm_clean_refuses_a_start_of_yours_by_name(encoder, images):
-    reg = RobustnessRegularizer(0.05, inner="n-fgsm-clean")
-    with pytest.raises(ValueError, match="start= .*inner='n-fgsm-clean'.*inner='n-fgsm' or inner='pgd'"):
-        reg(encoder, images, positive=torch.randn(16, 16), start=torch.zeros_like(images))
-
-
-def test_n_fgsm_clean_refuses_the_deviation_ascent_which_has_no_gradient_at_x():
-    with pytest.raises(
-        ValueError, match="inner='n-fgsm-clean' steps along the gradient at x.*has none: use inner='n-fgsm'"
-    ):
-        BackboneRobustnessRegularizer(0.05, inner="n-fgsm-clean")
 
 
 def test_a_warm_start_of_the_default_names_the_multi_step_ascent_it_needs(encoder, images):
