@@ -990,6 +990,18 @@ def test_frontier_record_from_refuses_an_earlier_run_scored_on_other_images(tmp_
         frontier.main([*argv, "--out", str(tmp_path)])
 
 
+def test_frontier_plot_versus_pairs_every_row_with_the_named_row_at_the_budgets_where_it_ran(tmp_path):
+    frontier = load_benchmark("frontier")
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "frontier-cifar10-subset"
+    reports = [str(results / f"seed{n}{more}" / "results.json") for n in range(3) for more in ("", "-more2")]
+    pair = "simclr+robust-reg[inner=n-fgsm,anneal_augment=true]"  # run at 0.5R and R, not at 0.25R
+    frontier.main(["--plot", *reports, "--versus", pair, "--out", str(tmp_path)])
+    table = (tmp_path / "frontier.md").read_text().split(f"#### Paired with {pair}")[1]
+    rows = {tuple(line.split(" | ")[:2]): line.split(" | ")[2] for line in table.splitlines() if line.startswith("| ")}
+    assert {budget for budget, _ in rows} - {"| budget", "|---|---|---|---:|---|"} == {"| 0.5R", "| 1R"}
+    assert rows["| 1R", "simclr+robust-reg"].startswith("-2.1") and (pair not in {row for _, row in rows})
+
+
 def test_frontier_plot_puts_each_posthoc_stage_beside_the_default_from_scratch_at_its_total_time(tmp_path):
     frontier = load_benchmark("frontier")
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
