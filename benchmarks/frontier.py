@@ -202,16 +202,21 @@ def _points(report: dict) -> dict[str, list[tuple[float, float, float]]]:
     return points
 
 
+def _by_budget(report: dict) -> list[tuple[str, list[dict]]]:
+    """The runs grouped by budget (``"0.5R"``, ...), smallest first, each named without its ``" @budget"``."""
+    groups: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        name, _, budget = run["method"].rpartition(" @")
+        groups.setdefault(budget, []).append(dict(run, method=name))
+    return sorted(groups.items(), key=lambda item: float(item[0][:-1]))
+
+
 def frontier_table(report: dict) -> str:
     """Per budget: each row's time, clean and robust accuracy, and its paired difference from the default's row
     at that budget (95 % t-interval over seeds; ALF where it was scored, at the record budget)."""
     eps = max(report["eval"]["epsilons"])
-    by_budget: dict[str, list[dict]] = {}
-    for run in report["runs"]:
-        name, _, budget = run["method"].rpartition(" @")
-        by_budget.setdefault(budget, []).append(dict(run, method=name))
     lines = []
-    for budget, runs in sorted(by_budget.items(), key=lambda item: float(item[0][:-1])):
+    for budget, runs in _by_budget(report):
         differences = {d["method"]: d for d in compare.paired_differences(runs, eps, REFERENCE)}
         alf = _alf_differences(runs, eps)
         head = "| row | epochs | train (s) | clean (%) | robust (%) | per seed | Δ robust vs the default [95 %] "
@@ -248,11 +253,7 @@ def versus_table(report: dict, reference: str) -> str:
         "| budget | row | Δ robust [95 %] | Δ clean | Δ ALF robust [95 %] |",
         "|---|---|---|---:|---|",
     ]
-    by_budget: dict[str, list[dict]] = {}
-    for run in report["runs"]:
-        name, _, budget = run["method"].rpartition(" @")
-        by_budget.setdefault(budget, []).append(dict(run, method=name))
-    for budget, runs in sorted(by_budget.items(), key=lambda item: float(item[0][:-1])):
+    for budget, runs in _by_budget(report):
         if reference not in {r["method"] for r in runs}:
             continue
         alf = _alf_differences(runs, eps, reference) or {}

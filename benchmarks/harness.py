@@ -257,14 +257,18 @@ class PretrainConfig:
                 f"inner={self.inner!r} takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
             )
         if self.inner == "n-fgsm-clean" and (
-            self.norm != "linf" or self.ascent != "positive" or self.adversarial_views != 1 or self.clean_view_loss
+            self.norm != "linf"
+            or self.ascent != "positive"
+            or self.adversarial_views != 1
+            or self.clean_view_loss
+            or self.adversarial_fraction != 1
+            or not self.random_start
         ):
             raise ValueError(
-                "inner='n-fgsm-clean' perturbs view 0 along the positive ascent's L-inf sign: it needs norm linf, "
-                "ascent positive, one adversarial view and no clean_view_loss"
+                "inner='n-fgsm-clean' perturbs all of view 0 from noise along the positive ascent's L-inf sign: it "
+                "needs norm linf, ascent positive, one adversarial view, no clean_view_loss, no adversarial_fraction "
+                "and random_start"
             )
-        if self.inner == "n-fgsm-clean" and (self.adversarial_fraction != 1 or not self.random_start):
-            raise ValueError("inner='n-fgsm-clean' perturbs the whole view from its noise: no adversarial_fraction")
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.penalty != "embedding" and (
@@ -654,7 +658,7 @@ def clean_gradient_step(model: nn.Module, x0: Tensor, x1: Tensor, config: Pretra
     score = (F.normalize(z0.flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum()
     (grad,) = torch.autograd.grad(score, x, retain_graph=not config.detach_anchor)
     noise = (2 * torch.rand_like(x0) - 1) * (2 * eps)
-    x_adv = (x0.detach() + noise + eps * grad.sign()).clamp(0, 1)
+    x_adv = (x.detach() + noise + eps * grad.sign()).clamp(0, 1)
     with preserved_state(model):
         z_adv = model(x_adv)
     term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
