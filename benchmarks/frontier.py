@@ -20,7 +20,7 @@ and writes ``frontier.md`` and ``frontier.png``):
         --out benchmarks/results/frontier-cifar10-subset/seedN
     R=benchmarks/results/frontier-cifar10-subset
     python benchmarks/frontier.py --plot $R/seed?/results.json $R/seed?-more/results.json $R/seed?-more2/results.json \\
-        $R/seed?-more[3-6]/results.json \\
+        $R/seed?-more[3-7]/results.json \\
         --posthoc benchmarks/results/posthoc-cifar10-subset/seed*/results.json \\
         --versus 'simclr+robust-reg[inner=n-fgsm,anneal_augment=true]' --out $R
 
@@ -30,7 +30,8 @@ Rows added later to the same seeds take R from the first run instead of training
 the same row, 0.3's default, with ``--budgets 0.25``; ``seedN-more4``: ``--budgets 1`` and
 ``'simclr+robust-reg[inner=n-fgsm,anneal_augment=true,detach_anchor=true]'``, ``seedN-more6`` the same row with
 ``--budgets 0.5,0.25``; ``seedN-more5``: ``--budgets 1,0.5`` and
-``'simclr+robust-reg[inner=n-fgsm-clean,anneal_augment=true,detach_anchor=true],simclr+robust-reg[inner=n-fgsm-clean,anneal_augment=true]'``):
+``'simclr+robust-reg[inner=n-fgsm-clean,anneal_augment=true,detach_anchor=true],simclr+robust-reg[inner=n-fgsm-clean,anneal_augment=true]'``;
+``seedN-more7``: ``--budgets 1,0.5,0.25`` and the same two rows with ``inner=n-fgsm-noisy``):
 
     ROWS='simclr+robust-reg[anneal_augment=true],simclr-acl-ds,simclr+robust-reg[inner=n-fgsm,detach_anchor=true]'
     OMP_NUM_THREADS=1 python benchmarks/frontier.py ... --budgets 1,0.5,0.25 --seeds N --methods "$ROWS" \\

@@ -57,7 +57,7 @@ import copy
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -96,7 +96,9 @@ DYNACL_REFRESH, DYNACL_SWAP = 0.05, 2 / 3
 # (the authors: 25 epochs, lr 0.1, PGD-10).
 LP_AFT = AFF_CPU
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
-INNERS = ("pgd", "n-fgsm", "n-fgsm-clean", "reuse")
+# The inner maximisations whose view-0 pass is the penalty's anchor and the ascent's only forward.
+_ONE_PASS = ("n-fgsm-clean", "n-fgsm-noisy")
+INNERS = ("pgd", "n-fgsm", "n-fgsm-clean", "n-fgsm-noisy", "reuse")
 
 # The recommended weight per method (variant "robust"): the package's table.
 RECOMMENDED_WEIGHT = {name: METHOD_SETTINGS[name].weight for name in METHODS}
@@ -155,7 +157,13 @@ class PretrainConfig:
             pass, which is also the anchor: one forward fewer than ``"n-fgsm"``, whose gradient is taken at the
             noisy point; :func:`clean_gradient_step`; a negative result: level with N-FGSM on the CIFAR-10 subset,
             15 points below it on MNIST, ``benchmarks/results/negative-results.md``; the MNIST batch ran a package
-            implementation of the same step, commit 1d173eb, not kept).
+            implementation of the same step, commit 1d173eb, not kept) or ``"n-fgsm-noisy"`` (N-FGSM itself, its
+            gradient taken at the noisy point, whose pass is also the penalty's anchor: view 0 has no clean pass,
+            one forward fewer than ``"n-fgsm"``; :func:`clean_gradient_step` with ``at_noise``).
+        anchor: ``robust`` with ``inner="n-fgsm"`` only: ``"start"`` runs the package's
+            ``RobustnessRegularizer(inner="n-fgsm-start")``, which anchors the penalty in the pass at N-FGSM's noisy
+            start, in place of view 0's clean pass (the package's form of ``inner="n-fgsm-noisy"``, the harness's
+            copy that the first runs used; rows ``[inner=n-fgsm,anchor=start]``).
         penalty: ``robust`` only: where the regulariser's deviation is measured at the point its
             ascent found: ``"embedding"`` (the normalised embedding the loss compares, the
             recommended configuration), ``"backbone"`` (the backbone's raw features, the bound's
@@ -209,6 +217,7 @@ class PretrainConfig:
     epsilon_ramp: float = 0.0
     steps_from: int | None = None
     inner: str = "pgd"
+    anchor: str = "clean"
     penalty: str = "embedding"
     warm_start: bool = False
     warm_warp: bool = True
@@ -247,7 +256,7 @@ class PretrainConfig:
             raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
         if self.inner == "reuse" and (not self.warm_start or self.norm != "linf"):
             raise ValueError("inner='reuse' keeps its perturbations in the memory: it needs warm_start and norm linf")
-        single = self.inner in ("n-fgsm", "n-fgsm-clean")
+        single = self.inner in ("n-fgsm", *_ONE_PASS)
         if single and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
             raise ValueError(
                 f"inner={self.inner!r} needs variant 'robust', penalty 'embedding' and no warm_start: add inner=pgd"
@@ -256,7 +265,7 @@ class PretrainConfig:
             raise ValueError(
                 f"inner={self.inner!r} takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
             )
-        if self.inner == "n-fgsm-clean" and (
+        if self.inner in _ONE_PASS and (
             self.norm != "linf"
             or self.ascent != "positive"
             or self.adversarial_views != 1
@@ -265,9 +274,24 @@ class PretrainConfig:
             or not self.random_start
         ):
             raise ValueError(
-                "inner='n-fgsm-clean' perturbs all of view 0 from noise along the positive ascent's L-inf sign: it "
+                f"inner={self.inner!r} perturbs all of view 0 from noise along the positive ascent's L-inf sign: it "
                 "needs norm linf, ascent positive, one adversarial view, no clean_view_loss, no adversarial_fraction "
                 "and random_start"
+            )
+        if self.anchor not in ("clean", "start"):
+            raise ValueError(f"anchor must be 'clean' or 'start', got {self.anchor!r}")
+        if self.anchor == "start" and (
+            self.variant != "robust"
+            or self.inner != "n-fgsm"
+            or self.penalty != "embedding"
+            or self.adversarial_views != 1
+            or self.adversarial_fraction != 1
+            or self.clean_view_loss
+            or self.warm_start
+        ):
+            raise ValueError(
+                "anchor='start' replaces view 0's clean pass: it needs variant 'robust', inner 'n-fgsm', penalty "
+                "'embedding', one whole adversarial view, no clean_view_loss and no warm_start"
             )
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
@@ -446,7 +470,7 @@ def regularizer_for(config: PretrainConfig) -> RobustnessRegularizer:
     form = RobustnessRegularizer if config.variant == "robust" else BackboneRobustnessRegularizer
     # N-FGSM is the package's own inner maximisation (inner="n-fgsm"): the harness measures the shipped code.
     pgd = {"inner": "pgd", "steps": config.steps, "step_size": config.step_size}
-    inner = {"inner": "n-fgsm"} if config.inner == "n-fgsm" else pgd
+    inner = {"inner": "n-fgsm-start" if config.anchor == "start" else "n-fgsm"} if config.inner == "n-fgsm" else pgd
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"\w*RobustnessRegularizer\(.*deprecated", DeprecationWarning)
         return form(
@@ -494,10 +518,10 @@ def _robust_step(
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     if config.penalty != "embedding":
         return _PENALTY_STEPS[config.penalty](model, reg, x0, x1, config)
-    if config.inner == "n-fgsm-clean":
-        return clean_gradient_step(model, x0, x1, config)
+    if config.inner in _ONE_PASS:
+        return clean_gradient_step(model, x0, x1, config, at_noise=config.inner == "n-fgsm-noisy")
     # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
-    reuse = (
+    reuse = config.anchor == "start" or (
         not (reg.random_start or config.clean_view_loss)
         and config.adversarial_views == 1
         and config.adversarial_fraction == 1
@@ -643,22 +667,29 @@ def reuse_step(
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 
 
-def clean_gradient_step(model: nn.Module, x0: Tensor, x1: Tensor, config: PretrainConfig) -> tuple[Tensor, float]:
-    """N-FGSM from the clean gradient (``inner="n-fgsm-clean"``): view 0's clean pass, taken with its input's
-    gradient, is both the penalty's anchor and the ascent's only forward; view 0 moves one sign step of eps along
-    that gradient (the positive ascent's: away from view 1's clean embedding) plus N-FGSM's uniform noise of 2 eps,
-    not projected back onto the eps-ball. N-FGSM (``"n-fgsm"``) takes its gradient at the noisy point, in a forward
-    of its own: this step is one forward fewer. The adversarial pass leaves BatchNorm's running statistics alone,
-    as the regulariser's passes do."""
+def clean_gradient_step(
+    model: nn.Module, x0: Tensor, x1: Tensor, config: PretrainConfig, *, at_noise: bool = False
+) -> tuple[Tensor, float]:
+    """N-FGSM from one view-0 pass that is also the penalty's anchor.
+
+    ``at_noise=False`` (``inner="n-fgsm-clean"``): the pass is view 0's clean one, taken with its input's gradient;
+    view 0 moves one sign step of eps along that gradient (the positive ascent's: away from view 1's clean
+    embedding) plus N-FGSM's uniform noise of 2 eps, not projected back onto the eps-ball. ``at_noise=True``
+    (``inner="n-fgsm-noisy"``): the pass is at N-FGSM's noisy point, so the step is N-FGSM's own and the anchor is
+    the noisy view's embedding; view 0 has no clean pass. N-FGSM (``"n-fgsm"``) takes its gradient at the noisy
+    point in a forward of its own beside view 0's clean pass: both are one forward fewer. The adversarial pass
+    (and the noisy one) leave BatchNorm's running statistics alone, as the regulariser's passes do."""
     eps = config.epsilon
-    x = x0.detach().requires_grad_(True)
-    z0 = model(x)
+    noise = (2 * torch.rand_like(x0) - 1) * (2 * eps)
+    x = ((x0.detach() + noise).clamp(0, 1) if at_noise else x0.detach()).requires_grad_(True)
+    with preserved_state(model) if at_noise else nullcontext():
+        z0 = model(x)
     z1 = model(x1)
     positive = F.normalize(z1.detach().flatten(start_dim=1).float(), dim=1)
     score = (F.normalize(z0.flatten(start_dim=1).float(), dim=1) - positive).pow(2).sum()
     (grad,) = torch.autograd.grad(score, x, retain_graph=not config.detach_anchor)
-    noise = (2 * torch.rand_like(x0) - 1) * (2 * eps)
-    x_adv = (x.detach() + noise + eps * grad.sign()).clamp(0, 1)
+    start = x.detach() if at_noise else x.detach() + noise
+    x_adv = (start + eps * grad.sign()).clamp(0, 1)
     with preserved_state(model):
         z_adv = model(x_adv)
     term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)

@@ -122,6 +122,30 @@ CONFIGS = {
         "recipe",
         {"variant": "robust", "inner": "n-fgsm-clean", "detach_anchor": True},
     ),
+    # N-FGSM itself, its noisy pass also the anchor: view 0 has no clean pass, one forward fewer.
+    "N-FGSM with the noisy anchor (harness inner='n-fgsm-noisy')": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm-noisy"},
+    ),
+    "N-FGSM with the noisy anchor, detached": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm-noisy", "detach_anchor": True},
+    ),
+    # The same step in the package: RobustnessRegularizer(inner="n-fgsm-start"), called without view 0's clean
+    # features (the rows were labelled "0.3's default with anchor='start'" in overhead-cpu-0.11.json).
+    "inner='n-fgsm-start' (package)": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm", "anchor": "start"},
+    ),
+    "inner='n-fgsm-start', detach_anchor=True (package)": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm", "anchor": "start", "detach_anchor": True},
+    ),
+    "inner='n-fgsm-start' through the lightly adapter": ("lightly", {"inner": "n-fgsm-start"}),
+    "inner='n-fgsm-start', detach_anchor=True through the lightly adapter": (
+        "lightly",
+        {"inner": "n-fgsm-start", "detach_anchor": True},
+    ),
     "ACL as published (ACL-DS: both views, PGD-5, dual BatchNorm)": ("dual", {"variant": "acl-ds"}),
     "DynACL step (ACL-DS with its momentum encoder)": ("dual", {"variant": "dynacl"}),
     # robust_reg.harden's step on a pretrained encoder: one view, the teacher's features given (cached).

@@ -498,9 +498,12 @@ class _Capture:
         elif self.waiting_for is None or not _same(inputs, self.waiting_for):
             return self.original(inputs, *rest)
         step = self.step
-        if step.adversarial_view and step.key is None and not step.regularizer.random_start:
+        regularizer = step.regularizer
+        own_pass = regularizer.anchor == "start" or not regularizer.random_start
+        if step.adversarial_view and step.key is None and own_pass:
             # The output is the embedding and gets replaced: the regulariser's first ascent forward
-            # (at the clean input) serves as the clean pass, so the step's own is not run.
+            # (at the clean input, or at N-FGSM's noisy start with inner="n-fgsm-start") serves as the view's pass,
+            # so the step's own is not run.
             self.busy = True
             try:
                 result = step.regularizer(
@@ -662,11 +665,23 @@ class AdapterConfig:
         form = RobustnessRegularizer if self.embedding else BackboneRobustnessRegularizer
         regularizer = form(threat=self.threat, **self.regularizer_options)
         if self.warm_start not in (False, None) and regularizer.inner == "n-fgsm":
-            given = "inner='n-fgsm'" if self.regularizer_options.get("inner") else "N-FGSM (the default for this ball)"
+            inner = self.regularizer_options.get("inner")
+            given = f"inner={inner!r}" if inner else "N-FGSM (the default for this ball)"
             raise ValueError(
                 f"warm_start carries a multi-step ascent's end point to the sample's next visit; {given} starts "
                 "from fresh noise: drop warm_start, or pass a multi-step ascent, e.g. steps=2, step_size=epsilon / 2 "
                 "(the measured warm-start form)"
+            )
+        adversarial_view = self.embedding if self.adversarial_view is None else self.adversarial_view
+        if regularizer.anchor == "start" and (self.key is not None or not adversarial_view):
+            raise ValueError(
+                "inner='n-fgsm-start' replaces the perturbed view's clean forward with the regulariser's own pass; "
+                + (
+                    f"here the encoder's output holds more than the embedding (entry {self.key!r}), so that forward "
+                    if self.key is not None
+                    else "with adversarial_view=False the loss reads the clean output, so that forward "
+                )
+                + "runs anyway and the option would save nothing: pass inner='n-fgsm'"
             )
         if regularizer.ascent == "positive" and self.view is not None and self.positive_view is None:
             raise ValueError(

@@ -398,17 +398,48 @@ def test_clean_gradient_step_moves_view_0_one_sign_step_of_the_clean_gradient_pl
     torch.testing.assert_close(inputs[-1], expected)
 
 
-def test_clean_gradient_step_takes_one_forward_fewer_than_n_fgsm():
+def test_noisy_anchor_step_takes_n_fgsms_step_from_the_noisy_point_it_anchors_on():
+    from harness import _robust_step, regularizer_for
+
+    eps = 0.05
+    config = PretrainConfig(variant="robust", epsilon=eps, inner="n-fgsm-noisy")
+    torch.manual_seed(0)
+    model = simclr()
+    x0, x1 = torch.rand(8, 3, 16, 16) * 0.5 + 0.25, torch.rand(8, 3, 16, 16)  # room for 3 eps inside [0, 1]
+    torch.manual_seed(1)
+    noisy = (x0 + (2 * torch.rand_like(x0) - 1) * (2 * eps)).requires_grad_(True)
+    positive = torch.nn.functional.normalize(model(x1).detach(), dim=1)
+    score = (torch.nn.functional.normalize(model(noisy), dim=1) - positive).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, noisy)
+    inputs = _forward_inputs(model)
+    torch.manual_seed(1)
+    _robust_step(model, regularizer_for(config), x0, x1, config)
+    torch.testing.assert_close(inputs[0], noisy.detach())  # view 0's only pass besides the adversarial one
+    torch.testing.assert_close(inputs[-1], noisy.detach() + eps * grad.sign())
+
+
+def test_one_pass_steps_take_one_forward_fewer_than_n_fgsm():
     from harness import _robust_step, regularizer_for
 
     counts = {}
-    for inner in ("n-fgsm", "n-fgsm-clean"):
-        config = PretrainConfig(variant="robust", epsilon=0.05, inner=inner)
+    steps = (("n-fgsm", "clean"), ("n-fgsm-clean", "clean"), ("n-fgsm-noisy", "clean"), ("n-fgsm", "start"))
+    for inner, anchor in steps:
+        config = PretrainConfig(variant="robust", epsilon=0.05, inner=inner, anchor=anchor)
         model = simclr()
         inputs = _forward_inputs(model)
         _robust_step(model, regularizer_for(config), torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config)
-        counts[inner] = len(inputs)
-    assert counts == {"n-fgsm": 4, "n-fgsm-clean": 3}
+        counts[inner, anchor] = len(inputs)
+    assert counts == dict(zip(steps, (4, 3, 3, 3)))  # the one-pass steps: no clean pass of view 0
+
+
+def test_the_anchor_at_the_start_is_the_packages_noisy_anchor_step():
+    config = PretrainConfig(variant="robust", epsilon=0.05, inner="n-fgsm", anchor="start", detach_anchor=True)
+    from harness import regularizer_for
+
+    reg = regularizer_for(config)
+    assert reg.anchor == "start" and "inner='n-fgsm-start'" in repr(reg) and reg.detach_anchor
+    with pytest.raises(ValueError, match="anchor='start' replaces view 0's clean pass"):
+        PretrainConfig(variant="robust", anchor="start")  # inner pgd
 
 
 def test_clean_gradient_step_leaves_batch_norm_statistics_to_the_clean_passes():
@@ -422,6 +453,16 @@ def test_clean_gradient_step_leaves_batch_norm_statistics_to_the_clean_passes():
     assert {int(m.num_batches_tracked) for m in norms} == {2}  # view 0's clean pass and view 1's, not the adversarial
 
 
+def test_noisy_anchor_step_leaves_batch_norm_statistics_to_the_clean_view():
+    from harness import clean_gradient_step
+
+    config = PretrainConfig(variant="robust", epsilon=0.05, inner="n-fgsm-noisy")
+    model = simclr()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    clean_gradient_step(model, torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), config, at_noise=True)
+    assert {int(m.num_batches_tracked) for m in norms} == {1}  # view 1's clean pass only
+
+
 def test_reuse_step_needs_the_memory():
     with pytest.raises(ValueError, match="inner='reuse'.*warm_start"):
         PretrainConfig(variant="robust", inner="reuse")
@@ -432,3 +473,5 @@ def test_n_fgsm_is_for_the_robust_variant_only():
         PretrainConfig(variant="acl", inner="n-fgsm")
     with pytest.raises(ValueError, match="inner='n-fgsm-clean' needs variant 'robust'"):
         PretrainConfig(variant="acl", inner="n-fgsm-clean")
+    with pytest.raises(ValueError, match="inner='n-fgsm-noisy' needs variant 'robust'"):
+        PretrainConfig(variant="acl", inner="n-fgsm-noisy")

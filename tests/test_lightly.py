@@ -103,6 +103,25 @@ def test_the_step_pays_no_second_clean_forward_and_no_extra_adversarial_forward(
     assert len(calls) == forwards
 
 
+@pytest.mark.parametrize(
+    "options, forwards", [({}, 2 + 1 + 1), ({"inner": "n-fgsm-start"}, 1 + 1 + 1)], ids=["n-fgsm", "n-fgsm-start"]
+)
+def test_the_anchor_at_the_start_replaces_the_perturbed_views_clean_forward(options, forwards, tmp_path):
+    calls = []
+    module = robustify(SimCLR(), **options)
+    module.backbone.register_forward_hook(lambda *_: calls.append(1))
+    trainer(tmp_path, max_steps=1).fit(module, loader())
+    assert len(calls) == forwards
+
+
+@pytest.mark.parametrize("options", [{"key": 0}, {"adversarial_view": False}], ids=["key", "no-adversarial-view"])
+def test_the_anchor_at_the_start_is_refused_where_the_clean_forward_runs_anyway(options):
+    module = SimCLR()
+    with pytest.raises(ValueError, match="inner='n-fgsm-start'.*save nothing"):
+        robustify(module, inner="n-fgsm-start", **options)
+    assert not is_robustified(module)
+
+
 class Recording(SimCLR):
     """Records what its (unchanged) SSL loss is given."""
 

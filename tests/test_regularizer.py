@@ -475,3 +475,85 @@ def test_a_warm_start_of_the_default_names_the_multi_step_ascent_it_needs(encode
     with pytest.raises(ValueError, match="the default for this ball.*steps=2, step_size=epsilon / 2"):
         RobustnessRegularizer(0.05)(encoder, images, positive=positive, start=start)
     RobustnessRegularizer(0.05, steps=2)(encoder, images, positive=positive, start=start)  # the fix works
+
+
+# inner="n-fgsm-start": the anchor is taken in the pass at N-FGSM's noisy start, which is also the ascent's iterate.
+
+
+def _recorded_inputs(encoder: nn.Module) -> list[torch.Tensor]:
+    inputs: list[torch.Tensor] = []
+    encoder.register_forward_hook(lambda module, args, output: inputs.append(args[0].detach().clone()))
+    return inputs
+
+
+def test_anchor_at_the_start_takes_two_passes_and_no_clean_one(encoder, images):
+    counting = Counting(encoder)
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm-start")
+    reg(counting, images, positive=torch.randn(16, 16)).loss.backward()
+    assert counting.calls == 2  # the noisy start (anchor and ascent) and the point found; N-FGSM's default: 3
+
+
+def test_anchor_at_the_start_steps_n_fgsm_from_the_noisy_pass_it_anchors_on(encoder):
+    torch.manual_seed(0)
+    x, positive = torch.rand(16, 1, 12, 12) * 0.6 + 0.2, torch.randn(16, 16)  # room for 3 eps inside [0, 1]
+    inputs = _recorded_inputs(encoder)
+    out = RobustnessRegularizer(0.05, inner="n-fgsm-start")(encoder, x, positive=positive)
+    noisy = inputs[0].requires_grad_(True)
+    embedding = nn.functional.normalize(encoder(noisy).flatten(1), dim=1)
+    score = (embedding - nn.functional.normalize(positive, dim=1)).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, noisy)
+    assert 0.05 < (noisy - x).abs().max() <= 2 * 0.05 + 1e-6  # N-FGSM's noise of 2 eps
+    torch.testing.assert_close(out.adversarial_inputs, noisy.detach() + 0.05 * grad.sign())
+
+
+def test_anchor_at_the_start_measures_the_deviation_from_the_noisy_pass(encoder, images):
+    inputs = _recorded_inputs(encoder)
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm-start")
+    out = reg(encoder, images, positive=torch.randn(16, 16))
+    with torch.no_grad():
+        anchor = nn.functional.normalize(encoder(inputs[0]).flatten(1), dim=1)
+        adversarial = nn.functional.normalize(out.adversarial_features.flatten(1), dim=1)
+    torch.testing.assert_close(reg.last_stats.mean_squared_deviation, (adversarial - anchor).pow(2).sum(dim=1).mean())
+
+
+def test_anchor_at_the_start_gives_the_encoder_the_anchors_gradient_unless_detached(encoder, images):
+    # A penalty whose anchor has no gradient moves the parameters by the adversarial pass alone.
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        encoder.zero_grad()
+        reg = RobustnessRegularizer(0.05, inner="n-fgsm-start", detach_anchor=detach)
+        reg(encoder, images, positive=torch.randn(16, 16)).loss.backward()
+        grads[detach] = [p.grad.clone() for p in encoder.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[False], grads[True]))
+
+
+def test_anchor_at_the_start_computes_the_value_without_grad(encoder, images):
+    positive = torch.randn(16, 16)
+    with torch.no_grad():
+        out = RobustnessRegularizer(0.05, inner="n-fgsm-start")(encoder, images, positive=positive)
+    assert torch.isfinite(out.loss) and not out.loss.requires_grad
+    assert (linf_deviation(out, images) <= 3 * 0.05 + 1e-6).all()
+
+
+@pytest.mark.parametrize("given", ["features", "start"])
+def test_anchor_at_the_start_refuses_features_and_start_by_name(encoder, images, given):
+    options = {"features": encoder(images)} if given == "features" else {"start": torch.zeros_like(images)}
+    counting = Counting(encoder)
+    with pytest.raises(ValueError, match=f"inner='n-fgsm-start'.*drop {given}="):
+        RobustnessRegularizer(0.05, inner="n-fgsm-start")(counting, images, positive=torch.randn(16, 16), **options)
+    assert counting.calls == 0
+
+
+def test_anchor_at_the_start_is_shown_in_the_repr_as_the_inner_maximisation_asked_for():
+    reg = RobustnessRegularizer(0.05, inner="n-fgsm-start")
+    assert "inner='n-fgsm-start'" in repr(reg) and reg.inner == "n-fgsm" and reg.steps == 1
+    assert "inner='n-fgsm'" in repr(RobustnessRegularizer(0.05))
+
+
+def test_anchor_at_the_start_leaves_batch_norm_statistics_alone():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 8))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    RobustnessRegularizer(0.05, inner="n-fgsm-start")(encoder, torch.rand(8, 1, 12, 12), positive=torch.randn(8, 8))
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
