@@ -25,7 +25,8 @@ and writes ``frontier.md`` and ``frontier.png``):
         --versus 'simclr+robust-reg[inner=n-fgsm,anneal_augment=true]' --out $R
 
 Rows added later to the same seeds take R from the first run instead of training the default again
-(``--record-from``; the same data, split and evaluation, else refused), e.g. the second and third batches of record
+(``--record-from``; the same data, split, evaluation and processor, else refused: ``--other-device`` accepts another
+processor's R and records it), e.g. the second and third batches of record
 (``seedN-more2``: ``--budgets 1,0.5 --methods 'simclr+robust-reg[inner=n-fgsm,anneal_augment=true]'``; ``seedN-more3``:
 the same row, 0.3's default, with ``--budgets 0.25``; ``seedN-more4``: ``--budgets 1`` and
 ``'simclr+robust-reg[inner=n-fgsm,anneal_augment=true,detach_anchor=true]'``, ``seedN-more6`` the same row with
@@ -79,7 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--record-from",
         metavar="RESULTS_JSON",
         help="add rows to an earlier run of this seed: take R from its report instead of training the default "
-        "again (same data, split and evaluation, refused otherwise); --plot merges both reports",
+        "again (same data, split, evaluation and processor, refused otherwise); --plot merges both reports",
+    )
+    p.add_argument(
+        "--other-device",
+        action="store_true",
+        help="with --record-from: accept an earlier run on another processor (R is seconds on that machine: the "
+        "rows get its seconds, not its speed); the report records both devices",
     )
     p.add_argument("--plot", nargs="+", metavar="RESULTS_JSON", help="only plot (and table) merged results")
     p.add_argument(
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--methods must include {REFERENCE}: its time sets the budgets (or pass --record-from)")
     multiples = [float(b) for b in args.budgets.split(",")]
     data, eval_config, epochs, report = compare.script_setup("frontier", args, argv, quick_epochs=2)
-    prior = _prior_record(args.record_from, report, args.seeds) if args.record_from else None
+    prior = _prior_record(args.record_from, report, args.seeds, args.other_device) if args.record_from else None
     if prior is not None:
         names = [n for n in names if n != REFERENCE]
     if args.quick:
@@ -172,12 +179,20 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _prior_record(path: str, report: dict, seeds: list[int]) -> dict[str, float]:
-    """R per seed from an earlier frontier report, which must have scored the same way on the same images."""
+def _prior_record(path: str, report: dict, seeds: list[int], other_device: bool = False) -> dict[str, float]:
+    """R per seed from an earlier frontier report, which must have scored the same way on the same images, on the
+    same processor (R is seconds: on a faster machine the same seconds buy more epochs) unless ``other_device``."""
     prior = json.loads(Path(path).read_text())
     for key in ("benchmark", "dataset", "split", "epochs", "eval"):
         if prior.get(key) != json.loads(json.dumps(report[key], default=str)):
             raise SystemExit(f"--record-from {path}: its {key} differs from this run's ({prior.get(key)!r})")
+    if prior.get("device") != report.get("device"):
+        if not other_device:
+            raise SystemExit(
+                f"--record-from {path}: it ran on {prior.get('device')!r}, this run on {report.get('device')!r}; "
+                "R is seconds on that machine: train the default here too, or pass --other-device"
+            )
+        report["record_device"] = prior.get("device")
     missing = [s for s in seeds if str(s) not in prior["budgets"]]
     if missing:
         raise SystemExit(f"--record-from {path}: no record budget for seed(s) {missing}")

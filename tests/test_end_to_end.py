@@ -990,6 +990,20 @@ def test_frontier_record_from_refuses_an_earlier_run_scored_on_other_images(tmp_
         frontier.main([*argv, "--out", str(tmp_path)])
 
 
+def test_frontier_record_from_refuses_an_earlier_run_on_another_processor_unless_told(tmp_path):
+    frontier = load_benchmark("frontier")
+    argv = ["--dataset", "digits", "--quick", "--timing-epochs", "1", "--budgets", "1"]
+    frontier.main([*argv, "--methods", "simclr+robust-reg", "--out", str(tmp_path / "first")])
+    prior = tmp_path / "first" / "results.json"
+    earlier = json.loads(prior.read_text())
+    prior.write_text(json.dumps({**earlier, "device": "another processor"}))
+    more = [*argv, "--methods", "simclr", "--record-from", str(prior)]
+    with pytest.raises(SystemExit, match="ran on 'another processor'.*--other-device"):
+        frontier.main([*more, "--out", str(tmp_path / "refused")])
+    report = frontier.main([*more, "--other-device", "--out", str(tmp_path / "accepted")])
+    assert report["record_device"] == "another processor" and report["budgets"] == earlier["budgets"]
+
+
 def test_frontier_plot_versus_pairs_every_row_with_the_named_row_at_the_budgets_where_it_ran(tmp_path):
     frontier = load_benchmark("frontier")
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "frontier-cifar10-subset"
