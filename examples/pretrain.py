@@ -32,7 +32,7 @@ import torch
 
 from robust_reg import method_settings
 from robust_reg.demo.data import DATASETS, load_dataset
-from robust_reg.demo.training import METHODS, TrainConfig, pretrain, training_defaults
+from robust_reg.demo.training import METHODS, TrainConfig, collapse_monitor, pretrain, training_defaults
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     variant = "robust" if robust else "plain"
     print(f"pretraining {config.method}/{variant} on {args.dataset} ({data.x_train.shape[0]} images) on {device}")
-    result = pretrain(data, config, device=device, log=print)
+    # After each epoch: the training attack beside a 10-step one on 128 fixed images (warns on a collapse).
+    result = pretrain(data, config, device=device, log=print, monitor=collapse_monitor(config, data))
     out = args.out or f"runs/{args.dataset}_{args.method}_{variant}.pt"
     result.save(out)
     print(json.dumps({"checkpoint": out, "seconds": round(result.seconds, 1), "steps": result.steps}))

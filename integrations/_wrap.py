@@ -506,7 +506,7 @@ class _Capture:
             # so the step's own is not run.
             self.busy = True
             try:
-                result = step.regularizer(
+                result = regularizer(
                     _Target(self.target, None, *rest, pick=step.pick),
                     inputs,
                     positive=self.positive,
@@ -523,9 +523,9 @@ class _Capture:
         try:
             if not step.adversarial_view:
                 warm = self.warm_for(inputs)
-                self.value = step.regularizer(encoder, inputs, features=features, positive=self.positive, **warm).loss
+                self.value = regularizer(encoder, inputs, features=features, positive=self.positive, **warm).loss
                 return output
-            result = step.regularizer(
+            result = regularizer(
                 encoder,
                 inputs,
                 features=features,

@@ -254,7 +254,7 @@ def _demo_recipe(args: argparse.Namespace) -> str:
 def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: bool, device, out: Path) -> tuple:
     """One of the demo's two encoders: pretrained on the public API's loop, saved, evaluated."""
     from .demo.pipeline import evaluate_encoder
-    from .demo.training import DATASET_DEFAULTS, TrainConfig, pretrain
+    from .demo.training import DATASET_DEFAULTS, TrainConfig, collapse_monitor, pretrain
 
     defaults = DATASET_DEFAULTS[args.dataset]
     config = TrainConfig(
@@ -272,8 +272,11 @@ def _demo_run(args: argparse.Namespace, data, eval_config, epochs: int, robust: 
         amp=device.type == "cuda",
     )
     name = "SimCLR + robust-reg" if robust else "SimCLR"
-    result = pretrain(data, config, device=device, progress_bar=not args.no_progress)
+    monitor = collapse_monitor(config, data)
+    result = pretrain(data, config, device=device, progress_bar=not args.no_progress, monitor=monitor)
     _say(f"[{name}] pretrained in {result.seconds:.0f} s; evaluating ...")
+    if monitor is not None:
+        _say(f"[{name}] collapse monitor (128 training images, after each epoch), last: {monitor.history[-1]}")
     evaluation = evaluate_encoder(
         result.encoder, data, eval_config, device=device, progress_bar=not args.no_progress, log=_say
     )

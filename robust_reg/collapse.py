@@ -150,13 +150,20 @@ class CollapseMonitor:
         if report.collapsed and not self._warned:
             self._warned = True
             warnings.warn(
-                f"CollapseMonitor: {report}. The single-step or cheap attack may have collapsed (catastrophic "
-                f"overfitting): train with more ascent steps (steps=3, the default), a random start, or a smaller "
-                f"step size",
+                f"CollapseMonitor: {report}. The training attack may have collapsed (catastrophic overfitting): "
+                f"{self._remedy()}",
                 RuntimeWarning,
                 stacklevel=2,
             )
         return report
+
+    def _remedy(self) -> str:
+        """The fix to suggest, for the regulariser's own inner maximisation."""
+        reg = self.regularizer
+        if reg.inner == "n-fgsm":
+            return "train with the multi-step ascent, RobustnessRegularizer(..., inner='pgd') (3 steps)"
+        more = "more ascent steps (steps=)" + ("" if reg.random_start else ", a random start (random_start=True)")
+        return f"train with {more} or a smaller step size (step_size=)"
 
     def _measure(self, features: Tensor) -> Tensor:
         flat = features.flatten(1).float()

@@ -33,6 +33,37 @@ def test_a_collapsed_training_attack_is_flagged_and_warned_about_once():
         assert monitor(linear_encoder(), epoch=4).collapsed  # recorded again, warned once
 
 
+class _MovesOnlyInsideTheBall(nn.Module):
+    """A constructed collapse of a single-step run: the features move only while every pixel stays within eps of
+    its clean image, so N-FGSM's noisy point (2 eps of noise) mostly sees a flat encoder and its step finds little,
+    while small steps inside the ball find the whole move."""
+
+    def __init__(self, clean: torch.Tensor, epsilon: float) -> None:
+        super().__init__()
+        self.clean, self.epsilon = clean, epsilon
+        torch.manual_seed(0)
+        self.linear = nn.Linear(clean[0].numel(), 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x - self.clean
+        inside = d * (d.abs() <= self.epsilon * (1 + 1e-4))
+        return self.linear(self.clean.flatten(1)) + 20 * self.linear(inside.flatten(1))
+
+
+def test_a_collapsed_n_fgsm_step_is_flagged_with_the_multi_step_fix():
+    images = batch()
+    monitor = CollapseMonitor(RobustnessRegularizer(0.1, inner="n-fgsm"), images)
+    with pytest.warns(RuntimeWarning, match=r"catastrophic overfitting.*inner='pgd'"):
+        report = monitor(_MovesOnlyInsideTheBall(images, 0.1))
+    assert report.collapsed and report.ratio > 2
+
+
+def test_a_collapsed_pgd_step_is_warned_about_with_more_steps_as_the_fix():
+    monitor = CollapseMonitor(RobustnessRegularizer(0.1, steps=1, step_size=0.001), batch())
+    with pytest.warns(RuntimeWarning, match=r"more ascent steps \(steps=\)"):
+        monitor(linear_encoder())
+
+
 def test_the_default_step_is_not_flagged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1026,3 +1026,27 @@ def test_frontier_plot_puts_each_posthoc_stage_beside_the_default_from_scratch_a
     rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| SimCLR → deacl")]
     assert rows == [["| SimCLR → deacl", "0.5B"], ["| SimCLR → deacl", "1B"]]
     assert "vs the default from scratch, same total time" in table and (tmp_path / "frontier.png").is_file()
+
+
+def test_the_collapse_monitor_logs_each_epoch_without_changing_the_training():
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.training import TrainConfig, collapse_monitor, pretrain
+
+    data = load_dataset("digits").subset(train=128, test=50)
+    config = TrainConfig(epochs=2, batch_size=32)
+    lines: list[str] = []
+    watched = pretrain(data, config, progress_bar=False, log=lines.append, monitor=collapse_monitor(config, data))
+    alone = pretrain(data, config, progress_bar=False)
+    for mine, other in zip(watched.model.state_dict().values(), alone.model.state_dict().values(), strict=True):
+        assert torch.equal(mine, other)
+    assert [h["epoch"] for h in watched.history] == [0, 1]
+    assert all(h["monitor_strong_attack"] > 0 and h["monitor_training_attack"] > 0 for h in watched.history)
+    assert all("found by the training attack" in line for line in lines)
+    assert watched.monitor_seconds > 0 and alone.monitor_seconds == 0
+
+
+def test_plain_ssl_has_no_collapse_monitor():
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.training import TrainConfig, collapse_monitor
+
+    assert collapse_monitor(TrainConfig(robust=False), load_dataset("digits")) is None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import RobustnessRegularizer, method_settings
+from .. import CollapseMonitor, RobustnessRegularizer, method_settings
 from ..augmentation import augmentation_strength
 from .augment import BatchAugment, default_augment
 from .data import ImageData, batches
@@ -211,9 +211,16 @@ class PretrainResult:
     seconds: float
     steps: int
     history: list[dict] = field(default_factory=list)
+    monitor_seconds: float = 0.0  # the collapse monitor's checks, not counted in ``seconds``
 
     def summary(self) -> dict:
-        return {"config": asdict(self.config), "seconds": self.seconds, "steps": self.steps, "history": self.history}
+        return {
+            "config": asdict(self.config),
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "history": self.history,
+            "monitor_seconds": self.monitor_seconds,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Save the encoder with its architecture, dataset and config (see ``checkpoints.load_checkpoint``)."""
@@ -233,10 +240,22 @@ def build_model(method: str, backbone: nn.Module, image_shape: tuple[int, int, i
 Step = Callable[[nn.Module, Tensor, Tensor, int, BatchAugment], tuple[Tensor, float]]
 
 
+def _regularizer(config: TrainConfig) -> RobustnessRegularizer:
+    return RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+
+
+def collapse_monitor(config: TrainConfig, data: ImageData, *, images: int = 128) -> CollapseMonitor | None:
+    """The run's ``CollapseMonitor`` (``None`` for plain SSL): the regulariser the step trains with, the first
+    ``images`` training images without augmentation (fixed across epochs)."""
+    if not config.robust:
+        return None
+    return CollapseMonitor(_regularizer(config), data.x_train[:images])
+
+
 def recommended_step(config: TrainConfig) -> Step:
     """Plain SSL, or SSL + the package default through the public API (what the README's quick start does):
     the regulariser's default, and the augmentation annealed by ``augmentation_strength`` of each epoch."""
-    reg = RobustnessRegularizer(config.epsilon, norm=config.norm, steps=config.steps)
+    reg = _regularizer(config)
     annealed: dict[float, BatchAugment] = {}
 
     def step(model: Any, x: Tensor, index: Tensor, epoch: int, augment: BatchAugment) -> tuple[Tensor, float]:
@@ -267,13 +286,16 @@ def pretrain(
     log: Callable[[str], None] | None = None,
     step: Step | None = None,
     prepare: Callable[[nn.Module], None] | None = None,
+    monitor: CollapseMonitor | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder on ``data.x_train`` (labels unused).
 
     ``config`` gives ``method``, ``arch``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
     ``seed``, ``amp`` and optionally ``channels_last`` (a ``TrainConfig``, or the benchmarks'
     richer config); ``step`` computes each batch's loss (default: ``recommended_step`` of a ``TrainConfig``);
-    ``prepare`` may change the model's layers before the optimizer takes its parameters.
+    ``prepare`` may change the model's layers before the optimizer takes its parameters. ``monitor``
+    (``collapse_monitor``) checks the model after each epoch: its findings go to the history and the log, its
+    time to ``monitor_seconds`` (not ``seconds``); it leaves the training as it would be without it.
     """
     torch.manual_seed(config.seed)
     device = torch.device(device)
@@ -311,13 +333,24 @@ def pretrain(
             result.steps += 1
             model.after_step(result.steps / total)
             sums = [sums[0] + loss.item(), sums[1] + reg_value, sums[2] + 1]
-        record = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1), "reg": sums[1] / max(sums[2], 1)}
+        record: dict[str, Any] = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1), "reg": sums[1] / max(sums[2], 1)}
+        line = f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}"
+        if monitor is not None:
+            checked = time.perf_counter()
+            report = monitor(model, epoch)
+            result.monitor_seconds += time.perf_counter() - checked
+            record.update(
+                monitor_training_attack=report.training_attack,
+                monitor_strong_attack=report.strong_attack,
+                collapsed=report.collapsed,
+            )
+            line += f"; {str(report).removeprefix(f'epoch {epoch}: ')}"
         result.history.append(record)
         if log is not None:
-            log(f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}")
+            log(line)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start - result.monitor_seconds
     model.eval()
     return result
 
