@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -99,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--versus",
         metavar="ROW",
-        help="with --plot: also pair every row with ROW (e.g. 0.3's default) at each budget where ROW ran",
+        help="with --plot: also pair every row with ROW (e.g. 0.3's default) at each budget where ROW ran, saying "
+        "whether each row trained in ROW's batch (results folder): only then is the pairing fair in time",
     )
     return p.parse_args(argv)
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
-        report = compare.merge_reports([json.loads(Path(p).read_text()) for p in args.plot])
+        report = compare.merge_reports([_with_batch(json.loads(Path(p).read_text()), p) for p in args.plot])
         table = frontier_table(report)
         if args.versus:
             table += "\n" + versus_table(report, args.versus)
@@ -261,13 +263,15 @@ def _alf_differences(runs: list[dict], eps: float, reference: str = REFERENCE) -
 
 def versus_table(report: dict, reference: str) -> str:
     """Every row paired with ``reference`` (robust, clean and ALF robust differences, 95 % t-interval over
-    seeds), at each budget where ``reference`` ran."""
+    seeds), at each budget where ``reference`` ran; the last column says whether the row trained in the same
+    batch (results folder) as the reference on every seed: across batches the machine's speed may have changed
+    the epochs a budget buys."""
     eps = max(report["eval"]["epsilons"])
     lines = [
         f"#### Paired with {reference}",
         "",
-        "| budget | row | Δ robust [95 %] | Δ clean | Δ ALF robust [95 %] |",
-        "|---|---|---|---:|---|",
+        "| budget | row | Δ robust [95 %] | Δ clean | Δ ALF robust [95 %] | batch |",
+        "|---|---|---|---:|---|---|",
     ]
     for budget, runs in _by_budget(report):
         if reference not in {r["method"] for r in runs}:
@@ -276,8 +280,30 @@ def versus_table(report: dict, reference: str) -> str:
         for d in compare.paired_differences(runs, eps, reference):
             a = alf.get(d["method"])
             cells = [budget, d["method"], _verdict(d["robust"]), f"{100 * d['clean']['mean']:+.1f}"]
-            lines.append("| " + " | ".join([*cells, _verdict(a["robust"]) if a else ""]) + " |")
+            cells += [_verdict(a["robust"]) if a else "", _same_batch(runs, d["method"], reference)]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _with_batch(report: dict, path: str | Path) -> dict:
+    """``report`` with each run marked by the results folder it came from (its batch), unless already marked."""
+    batch = re.sub(r"seed\d+", "seed?", Path(path).parent.name)  # one name for a batch's per-seed folders
+    for key in ("runs", "budget_runs", "timing_runs"):
+        for run in report.get(key, []):
+            run.setdefault("batch", batch)
+    return report
+
+
+def _same_batch(runs: list[dict], method: str, reference: str) -> str:
+    """``same`` where ``method`` trained in the reference's batch on every seed, else both batches named."""
+    batches = {r["seed"]: r.get("batch") for r in runs if r["method"] == reference}
+    mine = {r["seed"]: r.get("batch") for r in runs if r["method"] == method}
+    if None in batches.values() or None in mine.values():
+        return ""
+    if all(batches.get(seed) == batch for seed, batch in mine.items()):
+        return "same"
+    names = lambda found: "/".join(sorted(set(found.values())))  # noqa: E731
+    return f"**other**: {names(mine)} vs {names(batches)}"
 
 
 def _row_cells(runs: list[dict], eps: float, d: dict | None, alf: dict[str, dict] | None) -> list[str]:

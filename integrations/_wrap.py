@@ -754,3 +754,67 @@ def robust_step(module: nn.Module) -> RobustTrainingStep | None:
     """The installed wrapper, or ``None`` if ``module`` is not robustified."""
     step = module.__dict__.get("training_step")
     return step if isinstance(step, RobustTrainingStep) else None
+
+
+def collapse_callback(images: Tensor, *, unified_first: bool = False, **monitor_options: Any) -> Any:
+    """A Lightning callback that runs a ``CollapseMonitor`` after every training epoch of a robustified module.
+
+    The monitor is built at the first epoch's end from the regulariser ``robustify`` installed and attacks what
+    that regulariser perturbs (the embedding the loss compares, or the encoder and key given to ``robustify``);
+    ``images`` are in the space the views are (normalised as they are). Each check is logged as
+    ``collapse/training_attack`` and ``collapse/strong_attack`` and kept in the callback's ``history``;
+    a collapse warns once (``CollapseMonitor``'s warning). ``unified_first``: subclass ``lightning.pytorch``'s
+    ``Callback`` where both packages are installed (solo-learn's trainer), else ``pytorch_lightning``'s.
+    """
+    from robust_reg import CollapseMonitor
+    from robust_reg.collapse import _check_options
+
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {type(images).__name__}")
+    if images.dim() == 0 or images.shape[0] < 2:
+        raise ValueError("images must hold at least 2 samples: the deviation is relative to their spread")
+    unknown = set(monitor_options) - {"strong_steps", "tolerance", "floor"}
+    if unknown:
+        raise TypeError(
+            f"collapse_monitor got unknown option(s) {sorted(unknown)}: CollapseMonitor takes strong_steps, "
+            "tolerance and floor"
+        )
+    _check_options(**monitor_options)  # before training, not at the first epoch's end
+    Callback = _lightning_callback(unified_first)
+
+    class WatchCollapse(Callback):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.monitor: CollapseMonitor | None = None
+
+        @property
+        def history(self) -> list:
+            return [] if self.monitor is None else self.monitor.history
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            step = robust_step(pl_module)
+            if step is None:
+                raise ValueError(
+                    f"collapse_monitor watches a robustified module: call robustify({type(pl_module).__name__}) "
+                    "before trainer.fit"
+                )
+            if self.monitor is None:
+                self.monitor = CollapseMonitor(step.regularizer, images, **monitor_options)
+            encoder = _Target(resolve_target(pl_module, step.encoder), None, pick=step.pick)
+            report = self.monitor(encoder, trainer.current_epoch)
+            pl_module.log("collapse/training_attack", report.training_attack)
+            pl_module.log("collapse/strong_attack", report.strong_attack)
+
+    return WatchCollapse()
+
+
+def _lightning_callback(unified_first: bool) -> type:
+    """Lightning's ``Callback`` class, from the package the user's trainer comes from."""
+    import importlib
+
+    names = ["lightning.pytorch", "pytorch_lightning"]
+    for name in names[:: 1 if unified_first else -1]:
+        try:
+            return importlib.import_module(name).Callback
+        except ImportError:
+            continue
+    raise ImportError("collapse_monitor needs pytorch_lightning or lightning installed")

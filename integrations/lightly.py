@@ -37,12 +37,12 @@ from torch import Tensor, nn
 from robust_reg import PerturbationMemory, ThreatModel, method_settings
 from robust_reg.augmentation import augmentation_strength
 
-from ._wrap import UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
+from ._wrap import UNSET, AdapterConfig, collapse_callback, resolve_threat, robust_step, robustify_module
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback
 
-__all__ = ["robustify", "is_robustified", "annealed_augmentation"]
+__all__ = ["robustify", "is_robustified", "annealed_augmentation", "collapse_monitor"]
 
 
 def _lightly_default(epsilon: float, norm: str, bounds: tuple[float, float]) -> ThreatModel:
@@ -281,3 +281,35 @@ def annealed_augmentation(
             set_strength(augmentation_strength(trainer.current_epoch, epochs, refresh=refresh, final=final))
 
     return AnnealedAugmentation()
+
+
+def collapse_monitor(images: Tensor, **monitor_options: Any) -> Callback:
+    """A Lightning callback that watches a robustified module for catastrophic overfitting.
+
+    After every training epoch it runs ``robust_reg.CollapseMonitor``: the regulariser ``robustify`` installed
+    re-attacks ``images`` through what it perturbs (its own ascent, and ten smaller steps in the eps-ball),
+    logs both findings (``collapse/training_attack``, ``collapse/strong_attack``; estimates from below), keeps
+    them in the callback's ``history`` and warns once when the stronger attack finds more than ``tolerance``
+    times the training one. The module's state, flags and the random state are left as they were.
+
+    Args:
+        images: A small fixed batch (e.g. 128 training images without augmentation), prepared as the views are
+            (normalised with the transform's mean/std); at least 2.
+        **monitor_options: ``strong_steps``, ``tolerance``, ``floor`` of ``CollapseMonitor``.
+
+    Returns:
+        A ``pytorch_lightning.Callback`` (``lightning.pytorch`` if that is what is installed).
+
+    Raises:
+        TypeError: ``images`` is not a floating-point tensor; an unknown option.
+        ValueError: fewer than 2 images or a bad option; at the first epoch's end, a module that
+            ``robustify`` was not applied to, or images outside the regulariser's ball's range.
+
+    Examples:
+        >>> import torch
+        >>> callback = collapse_monitor(torch.rand(128, 3, 32, 32))
+        >>> type(callback).__name__, callback.history
+        ('WatchCollapse', [])
+        >>> # trainer = pl.Trainer(max_epochs=100, callbacks=[callback])
+    """
+    return collapse_callback(images, **monitor_options)

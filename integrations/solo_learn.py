@@ -32,16 +32,34 @@ stays in pixel units. solo-learn is imported only when a method is robustified.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from robust_reg import ThreatModel, method_settings
 from robust_reg.methods import METHOD_SETTINGS
 
-from ._wrap import REGULARIZER_KEYS, UNSET, AdapterConfig, resolve_threat, robust_step, robustify_module
+from ._wrap import (
+    REGULARIZER_KEYS,
+    UNSET,
+    AdapterConfig,
+    collapse_callback,
+    resolve_threat,
+    robust_step,
+    robustify_module,
+)
 
-__all__ = ["robustify", "is_robustified", "solo_normalization", "threat_from_config", "EMBEDDING_KEYS"]
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback
+
+__all__ = [
+    "robustify",
+    "is_robustified",
+    "collapse_monitor",
+    "solo_normalization",
+    "threat_from_config",
+    "EMBEDDING_KEYS",
+]
 
 # solo-learn 1.0.6's method classes that robust_reg knows (read from their ``training_step``s).
 _SOLO_METHODS = (
@@ -323,3 +341,36 @@ def _check_solo_method(method: Any) -> None:
 def is_robustified(method: nn.Module) -> bool:
     """Whether ``robustify`` has been applied to ``method``."""
     return robust_step(method) is not None
+
+
+def collapse_monitor(images: Tensor, **monitor_options: Any) -> Callback:
+    """A Lightning callback that watches a robustified module for catastrophic overfitting.
+
+    After every training epoch it runs ``robust_reg.CollapseMonitor``: the regulariser ``robustify`` installed
+    re-attacks ``images`` through what it perturbs (its own ascent, and ten smaller steps in the eps-ball),
+    logs both findings (``collapse/training_attack``, ``collapse/strong_attack``; estimates from below), keeps
+    them in the callback's ``history`` and warns once when the stronger attack finds more than ``tolerance``
+    times the training one. The module's state, flags and the random state are left as they were.
+
+    Args:
+        images: A small fixed batch (e.g. 128 training images without augmentation), prepared as the views are
+            (normalised as solo-learn's views are); at least 2.
+        **monitor_options: ``strong_steps``, ``tolerance``, ``floor`` of ``CollapseMonitor``.
+
+    Returns:
+        A ``lightning.pytorch.Callback``, solo-learn's trainer's (``pytorch_lightning``'s if that is what is
+        installed).
+
+    Raises:
+        TypeError: ``images`` is not a floating-point tensor; an unknown option.
+        ValueError: fewer than 2 images or a bad option; at the first epoch's end, a module that
+            ``robustify`` was not applied to, or images outside the regulariser's ball's range.
+
+    Examples:
+        >>> import torch
+        >>> callback = collapse_monitor(torch.rand(128, 3, 32, 32))
+        >>> type(callback).__name__, callback.history
+        ('WatchCollapse', [])
+        >>> # trainer = lightning.Trainer(max_epochs=100, callbacks=[callback])
+    """
+    return collapse_callback(images, unified_first=True, **monitor_options)  # solo-learn trains with `lightning`

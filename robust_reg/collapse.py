@@ -63,9 +63,10 @@ class CollapseMonitor:
     """Re-attack a fixed batch each epoch with the training attack and a stronger one; warn when they part.
 
     Args:
-        regularizer: The regulariser being trained with: its inner maximisation (N-FGSM's reaches 3 eps: on a
-            sound run it finds more than the stronger attack in the eps-ball), its ball and how it measures
-            features (normalised in the embedding form).
+        regularizer: The regulariser being trained with: its inner maximisation, its ball and how it measures
+            features (normalised in the embedding form). With the default N-FGSM step (reaching 3 eps),
+            30-epoch default runs of the examples' training loop with the monitor had ratios of 0.10-0.57
+            (MNIST, eps 0.1) and 1.16-1.25 (the CIFAR-10 subset, 8/255) at every epoch.
         images: A small fixed batch (e.g. 256 training images, without augmentation), in the space the
             encoder takes; at least 2 samples.
         strong_steps: Steps of the stronger attack (step ``2.5 * epsilon / strong_steps``).
@@ -107,12 +108,7 @@ class CollapseMonitor:
             raise TypeError(f"images must be a floating-point tensor, got {type(images).__name__}")
         if images.dim() == 0 or images.shape[0] < 2:
             raise ValueError("images must hold at least 2 samples: the deviation is relative to their spread")
-        if isinstance(strong_steps, bool) or not isinstance(strong_steps, int) or strong_steps < 1:
-            raise ValueError(f"strong_steps must be an int >= 1, got {strong_steps!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance > 1):
-            raise ValueError(f"tolerance must be a number > 1, got {tolerance!r}")
-        if not (isinstance(floor, (int, float)) and floor >= 0):
-            raise ValueError(f"floor must be a number >= 0, got {floor!r}")
+        _check_options(strong_steps=strong_steps, tolerance=tolerance, floor=floor)
         regularizer.threat.check_inputs(images, "images")
         self.regularizer = regularizer
         self.images = images.detach()
@@ -137,8 +133,8 @@ class CollapseMonitor:
 
             torch.manual_seed(0)  # the same draws at every check: the epochs differ by the encoder only
             weak = reg._training_attack(deviation, x, None)
-            # In the threat's ball, the one robustness is claimed for (N-FGSM's own step reaches 3 eps, so on a sound
-            # run it finds more than this; a collapse shows as the eps-ball attack finding more than the step).
+            # In the threat's ball, the one robustness is claimed for (N-FGSM's own step reaches 3 eps); a collapse
+            # shows as the eps-ball attack finding far more than the training step.
             strong = projected_gradient_ascent(deviation, x, reg.threat, steps=self.strong_steps)
             with torch.no_grad():
                 tiny = torch.finfo(spread.dtype).tiny
@@ -168,3 +164,13 @@ class CollapseMonitor:
     def _measure(self, features: Tensor) -> Tensor:
         flat = features.flatten(1).float()
         return F.normalize(flat, dim=1) if self.regularizer.normalize_features else flat
+
+
+def _check_options(*, strong_steps: int = 10, tolerance: float = 2.0, floor: float = 1e-3) -> None:
+    """``CollapseMonitor``'s settings, checked (also before training by the adapters' callback)."""
+    if isinstance(strong_steps, bool) or not isinstance(strong_steps, int) or strong_steps < 1:
+        raise ValueError(f"strong_steps must be an int >= 1, got {strong_steps!r}")
+    if not (isinstance(tolerance, (int, float)) and tolerance > 1):
+        raise ValueError(f"tolerance must be a number > 1, got {tolerance!r}")
+    if not (isinstance(floor, (int, float)) and floor >= 0):
+        raise ValueError(f"floor must be a number >= 0, got {floor!r}")

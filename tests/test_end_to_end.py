@@ -1016,6 +1016,22 @@ def test_frontier_plot_versus_pairs_every_row_with_the_named_row_at_the_budgets_
     assert rows["| 1R", "simclr+robust-reg"].startswith("-2.1") and (pair not in {row for _, row in rows})
 
 
+def test_frontier_plot_versus_says_whether_each_row_trained_in_the_references_batch(tmp_path):
+    frontier = load_benchmark("frontier")
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "frontier-cifar10-subset"
+    reports = [str(results / f"seed{n}{more}" / "results.json") for n in range(3) for more in ("", "-more2")]
+
+    def batch_cell(reference: str, row: str) -> str:
+        frontier.main(["--plot", *reports, "--versus", reference, "--out", str(tmp_path)])
+        table = (tmp_path / "frontier.md").read_text().split(f"#### Paired with {reference}")[1]
+        cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| 1R | ")]
+        return next(c[-1].rstrip(" |") for c in cells if c[1] == row)
+
+    pair = "simclr+robust-reg[inner=n-fgsm,anneal_augment=true]"  # the second batch's only row
+    assert batch_cell(pair, "simclr+robust-reg") == "**other**: seed? vs seed?-more2"
+    assert batch_cell("simclr+robust-reg[inner=n-fgsm]", "simclr+robust-reg") == "same"
+
+
 def test_frontier_plot_puts_each_posthoc_stage_beside_the_default_from_scratch_at_its_total_time(tmp_path):
     frontier = load_benchmark("frontier")
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"

@@ -736,3 +736,57 @@ def test_the_lightly_examples_annealing_rebuilds_the_views_at_each_strength():
     cropped = example.CroppedViews(example.Digits(range(4), None), example.simclr_transform("mnist5k"))
     example.set_strength(cropped, "mnist5k", 0.5)
     assert cropped.scale == pytest.approx((0.7, 1.0))
+
+
+def monitor_images():
+    views, _ = next(iter(loader(n=32, batch_size=32)))
+    return views[0]  # normalised as the views are
+
+
+def test_the_collapse_monitor_callback_checks_and_logs_each_epoch(tmp_path):
+    from robust_reg.integrations.lightly import collapse_monitor
+
+    module, watch = robustify(SimCLR(), epsilon=8 / 255), collapse_monitor(monitor_images())
+    torch.manual_seed(0)
+    fitted = trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=2, callbacks=[watch])
+    fitted.fit(module, loader())
+    assert [report.epoch for report in watch.history] == [0, 1]
+    assert all(report.training_attack > 0 and report.strong_attack > 0 for report in watch.history)
+    assert fitted.callback_metrics["collapse/strong_attack"] == pytest.approx(watch.history[-1].strong_attack)
+
+
+def test_the_collapse_monitor_callback_leaves_the_training_as_it_was(tmp_path):
+    from robust_reg.integrations.lightly import collapse_monitor
+
+    weights = []
+    for callbacks in ([], [collapse_monitor(monitor_images())]):
+        module = robustify(twins(SimCLR)[0], epsilon=8 / 255)
+        torch.manual_seed(0)
+        trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=1, callbacks=callbacks).fit(module, loader())
+        weights.append(copy.deepcopy(module.state_dict()))
+    for mine, other in zip(weights[0].values(), weights[1].values(), strict=True):
+        assert torch.equal(mine, other)
+
+
+def test_the_collapse_monitor_callback_needs_a_robustified_module(tmp_path):
+    from robust_reg.integrations.lightly import collapse_monitor
+
+    watch = collapse_monitor(monitor_images())
+    with pytest.raises(ValueError, match=r"robustify\(SimCLR\)"):
+        trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=1, callbacks=[watch]).fit(SimCLR(), loader())
+
+
+@pytest.mark.parametrize(
+    "images, options, error, match",
+    [
+        ("not images", {}, TypeError, "images must be a floating-point tensor"),
+        (torch.rand(1, 3, 28, 28), {}, ValueError, "at least 2 samples"),
+        (torch.rand(8, 3, 28, 28), {"strong_step": 5}, TypeError, r"unknown option\(s\) \['strong_step'\]"),
+        (torch.rand(8, 3, 28, 28), {"tolerance": 1}, ValueError, "tolerance must be a number > 1"),
+    ],
+)
+def test_bad_collapse_monitor_arguments_are_named_before_training(images, options, error, match):
+    from robust_reg.integrations.lightly import collapse_monitor
+
+    with pytest.raises(error, match=match):
+        collapse_monitor(images, **options)

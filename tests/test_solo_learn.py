@@ -347,3 +347,23 @@ def test_the_example_launchers_annealing_scales_a_copy_of_each_augmentation():
     assert (half.color_jitter.prob, half.color_jitter.brightness, half.grayscale.prob) == pytest.approx((0.4, 0.4, 0.1))
     assert half.horizontal_flip.prob == aug.horizontal_flip.prob and half.gaussian_blur.prob == aug.gaussian_blur.prob
     assert (aug.rrc.crop_min_scale, aug.color_jitter.prob) == pytest.approx((0.08, 0.8))  # the config is unchanged
+
+
+def test_the_collapse_monitor_callback_checks_a_solo_method_each_epoch(tmp_path):
+    from robust_reg.integrations.solo_learn import collapse_monitor
+
+    cfg = small_cfg("simclr")
+    method = robustify(SimCLR(cfg), cfg=cfg)
+    images = torch.stack([views[0] for _, views, _ in (loader().dataset[i] for i in range(16))])
+    watch = collapse_monitor(images)
+    torch.manual_seed(0)
+    L.Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[watch],
+        **QUIET_TRAINER,
+    ).fit(method, loader())
+    assert [report.epoch for report in watch.history] == [0, 1]
+    assert all(report.strong_attack > 0 for report in watch.history)

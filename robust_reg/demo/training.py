@@ -335,16 +335,7 @@ def pretrain(
             sums = [sums[0] + loss.item(), sums[1] + reg_value, sums[2] + 1]
         record: dict[str, Any] = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1), "reg": sums[1] / max(sums[2], 1)}
         line = f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}"
-        if monitor is not None:
-            checked = time.perf_counter()
-            report = monitor(model, epoch)
-            result.monitor_seconds += time.perf_counter() - checked
-            record.update(
-                monitor_training_attack=report.training_attack,
-                monitor_strong_attack=report.strong_attack,
-                collapsed=report.collapsed,
-            )
-            line += f"; {str(report).removeprefix(f'epoch {epoch}: ')}"
+        line += "" if monitor is None else _check_collapse(monitor, model, epoch, result, record)
         result.history.append(record)
         if log is not None:
             log(line)
@@ -353,6 +344,21 @@ def pretrain(
     result.seconds = time.perf_counter() - start - result.monitor_seconds
     model.eval()
     return result
+
+
+def _check_collapse(
+    monitor: CollapseMonitor, model: nn.Module, epoch: int, result: PretrainResult, record: dict
+) -> str:
+    """One epoch's monitor check: into ``record`` and ``result.monitor_seconds``; returns the log line's tail."""
+    checked = time.perf_counter()
+    report = monitor(model, epoch)
+    result.monitor_seconds += time.perf_counter() - checked
+    record.update(
+        monitor_training_attack=report.training_attack,
+        monitor_strong_attack=report.strong_attack,
+        collapsed=report.collapsed,
+    )
+    return f"; {str(report).removeprefix(f'epoch {epoch}: ')}"
 
 
 def _epochs(epochs: int, bar: bool, desc: str) -> Any:
