@@ -780,7 +780,7 @@ def collapse_callback(images: Tensor, *, unified_first: bool = False, **monitor_
             "tolerance and floor"
         )
     _check_options(**monitor_options)  # before training, not at the first epoch's end
-    Callback = _lightning_callback(unified_first)
+    Callback = lightning_callback(unified_first)
 
     class WatchCollapse(Callback):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -807,7 +807,7 @@ def collapse_callback(images: Tensor, *, unified_first: bool = False, **monitor_
     return WatchCollapse()
 
 
-def _lightning_callback(unified_first: bool) -> type:
+def lightning_callback(unified_first: bool) -> type:
     """Lightning's ``Callback`` class, from the package the user's trainer comes from."""
     import importlib
 
@@ -817,4 +817,4 @@ def _lightning_callback(unified_first: bool) -> type:
             return importlib.import_module(name).Callback
         except ImportError:
             continue
-    raise ImportError("collapse_monitor needs pytorch_lightning or lightning installed")
+    raise ImportError("this callback needs pytorch_lightning or lightning installed")

@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from robust_reg import PerturbationMemory, ThreatModel, method_settings
 from robust_reg.augmentation import augmentation_strength
 
-from ._wrap import UNSET, AdapterConfig, collapse_callback, resolve_threat, robust_step, robustify_module
+from ._wrap import (
+    UNSET,
+    AdapterConfig,
+    collapse_callback,
+    lightning_callback,
+    resolve_threat,
+    robust_step,
+    robustify_module,
+)
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback
@@ -268,12 +276,9 @@ def annealed_augmentation(
     if not callable(set_strength):
         raise TypeError(f"set_strength must be callable, got {type(set_strength).__name__}")
     augmentation_strength(0, 1, refresh=refresh, final=final)  # checks refresh and final before training
-    try:
-        from pytorch_lightning import Callback
-    except ImportError:  # the unified package
-        from lightning.pytorch import Callback  # type: ignore[no-redef]
+    Callback = lightning_callback(unified_first=False)
 
-    class AnnealedAugmentation(Callback):
+    class AnnealedAugmentation(Callback):  # type: ignore[misc, valid-type]
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             epochs = trainer.max_epochs
             if not isinstance(epochs, int) or epochs < 1:
