@@ -98,7 +98,7 @@ LP_AFT = AFF_CPU
 PENALTIES = ("embedding", "backbone", "both", "positive", "kl")
 # The inner maximisations whose view-0 pass is the penalty's anchor and the ascent's only forward.
 _ONE_PASS = ("n-fgsm-clean", "n-fgsm-noisy")
-INNERS = ("pgd", "n-fgsm", "n-fgsm-clean", "n-fgsm-noisy", "reuse")
+INNERS = ("pgd", "n-fgsm", "n-fgsm-clean", "n-fgsm-noisy", "reuse", "free")
 
 # The recommended weight per method (variant "robust"): the package's table.
 RECOMMENDED_WEIGHT = {name: METHOD_SETTINGS[name].weight for name in METHODS}
@@ -159,7 +159,12 @@ class PretrainConfig:
             15 points below it on MNIST, ``benchmarks/results/negative-results.md``; the MNIST batch ran a package
             implementation of the same step, commit 1d173eb, not kept) or ``"n-fgsm-noisy"`` (N-FGSM itself, its
             gradient taken at the noisy point, whose pass is also the penalty's anchor: view 0 has no clean pass,
-            one forward fewer than ``"n-fgsm"``; :func:`clean_gradient_step` with ``at_noise``).
+            one forward fewer than ``"n-fgsm"``; :func:`clean_gradient_step` with ``at_noise``) or ``"free"``
+            (free adversarial training's minibatch replay, Shafahi et al. 2019: each batch is trained ``replays``
+            times in a row on the same views; view 0 carries a perturbation that starts as a uniform draw in the
+            ball and moves one projected sign step of eps along the input gradient of each replay's training
+            backward; no ascent pass; :func:`free_step`).
+        replays: ``inner="free"`` only (2 or more): optimizer steps on each batch in a row.
         anchor: ``robust`` with ``inner="n-fgsm"`` only: ``"start"`` runs the package's
             ``RobustnessRegularizer(inner="n-fgsm-start")``, which anchors the penalty in the pass at N-FGSM's noisy
             start, in place of view 0's clean pass (the package's form of ``inner="n-fgsm-noisy"``, the harness's
@@ -218,6 +223,7 @@ class PretrainConfig:
     steps_from: int | None = None
     inner: str = "pgd"
     anchor: str = "clean"
+    replays: int = 1
     penalty: str = "embedding"
     warm_start: bool = False
     warm_warp: bool = True
@@ -256,7 +262,7 @@ class PretrainConfig:
             raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
         if self.inner == "reuse" and (not self.warm_start or self.norm != "linf"):
             raise ValueError("inner='reuse' keeps its perturbations in the memory: it needs warm_start and norm linf")
-        single = self.inner in ("n-fgsm", *_ONE_PASS)
+        single = self.inner in ("n-fgsm", "free", *_ONE_PASS)
         if single and (self.variant != "robust" or self.warm_start or self.penalty != "embedding"):
             raise ValueError(
                 f"inner={self.inner!r} needs variant 'robust', penalty 'embedding' and no warm_start: add inner=pgd"
@@ -265,7 +271,9 @@ class PretrainConfig:
             raise ValueError(
                 f"inner={self.inner!r} takes one step of eps: steps, step_size and steps_from set inner=pgd's ascent"
             )
-        if self.inner in _ONE_PASS and (
+        if (self.inner == "free") != (self.replays >= 2) or self.replays < 1:
+            raise ValueError(f"inner='free' replays each batch 2 or more times, other inners once; got {self.replays}")
+        if self.inner in (*_ONE_PASS, "free") and (
             self.norm != "linf"
             or self.ascent != "positive"
             or self.adversarial_views != 1
@@ -344,7 +352,8 @@ def pretrain(data: ImageData, config: PretrainConfig, *, device: str | torch.dev
     if config.authors_augment and data.kind != "digits":
         options.setdefault("augment", authors_augment())
     if config.variant not in DUAL_BN:
-        result = _pretrain(data, config, device=device, step=harness_step(config, memory), **options)
+        step = harness_step(config, memory)
+        result = _pretrain(data, config, device=device, step=step, replays=config.replays, **options)
     else:
         prepare = add_dual_batch_norm_and_ema if config.ema else add_dual_batch_norm
         result = _pretrain(data, config, device=device, step=harness_step(config), prepare=prepare, **options)
@@ -436,6 +445,8 @@ def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = Non
             augment = current["augment", strength]
         if epoch_config.variant in DUAL_BN:
             return acl_ds_step(model, current["threat"], augment(x), augment(x), epoch_config, epoch)
+        if epoch_config.inner == "free" and epoch_config.variant == "robust":
+            return free_step(model, x, augment, epoch_config, current)
         if memory is None or epoch_config.variant != "robust":
             return step_loss(model, reg, current["threat"], augment(x), augment(x), epoch_config)
         (x0, theta), x1 = augment(x, return_theta=True), augment(x)
@@ -662,6 +673,36 @@ def reuse_step(
     def advance(grad: Tensor) -> None:
         moved = (x_adv.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
         memory.write(start.index, moved - x0, start.geometry)
+
+    x_adv.register_hook(advance)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def free_step(
+    model: nn.Module, x: Tensor, augment: BatchAugment, config: PretrainConfig, state: dict[str, Any]
+) -> tuple[Tensor, float]:
+    """One replay of free adversarial training (``inner="free"``): the first replay of a batch (a new ``x``) draws
+    its two views and view 0's perturbation, uniform in the eps-ball; each replay trains on view 0 so perturbed,
+    and the input gradient its backward computes anyway (of the whole loss: the SSL term and the penalty) moves the
+    perturbation one sign step of eps, projected onto the ball, for the next replay. The anchor, view 0's clean
+    embedding, is computed once per batch without a graph when detached, else in each replay."""
+    eps = config.epsilon
+    if state.get("batch") is not x:
+        x0, x1 = augment(x), augment(x)
+        with torch.no_grad():
+            anchor = model(x0) if config.detach_anchor else None
+        state.update(batch=x, views=(x0, x1), anchor=anchor, delta=(2 * torch.rand_like(x0) - 1) * eps)
+    x0, x1 = state["views"]
+    anchor = state["anchor"] if config.detach_anchor else model(x0)
+    x_adv = (x0 + state["delta"]).clamp(0, 1).requires_grad_(True)
+    with preserved_state(model):  # BatchNorm's running statistics from the clean views, as the regulariser's
+        z_adv = model(x_adv)
+    z1 = model(x1)
+    term = _relative_deviation(z_adv, anchor, normalize=True)
+
+    def advance(grad: Tensor) -> None:
+        moved = (x_adv.detach() + eps * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
+        state["delta"] = moved - x0
 
     x_adv.register_hook(advance)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()

@@ -58,6 +58,7 @@ from harness import (  # noqa: E402
     add_dual_batch_norm,
     add_dual_batch_norm_and_ema,
     build_model,
+    free_step,
     regularizer_for,
     reuse_step,
     step_loss,
@@ -168,6 +169,13 @@ CONFIGS = {
     ),
     # No ascent pass: the training backward's input gradient moves the stored perturbation (harness inner="reuse").
     "robust-reg, gradient reuse (free step from the memory, detached anchor)": ("warm", {"inner": "reuse"}),
+    # Free training's minibatch replay (harness inner="free"): one timed "step" is a whole batch, its replays each
+    # a forward and backward (and, in training, an optimizer step), the first drawing the detached anchor.
+    "free training, a batch of 2 replays, detached anchor (2 optimizer steps)": (
+        "free",
+        {"replays": 2, "detach_anchor": True},
+    ),
+    "free training, a batch of 2 replays, the anchor's gradient (2 optimizer steps)": ("free", {"replays": 2}),
     "the same warped, through the lightly adapter (geometry=)": (
         "lightly",
         {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
@@ -225,6 +233,8 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
     x0 = torch.rand(batch_size, *shape, device=device)
     x1 = torch.rand(batch_size, *shape, device=device)
     kind, options = CONFIGS[config]
+    if kind == "free":
+        return _free_batch(model, x0, PretrainConfig(variant="robust", epsilon=EPSILON, inner="free", **options))
     if kind == "recipe":
         recipe = PretrainConfig(method="simclr", epsilon=EPSILON, **options)
         reg, threat = regularizer_for(recipe), ThreatModel(EPSILON)
@@ -285,6 +295,19 @@ def make_step(model_name: str, config: str, batch_size: int, device: torch.devic
     def step() -> None:
         model.zero_grad(set_to_none=True)
         loss().backward()
+
+    return step
+
+
+def _free_batch(model: torch.nn.Module, x: torch.Tensor, recipe: PretrainConfig):
+    """One batch of free training: ``recipe.replays`` forward+backward replays on the same views (no augmentation,
+    as the other rows)."""
+
+    def step() -> None:
+        state: dict = {}  # a new batch: its views, anchor and start are drawn in the first replay
+        for _ in range(recipe.replays):
+            model.zero_grad(set_to_none=True)
+            free_step(model, x, torch.clone, recipe, state)[0].backward()
 
     return step
 

@@ -475,3 +475,48 @@ def test_n_fgsm_is_for_the_robust_variant_only():
         PretrainConfig(variant="acl", inner="n-fgsm-clean")
     with pytest.raises(ValueError, match="inner='n-fgsm-noisy' needs variant 'robust'"):
         PretrainConfig(variant="acl", inner="n-fgsm-noisy")
+
+
+def test_free_step_moves_the_perturbation_one_sign_step_of_each_replays_training_gradient():
+    from harness import free_step
+
+    eps = 0.05
+    config = PretrainConfig(variant="robust", epsilon=eps, inner="free", replays=2, detach_anchor=True)
+    model = simclr()
+    x = torch.rand(8, 3, 16, 16) * 0.5 + 0.25  # inside [0, 1] with room for eps
+    state: dict = {}
+    loss, _ = free_step(model, x, lambda v: v.clone(), config, state)
+    first = state["delta"].clone()
+    assert first.abs().max() <= eps  # the batch's uniform draw
+    loss.backward()
+    moved = state["delta"] - first
+    assert moved.abs().max() <= 2 * eps + 1e-6 and not torch.equal(moved, torch.zeros_like(moved))
+    assert state["delta"].abs().max() <= eps + 1e-6  # projected back onto the ball
+
+
+def test_free_step_replays_the_same_views_until_a_new_batch_comes():
+    from harness import free_step
+
+    config = PretrainConfig(variant="robust", epsilon=0.05, inner="free", replays=2)
+    model = simclr()
+    x, other = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    state: dict = {}
+    free_step(model, x, lambda v: v + 0.01 * torch.rand_like(v), config, state)
+    views = state["views"]
+    free_step(model, x, lambda v: v + 0.01 * torch.rand_like(v), config, state)
+    assert state["views"] is views  # a replay: the same augmented views
+    free_step(model, other, lambda v: v + 0.01 * torch.rand_like(v), config, state)
+    assert state["views"] is not views
+
+
+def test_free_training_steps_each_batch_replays_times():
+    config = PretrainConfig(variant="robust", epochs=1, batch_size=16, epsilon=8 / 255, inner="free", replays=3)
+    result = pretrain(tiny_data(), config, progress_bar=False)
+    assert result.steps == 3 * 2  # 32 images in batches of 16, each stepped 3 times
+
+
+def test_replays_are_for_free_training_only():
+    with pytest.raises(ValueError, match="inner='free' replays each batch 2 or more times"):
+        PretrainConfig(variant="robust", inner="free")
+    with pytest.raises(ValueError, match="inner='free' replays each batch 2 or more times"):
+        PretrainConfig(variant="robust", inner="n-fgsm", replays=2)

@@ -1066,3 +1066,12 @@ def test_plain_ssl_has_no_collapse_monitor():
     from robust_reg.demo.training import TrainConfig, collapse_monitor
 
     assert collapse_monitor(TrainConfig(robust=False), load_dataset("digits")) is None
+
+
+@pytest.mark.parametrize("replays", [0, 1.5, True])
+def test_pretrain_names_a_bad_replays(replays):
+    from robust_reg.demo.data import load_dataset
+    from robust_reg.demo.training import TrainConfig, pretrain
+
+    with pytest.raises(ValueError, match="replays must be a positive int"):
+        pretrain(load_dataset("digits").subset(train=32, test=8), TrainConfig(epochs=1), replays=replays)

@@ -287,6 +287,7 @@ def pretrain(
     step: Step | None = None,
     prepare: Callable[[nn.Module], None] | None = None,
     monitor: CollapseMonitor | None = None,
+    replays: int = 1,
 ) -> PretrainResult:
     """Pretrain an encoder on ``data.x_train`` (labels unused).
 
@@ -296,7 +297,11 @@ def pretrain(
     ``prepare`` may change the model's layers before the optimizer takes its parameters. ``monitor``
     (``collapse_monitor``) checks the model after each epoch: its findings go to the history and the log, its
     time to ``monitor_seconds`` (not ``seconds``); it leaves the training as it would be without it.
+    ``replays``: optimizer steps on each batch in a row, the same ``x`` object passed to ``step`` each time
+    (free adversarial training's minibatch replay, Shafahi et al. 2019; the step keeps what it needs between them).
     """
+    if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:
+        raise ValueError(f"replays must be a positive int, got {replays!r}")
     torch.manual_seed(config.seed)
     device = torch.device(device)
     backbone = build_encoder(config.arch, data.image_shape[0])
@@ -307,12 +312,8 @@ def pretrain(
     model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
     augment = augment or default_augment(data.kind)
     step = step or recommended_step(config)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-    )
-    total = config.epochs * max(1, data.x_train.shape[0] // config.batch_size)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    total = config.epochs * max(1, data.x_train.shape[0] // config.batch_size) * replays
+    optimizer, scheduler = _optimizer(model, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     result = PretrainResult(backbone, model, config, data.name, 0.0, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
@@ -323,16 +324,17 @@ def pretrain(
         sums = [0.0, 0.0, 0]
         # Labels are unused: the batches carry each image's index (for a warm start's memory).
         for x, index in batches(data.x_train, indices, config.batch_size, shuffle=True, generator=generator):
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            with autocast:
-                loss, reg_value = step(model, x, index.to(device), epoch, augment)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            result.steps += 1
-            model.after_step(result.steps / total)
-            sums = [sums[0] + loss.item(), sums[1] + reg_value, sums[2] + 1]
+            x, index = x.to(device, non_blocking=True, memory_format=memory_format), index.to(device)
+            for _ in range(replays):
+                with autocast:
+                    loss, reg_value = step(model, x, index, epoch, augment)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                result.steps += 1
+                model.after_step(result.steps / total)
+                sums = [sums[0] + loss.item(), sums[1] + reg_value, sums[2] + 1]
         record: dict[str, Any] = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1), "reg": sums[1] / max(sums[2], 1)}
         line = f"epoch {epoch}: loss {record['loss']:.4f} reg {record['reg']:.4f}"
         line += "" if monitor is None else _check_collapse(monitor, model, epoch, result, record)
@@ -344,6 +346,15 @@ def pretrain(
     result.seconds = time.perf_counter() - start - result.monitor_seconds
     model.eval()
     return result
+
+
+def _optimizer(model: nn.Module, config: Any, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW on the trainable parameters and its cosine learning-rate schedule over ``total`` steps."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
 def _check_collapse(
