@@ -176,6 +176,10 @@ CONFIGS = {
         {"replays": 2, "detach_anchor": True},
     ),
     "free training, a batch of 2 replays, the anchor's gradient (2 optimizer steps)": ("free", {"replays": 2}),
+    "free training, a batch of 4 replays, detached anchor (4 optimizer steps)": (
+        "free",
+        {"replays": 4, "detach_anchor": True},
+    ),
     "the same warped, through the lightly adapter (geometry=)": (
         "lightly",
         {"warm_start": True, "steps": 2, "step_size": EPSILON / 2, "detach_anchor": True, "warp": True},
