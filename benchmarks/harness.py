@@ -671,11 +671,15 @@ def reuse_step(
     term = _relative_deviation(z_adv, anchor, normalize=True)
 
     def advance(grad: Tensor) -> None:
-        moved = (x_adv.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
-        memory.write(start.index, moved - x0, start.geometry)
+        memory.write(start.index, _sign_step(x_adv, grad, x0, step, eps) - x0, start.geometry)
 
     x_adv.register_hook(advance)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def _sign_step(x_adv: Tensor, grad: Tensor, x0: Tensor, step: float, eps: float) -> Tensor:
+    """``x_adv`` moved a sign step of ``step`` along ``grad``, projected onto the eps-ball around ``x0`` and [0, 1]."""
+    return (x_adv.detach() + step * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
 
 
 def free_step(
@@ -701,8 +705,7 @@ def free_step(
     term = _relative_deviation(z_adv, anchor, normalize=True)
 
     def advance(grad: Tensor) -> None:
-        moved = (x_adv.detach() + eps * grad.sign()).clamp(x0 - eps, x0 + eps).clamp(0, 1)
-        state["delta"] = moved - x0
+        state["delta"] = _sign_step(x_adv, grad, x0, eps, eps) - x0
 
     x_adv.register_hook(advance)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
