@@ -142,6 +142,9 @@ class PretrainConfig:
             term (or the ACL attack) starts (a late start, cheaper).
         epsilon_ramp: Fraction of the epochs over which the training eps grows linearly
             to ``epsilon`` (0: constant eps).
+        epsilon_from: ``robust`` only: the training eps of the first epoch, moved linearly to ``epsilon`` at the
+            last (``None``: ``epsilon`` throughout). Above ``epsilon``: a larger ball early that shrinks to the
+            threat's as the annealed augmentation weakens (the cost issue's "larger training eps early").
         steps_from: The regulariser's ascent steps in the first epochs (``None``: ``steps`` throughout):
             the epochs are split into equal parts, one per count from ``steps_from`` to ``steps``
             (e.g. 1, 2, 3 over thirds: a cheaper start; 2, 3, 4: a curriculum at the same mean cost).
@@ -164,6 +167,9 @@ class PretrainConfig:
             times in a row on the same views; view 0 carries a perturbation that starts as a uniform draw in the
             ball and moves one projected sign step of eps along the input gradient of each replay's training
             backward; no ascent pass; :func:`free_step`).
+        refine: ``inner="n-fgsm"`` only: the share of view 0's samples that take one more ascent step after
+            N-FGSM's, those whose adversarial embedding moved least from the anchor (0: none;
+            :func:`least_moved_step`; the cost issue's "extra steps on the samples the cheap step moves least").
         replays: ``inner="free"`` only (2 or more): optimizer steps on each batch in a row.
         anchor: ``robust`` with ``inner="n-fgsm"`` only: ``"start"`` runs the package's
             ``RobustnessRegularizer(inner="n-fgsm-start")``, which anchors the penalty in the pass at N-FGSM's noisy
@@ -220,10 +226,12 @@ class PretrainConfig:
     adversarial_fraction: float = 1.0
     robust_start: float = 0.0
     epsilon_ramp: float = 0.0
+    epsilon_from: float | None = None
     steps_from: int | None = None
     inner: str = "pgd"
     anchor: str = "clean"
     replays: int = 1
+    refine: float = 0.0
     penalty: str = "embedding"
     warm_start: bool = False
     warm_warp: bool = True
@@ -256,6 +264,12 @@ class PretrainConfig:
         for name in ("robust_start", "epsilon_ramp"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.epsilon_from is not None and (
+            self.variant != "robust" or self.epsilon_ramp or not 0 < self.epsilon_from < float("inf")
+        ):
+            raise ValueError(
+                f"epsilon_from must be a positive eps of variant 'robust' without epsilon_ramp, got {self.epsilon_from}"
+            )
         if self.steps_from is not None and not 0 <= self.steps_from <= self.steps:
             raise ValueError(f"steps_from must be in [0, steps={self.steps}], got {self.steps_from}")
         if self.inner not in INNERS:
@@ -286,6 +300,8 @@ class PretrainConfig:
                 "needs norm linf, ascent positive, one adversarial view, no clean_view_loss, no adversarial_fraction "
                 "and random_start"
             )
+        if not 0.0 <= self.refine < 1.0 or self.refine and (self.inner != "n-fgsm" or self.anchor != "clean"):
+            raise ValueError(f"refine is a share in [0, 1) of N-FGSM's samples (inner='n-fgsm'), got {self.refine}")
         if self.anchor not in ("clean", "start"):
             raise ValueError(f"anchor must be 'clean' or 'start', got {self.anchor!r}")
         if self.anchor == "start" and (
@@ -458,14 +474,17 @@ def harness_step(config: PretrainConfig, memory: PerturbationMemory | None = Non
 
 
 def scheduled(config: PretrainConfig, epoch: int) -> PretrainConfig:
-    """The settings of one epoch: plain SSL before ``robust_start``, eps ramped linearly over ``epsilon_ramp``,
-    the ascent's steps from ``steps_from`` up to ``steps``."""
+    """The settings of one epoch: plain SSL before ``robust_start``, eps ramped linearly over ``epsilon_ramp``
+    (or moved linearly from ``epsilon_from`` over the run), the ascent's steps from ``steps_from`` up to ``steps``."""
     if epoch < round(config.robust_start * config.epochs):
         return replace(config, variant="plain")
     if config.steps_from is not None:
         counts = config.steps - config.steps_from + 1
         config = replace(config, steps=config.steps_from + counts * epoch // config.epochs, steps_from=None)
     epsilon = ramped_epsilon(config.epsilon, epoch, config.epochs, config.epsilon_ramp)
+    if config.epsilon_from is not None:
+        share = epoch / (config.epochs - 1) if config.epochs > 1 else 1.0
+        epsilon = config.epsilon_from + (config.epsilon - config.epsilon_from) * share
     if epsilon != config.epsilon:
         return replace(config, epsilon=epsilon)
     return config
@@ -529,6 +548,8 @@ def _robust_step(
     """The recommended configuration: regularise the embedding the loss compares, feed it the adversarial one."""
     if config.penalty != "embedding":
         return _PENALTY_STEPS[config.penalty](model, reg, x0, x1, config)
+    if config.refine:
+        return least_moved_step(model, reg, x0, x1, config)
     if config.inner in _ONE_PASS:
         return clean_gradient_step(model, x0, x1, config, at_noise=config.inner == "n-fgsm-noisy")
     # Without a random start, the regulariser's first ascent forward is view 0's clean pass.
@@ -736,6 +757,35 @@ def clean_gradient_step(
     x_adv = (start + eps * grad.sign()).clamp(0, 1)
     with preserved_state(model):
         z_adv = model(x_adv)
+    term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
+    return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
+
+
+def least_moved_step(
+    model: nn.Module, reg: RobustnessRegularizer, x0: Tensor, x1: Tensor, config: PretrainConfig
+) -> tuple[Tensor, float]:
+    """N-FGSM (the package's), then one more sign step of eps for the share ``config.refine`` of view 0's samples
+    whose adversarial embedding moved least from their anchor, along the positive ascent's gradient (away from
+    view 1's clean embedding), kept within N-FGSM's reach of 3 eps; those samples' adversarial embeddings are
+    replaced by the refined ones. Costs about ``refine`` times one more forward and backward of view 0."""
+    eps = config.epsilon
+    with torch.set_grad_enabled(not config.detach_anchor):
+        z0 = model(x0)
+    z1 = model(x1)
+    out = reg(model, x0, features=z0, positive=z1.detach())
+    z_adv = out.adversarial_features
+    with torch.no_grad():
+        unit = [F.normalize(z.flatten(start_dim=1).float(), dim=1) for z in (z_adv, z0, z1)]
+        moved = (unit[0] - unit[1]).pow(2).sum(dim=1)
+    index = moved.topk(max(1, round(config.refine * len(x0))), largest=False).indices
+    x = out.adversarial_inputs[index].detach().requires_grad_(True)
+    with preserved_state(model):
+        score = (F.normalize(model(x).flatten(start_dim=1).float(), dim=1) - unit[2][index]).pow(2).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    reach = 3 * eps
+    x_refined = (x.detach() + eps * grad.sign()).clamp(x0[index] - reach, x0[index] + reach).clamp(0, 1)
+    with preserved_state(model):
+        z_adv = z_adv.index_copy(0, index, model(x_refined).to(z_adv.dtype))
     term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
     return model.loss_from_embeddings((x0, x1), (z_adv, z1)) + config.robust_weight * term, term.item()
 

@@ -114,6 +114,11 @@ CONFIGS = {
         "recipe",
         {"variant": "robust", "inner": "n-fgsm", "detach_anchor": True},
     ),
+    # N-FGSM, then one more ascent step for the quarter of view 0 it moved least (harness refine=0.25).
+    "N-FGSM + one more step on the least-moved quarter (harness refine=0.25)": (
+        "recipe",
+        {"variant": "robust", "inner": "n-fgsm", "refine": 0.25},
+    ),
     # N-FGSM's sign step taken at the clean view, in its clean pass (the anchor): one forward fewer.
     "N-FGSM from the clean gradient (harness inner='n-fgsm-clean')": (
         "recipe",

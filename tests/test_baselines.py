@@ -432,6 +432,30 @@ def test_one_pass_steps_take_one_forward_fewer_than_n_fgsm():
     assert counts == dict(zip(steps, (4, 3, 3, 3)))  # the one-pass steps: no clean pass of view 0
 
 
+def test_refine_steps_the_least_moved_share_once_more_from_where_n_fgsm_left_them():
+    from harness import _robust_step, regularizer_for
+
+    eps = 0.05
+    config = PretrainConfig(variant="robust", epsilon=eps, inner="n-fgsm", refine=0.25)
+    model = simclr()
+    passes = []
+    model.register_forward_hook(lambda module, args, output: passes.append((args[0].detach(), output.detach())))
+    x0 = torch.rand(8, 3, 16, 16) * 0.5 + 0.25
+    _robust_step(model, regularizer_for(config), x0, torch.rand(8, 3, 16, 16), config)
+    (_, clean), _, _, (adversarial, moved_to), (refining, _), (refined, _) = passes  # 2 of 8 samples refined
+    unit = torch.nn.functional.normalize
+    least_moved = (unit(moved_to, dim=1) - unit(clean, dim=1)).pow(2).sum(dim=1).topk(2, largest=False).indices
+    torch.testing.assert_close(refining, adversarial[least_moved])
+    assert (refined - refining).abs().max() <= eps + 1e-6 and not torch.equal(refined, refining)
+    assert (refined - x0[least_moved]).abs().max() <= 3 * eps + 1e-6
+
+
+@pytest.mark.parametrize("fields", [{"refine": 1.0}, {"refine": -0.1}, {"refine": 0.25, "inner": "pgd"}])
+def test_refine_outside_a_share_of_n_fgsms_samples_is_refused_by_name(fields):
+    with pytest.raises(ValueError, match="refine"):
+        PretrainConfig(**{"variant": "robust", "inner": "n-fgsm", **fields})
+
+
 def test_the_anchor_at_the_start_is_the_packages_noisy_anchor_step():
     config = PretrainConfig(variant="robust", epsilon=0.05, inner="n-fgsm", anchor="start", detach_anchor=True)
     from harness import regularizer_for

@@ -314,6 +314,24 @@ def test_epsilon_ramp_grows_the_training_eps_to_its_value():
     assert eps[:3] == pytest.approx([0.025, 0.05, 0.075]) and eps[3:] == [0.1] * 7
 
 
+def test_epsilon_from_moves_the_training_eps_linearly_to_its_value_over_the_run():
+    from harness import PretrainConfig, scheduled
+
+    config = PretrainConfig(variant="robust", epochs=5, epsilon=0.1, epsilon_from=0.2)
+    assert [scheduled(config, epoch).epsilon for epoch in range(5)] == pytest.approx([0.2, 0.175, 0.15, 0.125, 0.1])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"epsilon_from": 0.0}, {"epsilon_from": 0.2, "epsilon_ramp": 0.3}, {"epsilon_from": 0.2, "variant": "plain"}],
+)
+def test_epsilon_from_that_is_not_a_positive_eps_of_a_robust_run_is_refused_by_name(fields):
+    from harness import PretrainConfig
+
+    with pytest.raises(ValueError, match="epsilon_from"):
+        PretrainConfig(**{"variant": "robust", **fields})
+
+
 @pytest.mark.parametrize("field", ["robust_start", "epsilon_ramp"])
 def test_schedule_fractions_outside_zero_one_are_refused(field):
     from harness import PretrainConfig
