@@ -782,8 +782,7 @@ def least_moved_step(
     with preserved_state(model):
         score = (F.normalize(model(x).flatten(start_dim=1).float(), dim=1) - unit[2][index]).pow(2).sum()
     (grad,) = torch.autograd.grad(score, x)
-    reach = 3 * eps
-    x_refined = (x.detach() + eps * grad.sign()).clamp(x0[index] - reach, x0[index] + reach).clamp(0, 1)
+    x_refined = _sign_step(x, grad, x0[index], eps, 3 * eps)  # within N-FGSM's reach, not eps
     with preserved_state(model):
         z_adv = z_adv.index_copy(0, index, model(x_refined).to(z_adv.dtype))
     term = _relative_deviation(z_adv, z0.detach() if config.detach_anchor else z0, normalize=True)
